@@ -1,0 +1,1 @@
+"""Image classification with dynamic convolutions (PEDConv and peers)."""

@@ -1,0 +1,199 @@
+"""Operator registry and the one parser of operator spec strings.
+
+A spec names an operator and, optionally, options: ``name[:key=value[,key=value...]]``, e.g.
+``pedconv``, ``pedconv:rank=4,components=phi+psi,sampling=learned``, ``dcd:blocks=2``,
+``dyconv:k=4``, ``condconv:k=8``, ``involution``, ``static``.
+
+Every operator is a drop-in for :class:`torch.nn.Conv2d`: it is constructed with the same
+arguments (``in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias``)
+plus its own keyword options, which are declared here with a type and a default so that specs are
+validated in one place and errors list the valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
+
+import torch.nn as nn
+
+__all__ = [
+    "Option",
+    "ConvSpec",
+    "OPERATORS",
+    "register_operator",
+    "parse_spec",
+    "list_operators",
+    "build_conv",
+    "conv_from_static",
+]
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of an operator: its type, default, allowed choices and a one-line help."""
+
+    type: Any  # int, float, bool, str, or "set" (a '+'-joined subset of ``choices``)
+    default: Any
+    help: str = ""
+    choices: Optional[Tuple[str, ...]] = None
+    minimum: Optional[float] = None
+
+    def parse(self, op: str, key: str, text: str) -> Any:
+        try:
+            if self.type == "set":
+                value: Any = tuple(part for part in text.split("+") if part)
+                bad = [v for v in value if self.choices and v not in self.choices]
+                if bad or not value:
+                    raise ValueError(f"choose a '+'-joined subset of {'/'.join(self.choices or ())}")
+                return value
+            if self.type is bool:
+                return _parse_bool(text)
+            value = self.type(text)
+        except ValueError as exc:
+            raise ValueError(f"bad value {text!r} for option {key!r} of operator {op!r}: {exc}") from None
+        self.check(op, key, value)
+        return value
+
+    def check(self, op: str, key: str, value: Any) -> None:
+        if self.choices is not None and self.type != "set" and value not in self.choices:
+            raise ValueError(
+                f"bad value {value!r} for option {key!r} of operator {op!r}; valid: {', '.join(map(str, self.choices))}"
+            )
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"option {key!r} of operator {op!r} must be >= {self.minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    cls: Type[nn.Module]
+    options: Mapping[str, Option]
+    help: str
+
+
+OPERATORS: Dict[str, _Entry] = {}
+
+
+def register_operator(
+    name: str, options: Optional[Mapping[str, Option]] = None, help: str = ""
+) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
+    """Class decorator: register ``cls`` under ``name`` with its declared spec options."""
+
+    def decorate(cls: Type[nn.Module]) -> Type[nn.Module]:
+        if name in OPERATORS:
+            raise ValueError(f"operator {name!r} is already registered")
+        OPERATORS[name] = _Entry(cls, dict(options or {}), help or (cls.__doc__ or "").strip().split("\n")[0])
+        return cls
+
+    return decorate
+
+
+def list_operators() -> Sequence[str]:
+    return sorted(OPERATORS)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A parsed operator spec: the operator name and its complete option values (defaults filled)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_static(self) -> bool:
+        return self.name == "static"
+
+    def __str__(self) -> str:
+        entry = OPERATORS[self.name]
+        changed = []
+        for key, value in self.options.items():
+            if value != entry.options[key].default:
+                text = "+".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
+                changed.append(f"{key}={text}")
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+
+def parse_spec(spec: str | ConvSpec, **overrides: Any) -> ConvSpec:
+    """Parse ``name[:k=v,...]`` into a :class:`ConvSpec`; unknown names or options raise ValueError."""
+    if isinstance(spec, ConvSpec):
+        name, given = spec.name, dict(spec.options)
+    else:
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"empty operator spec; valid operators: {', '.join(list_operators())}")
+        name, _, rest = spec.strip().partition(":")
+        name = name.strip().lower()
+        if name not in OPERATORS:
+            raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(list_operators())}")
+        entry = OPERATORS[name]
+        given = {}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, sep, text = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep:
+                raise ValueError(f"option {item!r} of operator {name!r} must be written key=value")
+            if key not in entry.options:
+                valid = ", ".join(sorted(entry.options)) or "(none)"
+                raise ValueError(f"unknown option {key!r} for operator {name!r}; valid options: {valid}")
+            given[key] = entry.options[key].parse(name, key, text.strip())
+    entry = OPERATORS.get(name)
+    if entry is None:
+        raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(list_operators())}")
+    for key, value in overrides.items():
+        if key not in entry.options:
+            valid = ", ".join(sorted(entry.options)) or "(none)"
+            raise ValueError(f"unknown option {key!r} for operator {name!r}; valid options: {valid}")
+        entry.options[key].check(name, key, value)
+        given[key] = value
+    options = {key: given.get(key, opt.default) for key, opt in entry.options.items()}
+    return ConvSpec(name, options)
+
+
+def build_conv(
+    spec: str | ConvSpec,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Tuple[int, int],
+    stride: int | Tuple[int, int] = 1,
+    padding: int | Tuple[int, int] = 0,
+    dilation: int | Tuple[int, int] = 1,
+    groups: int = 1,
+    bias: bool = True,
+    **overrides: Any,
+) -> nn.Module:
+    """Build the operator named by ``spec`` with nn.Conv2d's constructor arguments."""
+    parsed = parse_spec(spec, **overrides)
+    cls = OPERATORS[parsed.name].cls
+    return cls(
+        in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+        groups=groups, bias=bias, **parsed.options,
+    )
+
+
+def conv_from_static(spec: str | ConvSpec, conv: nn.Conv2d, **overrides: Any) -> nn.Module:
+    """Replace a static ``nn.Conv2d`` by the operator ``spec`` with the same geometry.
+
+    The static weight (and bias) become the operator's base weight where the operator has one
+    (``load_static_weight``), so torchvision's static checkpoints serve as base weights.
+    """
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"dynamic operators support padding_mode='zeros' only, got {conv.padding_mode!r}")
+    if isinstance(conv.padding, str):
+        raise ValueError(f"string padding {conv.padding!r} is not supported by dynamic operators")
+    module = build_conv(
+        spec, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        **overrides,
+    )
+    loader = getattr(module, "load_static_weight", None)
+    if loader is not None:
+        loader(conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
+    return module.to(device=conv.weight.device, dtype=conv.weight.dtype)
