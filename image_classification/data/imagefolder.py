@@ -1,0 +1,261 @@
+"""``pytorch`` backend: torchvision ImageFolder on ``DATA/train`` and ``DATA/val``.
+
+Train: RandomResizedCrop(size) + RandomHorizontalFlip; val: Resize(round(size * 256 / 224)) + CenterCrop(size);
+both normalised with the ImageNet mean/std. Corrupt images are detected lazily (a full upfront decode is
+not feasible at ImageNet scale) and reported as a one-line :class:`DataError` naming the file, also when the
+decode happens in a DataLoader worker process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torchvision import datasets
+from torchvision.transforms import v2 as T
+
+from . import DataConfig, DataError, Loaders, effective_drop_last, subset_indices
+
+IMG_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode ``path`` as RGB, raising :class:`DataError` naming the file on failure."""
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: not a recognised image format") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for corrupt/truncated files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot read image {path}: {reason}") from None
+
+
+def find_split(root: Optional[str], split: str) -> str:
+    """``root/split`` as a checked directory."""
+    if not root:
+        raise DataError("no DATA directory given (expected DATA/train and DATA/val class folders)")
+    if not os.path.isdir(root):
+        raise DataError(f"DATA directory {root} does not exist")
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise DataError(f"DATA directory {root} has no '{split}' folder (expected {path}/<class>/<images>)")
+    return path
+
+
+def scan_split(root: Optional[str], split: str) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """Classes and ``(path, label)`` samples of ``root/split`` (ImageFolder rules, no empty classes)."""
+    path = find_split(root, split)
+    try:
+        classes, class_to_idx = datasets.folder.find_classes(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} contains no class folders") from None
+    samples = datasets.folder.make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    counts = [0] * len(classes)
+    for _, label in samples:
+        counts[label] += 1
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+        raise DataError(
+            f"{path}: class folder(s) without images: {shown} (extensions {', '.join(IMG_EXTENSIONS)})"
+        )
+    return classes, samples
+
+
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str], root: str) -> None:
+    if list(train_classes) != list(val_classes):
+        only_train = sorted(set(train_classes) - set(val_classes))[:5]
+        only_val = sorted(set(val_classes) - set(train_classes))[:5]
+        raise DataError(
+            f"{root}: train and val class folders differ (only in train: {only_train or '-'}, "
+            f"only in val: {only_val or '-'})"
+        )
+
+
+def resolve_num_classes(cfg: DataConfig, found: int, where: str) -> int:
+    if cfg.num_classes is None:
+        return found
+    if cfg.num_classes < found:
+        raise DataError(f"num_classes {cfg.num_classes} is smaller than the {found} classes found in {where}")
+    return int(cfg.num_classes)
+
+
+class ImageFolderDataset(Dataset):
+    """``(path, label)`` list + transform; decode errors become :class:`DataError` naming the file."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = load_image(path)
+        try:
+            return self.transform(image), label
+        except Exception as exc:
+            raise DataError(f"cannot transform image {path}: {exc}") from None
+
+
+class ExactShardSampler(Sampler[int]):
+    """Unpadded, unshuffled shard ``rank, rank + world_size, ...`` (exact distributed validation)."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def reraise_one_line(exc: DataError) -> DataError:
+    """Recover our one-line :class:`DataError` from DataLoader's worker re-raise (which embeds the traceback)."""
+    text = str(exc)
+    marker = "DataError: "
+    if text.startswith("Caught DataError") and marker in text:
+        return DataError(text.rsplit(marker, 1)[1])
+    return exc
+
+
+class EpochLoader:
+    """A DataLoader whose order and augmentation are a pure function of ``(seed, epoch)``.
+
+    ``set_epoch`` drives the DistributedSampler; worker processes are seeded from a generator reseeded from
+    ``(seed, epoch)`` at each ``iter()``, and with ``workers=0`` the transforms run on a private copy of the
+    global CPU RNG state (the caller's RNG stream is neither consumed nor perturbed). Iterating yields
+    ``(images float32 NCHW, targets int64 (N,))``; worker errors surface as one-line :class:`DataError`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: Sampler,
+        batch_size: int,
+        drop_last: bool,
+        workers: int,
+        pin_memory: bool,
+        seed: int,
+    ) -> None:
+        self.seed = int(seed)
+        self.epoch = 0
+        self.sampler = sampler
+        self.workers = int(workers)
+        self.generator = torch.Generator()
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            generator=self.generator,
+            persistent_workers=False,
+            prefetch_factor=2 if workers > 0 else None,
+        )
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(self.epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        epoch_seed = self.seed * 1_000_003 + self.epoch
+        self.generator.manual_seed(epoch_seed)
+        data_rng = torch.Generator().manual_seed(epoch_seed + 1).get_state() if self.workers == 0 else None
+        iterator = iter(self.loader)
+        while True:
+            outer_rng = None
+            if data_rng is not None:
+                outer_rng = torch.get_rng_state()
+                torch.set_rng_state(data_rng)
+            try:
+                images, targets = next(iterator)
+            except StopIteration:
+                return
+            except DataError as exc:
+                raise reraise_one_line(exc) from None
+            finally:
+                if outer_rng is not None:
+                    data_rng = torch.get_rng_state()
+                    torch.set_rng_state(outer_rng)
+            yield images, targets
+
+
+def imagenet_transforms(cfg: DataConfig) -> Tuple[Callable, Callable]:
+    size = cfg.resolved_image_size
+    normalize = [
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(cfg.info.mean), std=list(cfg.info.std)),
+    ]
+    val = T.Compose([T.Resize(cfg.resolved_val_resize, antialias=True), T.CenterCrop(size), *normalize])
+    if not cfg.augment:
+        return val, val
+    train = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), *normalize])
+    return train, val
+
+
+def build_imagefolder_loaders(cfg: DataConfig) -> Loaders:
+    """The ``pytorch`` backend for the ImageNet (ImageFolder) layout."""
+    train_classes, train_samples = scan_split(cfg.root, "train")
+    val_classes, val_samples = scan_split(cfg.root, "val")
+    check_same_classes(train_classes, val_classes, str(cfg.root))
+    num_classes = resolve_num_classes(cfg, len(train_classes), str(cfg.root))
+    train_tf, val_tf = imagenet_transforms(cfg)
+
+    train_set: Dataset = ImageFolderDataset(train_samples, train_tf)
+    val_set: Dataset = ImageFolderDataset(val_samples, val_tf)
+    train_keep = subset_indices(len(train_set), cfg.train_subset, cfg.seed)
+    if train_keep is not None:
+        train_set = Subset(train_set, train_keep.tolist())
+    val_keep = subset_indices(len(val_set), cfg.val_subset, cfg.seed + 1)
+    if val_keep is not None:
+        val_set = Subset(val_set, val_keep.tolist())
+
+    train_sampler = DistributedSampler(
+        train_set, num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=cfg.seed, drop_last=False
+    )
+    val_sampler = ExactShardSampler(len(val_set), cfg.rank, cfg.world_size)
+    pin = cfg.torch_device.type == "cuda" and torch.cuda.is_available()
+    train = EpochLoader(
+        train_set,
+        train_sampler,
+        cfg.batch_size,
+        effective_drop_last(cfg.drop_last, len(train_sampler), cfg.batch_size),
+        cfg.workers,
+        pin,
+        cfg.seed + 1000 * cfg.rank,
+    )
+    val = EpochLoader(
+        val_set,
+        val_sampler,
+        cfg.resolved_val_batch_size,
+        False,
+        cfg.workers,
+        pin,
+        cfg.seed + 1000 * cfg.rank + 1,
+    )
+    return Loaders(
+        train,
+        val,
+        num_classes=num_classes,
+        in_chans=3,
+        image_size=cfg.resolved_image_size,
+        train_samples=len(train_set),
+        val_samples=len(val_set),
+        classes=train_classes,
+    )

@@ -1,0 +1,183 @@
+"""``pytorch`` backend on a generated ImageFolder of JPEGs: shapes, lengths, sharding, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+import pytest
+import torch
+
+from image_classification.data import DataConfig, DataError, build_loaders
+
+
+def cfg(root: Path, **kwargs: object) -> DataConfig:
+    options = dict(backend="pytorch", root=str(root), batch_size=4, workers=0, image_size=32)
+    options.update(kwargs)
+    return DataConfig(**options)  # type: ignore[arg-type]
+
+
+def collect(loader) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    pairs = list(loader)
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def test_shapes_and_lengths(image_folder: Path) -> None:
+    loaders = build_loaders(cfg(image_folder, val_batch_size=5))
+    assert (loaders.num_classes, loaders.in_chans, loaders.image_size) == (2, 3, 32)
+    assert loaders.classes == ["cat", "dog"]
+    assert (loaders.train_samples, loaders.val_samples) == (8, 6)
+    assert (len(loaders.train), len(loaders.val)) == (2, 2)
+    loaders.set_epoch(0)
+    batches = list(loaders.train)
+    assert len(batches) == 2
+    for images, targets in batches:
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+        assert targets.shape == (4,) and targets.dtype == torch.int64
+    images, targets = collect(loaders.val)
+    assert images.shape == (6, 3, 32, 32)
+    assert targets.tolist() == [0, 0, 0, 1, 1, 1]
+    # normalised with ImageNet mean/std: values well outside [0, 1]
+    assert images.min() < -0.5 or images.max() > 1.5
+
+
+def test_val_transform_matches_resize_center_crop(image_folder: Path) -> None:
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    loaders = build_loaders(cfg(image_folder, image_size=32))
+    images, _ = collect(loaders.val)
+    path = sorted((image_folder / "val" / "cat").iterdir())[0]
+    expected = T.Compose(
+        [
+            T.Resize(37, antialias=True),
+            T.CenterCrop(32),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )(Image.open(path).convert("RGB"))
+    torch.testing.assert_close(images[0], expected)
+
+
+def test_drop_last_and_tiny_shard(image_folder: Path) -> None:
+    assert len(build_loaders(cfg(image_folder, batch_size=3)).train) == 2  # 8 // 3
+    assert len(build_loaders(cfg(image_folder, batch_size=3, drop_last=False)).train) == 3
+    tiny = build_loaders(cfg(image_folder, batch_size=16))  # shard smaller than a batch: kept
+    assert len(tiny.train) == 1 and next(iter(tiny.train))[0].shape[0] == 8
+
+
+def test_epoch_reshuffles_deterministically(image_folder: Path) -> None:
+    loaders = build_loaders(cfg(image_folder, batch_size=8, augment=False))
+
+    def order(epoch: int) -> List[int]:
+        loaders.set_epoch(epoch)
+        images, _ = collect(loaders.train)
+        return [int(i) for i in images.flatten(1).sum(1).argsort()]
+
+    assert order(0) == order(0)
+    assert any(order(e) != order(0) for e in (1, 2, 3))
+
+
+def test_val_sharding_is_exact(make_image_folder: Callable[..., Path]) -> None:
+    root = make_image_folder(per_class={"train": 3, "val": 5})  # 10 val images over 3 ranks: 4/3/3
+    reference, ref_targets = collect(build_loaders(cfg(root)).val)
+    shards = [build_loaders(cfg(root, rank=r, world_size=3)) for r in range(3)]
+    assert sum(len(s.val) for s in shards) >= 3 and all(s.val_samples == 10 for s in shards)
+    parts = [collect(s.val) for s in shards]
+    assert [p[0].shape[0] for p in parts] == [4, 3, 3]
+    gathered = torch.cat([p[0] for p in parts])
+    used = set()
+    for image in gathered:
+        matches = [i for i in range(len(reference)) if torch.equal(reference[i], image)]
+        assert len(matches) == 1 and matches[0] not in used
+        used.add(matches[0])
+    assert used == set(range(10))
+    # train: equal batch counts on all ranks
+    assert len({len(s.train) for s in shards}) == 1
+
+
+def test_subsets(image_folder: Path) -> None:
+    loaders = build_loaders(cfg(image_folder, train_subset=5, val_subset=2, batch_size=2))
+    assert (loaders.train_samples, loaders.val_samples) == (5, 2)
+    assert sum(x.shape[0] for x, _ in loaders.val) == 2
+
+
+def test_num_classes(image_folder: Path) -> None:
+    assert build_loaders(cfg(image_folder, num_classes=10)).num_classes == 10
+    with pytest.raises(DataError, match="num_classes 1 is smaller than the 2 classes"):
+        build_loaders(cfg(image_folder, num_classes=1))
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_missing_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        build_loaders(cfg(tmp_path / "nope"))
+    with pytest.raises(DataError, match="no DATA directory given"):
+        build_loaders(DataConfig(backend="pytorch", root=None))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_missing_split(image_folder: Path, split: str) -> None:
+    shutil.rmtree(image_folder / split)
+    with pytest.raises(DataError, match=f"has no '{split}' folder"):
+        build_loaders(cfg(image_folder))
+
+
+def test_split_without_classes(image_folder: Path) -> None:
+    shutil.rmtree(image_folder / "val")
+    (image_folder / "val").mkdir()
+    with pytest.raises(DataError, match="contains no class folders"):
+        build_loaders(cfg(image_folder))
+
+
+def test_empty_class(image_folder: Path) -> None:
+    (image_folder / "train" / "zebra").mkdir()
+    (image_folder / "train" / "zebra" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="class folder\\(s\\) without images: zebra"):
+        build_loaders(cfg(image_folder))
+
+
+def test_class_mismatch(image_folder: Path) -> None:
+    shutil.move(str(image_folder / "val" / "dog"), str(image_folder / "val" / "wolf"))
+    with pytest.raises(DataError, match="train and val class folders differ"):
+        build_loaders(cfg(image_folder))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_named(image_folder: Path, workers: int) -> None:
+    bad = image_folder / "val" / "dog" / "dog_1.jpg"
+    bad.write_bytes(bad.read_bytes()[:150])  # truncated JPEG
+    loaders = build_loaders(cfg(image_folder, workers=workers))
+    with pytest.raises(DataError) as info:
+        collect(loaders.val)
+    message = str(info.value)
+    assert message.startswith(f"cannot read image {bad}")
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_not_an_image_named(image_folder: Path) -> None:
+    bad = image_folder / "train" / "cat" / "fake.jpg"
+    bad.write_bytes(b"this is text, not a JPEG")
+    loaders = build_loaders(cfg(image_folder, batch_size=9))
+    with pytest.raises(DataError, match=f"cannot read image {bad}: not a recognised image format"):
+        collect(loaders.train)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_augmentation_is_a_function_of_seed_and_epoch(image_folder: Path, workers: int) -> None:
+    loaders = build_loaders(cfg(image_folder, batch_size=8, workers=workers))
+    loaders.set_epoch(1)
+    torch.manual_seed(123)
+    first, _ = collect(loaders.train)
+    after_first = torch.get_rng_state()
+    torch.manual_seed(456)  # a different caller RNG state must not change the data
+    second, _ = collect(loaders.train)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    if workers == 0:  # the caller's RNG stream is not consumed
+        torch.manual_seed(123)
+        assert torch.equal(torch.get_rng_state(), after_first)
+    loaders.set_epoch(2)
+    third, _ = collect(loaders.train)
+    assert not torch.equal(first, third)
