@@ -1,0 +1,313 @@
+"""Micro-benchmark of the dynamic operators against nn.Conv2d on representative layer shapes.
+
+Usage::
+
+    python -m image_classification.dynamic.benchmark [--ops pedconv,dcd,...] [--shapes r18-64,...]
+        [--batch-sizes 1,32] [--threads 2] [--repeats 3] [--device cpu|cuda|auto] [--json]
+
+For every layer shape, batch size and operator it reports, as ratios to a plain ``nn.Conv2d`` of
+the same geometry measured in the same run:
+
+* ``fwd``: time of an inference forward (``eval()``, ``torch.no_grad()``);
+* ``train``: time of a training forward + backward (input gradient included, as inside a
+  network);
+* ``mem``: memory of a training step. On CUDA: peak allocated memory during forward + backward above
+  what was allocated before. On CPU (where allocator statistics are not available): the bytes of
+  the distinct non-parameter tensors autograd saves for backward
+  (``torch.autograd.graph.saved_tensors_hooks``), i.e. what a training step keeps alive per layer
+  between forward and backward - the dominant term of activation memory.
+
+Measurements are interleaved (every repeat times the static conv and each operator in turn) so
+that drifts in machine load hit all of them alike; each sample averages enough back-to-back calls
+to last ~20 ms, and ratios use the minimum sample (other processes only ever add time). An operator that cannot
+build a shape (e.g. a 3x3-only operator on a 1x1 layer) is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import build_conv, list_operators
+
+__all__ = ["LayerShape", "SHAPES", "DEFAULT_SHAPES", "run_benchmark", "main"]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A conv layer geometry and its input resolution."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    padding: int
+    groups: int
+    size: int
+    help: str = ""
+
+
+SHAPES: Dict[str, LayerShape] = {
+    s.name: s
+    for s in (
+        LayerShape("r18-3x3-64@56", 64, 64, 3, 1, 1, 1, 56, "ResNet-18 layer1 3x3"),
+        LayerShape("r18-3x3-256@14", 256, 256, 3, 1, 1, 1, 14, "ResNet-18 layer3 3x3"),
+        LayerShape("r50-1x1-64-256@56", 64, 256, 1, 1, 0, 1, 56, "ResNet-50 layer1 1x1 expansion"),
+        LayerShape("mbv2-dw3x3-144@28", 144, 144, 3, 1, 1, 144, 28, "MobileNetV2 depthwise 3x3"),
+        LayerShape("tiny", 16, 16, 3, 1, 1, 1, 8, "tiny shape for tests"),
+    )
+}
+DEFAULT_SHAPES = ("r18-3x3-64@56", "r18-3x3-256@14", "r50-1x1-64-256@56", "mbv2-dw3x3-144@28")
+
+
+@dataclass
+class Row:
+    shape: str
+    op: str
+    batch: int
+    fwd_ratio: Optional[float] = None
+    train_ratio: Optional[float] = None
+    mem_ratio: Optional[float] = None
+    static_fwd_ms: Optional[float] = None
+    static_train_ms: Optional[float] = None
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fwd_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return run
+
+
+def _train_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    xg = x.detach().clone().requires_grad_(True)
+
+    def run() -> None:
+        for p in module.parameters():
+            p.grad = None
+        xg.grad = None
+        out = module(xg)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def _timed(fn: Callable[[], None], device: torch.device, number: int = 1) -> float:
+    """Seconds per call of ``fn`` averaged over ``number`` back-to-back calls."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / number
+
+
+def _calibrate(fns: Dict[str, Callable[[], None]], device: torch.device, target_s: float) -> int:
+    """Calls per sample so that the static conv's sample lasts about ``target_s`` (at least 1)."""
+    once = min(_timed(fns["static"], device) for _ in range(3))
+    return max(1, min(100, int(target_s / max(once, 1e-6))))
+
+
+def _measure(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int,
+             target_s: float) -> Dict[str, float]:
+    """Interleaved timing: every repeat times each function in turn; the minimum per function.
+
+    The minimum (as ``timeit`` recommends) is used because other processes only ever add time;
+    on a shared machine the median still carries their noise.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    number = _calibrate(fns, device, target_s)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_timed(fn, device, number))
+    return {name: min(values) for name, values in samples.items()}
+
+
+def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """Bytes of a training step: CUDA peak above baseline, or distinct saved-for-backward tensors on CPU."""
+    xg = x.detach().clone().requires_grad_(True)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = module(xg)
+        out.backward(torch.ones_like(out))
+        _sync(device)
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    seen: Dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # parameters live anyway; count what the step adds
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(xg)
+    out.backward(torch.ones_like(out))
+    return float(sum(seen.values()))
+
+
+def run_benchmark(
+    ops: Sequence[str],
+    shapes: Sequence[str] = DEFAULT_SHAPES,
+    batch_sizes: Sequence[int] = (1, 32),
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+    log: Optional[Callable[[str], None]] = None,
+    target_s: float = 0.02,
+) -> List[Row]:
+    """Measure every (shape, batch, op) and return the rows (ratios to nn.Conv2d in the same run)."""
+    dev = torch.device(device)
+    rows: List[Row] = []
+    for shape_name in shapes:
+        shape = SHAPES[shape_name]
+        geometry = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, bias=False)
+        torch.manual_seed(0)
+        static = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, **geometry).to(dev)
+        modules: Dict[str, nn.Module] = {}
+        notes: Dict[str, str] = {}
+        for op in ops:
+            try:
+                modules[op] = build_conv(op, shape.in_channels, shape.out_channels, shape.kernel_size,
+                                         **geometry).to(dev)
+            except (ValueError, NotImplementedError) as exc:
+                notes[op] = f"skipped: {exc}"
+        for batch in batch_sizes:
+            if log:
+                log(f"  {shape_name} batch {batch} ...")
+            x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=dev)
+            candidates = {"static": static, **modules}
+            fwd = {name: _fwd_fn(m.eval(), x) for name, m in candidates.items()}
+            times_fwd = _measure(fwd, dev, repeats, warmup, target_s)
+            for m in candidates.values():
+                m.train()
+            train = {name: _train_fn(m, x) for name, m in candidates.items()}
+            times_train = _measure(train, dev, repeats, warmup, target_s)
+            mem = {name: _train_memory(m, x, dev) for name, m in candidates.items()}
+            base_fwd = times_fwd["static"]
+            base_train = times_train["static"]
+            for op in ops:
+                if op in notes:
+                    rows.append(Row(shape_name, op, batch, note=notes[op]))
+                    continue
+                rows.append(Row(
+                    shape_name, op, batch,
+                    fwd_ratio=times_fwd[op] / base_fwd,
+                    train_ratio=times_train[op] / base_train,
+                    mem_ratio=mem[op] / mem["static"] if mem["static"] else None,
+                    static_fwd_ms=1e3 * base_fwd,
+                    static_train_ms=1e3 * base_train,
+                ))
+            for m in candidates.values():
+                for p in m.parameters():
+                    p.grad = None
+    return rows
+
+
+def format_table(rows: Sequence[Row], memory_kind: str) -> str:
+    header = f"{'shape':<20} {'batch':>5} {'operator':<18} {'fwd x':>7} {'train x':>8} {'mem x':>6}  static fwd/train ms"
+    lines = [header, "-" * len(header)]
+    last = None
+    for r in rows:
+        key = (r.shape, r.batch)
+        if last is not None and key != last:
+            lines.append("")
+        last = key
+        if r.note:
+            lines.append(f"{r.shape:<20} {r.batch:>5} {r.op:<18} {r.note}")
+            continue
+        mem = f"{r.mem_ratio:6.2f}" if r.mem_ratio is not None else f"{'-':>6}"
+        lines.append(
+            f"{r.shape:<20} {r.batch:>5} {r.op:<18} {r.fwd_ratio:7.2f} {r.train_ratio:8.2f} {mem}  "
+            f"{r.static_fwd_ms:.2f} / {r.static_train_ms:.2f}"
+        )
+    lines.append("")
+    lines.append(f"ratios to nn.Conv2d in the same run (min over interleaved repeats); mem = {memory_kind}")
+    return "\n".join(lines)
+
+
+def _csv_ints(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m image_classification.dynamic.benchmark",
+        description="Time and memory of each dynamic operator as a ratio to nn.Conv2d.",
+    )
+    parser.add_argument("--ops", default=None,
+                        help="comma-separated operator names (default: every registered operator but static)")
+    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                        help=f"comma-separated layer shapes among: {', '.join(SHAPES)}")
+    parser.add_argument("--batch-sizes", type=_csv_ints, default=[1, 32])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    args = parser.parse_args(argv)
+    available = [op for op in list_operators() if op != "static"]
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else available
+    unknown = [o for o in ops if o not in list_operators()]
+    if unknown or not ops:
+        parser.error(f"unknown operator(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(available)}")
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad or not shapes:
+        parser.error(f"unknown shape(s) {', '.join(bad) or '(none given)'}; valid: {', '.join(SHAPES)}")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but CUDA is not available")
+    args.ops, args.shapes = ops, shapes
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rows = run_benchmark(args.ops, args.shapes, args.batch_sizes, args.repeats, args.warmup, args.device, log)
+    memory_kind = ("CUDA peak allocated during forward+backward" if args.device == "cuda"
+                   else "bytes of non-parameter tensors saved for backward (training step)")
+    if args.json:
+        print(json.dumps({"device": args.device, "threads": args.threads, "repeats": args.repeats,
+                          "torch": torch.__version__, "memory": memory_kind,
+                          "rows": [asdict(r) for r in rows]}, indent=1))
+    else:
+        print(f"device={args.device} threads={args.threads} repeats={args.repeats} torch={torch.__version__}")
+        print(format_table(rows, memory_kind))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
