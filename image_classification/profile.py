@@ -1,0 +1,305 @@
+"""Profiler: parameters, multiply-adds and CPU latency of an (arch, operator, placement) triple.
+
+Usage::
+
+    python -m image_classification.profile --arch resnet18 --conv pedconv [--image-size 224]
+        [--placement paper] [--num-classes 1000] [--in-chans 3] [--json]
+        [--latency [--threads 2 --images 200 --warmup 20 --train-batch 32 --train-steps 8]]
+        [--table pedconv|dcd|all]
+
+Counts follow :mod:`image_classification.flops` (deploy parameters exclude PEDConv's training-only
+info-max decoder; MACs per the papers' convention). ``--latency`` measures, in one run and
+interleaved with the static model built the same way (same arch, classes, channels, init):
+batch-1 inference latency (median over ``--images`` single images after ``--warmup``;
+pedconv_appendix.md B), the median time of a batch-32 training step (forward, loss incl. info-max
+term, backward, SGD step), and the training memory (parameters + gradients + momentum + every
+tensor saved for backward, deduplicated by storage; on CPU the allocator exposes no peak counter,
+and this sum is the dominant, deterministic part of the peak). ``--table`` prints the papers'
+tables (REFERENCE.md) next to this project's counts, one row per (arch, operator, placement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dynamic.base import infomax_loss
+from .flops import count_macs, count_params
+from .models import ARCHS, build_model, list_archs
+
+__all__ = ["PAPER_ROWS", "PaperRow", "main", "measure_latency", "profile_model", "table_rows", "training_memory"]
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    table: str  # "pedconv" or "dcd"
+    source: str  # where the figure is printed
+    arch: str
+    conv: str
+    placement: str
+    params_m: float  # millions, as printed
+    macs_m: float  # millions of multiply-adds, as printed
+    note: str = ""
+
+
+def _rows(table: str, source: str, arch: str, entries: Sequence[tuple]) -> List[PaperRow]:
+    return [PaperRow(table, source, arch, *e) for e in entries]
+
+
+#: The papers' parameter/MAC figures (ImageNet, 224 px, 1000 classes), from shared/REFERENCE.md and
+#: the papers' tables; ``placement`` is the one this project uses for the row (docs/counts.md).
+PAPER_ROWS: List[PaperRow] = [
+    *_rows("pedconv", "PEDConv T1", "resnet18", [("static", "paper", 11.7, 1810), ("pedconv", "paper", 11.9, 1830),
+                                                 ("dcd", "paper", 14.0, 1830), ("dyconv", "paper", 42.7, 1850)]),
+    *_rows("pedconv", "PEDConv T1", "resnet50", [("static", "paper", 25.6, 4100), ("pedconv", "paper", 28.6, 4200),
+                                                 ("dcd", "paper", 30.7, 4200),
+                                                 ("condconv", "pointwise+cls", 104.8, 4200)]),
+    *_rows("pedconv", "PEDConv T1", "mobilenet_v1_x1.0", [("static", "paper", 4.2, 569),
+                                                          ("pedconv", "paper", 5.1, 579),
+                                                          ("condconv", "pointwise+cls", 33.0, 600)]),
+    *_rows("pedconv", "PEDConv T1", "mobilenet_v2_x1.0", [("static", "paper", 3.5, 300),
+                                                          ("pedconv", "paper", 4.8, 307),
+                                                          ("dcd", "pointwise+cls", 5.5, 326),
+                                                          ("dyconv", "pointwise", 11.1, 313),
+                                                          ("condconv", "pointwise+cls", 27.5, 329)]),
+    *_rows("pedconv", "PEDConv T1", "efficientnet_b0", [("static", "paper", 5.3, 391),
+                                                        ("pedconv", "paper", 7.2, 400, "placement unstated"),
+                                                        ("condconv", "pointwise+cls", 13.3, 402,
+                                                         "CondConv's placement not reproduced")]),
+    *_rows("pedconv", "PEDConv T5c/d", "mobilenet_v1_x1.0", [("pedconv", "pointwise", 4.8, 579),
+                                                             ("pedconv", "depthwise", 4.6, 569),
+                                                             ("pedconv", "shallow", 4.3, 570),
+                                                             ("pedconv", "deep", 5.1, 578)]),
+    *_rows("pedconv", "PEDConv T5b", "resnet18", [("pedconv:rank=4", "paper", 12.4, 1900),
+                                                  ("pedconv:rank=8", "paper", 13.0, 2000)]),
+    *_rows("pedconv", "PEDConv App. T2", "resnet18", [("pedconv:reduction=4", "paper", 12.6, 1840),
+                                                      ("pedconv", "paper+share", 11.8, 1830),
+                                                      ("pedconv:context=bilinear", "paper", 11.9, 2040)]),
+    *_rows("dcd", "DCD T4a", "mobilenet_v2_x1.0", [("static", "paper", 3.5, 300.0),
+                                                   ("dyconv", "pointwise", 11.1, 312.9),
+                                                   ("condconv", "pointwise+cls", 27.5, 329.0),
+                                                   ("dcd", "pointwise+cls", 5.5, 326.0)]),
+    *_rows("dcd", "DCD T4a", "mobilenet_v2_x0.5", [("static", "paper", 2.0, 97.0),
+                                                   ("dyconv", "pointwise", 4.0, 101.4),
+                                                   ("condconv", "pointwise+cls", 15.5, 113.0),
+                                                   ("dcd", "pointwise+cls", 3.1, 104.8)]),
+    *_rows("dcd", "DCD T4a", "mobilenet_v2_x0.35", [("static", "paper", 1.7, 59.2),
+                                                    ("dyconv", "pointwise", 2.8, 62.0),
+                                                    ("dcd", "pointwise+cls", 2.3, 63.1)]),
+    *_rows("dcd", "DCD T4b", "resnet50", [("static", "paper", 23.5, 3800, "DCD counts ResNet-50 without fc"),
+                                          ("dcd", "paper", 30.7, 3900)]),
+    *_rows("dcd", "DCD T4b", "resnet18", [("static", "paper", 11.1, 1810), ("dyconv", "paper", 42.7, 1850),
+                                          ("dcd", "paper", 14.0, 1830)]),
+    *_rows("dcd", "DCD T4b", "resnet10", [("static", "paper", 5.2, 890), ("dyconv", "paper", 18.6, 910),
+                                          ("dcd", "paper", 6.5, 900)]),
+    *_rows("dcd", "DCD T3b", "mobilenet_v2_x0.5", [("dcd", "depthwise", 2.4, 97.5), ("dcd", "pointwise", 2.9, 104.6),
+                                                   ("dcd", "none+cls", 2.2, 97.2),
+                                                   ("dcd", "depthwise+cls", 2.6, 97.7),
+                                                   ("dcd", "pointwise+depthwise", 3.3, 105.1),
+                                                   ("dcd", "pointwise+depthwise+cls", 3.5, 105.3)]),
+]
+
+
+def profile_model(arch: str, conv: str = "static", placement: str = "paper", image_size: Optional[int] = None,
+                  num_classes: int = 1000, in_chans: int = 3) -> Dict[str, Any]:
+    """Counts of one configuration (dict: deploy/training params, MACs, dynamic layer count)."""
+    model = build_model(arch, conv, placement, num_classes=num_classes, in_chans=in_chans)
+    size = image_size or ARCHS[arch].image_size
+    params = count_params(model)
+    return {
+        "arch": arch, "conv": conv, "placement": placement, "image_size": size, "num_classes": num_classes,
+        "in_chans": in_chans, "params_deploy": params.deploy, "params_training": params.training,
+        "macs": count_macs(model, size, in_chans).total, "dynamic_layers": len(getattr(model, "dynamic_convs", [])),
+    }
+
+
+def table_rows(which: str = "all", rows: Optional[Sequence[PaperRow]] = None) -> List[Dict[str, Any]]:
+    """Paper rows of ``which`` table with this project's counts and the differences."""
+    out = []
+    for row in rows if rows is not None else PAPER_ROWS:
+        if which not in ("all", row.table):
+            continue
+        ours = profile_model(row.arch, row.conv, row.placement, 224)
+        params_m, macs_m = ours["params_deploy"] / 1e6, ours["macs"] / 1e6
+        out.append({**asdict(row), "ours_params_m": round(params_m, 3), "ours_macs_m": round(macs_m, 1),
+                    "diff_params_m": round(params_m - row.params_m, 3),
+                    "diff_macs_pct": round(100 * (macs_m - row.macs_m) / row.macs_m, 2)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- latency
+def training_memory(model: nn.Module, batch: torch.Tensor, target: torch.Tensor) -> int:
+    """Bytes of parameters + gradients + SGD momentum + tensors saved for backward (storage-deduplicated)."""
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch)
+        loss = F.cross_entropy(out, target)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(seen.values()) + 3 * param_bytes
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    extra = infomax_loss(model)
+    if extra is not None:
+        loss = loss + 1e-3 * extra
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: int = 224, num_classes: int = 1000,
+                    in_chans: int = 3, threads: int = 2, images: int = 200, warmup: int = 20, train_batch: int = 32,
+                    train_steps: int = 8, train_warmup: int = 2, seed: int = 0) -> Dict[str, Any]:
+    """Interleaved CPU measurements of ``conv`` vs the static model built the same way (ratios)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    models = {"static": build_model(arch, "static", "paper", num_classes=num_classes, in_chans=in_chans),
+              "dynamic": build_model(arch, conv, placement, num_classes=num_classes, in_chans=in_chans)}
+    gen = torch.Generator().manual_seed(seed)
+    result: Dict[str, Any] = {"threads": threads, "images": images, "warmup": warmup, "train_batch": train_batch,
+                              "train_steps": train_steps}
+    times: Dict[str, List[float]] = {k: [] for k in models}
+    for m in models.values():
+        m.eval()
+    with torch.inference_mode():
+        for i in range(warmup + images):
+            x = torch.randn(1, in_chans, image_size, image_size, generator=gen)
+            order = list(models) if i % 2 == 0 else list(models)[::-1]
+            for key in order:
+                start = time.perf_counter()
+                models[key](x)
+                if i >= warmup:
+                    times[key].append(time.perf_counter() - start)
+    for key in models:
+        result[f"infer_ms_{key}"] = 1e3 * statistics.median(times[key])
+    result["infer_ratio"] = result["infer_ms_dynamic"] / result["infer_ms_static"]
+
+    x = torch.randn(train_batch, in_chans, image_size, image_size, generator=gen)
+    y = torch.randint(0, num_classes, (train_batch,), generator=gen)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
+    steps: Dict[str, List[float]] = {k: [] for k in models}
+    for m in models.values():
+        m.train()
+    for i in range(train_warmup + train_steps):
+        order = list(models) if i % 2 == 0 else list(models)[::-1]
+        for key in order:
+            t = _train_step(models[key], opts[key], x, y)
+            if i >= train_warmup:
+                steps[key].append(t)
+    for key in models:
+        result[f"train_ms_{key}"] = 1e3 * statistics.median(steps[key])
+        result[f"train_mem_mb_{key}"] = training_memory(models[key], x, y) / 2**20
+    result["train_ratio"] = result["train_ms_dynamic"] / result["train_ms_static"]
+    result["memory_ratio"] = result["train_mem_mb_dynamic"] / result["train_mem_mb_static"]
+    return result
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m image_classification.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", help=f"architecture ({', '.join(list_archs())})")
+    p.add_argument("--conv", default="static", help="operator spec, e.g. pedconv, pedconv:rank=4, dcd, static")
+    p.add_argument("--placement", default="paper", help="placement (paper, all, pointwise, depthwise, shallow, "
+                   "deep, none, +stem/+shortcut/+se/+cls/+share; see image_classification/models/convert.py)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the arch's paper size)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--latency", action="store_true", help="CPU latency/training-step/memory ratios vs static")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--images", type=int, default=200, help="timed batch-1 inferences (paper: 5000)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--table", choices=("pedconv", "dcd", "all"), help="papers' count tables vs this project's")
+    return p
+
+
+def _fmt_table(rows: List[Dict[str, Any]]) -> str:
+    head = (f"{'source':16} {'arch':18} {'conv':26} {'placement':24} {'paper P':>8} {'ours P':>8} {'dP':>7}"
+            f" {'paper MACs':>10} {'ours MACs':>10} {'dMACs%':>7}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['source']:16} {r['arch']:18} {r['conv']:26} {r['placement']:24} {r['params_m']:8.1f}"
+                     f" {r['ours_params_m']:8.2f} {r['diff_params_m']:+7.2f} {r['macs_m']:10.1f}"
+                     f" {r['ours_macs_m']:10.1f} {r['diff_macs_pct']:+7.2f}  {r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("image_size", "num_classes", "in_chans", "threads", "images", "train_batch", "train_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.table:
+        rows = table_rows(args.table)
+        print(json.dumps(rows, indent=1) if args.json else _fmt_table(rows))
+        if not args.arch:
+            return 0
+    if not args.arch:
+        parser.error("--arch is required (or --table)")
+    try:
+        report = profile_model(args.arch, args.conv, args.placement, args.image_size, args.num_classes, args.in_chans)
+        if args.conv != "static" or args.placement != "paper":
+            base = profile_model(args.arch, "static", "paper", report["image_size"], args.num_classes, args.in_chans)
+            report["static_params_deploy"], report["static_macs"] = base["params_deploy"], base["macs"]
+        if args.latency:
+            report["latency"] = measure_latency(
+                args.arch, args.conv, args.placement, report["image_size"], args.num_classes, args.in_chans,
+                threads=args.threads, images=args.images, warmup=args.warmup, train_batch=args.train_batch,
+                train_steps=args.train_steps)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"arch {report['arch']}  conv {report['conv']}  placement {report['placement']}  "
+          f"image {report['image_size']}  classes {report['num_classes']}  in_chans {report['in_chans']}")
+    print(f"  dynamic layers     {report['dynamic_layers']}")
+    print(f"  params (deploy)    {report['params_deploy'] / 1e6:.3f}M")
+    print(f"  params (training)  {report['params_training'] / 1e6:.3f}M")
+    print(f"  MACs               {report['macs'] / 1e6:.1f}M")
+    if "static_macs" in report:
+        print(f"  static baseline    {report['static_params_deploy'] / 1e6:.3f}M params, "
+              f"{report['static_macs'] / 1e6:.1f}M MACs")
+    lat = report.get("latency")
+    if lat:
+        print(f"  batch-1 inference  {lat['infer_ms_dynamic']:.2f} ms vs static {lat['infer_ms_static']:.2f} ms"
+              f"  ratio {lat['infer_ratio']:.3f}  (median of {lat['images']}, {lat['threads']} threads)")
+        print(f"  training step b{lat['train_batch']}  {lat['train_ms_dynamic']:.1f} ms vs static "
+              f"{lat['train_ms_static']:.1f} ms  ratio {lat['train_ratio']:.3f}")
+        print(f"  training memory    {lat['train_mem_mb_dynamic']:.0f} MB vs static {lat['train_mem_mb_static']:.0f} MB"
+              f"  ratio {lat['memory_ratio']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

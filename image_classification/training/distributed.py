@@ -1,0 +1,128 @@
+"""Process-group setup and the few collectives the trainer needs.
+
+One code path for every launch: ``python main.py`` (one process, no process group), ``torchrun`` /
+``multiproc.py`` (``env://`` rendezvous from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``). The
+backend is NCCL when the processes compute on CUDA and gloo otherwise (CPU DDP for tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistEnv",
+    "env_world_size",
+    "init_distributed",
+    "cleanup",
+    "barrier",
+    "all_reduce_sum",
+    "any_rank",
+    "broadcast_int",
+    "sync_buffers",
+]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: rank, world size, local rank and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """World size announced by the launcher (1 when started without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available on this machine")
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(requested)
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Initialise the default process group when launched by torchrun, and pick the device."""
+    world_size = env_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        kwargs = {"device_id": torch_device} if torch_device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device) -> list:
+    """Sum a short list of numbers over all ranks (float64, one collective)."""
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. a stop request)."""
+    if not _active():
+        return bool(flag)
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def broadcast_int(value: Optional[int], device: torch.device, src: int = 0) -> int:
+    """Rank ``src``'s integer on every rank (used for a random seed all ranks must share)."""
+    if not _active():
+        return int(value or 0)
+    tensor = torch.tensor([int(value or 0)], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=src)
+    return int(tensor.item())
+
+
+def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each training forward, so after the last step every rank holds
+    its own batch's statistics; validation and checkpoints must use one model, rank 0's.
+    """
+    if not _active():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)

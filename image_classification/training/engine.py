@@ -1,0 +1,252 @@
+"""One training epoch and one validation pass.
+
+Training loss (per mini-batch): ``CE_ls(f(x_mix), y_mix) + lambda * sum_l MSE_l`` where ``CE_ls`` is
+cross-entropy with label smoothing on the mixup soft targets and the sum is the info-max term of every
+PEDConv layer (pedconv_paper.md Eq. 6, MSE form) returned by :func:`infomax_loss` for the last forward.
+Validation is exact: per-rank sums of loss, correct top-1/top-5 and sample counts are all-reduced once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from image_classification.dynamic import infomax_loss
+
+from .distributed import all_reduce_sum, any_rank
+from .logger import Progress, RaportWriter
+
+__all__ = ["Components", "LoopConfig", "EpochResult", "train_one_epoch", "validate"]
+
+
+_STOP_CHECK_EVERY = 5  # optimizer steps between stop-flag checks under DDP
+
+
+@dataclass
+class Components:
+    """What a training step touches. ``model`` runs the forward (maybe DDP), ``module`` is unwrapped."""
+
+    model: nn.Module
+    module: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Optional[torch.amp.GradScaler] = None
+    ema: Optional[torch.optim.swa_utils.AveragedModel] = None
+    mixup: Optional[Callable] = None
+
+
+@dataclass
+class LoopConfig:
+    device: torch.device
+    accumulation: int = 1
+    amp_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+    infomax_weight: float = 0.0
+    prof: int = -1
+    print_freq: int = 10
+    is_main: bool = True
+    world_size: int = 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def iterations(self, loader_len: int) -> int:
+        return min(loader_len, self.prof) if self.prof > 0 else loader_len
+
+    def to_device(self, images: torch.Tensor, target: torch.Tensor):
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, target.to(self.device, non_blocking=True)
+
+
+@dataclass
+class EpochResult:
+    iterations: int
+    interrupted: bool
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+class _Window:
+    """Device-side sums over a logging window (no host sync until :meth:`flush`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*n, infomax*n, correct, n
+        self.data_time = 0.0
+        self.compute_time = 0.0
+        self.batches = 0
+
+    def add(self, loss: torch.Tensor, infomax: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        update = torch.stack([loss.detach().double() * n, infomax.detach().double() * n, correct.double()])
+        self.sums[:3] += update
+        self.sums[3] += n
+        self.batches += 1
+
+    def flush(self) -> Dict[str, float]:
+        loss, infomax, correct, n = all_reduce_sum(self.sums.tolist(), self.device)
+        n = max(n, 1.0)
+        total_time = max(self.data_time + self.compute_time, 1e-9)
+        metrics = {
+            "train.loss": loss / n,
+            "train.infomax": infomax / n,
+            "train.top1": 100.0 * correct / n,
+            "train.compute_ips": n / max(self.compute_time, 1e-9),
+            "train.total_ips": n / total_time,
+            "train.data_time": self.data_time / max(self.batches, 1),
+            "train.compute_time": self.compute_time / max(self.batches, 1),
+        }
+        return metrics
+
+
+def _forward_loss(comp: Components, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor):
+    soft = target
+    if comp.mixup is not None:
+        images, soft = comp.mixup(images, target)
+    with cfg.autocast():
+        output = comp.model(images)
+        task = comp.criterion(output, soft)
+    term = infomax_loss(comp.module)
+    infomax = term.float() if term is not None else torch.zeros((), device=task.device)
+    loss = task + cfg.infomax_weight * infomax if term is not None else task
+    correct = (output.detach().argmax(dim=1) == target).sum()
+    return loss, task, infomax, correct
+
+
+def _optimizer_step(comp: Components) -> None:
+    if comp.scaler is not None:
+        comp.scaler.step(comp.optimizer)
+        comp.scaler.update()
+    else:
+        comp.optimizer.step()
+    comp.optimizer.zero_grad(set_to_none=True)
+    comp.scheduler.step()
+    if comp.ema is not None:
+        comp.ema.update_parameters(comp.module)
+
+
+def _train_step(comp: Components, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor, boundary: bool):
+    """Forward + backward of one mini-batch; the optimizer steps on accumulation boundaries only (DDP
+    skips the gradient all-reduce on the other mini-batches)."""
+    sync = contextlib.nullcontext()
+    if not boundary and hasattr(comp.model, "no_sync"):
+        sync = comp.model.no_sync()
+    with sync:
+        loss, task, infomax, correct = _forward_loss(comp, cfg, images, target)
+        scaled = loss / cfg.accumulation
+        (comp.scaler.scale(scaled) if comp.scaler is not None else scaled).backward()
+    lr = comp.optimizer.param_groups[0]["lr"]  # the lr this step uses
+    if boundary:
+        _optimizer_step(comp)
+    return task, infomax, correct, lr
+
+
+def train_one_epoch(
+    comp: Components,
+    cfg: LoopConfig,
+    loader: Iterable,
+    epoch: int,
+    raport: RaportWriter,
+    stop_requested: Callable[[], bool],
+    start_iteration: int = 0,
+) -> EpochResult:
+    """Train ``epoch`` from ``start_iteration`` (batches before it are drawn and skipped, so the data
+    order equals an uninterrupted epoch). Stops early, at an optimizer-step boundary, when
+    ``stop_requested()`` is true on any rank."""
+    comp.model.train()
+    total = cfg.iterations(len(loader))  # type: ignore[arg-type]
+    window, epoch_window = _Window(cfg.device), _Window(cfg.device)
+    progress = Progress(f"Epoch {epoch} train", total, cfg.print_freq, enabled=cfg.is_main)
+    if start_iteration:
+        progress.update(start_iteration, {})
+    done, interrupted, steps = start_iteration, False, 0
+    end = time.perf_counter()
+    for i, (images, target) in enumerate(loader):
+        if i >= total:
+            break
+        if i < start_iteration:
+            end = time.perf_counter()
+            continue
+        images, target = cfg.to_device(images, target)
+        data_time = time.perf_counter() - end
+        boundary = (i + 1) % cfg.accumulation == 0 or i + 1 == total
+        task, infomax, correct, lr = _train_step(comp, cfg, images, target, boundary)
+        compute_time = time.perf_counter() - end - data_time
+        for w in (window, epoch_window):
+            w.add(task, infomax, correct, images.shape[0])
+            w.data_time += data_time
+            w.compute_time += compute_time
+        done = i + 1
+        if done % cfg.print_freq == 0 or done == total:
+            metrics = window.flush()
+            metrics["train.lr"] = lr
+            raport.log((epoch, done), metrics)
+            progress.update(done, {k: metrics[k] for k in ("train.loss", "train.top1", "train.total_ips")})
+            window.reset()
+        if boundary:
+            steps += 1
+            # under DDP the stop flag is all-reduced every few steps only (it costs a host sync)
+            if (cfg.world_size == 1 or steps % _STOP_CHECK_EVERY == 0) and any_rank(stop_requested(), cfg.device):
+                interrupted = done < total
+                break
+        end = time.perf_counter()
+    summary = epoch_window.flush() if epoch_window.batches or cfg.world_size > 1 else {}
+    progress.close({k: summary[k] for k in ("train.loss", "train.top1", "train.total_ips")} if summary else None)
+    return EpochResult(done, interrupted, summary)
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, cfg: LoopConfig, loader: Iterable, criterion: nn.Module, prefix: str = "val",
+             epoch: int = 0) -> Dict[str, float]:
+    """Exact top-1/top-5/loss over the whole validation set (all ranks), plus compute throughput/latency."""
+    model.eval()
+    total = cfg.iterations(len(loader))  # type: ignore[arg-type]
+    sums = torch.zeros(4, dtype=torch.float64, device=cfg.device)  # loss*n, correct1, correct5, n
+    latencies = []
+    progress = Progress(f"Epoch {epoch} {prefix}", total, cfg.print_freq, enabled=cfg.is_main)
+    for i, (images, target) in enumerate(loader):
+        if i >= total:
+            break
+        images, target = cfg.to_device(images, target)
+        start = time.perf_counter()
+        with cfg.autocast():
+            output = model(images)
+        loss = criterion(output.float(), target)
+        if cfg.device.type == "cuda":
+            torch.cuda.synchronize(cfg.device)
+        latencies.append(time.perf_counter() - start)
+        k = min(5, output.shape[1])
+        top = output.topk(k, dim=1).indices
+        hits = top == target[:, None]
+        n = target.shape[0]
+        sums += torch.stack([loss.double() * n, hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                             torch.tensor(float(n), dtype=torch.float64, device=cfg.device)])
+        if (i + 1) % cfg.print_freq == 0 or i + 1 == total:
+            progress.update(i + 1, {"loss": float(sums[0] / sums[3]), "top1": float(100 * sums[1] / sums[3])})
+    time_sum, count = all_reduce_sum([sum(latencies), len(latencies)], cfg.device)
+    loss_sum, correct1, correct5, n = all_reduce_sum(sums.tolist(), cfg.device)
+    n_safe = max(n, 1.0)
+    ordered = sorted(latencies) or [0.0]
+    metrics = {
+        f"{prefix}.top1": 100.0 * correct1 / n_safe,
+        f"{prefix}.top5": 100.0 * correct5 / n_safe,
+        f"{prefix}.loss": loss_sum / n_safe,
+        f"{prefix}.compute_ips": n / max(time_sum / max(cfg.world_size, 1), 1e-9),
+        f"{prefix}.compute_latency": time_sum / max(count, 1.0),
+        f"{prefix}.compute_latency_at95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        f"{prefix}.compute_latency_at99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        f"{prefix}.samples": n,
+    }
+    progress.close({k: metrics[k] for k in (f"{prefix}.loss", f"{prefix}.top1", f"{prefix}.top5")})
+    return metrics

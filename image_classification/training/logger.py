@@ -1,0 +1,204 @@
+"""Raport (DLLogger JSON lines) and console progress.
+
+The raport is written in the exact format of NVIDIA dllogger's ``JSONStreamBackend`` (dllogger itself is
+not installable here): one record per line, ``DLLL `` followed by a JSON object::
+
+    DLLL {"timestamp": "1700000000.1", "datetime": "2023-11-14 22:13:20.1", "elapsedtime": "0.5",
+          "type": "LOG", "step": [0, 10], "data": {"train.loss": 6.9}}
+    DLLL {"timestamp": ..., "elapsedtime": ..., "datetime": ..., "type": "METADATA",
+          "metric": "train.loss", "metadata": {"unit": null, "format": ":>5.5f"}}
+
+As in DeepLearningExamples the arguments are one ``LOG`` record with ``step`` ``"PARAMETER"``, iteration
+records have ``step`` ``[epoch, iteration]``, epoch records ``[epoch]`` and the final summary ``[]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "METRICS",
+    "RaportWriter",
+    "Progress",
+    "read_raport",
+    "raport_values",
+]
+
+Step = Union[str, Sequence[int]]
+
+_LOSS = {"unit": None, "format": ":>5.5f"}
+_IPS = {"unit": "images/s", "format": ":>.2f"}
+_PCT = {"unit": "%", "format": ":>5.2f"}
+_SEC = {"unit": "s", "format": ":>5.5f"}
+
+METRICS: Dict[str, Dict[str, Any]] = {
+    "train.loss": _LOSS,
+    "train.infomax": _LOSS,
+    "train.top1": _PCT,
+    "train.lr": {"unit": None, "format": ":>5.6f"},
+    "train.compute_ips": _IPS,
+    "train.total_ips": _IPS,
+    "train.data_time": _SEC,
+    "train.compute_time": _SEC,
+}
+for _prefix in ("val", "val_ema"):
+    METRICS.update(
+        {
+            f"{_prefix}.top1": _PCT,
+            f"{_prefix}.top5": _PCT,
+            f"{_prefix}.loss": _LOSS,
+            f"{_prefix}.compute_ips": _IPS,
+            f"{_prefix}.compute_latency": _SEC,
+            f"{_prefix}.compute_latency_at95": _SEC,
+            f"{_prefix}.compute_latency_at99": _SEC,
+            f"{_prefix}.samples": {"unit": "images", "format": ":d"},
+        }
+    )
+METRICS.update({"summary.best_top1": _PCT, "summary.epochs": {"unit": None, "format": ":d"}})
+
+
+class RaportWriter:
+    """Append-only DLLogger JSON-lines writer; a no-op when ``path`` is None (non-zero ranks)."""
+
+    def __init__(self, path: Optional[str], append: bool = False) -> None:
+        self.path = path
+        self.start = datetime.now()
+        self._file = open(path, "a" if append else "w", buffering=1) if path else None
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write("DLLL " + json.dumps(record, default=_jsonable) + "\n")
+
+    def _times(self) -> Tuple[datetime, float]:
+        now = datetime.now()
+        return now, (now - self.start).total_seconds()
+
+    def log(self, step: Step, data: Dict[str, Any]) -> None:
+        """A ``LOG`` record (``step`` is a tuple of ints, ``"PARAMETER"``, or ``()`` for the summary)."""
+        now, elapsed = self._times()
+        step_value = step if isinstance(step, str) else list(step)
+        self._write(
+            dict(
+                timestamp=str(now.timestamp()),
+                datetime=str(now),
+                elapsedtime=str(elapsed),
+                type="LOG",
+                step=step_value,
+                data=data,
+            )
+        )
+
+    def metadata(self, metric: str, meta: Dict[str, Any]) -> None:
+        now, elapsed = self._times()
+        self._write(
+            dict(
+                timestamp=str(now.timestamp()),
+                elapsedtime=str(elapsed),
+                datetime=str(now),
+                type="METADATA",
+                metric=metric,
+                metadata=meta,
+            )
+        )
+
+    def log_parameters(self, params: Dict[str, Any]) -> None:
+        self.log("PARAMETER", params)
+
+    def log_metadata(self, names: Optional[Iterable[str]] = None) -> None:
+        for name in names if names is not None else METRICS:
+            self.metadata(name, METRICS[name])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def read_raport(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
+    """All records of a raport (lines starting with ``DLLL``), in order; other lines are ignored.
+
+    Raises:
+        ValueError: a ``DLLL`` line whose JSON does not parse (names the line number).
+    """
+    records = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.startswith("DLLL "):
+                continue
+            try:
+                records.append(json.loads(line[5:]))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: malformed DLLL record ({exc.msg})") from None
+    return records
+
+
+def raport_values(records: Iterable[Dict[str, Any]], metric: str) -> List[Tuple[Any, Any]]:
+    """``(step, value)`` of every LOG record holding ``metric``, in order."""
+    return [
+        (record["step"], record["data"][metric])
+        for record in records
+        if record.get("type") == "LOG" and metric in record.get("data", {})
+    ]
+
+
+def _format(metrics: Dict[str, float]) -> str:
+    parts = []
+    for name, value in metrics.items():
+        short = name.split(".", 1)[-1]
+        parts.append(f"{short} {value:.4g}" if isinstance(value, float) else f"{short} {value}")
+    return "  ".join(parts)
+
+
+class Progress:
+    """Per-epoch console progress: a tqdm bar on a terminal, plain lines every ``print_freq`` otherwise.
+
+    Silent when ``enabled`` is false (every rank but 0).
+    """
+
+    def __init__(self, desc: str, total: int, print_freq: int, enabled: bool = True, use_tqdm: Optional[bool] = None):
+        self.desc = desc
+        self.total = total
+        self.print_freq = max(1, print_freq)
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        if use_tqdm is None:
+            use_tqdm = sys.stderr.isatty()
+        self._bar = None
+        if enabled and use_tqdm:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
+        self._done = 0
+
+    def update(self, iteration: int, metrics: Dict[str, float]) -> None:
+        """``iteration`` (1-based) is done; ``metrics`` are the latest window averages."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(iteration - self._done)
+            self._bar.set_postfix_str(_format(metrics), refresh=False)
+        else:
+            print(f"{self.desc} [{iteration}/{self.total}]  {_format(metrics)}", flush=True)
+        self._done = iteration
+
+    def close(self, summary: Optional[Dict[str, float]] = None) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if summary:
+            elapsed = time.perf_counter() - self.started
+            print(f"{self.desc} done in {elapsed:.1f}s  {_format(summary)}", flush=True)

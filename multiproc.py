@@ -1,0 +1,77 @@
+"""DeepLearningExamples-compatible launcher: ``python multiproc.py --nproc_per_node 8 main.py DATA ...``.
+
+Keeps DeepLearningExamples' arguments (``--nnodes --node_rank --nproc_per_node --master_addr
+--master_port``) and hands over to ``torch.distributed.run`` (torchrun), which starts one process per GPU
+(or per requested process on CPU) with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set. On one node
+without ``--master_addr`` it runs torchrun ``--standalone`` (a free local port, no clashes between jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multiproc.py",
+        description="Start N training processes per node through torch.distributed.run (torchrun).",
+    )
+    parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (default: 1)")
+    parser.add_argument("--node_rank", "--node-rank", dest="node_rank", type=int, default=0,
+                        help="rank of this node, 0 .. nnodes-1 (default: 0)")
+    parser.add_argument("--nproc_per_node", "--nproc-per-node", dest="nproc_per_node", type=int, default=1,
+                        help="processes on this node, usually one per GPU (default: 1)")
+    parser.add_argument("--master_addr", "--master-addr", dest="master_addr", default=None,
+                        help="address of the node with rank 0 (required with --nnodes > 1)")
+    parser.add_argument("--master_port", "--master-port", dest="master_port", type=int, default=None,
+                        help="free port on the master node (default: 29500 when --master_addr is given)")
+    parser.add_argument("training_script", help="the training program, e.g. main.py")
+    parser.add_argument("training_script_args", nargs=argparse.REMAINDER, help="its arguments")
+    return parser
+
+
+def torchrun_args(args: argparse.Namespace) -> List[str]:
+    """Translate DeepLearningExamples' launcher arguments into torch.distributed.run's."""
+    for name in ("nnodes", "nproc_per_node"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--node_rank {args.node_rank} is not in 0..{args.nnodes - 1}")
+    out = ["--nnodes", str(args.nnodes), "--nproc_per_node", str(args.nproc_per_node)]
+    if args.master_addr is None and args.master_port is None:
+        if args.nnodes > 1:
+            raise ValueError("--master_addr is required with --nnodes > 1")
+        out.append("--standalone")
+    else:
+        out += ["--node_rank", str(args.node_rank), "--master_addr", args.master_addr or "127.0.0.1",
+                "--master_port", str(args.master_port or 29500)]
+    return out + [args.training_script, *args.training_script_args]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        translated = torchrun_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(translated)
+    except ChildFailedError as exc:
+        failures = list(exc.failures.values())
+        code = failures[0].exitcode if failures else 1
+        return code if isinstance(code, int) and 0 < code < 256 else 1
+    except SignalException as exc:  # SIGTERM/SIGINT: torchrun forwarded it; the workers checkpointed and exited
+        print(f"multiproc.py: stopped by signal {int(exc.sigval)}", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

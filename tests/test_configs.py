@@ -1,0 +1,104 @@
+"""Every recipe under configs/ loads through main.py's parser and builds its model (no training).
+
+Models are built at their real size but with 10 classes, without a forward pass (ResNet-50 with
+CondConv is ~100M parameters: building is cheap, running it on CPU in CI is not); the Fashion-MNIST
+recipes of the quickstart (static, pedconv) also run one forward pass.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from image_classification.dynamic import parse_spec
+from image_classification.models import build_model, list_archs, parse_placement
+from image_classification.training.cli import build_parser, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CITATION = re.compile(r"(pedconv_paper|pedconv_appendix|pedconv_authors_readme|dcd_paper)\.md|Fashion-MNIST")
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(ROOT / "configs"))
+
+
+def test_every_paper_table_has_recipes() -> None:
+    tables = {p.parent.name for p in CONFIGS}
+    assert {"pedconv_table1", "pedconv_table5", "pedconv_appendix", "pedconv_authors", "dcd_table4",
+            "fashion_mnist"} <= tables
+    names = {_id(p) for p in CONFIGS}
+    for needed in ("pedconv_table1/resnet18_pedconv.yaml", "pedconv_table1/resnet50_static.yaml",
+                   "pedconv_table1/mobilenet_v2_pedconv.yaml", "pedconv_table1/efficientnet_b0_pedconv.yaml",
+                   "pedconv_authors/resnet18_pedconv.yaml", "dcd_table4/resnet18_dyconv.yaml",
+                   "dcd_table4/mobilenet_v2_x1.0_condconv.yaml", "fashion_mnist/static.yaml"):
+        assert needed in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_id)
+def test_recipe_has_citation_and_known_keys(path: Path) -> None:
+    text = path.read_text()
+    first = text.splitlines()[0]
+    assert first.startswith("# ") and CITATION.search(first), f"{path}: first line must cite its source"
+    content = yaml.safe_load(text)
+    assert isinstance(content, dict) and content
+    long_flags = {opt[2:] for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+    assert set(content) <= long_flags, f"unknown keys: {set(content) - long_flags}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_id)
+def test_recipe_parses_and_builds(path: Path, tmp_path: Path) -> None:
+    args = parse_args(["/data", "--config", str(path), "--workspace", str(tmp_path)])
+    content = yaml.safe_load(path.read_text())
+    # the recipe's values reach the namespace (spot checks of the paper hyper-parameters)
+    assert args.arch == content["arch"] and args.arch in list_archs()
+    assert args.lr == pytest.approx(float(content["lr"]))
+    assert args.epochs == content["epochs"]
+    assert str(parse_spec(args.conv)) == str(parse_spec(content["conv"]))
+    parse_placement(args.placement)
+    small = args.dataset == "fashion-mnist"
+    model = build_model(args.arch, conv=args.conv, placement=args.placement, num_classes=10,
+                        in_chans=1 if small else 3, init=args.model_config)
+    if args.conv != "static":
+        assert any(type(m).__module__.startswith("image_classification.dynamic") for m in model.modules())
+    if small and path.stem in ("static", "pedconv"):  # the quickstart's two models also run a forward
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(2, 1, args.image_size, args.image_size))
+        assert out.shape == (2, 10)
+
+
+def test_paper_hyperparameters() -> None:
+    """The numbers the papers state, read back through the parser."""
+    cfg = ROOT / "configs"
+
+    def parsed(name: str):
+        return parse_args(["/data", "--config", str(cfg / name)])
+
+    r18 = parsed("pedconv_table1/resnet18_pedconv.yaml")
+    assert (r18.lr, r18.weight_decay, r18.momentum, r18.epochs, r18.lr_schedule, r18.optimizer_batch_size) == (
+        0.512, 1e-4, 0.9, 120, "cosine", 512)
+    mb = parsed("pedconv_table1/mobilenet_v2_pedconv.yaml")
+    assert (mb.lr, mb.weight_decay, mb.epochs) == (0.1, 4e-5, 250)
+    auth = parsed("pedconv_authors/resnet18_pedconv.yaml")
+    assert (auth.lr, auth.warmup, auth.momentum, auth.weight_decay, auth.mixup, auth.label_smoothing,
+            auth.model_config, auth.epochs, auth.batch_size, auth.optimizer_batch_size) == (
+        0.512, 8, 0.875, 3.0517578125e-05, 0.2, 0.1, "fanin", 250, 64, 512)
+    dcd_r = parsed("dcd_table4/resnet18_dcd.yaml")
+    assert (dcd_r.lr, dcd_r.lr_schedule, dcd_r.lr_steps, dcd_r.lr_decay, dcd_r.epochs) == (0.1, "step", [30, 60, 90], 0.1, 100)
+    dcd_m = parsed("dcd_table4/mobilenet_v2_x1.0_dcd.yaml")
+    assert (dcd_m.lr, dcd_m.lr_schedule, dcd_m.weight_decay, dcd_m.epochs) == (0.05, "cosine", 2e-5, 300)
+    assert parse_spec(parsed("dcd_table4/resnet18_dyconv.yaml").conv).options["k"] == 4
+    assert parse_spec(parsed("dcd_table4/mobilenet_v2_x1.0_condconv.yaml").conv).options["k"] == 8
+    assert parse_spec(parsed("pedconv_table5/b_resnet18_rank8.yaml").conv).options["rank"] == 8
+    assert parse_spec(parsed("pedconv_table5/infomax_resnet50_off.yaml").conv).options["infomax"] is False
+
+
+def test_command_line_overrides_recipe(tmp_path: Path) -> None:
+    path = ROOT / "configs" / "pedconv_table1" / "resnet18_pedconv.yaml"
+    args = parse_args(["/data", "--config", str(path), "--epochs", "3", "-b", "8", "--optimizer-batch-size", "8"])
+    assert (args.epochs, args.batch_size, args.lr) == (3, 8, 0.512)

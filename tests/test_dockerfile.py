@@ -1,0 +1,66 @@
+"""The Dockerfile cannot be built here: check what it installs is what CI installs, and its basics."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def _instructions() -> list:
+    """Dockerfile instructions with line continuations joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _requirement_lines(path: Path) -> list:
+    return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+
+
+def test_base_image_is_nvidia_pytorch_container() -> None:
+    args = {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=(\S+)", DOCKERFILE, re.M)}
+    froms = [line.split()[1] for line in _instructions() if line.startswith("FROM ")]
+    assert len(froms) == 1
+    image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], froms[0])
+    assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d{2}\.\d{2}-py3", image), image
+
+
+def test_ci_installs_the_requirements_file_the_image_installs() -> None:
+    # CI: .ci/run -> scripts/run_tests.sh -> scripts/setup_env.sh -> pip install -r requirements-dev.txt,
+    # and requirements-dev.txt includes requirements.txt
+    assert "scripts/run_tests.sh" in (ROOT / ".ci" / "run").read_text()
+    assert "scripts/setup_env.sh" in (ROOT / "scripts" / "run_tests.sh").read_text()
+    assert re.search(r"pip\" install .*-r requirements-dev\.txt", (ROOT / "scripts" / "setup_env.sh").read_text())
+    assert "-r requirements.txt" in _requirement_lines(ROOT / "requirements-dev.txt")
+    # the image: COPY requirements.txt, then pip install from it (torch/torchvision filtered out)
+    steps = _instructions()
+    assert any(re.fullmatch(r"COPY requirements\.txt \S+", s) for s in steps)
+    run = next(s for s in steps if s.startswith("RUN ") and "pip install" in s)
+    assert "requirements.txt" in run
+    assert not (ROOT / "requirements-docker.txt").exists()
+
+
+def test_container_filter_keeps_everything_but_torch() -> None:
+    """Run the Dockerfile's own grep on requirements.txt: only torch/torchvision lines may disappear."""
+    run = next(s for s in _instructions() if s.startswith("RUN ") and "grep -v" in s)
+    grep = run[len("RUN "):].split("&&")[0].strip()
+    out_file = grep.split(">")[-1].strip()
+    grep = grep.replace(out_file, "/dev/stdout")
+    kept = subprocess.run(["bash", "-c", grep], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    kept_lines = [line.split("#")[0].strip() for line in kept.splitlines() if line.split("#")[0].strip()]
+    original = _requirement_lines(ROOT / "requirements.txt")
+    dropped = [line for line in original if line not in kept_lines]
+    assert dropped and all(re.match(r"(torch|torchvision)\b", line) for line in dropped)
+    assert all(line in original for line in kept_lines)
+
+
+def test_project_is_copied_and_workdir_set() -> None:
+    steps = _instructions()
+    assert any(re.fullmatch(r"COPY \. \.?(/\S*)?", s) for s in steps)
+    assert any(s.startswith("WORKDIR /") for s in steps)
+    assert "docker run --gpus all --ipc=host" in DOCKERFILE
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ".git" in ignore and ".venv" in ignore and "logs/*" in ignore

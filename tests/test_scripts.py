@@ -1,0 +1,241 @@
+"""scripts/: raport collection, the Fashion-MNIST study's bookkeeping and report, the launchers."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, Optional
+
+import pytest
+
+from image_classification.training.logger import RaportWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+
+def _load(name: str) -> ModuleType:
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+collect = _load("collect_results")
+study = _load("fashion_mnist_study")
+
+
+def write_raport(path: Path, *, conv: str = "pedconv", epochs: int = 3, done: Optional[int] = None,
+                 top1: Optional[Dict[int, float]] = None, extra: Optional[dict] = None, evaluate: bool = False) -> Path:
+    """A raport as main.py writes it (same writer): parameters, iterations, epochs, summary."""
+    done = epochs if done is None else done
+    top1 = top1 or {e: 50.0 + 10 * e for e in range(done)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = RaportWriter(str(path))
+    params = {"arch": "cifar_resnet20", "conv": conv, "placement": "paper", "seed": 0, "epochs": epochs,
+              "evaluate": evaluate, "train_subset": None, "val_subset": None, **(extra or {})}
+    writer.log_parameters(params)
+    writer.log_metadata()
+    for epoch in range(done):
+        for it in (5, 10):
+            writer.log((epoch, it), {"train.loss": 2.0 / (epoch + 1) / it, "train.total_ips": 100.0 + epoch})
+        writer.log((epoch,), {"train.total_ips": 100.0 + epoch, "val.top1": top1[epoch], "val.top5": 99.0,
+                              "val.loss": 0.5, "val.compute_latency": 0.002})
+    if done == epochs or evaluate:
+        writer.log((), {"summary.epochs": done, "summary.best_top1": max(top1.values())} if not evaluate else
+                    {"val.top1": top1[0]})
+    writer.close()
+    return path
+
+
+# ------------------------------------------------------------------------------ collect_results
+def test_summarize_complete_and_partial(tmp_path: Path) -> None:
+    full = collect.summarize(write_raport(tmp_path / "a" / "raport.json", top1={0: 60.0, 1: 75.0, 2: 72.5}))
+    assert full.complete and full.epochs_done == 3 and full.epochs_planned == 3
+    assert full.best_top1 == 75.0 and full.last_top1 == 72.5 and full.best_top5 == 99.0
+    assert full.train_ips == pytest.approx(101.0)  # mean of the epoch throughputs 100, 101, 102
+    assert full.val_latency_ms == pytest.approx(2.0)
+    partial = collect.summarize(write_raport(tmp_path / "b" / "raport.json", epochs=5, done=2))
+    assert not partial.complete and partial.epochs_done == 2
+    evaluated = collect.summarize(write_raport(tmp_path / "c" / "raport.json", epochs=1, done=1, evaluate=True))
+    assert evaluated.complete
+
+
+def test_truncated_last_line_is_tolerated_but_corruption_is_not(tmp_path: Path) -> None:
+    path = write_raport(tmp_path / "raport.json", epochs=2, done=1)
+    with open(path, "a") as handle:
+        handle.write('DLLL {"type": "LOG", "step": [1, 5], "da')  # killed mid-write
+    assert collect.summarize(path).epochs_done == 1
+    lines = path.read_text().splitlines()
+    lines.insert(2, 'DLLL {"broken"')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="raport.json:3"):
+        collect.read_records(path)
+
+
+def test_collect_cli_writes_markdown_and_csv(tmp_path: Path) -> None:
+    write_raport(tmp_path / "runs" / "static" / "raport.json", conv="static", top1={0: 70.0, 1: 80.0, 2: 81.0})
+    write_raport(tmp_path / "runs" / "ped" / "raport.json", top1={0: 71.0, 1: 82.0, 2: 83.5})
+    (tmp_path / "runs" / "other.json").write_text('{"not": "a raport"}\n')
+    md, table_csv = tmp_path / "out" / "r.md", tmp_path / "out" / "r.csv"
+    assert collect.main([str(tmp_path / "runs"), "--markdown", str(md), "--csv", str(table_csv)]) == 0
+    text = md.read_text()
+    assert text.count("\n") == 4 and "| cifar_resnet20 | pedconv | paper |" in text and "83.50" in text
+    rows = list(csv.DictReader(table_csv.open()))
+    assert {r["conv"] for r in rows} == {"static", "pedconv"}
+    assert {float(r["best_top1"]) for r in rows} == {81.0, 83.5}
+    assert collect.main(["--complete", str(tmp_path / "runs")]) == 0
+    write_raport(tmp_path / "runs" / "unfinished" / "raport.json", epochs=4, done=1)
+    assert collect.main(["--complete", str(tmp_path / "runs")]) == 1
+
+
+def test_collect_cli_errors(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no such file"):
+        collect.main([str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="no raport files"):
+        collect.main([str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------ fashion_mnist_study
+def _fake_results() -> list:
+    results = []
+    for op, accs in (("static", (88.0, 90.0)), ("pedconv", (89.0, 91.0, 92.0))):
+        for seed, acc in enumerate(accs):
+            results.append(study.RunResult(op=op, seed=seed, top1=acc, best_top1=acc + 0.5, train_ips=200.0 - seed,
+                                           epoch_top1={0: acc - 5, 1: acc}, loss_curve=[(0.5, 2.0), (1.0, 1.0), (1.5, 0.5), (2.0, 0.4)],
+                                           seconds=60.0))
+    return results
+
+
+def test_summary_rows_and_table() -> None:
+    profiles = {"static": study.OpProfile("static", 272_474, 31_000_000, 1.0, 1.0, 1.0),
+                "pedconv": study.OpProfile("pedconv", 280_000, 31_500_000, 1.2, 1.2, 1.9)}
+    rows = study.summarize_ops(_fake_results(), profiles, ["static", "pedconv", "dcd"])
+    assert [r.op for r in rows] == ["static", "pedconv"]  # ops without runs are left out
+    static, ped = rows
+    assert static.top1_mean == pytest.approx(89.0) and static.top1_std == pytest.approx(1.41421356)
+    assert ped.n == 3 and ped.top1_mean == pytest.approx(90.666666) and ped.top1_std == pytest.approx(1.527525)
+    table = study.results_table(rows)
+    assert "| PEDConv | `pedconv` | 90.67 ± 1.53 | 3 | 0.280M | 31.5M | 199 | 1.20 | 1.20 | 1.90 |" in table
+    single = study.summarize_ops(_fake_results()[:1], profiles, ["static"])
+    assert single[0].top1_std is None and "| 88.00 | 1 |" in study.results_table(single)
+
+
+def test_write_report(tmp_path: Path) -> None:
+    profiles = {"static": study.OpProfile("static", 272_474, 31_000_000),
+                "pedconv": study.OpProfile("pedconv", 280_000, 31_500_000)}
+    rows = study.write_report(_fake_results(), profiles, ["static", "pedconv"], tmp_path, "fm", "python x.py --epochs 2",
+                              "2 epoch(s)", "test machine", total_seconds=600.0)
+    assert len(rows) == 2
+    text = (tmp_path / "fm.md").read_text()
+    assert "`python x.py --epochs 2`" in text and "![learning curves](fm.png)" in text
+    assert "Highest mean test top-1: PEDConv (90.67%); static conv: 89.00%." in text
+    assert "| static conv | `static` | 89.00 ± 1.41 | 2 |" in text and "| - | - | - |" in text
+    assert (tmp_path / "fm.png").stat().st_size > 10_000
+    assert (tmp_path / "fm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows_csv = list(csv.DictReader((tmp_path / "fm.csv").open()))
+    assert [r["operator"] for r in rows_csv] == ["static", "pedconv"] and rows_csv[0]["latency_ratio"] == ""
+
+
+def test_run_state_drives_resumption(tmp_path: Path) -> None:
+    wanted = {"epochs": 3, "seed": 0, "train_subset": None, "val_subset": None}
+    assert study.run_state(tmp_path / "none", wanted) == "new"
+    write_raport(tmp_path / "done" / "raport.json")
+    assert study.run_state(tmp_path / "done", wanted) == "done"
+    write_raport(tmp_path / "part" / "raport.json", done=1)
+    assert study.run_state(tmp_path / "part", wanted) == "partial"
+    assert study.run_state(tmp_path / "done", {**wanted, "epochs": 5}) == "stale"
+    assert study.run_state(tmp_path / "done", {**wanted, "train_subset": 1000}) == "stale"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "raport.json").write_text('DLLL {"x"\nDLLL {}\n')
+    assert study.run_state(tmp_path / "bad", wanted) == "stale"
+
+
+def test_study_cli_validation_and_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        study.parse(["--ops", "static,nosuchop", "--dry-run"])
+    assert "unknown op 'nosuchop'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.parse(["--data", str(tmp_path / "missing")])
+    assert "no such directory" in capsys.readouterr().err
+    args = study.parse(["--ops", "static,pedconv", "--seeds", "3", "--epochs", "1", "--train-subset", "100",
+                        "--logs", str(tmp_path), "--dry-run", "--", "--device", "cpu"])
+    assert args.ops == ["static", "pedconv"] and args.val_subset is None and args.main_args == ["--device", "cpu"]
+    cmd = study.train_command(args, "pedconv", 3, tmp_path / "w", resume=True)
+    assert cmd[1].endswith("main.py") and cmd[cmd.index("--config") + 1].endswith("configs/fashion_mnist/pedconv.yaml")
+    assert cmd[cmd.index("--seed") + 1] == "3" and cmd[cmd.index("--train-subset") + 1] == "100"
+    assert "--val-subset" not in cmd and cmd[-4:] == ["--resume", "auto", "--device", "cpu"]
+    study.run_all(args)
+    out = capsys.readouterr().out
+    assert out.count("[study]") == 2 and "configs/fashion_mnist/static.yaml" in out
+
+
+def test_study_command_is_accepted_by_main_parser(tmp_path: Path) -> None:
+    from image_classification.training.cli import parse_args
+
+    args = study.parse(["--ops", "pedconv", "--seeds", "1", "--val-subset", "500", "--logs", str(tmp_path), "--dry-run"])
+    cmd = study.train_command(args, "pedconv", 1, tmp_path / "w", resume=False)
+    parsed = parse_args(cmd[2:])
+    assert (parsed.train_subset, parsed.val_subset, parsed.seed, parsed.epochs) == (5000, 500, 1, 2)
+    assert parsed.dataset == "fashion-mnist" and parsed.conv == "pedconv"
+
+
+# ------------------------------------------------------------------------------ shell scripts
+SHELL_SCRIPTS = sorted(SCRIPTS.glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_parse(script: Path) -> None:
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_every_table_launcher_has_recipes() -> None:
+    launchers = [p for p in SHELL_SCRIPTS if p.name.startswith(("pedconv_", "dcd_"))]
+    assert len(launchers) >= 5
+    for launcher in launchers:
+        assert (ROOT / "configs" / launcher.stem).is_dir(), launcher
+
+
+def test_launcher_dry_run_lists_every_recipe(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "NGPUS": "4", "PYTHON": "python3", "LOGS": str(tmp_path)}
+    out = subprocess.run(["bash", str(SCRIPTS / "pedconv_table5.sh"), "--only", "^b_", "--amp"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    commands = [line for line in out.splitlines() if line.startswith("python3 multiproc.py")]
+    assert len(commands) == 3
+    assert all("--nproc_per_node 4 main.py /data/imagenet --config configs/pedconv_table5/b_resnet18_rank" in c
+               for c in commands)
+    assert all(c.rstrip().endswith("--amp") for c in commands)
+    everything = subprocess.run(["bash", str(SCRIPTS / "dcd_table4.sh")], cwd=ROOT, env=env,
+                                capture_output=True, text=True, check=True).stdout
+    assert everything.count("multiproc.py") == len(list((ROOT / "configs" / "dcd_table4").glob("*.yaml")))
+
+
+def test_launcher_errors() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    bad = subprocess.run(["bash", str(SCRIPTS / "run_recipes.sh"), "no_such_table"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no recipe directory configs/no_such_table" in bad.stderr
+    nodata = subprocess.run(["bash", str(SCRIPTS / "pedconv_table1.sh")], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert nodata.returncode == 2 and "set DATA" in nodata.stderr
+
+
+def test_loss_curve_and_load_run(tmp_path: Path) -> None:
+    write_raport(tmp_path / "w" / "raport.json", epochs=2, top1={0: 70.0, 1: 80.0})
+    (tmp_path / "w" / "seconds.txt").write_text("12.5\n")
+    run = study.load_run(tmp_path / "w", "pedconv", 0)
+    assert [x for x, _ in run.loss_curve] == [0.5, 1.0, 1.5, 2.0]  # iterations 5 and 10 of 10 per epoch
+    assert run.loss_curve[0][1] == pytest.approx(0.4)
+    assert (run.top1, run.best_top1, run.seconds, run.epoch_top1) == (80.0, 80.0, 12.5, {0: 70.0, 1: 80.0})
+    (tmp_path / "empty").mkdir()
+    RaportWriter(str(tmp_path / "empty" / "raport.json")).close()
+    with pytest.raises(SystemExit, match="no val.top1"):
+        study.load_run(tmp_path / "empty", "static", 0)

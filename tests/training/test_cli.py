@@ -1,0 +1,152 @@
+"""main.py's command line: DLE flag names, --config recipes, and one-line errors with status 2."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from image_classification.training.cli import build_parser, parse_args
+
+ISSUE_FLAGS = [
+    "--data-backend", "--dataset", "--arch", "--conv", "--dynamic", "--placement", "--model-config", "--num-classes",
+    "--image-size", "-j", "-b", "--optimizer-batch-size", "--lr", "--warmup", "--lr-schedule", "--mom", "--wd",
+    "--bn-weight-decay", "--nesterov", "--label-smoothing", "--mixup", "--epochs", "--run-epochs",
+    "--infomax-weight", "--amp", "--amp-dtype", "--static-loss-scale", "--memory-format", "--use-ema", "--seed",
+    "--print-freq", "--raport-file", "--workspace", "--resume", "--pretrained-weights", "--evaluate",
+    "--training-only", "--no-checkpoints", "--checkpoint-filename", "--gather-checkpoints", "--prof", "--config",
+]
+
+# The authors' README training command with its line continuations fixed (batch sizes adapted below).
+AUTHORS_TRAIN = """/data/imagenet \\
+    --data-backend pytorch \\
+    --raport-file raport.json \\
+    -j8 -p 100 \\
+    --lr 0.512 \\
+    --optimizer-batch-size 512 \\
+    --warmup 8 \\
+    --arch resnet18 \\
+    --dynamic \\
+    -c fanin \\
+    --label-smoothing 0.1 \\
+    --lr-schedule cosine \\
+    --mom 0.875 \\
+    --wd 3.0517578125e-05 \\
+    -b 64 \\
+    --epochs 250 \\
+    --mixup 0.2"""
+
+
+def _error(capsys: pytest.CaptureFixture, argv: list) -> str:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[-1].startswith("main.py: error: ")
+    return lines[-1]
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> list:
+    return ["--workspace", str(tmp_path / "ws")]
+
+
+def test_help_lists_every_flag_of_the_issue() -> None:
+    text = build_parser().format_help()
+    for flag in ISSUE_FLAGS:
+        assert flag in text, flag
+    assert "DATA" in text
+
+
+def test_no_type_bool_anywhere() -> None:
+    for action in build_parser()._actions:
+        assert action.type is not bool, action.dest
+
+
+def test_authors_training_command_parses(ws: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    args = parse_args(shlex.split(AUTHORS_TRAIN.replace("\\\n", " ")) + ws)
+    assert args.conv == "pedconv" and args.dynamic
+    assert (args.lr, args.optimizer_batch_size, args.batch_size, args.warmup) == (0.512, 512, 64, 8)
+    assert (args.momentum, args.weight_decay, args.mixup, args.label_smoothing) == (0.875, 3.0517578125e-05, 0.2, 0.1)
+    assert (args.workers, args.print_freq, args.model_config, args.lr_schedule) == (8, 100, "fanin", "cosine")
+
+
+def test_optimizer_batch_defaults_to_batch_times_world(ws: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    args = parse_args(["--data-backend", "synthetic", "-b", "5", *ws])
+    assert args.optimizer_batch_size == 15
+
+
+def test_optimizer_batch_not_a_multiple(capsys: pytest.CaptureFixture, ws: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = _error(capsys, ["--data-backend", "synthetic", "-b", "4", "--optimizer-batch-size", "12", *ws])
+    assert "--optimizer-batch-size 12" in line and "4 x 2 = 8" in line
+
+
+def test_unknown_arch_lists_valid(capsys: pytest.CaptureFixture, ws: list) -> None:
+    line = _error(capsys, ["--data-backend", "synthetic", "--arch", "resnet19", *ws])
+    assert "resnet19" in line and "resnet18" in line
+
+
+def test_unknown_conv_lists_valid(capsys: pytest.CaptureFixture, ws: list) -> None:
+    line = _error(capsys, ["--data-backend", "synthetic", "--conv", "fancyconv", *ws])
+    assert "fancyconv" in line and "static" in line
+
+
+def test_dynamic_conflicts_with_other_conv(capsys: pytest.CaptureFixture, ws: list) -> None:
+    line = _error(capsys, ["--data-backend", "synthetic", "--dynamic", "--conv", "static", *ws])
+    assert "--dynamic" in line
+
+
+def test_workspace_not_writable(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = _error(capsys, ["--data-backend", "synthetic", "--workspace", str(blocker / "ws")])
+    assert "--workspace" in line
+    assert not (blocker.parent / "ws").exists()
+
+
+def test_missing_data_argument(capsys: pytest.CaptureFixture, ws: list) -> None:
+    assert "DATA is required" in _error(capsys, ["--data-backend", "pytorch", *ws])
+
+
+def test_missing_checkpoint_file(capsys: pytest.CaptureFixture, ws: list, tmp_path: Path) -> None:
+    line = _error(capsys, ["--data-backend", "synthetic", "--resume", str(tmp_path / "nope.pth.tar"), *ws])
+    assert "nope.pth.tar" in line
+
+
+def test_config_values_and_command_line_override(tmp_path: Path, ws: list) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        "data-backend: synthetic\narch: cifar_resnet20\nlr: 0.3\nlabel_smoothing: 0.1\nbn-weight-decay: true\n"
+        "no-checkpoints: true\nlr-steps: [2, 4]\nuse-ema: true\nconv: pedconv:rank=2\n"
+    )
+    args = parse_args(["--config", str(config), "--lr", "0.05", *ws])
+    assert args.data_backend == "synthetic" and args.arch == "cifar_resnet20"
+    assert args.lr == 0.05 and args.label_smoothing == 0.1 and args.bn_weight_decay
+    assert args.save_checkpoints is False and args.lr_steps == [2, 4] and args.use_ema == 0.9999
+    assert args.conv.startswith("pedconv") and "rank=2" in args.conv
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [("learning-rate: 0.1\n", "unknown key(s)"), ("lr-schedule: exponential\n", "invalid choice"),
+     ("lr: fast\n", "invalid value"), ("- a\n- b\n", "mapping"), ("amp: maybe\n", "true or false")],
+)
+def test_bad_config(capsys: pytest.CaptureFixture, tmp_path: Path, ws: list, content: str, needle: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    assert needle in _error(capsys, ["--config", str(config), "--data-backend", "synthetic", *ws])
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture, tmp_path: Path, ws: list) -> None:
+    assert "cannot read --config" in _error(capsys, ["--config", str(tmp_path / "none.yaml"), *ws])
+
+
+def test_use_ema_flag_forms(ws: list) -> None:
+    base = ["--data-backend", "synthetic", *ws]
+    assert parse_args(base).use_ema is None
+    assert parse_args([*base, "--use-ema"]).use_ema == 0.9999
+    assert parse_args([*base, "--use-ema", "0.99"]).use_ema == 0.99

@@ -1,0 +1,68 @@
+"""Process-group helpers without a launcher, and multiproc.py's translation to torchrun arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from image_classification.training.distributed import (
+    all_reduce_sum,
+    any_rank,
+    broadcast_int,
+    init_distributed,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _multiproc():
+    spec = importlib.util.spec_from_file_location("multiproc", REPO / "multiproc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_single_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    env = init_distributed("cpu")
+    assert (env.rank, env.world_size, env.is_main, env.distributed) == (0, 1, True, False)
+    assert env.device == torch.device("cpu")
+    assert all_reduce_sum([1.5, 2], env.device) == [1.5, 2.0]
+    assert any_rank(True, env.device) and not any_rank(False, env.device)
+    assert broadcast_int(7, env.device) == 7
+
+
+def test_cuda_request_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        init_distributed("cuda")
+
+
+def test_multiproc_single_node_is_standalone() -> None:
+    mp = _multiproc()
+    args = mp.build_parser().parse_args(["--nproc_per_node", "8", "./main.py", "/data", "-b", "64", "--dynamic"])
+    assert mp.torchrun_args(args) == ["--nnodes", "1", "--nproc_per_node", "8", "--standalone", "./main.py", "/data",
+                                      "-b", "64", "--dynamic"]
+
+
+def test_multiproc_multi_node() -> None:
+    mp = _multiproc()
+    args = mp.build_parser().parse_args(["--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "4",
+                                         "--master_addr", "10.0.0.1", "--master_port", "1234", "main.py", "D"])
+    assert mp.torchrun_args(args) == ["--nnodes", "2", "--nproc_per_node", "4", "--node_rank", "1", "--master_addr",
+                                      "10.0.0.1", "--master_port", "1234", "main.py", "D"]
+
+
+@pytest.mark.parametrize("argv, needle", [(["--nnodes", "2", "main.py"], "--master_addr is required"),
+                                          (["--nnodes", "2", "--node_rank", "2", "--master_addr", "h", "main.py"],
+                                           "--node_rank 2")])
+def test_multiproc_bad_arguments(capsys: pytest.CaptureFixture, argv: list, needle: str) -> None:
+    mp = _multiproc()
+    with pytest.raises(SystemExit) as info:
+        mp.main(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err

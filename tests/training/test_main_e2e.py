@@ -1,0 +1,296 @@
+"""End-to-end runs of main.py / multiproc.py on tiny generated data (CPU, a few seconds each)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List
+
+import pytest
+import torch
+
+from image_classification.training.checkpoint import load_checkpoint
+from image_classification.training.logger import raport_values, read_raport
+
+pytestmark = pytest.mark.slow
+
+TRAIN_METRICS = ("train.loss", "train.infomax", "train.lr", "train.compute_ips", "train.total_ips", "train.data_time")
+VAL_METRICS = ("val.top1", "val.top5", "val.loss", "val.compute_ips", "val.compute_latency")
+CHECKPOINT_KEYS = ("epoch", "arch", "conv", "placement", "num_classes", "in_chans", "image_size", "state_dict",
+                   "optimizer", "scheduler", "scaler", "ema", "best_prec1", "rng", "args")
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"rc {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, f"rc {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("main.py: error: "), result.stderr
+    return lines[-1]
+
+
+def _in_process_error(argv: List[str], capsys: pytest.CaptureFixture) -> str:
+    from image_classification.training.trainer import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse-level errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("main.py: error: "), err
+    return lines[-1]
+
+
+def _epoch_records(records: List[Dict]) -> List[Dict]:
+    return [r for r in records if r["type"] == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 1]
+
+
+@pytest.fixture(scope="module")
+def trained(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two epochs, pytorch backend, cosine schedule with warmup: the workspace."""
+    ws = tmp_path_factory.mktemp("trained")
+    _ok(e2e.run([str(jpeg_folder), *e2e.tiny, "--epochs", "2", "--warmup", "1", "--lr-schedule", "cosine",
+                  "--workspace", str(ws)]))
+    return ws
+
+
+def test_two_epochs_raport_and_checkpoints(e2e: SimpleNamespace, trained: Path) -> None:
+    records = read_raport(trained / "raport.json")
+    assert records[0]["step"] == "PARAMETER" and records[0]["data"]["arch"] == "cifar_resnet20"
+    meta = {r["metric"] for r in records if r["type"] == "METADATA"}
+    assert set(TRAIN_METRICS + VAL_METRICS) <= meta
+    iteration = [r for r in records if r["type"] == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 2]
+    assert [r["step"] for r in iteration] == [[0, 1], [0, 2], [0, 3], [1, 1], [1, 2], [1, 3]]
+    assert all(set(TRAIN_METRICS) <= set(r["data"]) for r in iteration)
+    epochs = _epoch_records(records)
+    assert [r["step"] for r in epochs] == [[0], [1]]
+    assert all(set(VAL_METRICS) <= set(r["data"]) and r["data"]["val.samples"] == 9 for r in epochs)
+    assert records[-1]["step"] == [] and records[-1]["data"]["summary.epochs"] == 2
+    lrs = [v for _, v in raport_values(records, "train.lr")]
+    assert lrs == pytest.approx([0.05 / 3, 0.1 / 3, 0.05, 0.05, 0.0375, 0.0125])  # per-iteration warmup, cosine
+    checkpoint = load_checkpoint(trained / "checkpoint.pth.tar")
+    assert set(CHECKPOINT_KEYS) <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["conv"] == "static" and checkpoint["num_classes"] == 3
+    assert not any(k.startswith("module.") for k in checkpoint["state_dict"])
+    assert (trained / "model_best.pth.tar").is_file()
+
+
+def test_evaluate_reproduces_logged_top1(e2e: SimpleNamespace, trained: Path, jpeg_folder: Path, tmp_path: Path) -> None:
+    epochs = _epoch_records(read_raport(trained / "raport.json"))
+    tops = [r["data"]["val.top1"] for r in epochs]
+    best = epochs[tops.index(max(tops))]["data"]
+    # the authors' README evaluation command, on this data and model
+    result = e2e.run([str(jpeg_folder), "--data-backend", "pytorch", "--arch", "cifar_resnet20", "--evaluate",
+                       "--epochs", "1", "--pretrained-weights", str(trained / "model_best.pth.tar"), "-b", "100",
+                       "--image-size", "16", "-j", "0", "--workspace", str(tmp_path)])
+    _ok(result)
+    final = read_raport(tmp_path / "raport.json")[-1]["data"]
+    assert final["val.top1"] == best["val.top1"]
+    assert final["val.loss"] == pytest.approx(best["val.loss"], rel=1e-5)
+    assert not (tmp_path / "checkpoint.pth.tar").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None,
+                    reason="nvidia-dali not installed")
+def test_two_epochs_dali_cpu(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
+    args = list(e2e.tiny)
+    args[args.index("-j") + 1] = "1"
+    _ok(e2e.run([str(jpeg_folder), "--data-backend", "dali-cpu", *args, "--epochs", "2", "--workspace", str(tmp_path)],
+                 env={"CUDA_VISIBLE_DEVICES": ""}))
+    epochs = _epoch_records(read_raport(tmp_path / "raport.json"))
+    assert [r["step"] for r in epochs] == [[0], [1]] and epochs[-1]["data"]["val.samples"] == 9
+    assert (tmp_path / "checkpoint.pth.tar").is_file() and (tmp_path / "model_best.pth.tar").is_file()
+
+
+def _assert_same_state(a: Dict, b: Dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_is_bit_identical(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
+    recipe = [str(jpeg_folder), *e2e.tiny, "-j", "1", "--epochs", "2", "--conv", "pedconv", "--mixup", "0.2", "--label-smoothing",
+              "0.1", "--use-ema", "0.9", "--optimizer-batch-size", "8", "--warmup", "1", "--lr-schedule", "cosine",
+              "--nesterov", "--mom", "0.875"]
+    _ok(e2e.run([*recipe, "--workspace", str(tmp_path / "full")]))
+    _ok(e2e.run([*recipe, "--run-epochs", "1", "--workspace", str(tmp_path / "part")]))
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pth.tar")["epoch"] == 1
+    _ok(e2e.run([*recipe, "--resume", "auto", "--workspace", str(tmp_path / "part")]))
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pth.tar")
+    part = load_checkpoint(tmp_path / "part" / "checkpoint.pth.tar")
+    assert full["epoch"] == part["epoch"] == 2
+    _assert_same_state(full["state_dict"], part["state_dict"])
+    _assert_same_state(full["ema"], part["ema"])
+    momentum = [s["momentum_buffer"] for s in full["optimizer"]["state"].values()]
+    assert all(torch.equal(m, n) for m, n in zip(momentum, [s["momentum_buffer"] for s in
+                                                             part["optimizer"]["state"].values()]))
+    full_records = read_raport(tmp_path / "full" / "raport.json")
+    part_records = read_raport(tmp_path / "part" / "raport.json")  # appended by the resumed run
+    for metric in ("val.top1", "val.loss", "val_ema.top1", "train.loss", "train.infomax"):
+        stepped = [[v for v in raport_values(records, metric) if v[0]] for records in (full_records, part_records)]
+        assert stepped[0] == stepped[1] and stepped[0], metric  # summaries ([] steps) differ by design
+
+
+def test_ddp_two_processes_agree(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
+    args = list(e2e.tiny)
+    args[args.index("-b") + 1] = "2"
+    result = e2e.run([str(jpeg_folder), *args, "--epochs", "2", "--optimizer-batch-size", "8",
+                       "--workspace", str(tmp_path / "ddp")],
+                      launcher=[str(e2e.repo / "multiproc.py"), "--nproc_per_node", "2"], timeout=240)
+    _ok(result)
+    finished = re.findall(r"\[rank (\d)\] finished: 2/2 epochs, best top1 ([\d.]+)", result.stdout)
+    assert sorted(rank for rank, _ in finished) == ["0", "1"] and finished[0][1] == finished[1][1]
+    records = read_raport(tmp_path / "ddp" / "raport.json")
+    assert records[0]["data"]["world_size"] == 2
+    last = _epoch_records(records)[-1]["data"]
+    assert last["val.samples"] == 9  # exact: 5 + 4 images on the two ranks, no padding
+    _ok(e2e.run([str(jpeg_folder), *e2e.tiny, "--evaluate", "--pretrained-weights",
+                  str(tmp_path / "ddp" / "checkpoint.pth.tar"), "--workspace", str(tmp_path / "eval")]))
+    single = read_raport(tmp_path / "eval" / "raport.json")[-1]["data"]
+    assert single["val.top1"] == last["val.top1"]
+    assert single["val.loss"] == pytest.approx(last["val.loss"], rel=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    command = [sys.executable, e2e.main, str(jpeg_folder), *e2e.tiny, "--epochs", "500", "--workspace", str(ws)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen(command, cwd=e2e.repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        raport = ws / "raport.json"
+        while time.time() < deadline and not (raport.exists() and "train.loss" in raport.read_text()):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM received" in err and "Traceback" not in err
+    checkpoint = load_checkpoint(ws / "checkpoint.pth.tar")
+    done = checkpoint["epoch"] * 3 + checkpoint["step_in_epoch"]
+    logged = [step for step, _ in raport_values(read_raport(raport), "train.loss") if len(step) == 2]
+    assert done == logged[-1][0] * 3 + logged[-1][1]  # the checkpoint holds every logged iteration
+    result = e2e.run([str(jpeg_folder), *e2e.tiny, "--epochs", "500", "--run-epochs", "1", "--resume",
+                       str(ws / "checkpoint.pth.tar"), "--workspace", str(ws)])
+    _ok(result)
+    assert load_checkpoint(ws / "checkpoint.pth.tar")["epoch"] == checkpoint["epoch"] + 1
+
+
+def test_authors_readme_commands(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
+    """The authors' README training command (continuations fixed) via multiproc.py, then their evaluation
+    command without --dynamic: the operator comes from the checkpoint."""
+    train = (f"./multiproc.py --nproc_per_node 1 ./main.py {jpeg_folder} --data-backend pytorch "
+             "--raport-file raport.json -j8 -p 100 --lr 0.512 --optimizer-batch-size 8 --warmup 8 --arch resnet18 "
+             "--dynamic -c fanin --label-smoothing 0.1 --lr-schedule cosine --mom 0.875 --wd 3.0517578125e-05 "
+             "-b 4 --epochs 250 --mixup 0.2")
+    smoke = ["--image-size", "32", "--prof", "2", "--run-epochs", "1", "--workspace", str(tmp_path / "logs")]
+    argv = shlex.split(train)
+    result = e2e.run(argv[4:] + smoke, launcher=argv[:3], timeout=240)  # e2e.run adds main.py
+    _ok(result)
+    assert (tmp_path / "logs" / "model_best.pth.tar").is_file()
+    evaluate = (f"./main.py {jpeg_folder} --data-backend pytorch --arch resnet18 --evaluate --epochs 1 "
+                f"--pretrained-weights {tmp_path / 'logs' / 'model_best.pth.tar'} -b 100")
+    result = e2e.run(shlex.split(evaluate)[1:] + ["--image-size", "32", "--workspace", str(tmp_path / "eval")])
+    _ok(result)
+    records = read_raport(tmp_path / "eval" / "raport.json")
+    assert records[0]["data"]["conv"] == "pedconv" and records[-1]["data"]["val.samples"] == 9
+
+
+def _truncated(source: Path, target: Path) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing-data", "no-val-folder", "truncated-checkpoint", "other-arch", "other-operator", "opt-batch",
+     "missing-checkpoint"],
+)
+def test_bad_input_one_line_exit_2_nothing_written(e2e: SimpleNamespace, case: str, trained: Path, jpeg_folder: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    best = trained / "model_best.pth.tar"
+    data = str(jpeg_folder)
+    extra: List[str] = []
+    needle = ""
+    if case == "missing-data":
+        data, needle = str(tmp_path / "nowhere"), "nowhere"
+    elif case == "no-val-folder":
+        partial = tmp_path / "partial"
+        (partial / "train" / "a").mkdir(parents=True)
+        (partial / "train" / "a" / "x.jpg").write_bytes((jpeg_folder / "train" / "a" / "a0.jpg").read_bytes())
+        data, needle = str(partial), "val"
+    elif case == "truncated-checkpoint":
+        extra, needle = ["--evaluate", "--pretrained-weights", str(_truncated(best, tmp_path / "cut.pth.tar"))], "cut"
+    elif case == "other-arch":
+        extra, needle = ["--arch", "resnet18_small", "--evaluate", "--pretrained-weights", str(best)], "arch"
+    elif case == "other-operator":
+        extra, needle = ["--conv", "pedconv", "--resume", str(trained / "checkpoint.pth.tar")], "operator"
+    elif case == "opt-batch":
+        extra, needle = ["--optimizer-batch-size", "6"], "--optimizer-batch-size 6"
+    elif case == "missing-checkpoint":
+        extra, needle = ["--resume", str(tmp_path / "gone.pth.tar")], "gone.pth.tar"
+    before = e2e.snapshot(trained)
+    ws = tmp_path / "ws"
+    argv = [data, *e2e.tiny, "--epochs", "1", *extra, "--workspace", str(ws)]
+    if case == "truncated-checkpoint":  # one case through a real process: exit status and no traceback
+        line = _one_line_error(e2e.run(argv))
+    else:  # the others in-process (main() is what main.py runs), saving a torch import per case
+        line = _in_process_error(argv, capsys)
+    assert needle in line
+    assert not ws.exists()
+    assert e2e.snapshot(trained) == before
+
+
+def test_corrupt_image_names_the_file(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
+    """Decode errors surface while iterating; still one line, status 2 (the raport of the run stays)."""
+    data = tmp_path / "data"
+    for source in jpeg_folder.rglob("*.jpg"):
+        target = data / source.relative_to(jpeg_folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+    (data / "train" / "b" / "b1.jpg").write_bytes(b"not a jpeg")
+    line = _one_line_error(e2e.run([str(data), *e2e.tiny, "--epochs", "1", "--workspace", str(tmp_path / "ws")]))
+    assert "b1.jpg" in line
+
+
+def test_recipe_with_amp_nhwc_gather_training_only(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text("amp: true\namp_dtype: bf16\nmemory-format: nhwc\ngather-checkpoints: 1\ntraining-only: true\n"
+                      "epochs: 2\nlr-schedule: step\nlr-steps: [1]\n")
+    ws = tmp_path / "ws"
+    _ok(e2e.run([str(jpeg_folder), *e2e.tiny, "--config", str(config), "--workspace", str(ws)]))
+    assert sorted(p.name for p in ws.iterdir()) == ["checkpoint-0002.pth.tar", "checkpoint.pth.tar", "raport.json"]
+    records = read_raport(ws / "raport.json")
+    params = records[0]["data"]
+    assert params["amp"] and params["amp_dtype"] == "bf16" and params["memory_format"] == "nhwc"
+    assert not raport_values(records, "val.top1")
+    lrs = [v for _, v in raport_values(records, "train.lr")]
+    assert lrs == pytest.approx([0.05] * 3 + [0.005] * 3)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST package not installed")
+def test_fashion_mnist_default_path_one_channel(e2e: SimpleNamespace, tmp_path: Path) -> None:
+    args = list(e2e.tiny)
+    args[args.index("--image-size") + 1] = "28"
+    _ok(e2e.run(["--dataset", "fashion-mnist", *args, "--epochs", "1", "--prof", "2", "--workspace", str(tmp_path)]))
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    assert (checkpoint["in_chans"], checkpoint["num_classes"], checkpoint["image_size"]) == (1, 10, 28)
