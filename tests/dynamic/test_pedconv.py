@@ -372,7 +372,9 @@ def test_auto_path_choice():
 
     dense = PEDConv2d(16, 16, 3, padding=1)
     assert choose(dense.eval(), 1, 8) == "fold"
-    assert choose(dense, 4, 16) == "fold" and choose(dense, 4, 8) == "unfold"
+    assert choose(dense, 4, 16) == "fold" and choose(dense, 4, 3) == "fold"
+    wide = PEDConv2d(16, 256, 3, padding=1)
+    assert choose(wide, 4, 14) == "fold" and choose(wide, 4, 7) == "unfold"
     assert choose(PEDConv2d(16, 16, 3, groups=16), 4, 8) == "materialize"
     assert choose(PEDConv2d(16, 16, 1), 4, 8) == "factored"
     assert choose(PEDConv2d(16, 16, 3, reparam="additive"), 4, 32) == "factored"
