@@ -70,6 +70,7 @@ class RunResult:
     epoch_top1: Dict[int, float] = field(default_factory=dict)
     loss_curve: List[Tuple[float, float]] = field(default_factory=list)  # (fractional epoch, train.loss)
     seconds: Optional[float] = None
+    diverged: bool = False  # a non-finite training or test loss was logged
 
 
 @dataclass
@@ -198,9 +199,12 @@ def load_run(workspace: Path, op: str, seed: int) -> RunResult:
     summary = summarize(raport)
     seconds_file = workspace / "seconds.txt"
     seconds = float(seconds_file.read_text()) if seconds_file.is_file() else None
+    curve = loss_curve(records)
+    losses = [record.get("data", {}).get(key) for record in records for key in ("train.loss", "val.loss")]
     return RunResult(op=op, seed=seed, top1=top1[max(top1)], best_top1=max(top1.values()),
                      train_ips=summary.train_ips, epoch_top1=top1,
-                     loss_curve=loss_curve(records), seconds=seconds)
+                     loss_curve=curve, seconds=seconds,
+                     diverged=any(isinstance(loss, float) and not math.isfinite(loss) for loss in losses))
 
 
 # ------------------------------------------------------------------------------------ profiling
@@ -381,7 +385,7 @@ def write_report(
         "",
         results_table(rows),
         f"Highest mean test top-1: {LABELS.get(best.op, best.op)} ({best.top1_mean:.2f}%)"
-        + (f"; static conv: {static.top1_mean:.2f}%." if static else "."),
+        + (f"; static conv: {static.top1_mean:.2f}%." if static and static is not best else "."),
         "",
         f"![learning curves]({name}.png)",
         "",
@@ -400,6 +404,11 @@ def write_report(
             "- DY-Conv anneals its softmax temperature from 30 to 1 over 10 epochs (Chen et al.); in a shorter",
             "  schedule it is trained and evaluated at a temperature above 1.",
         ] if "dyconv" in ops else []),
+        *([
+            "- Runs that diverged under this recipe (a non-finite training or test loss was logged; lr 0.1 with",
+            "  no warmup): " + ", ".join(f"{LABELS.get(r.op, r.op)} seed {r.seed}" for r in results if r.diverged)
+            + ". Their top-1 is reported as measured.",
+        ] if any(r.diverged for r in results) else []),
         "- Parameter and MAC counts are exact; the latency ratios are measurements on this machine's CPU.",
         "",
     ]

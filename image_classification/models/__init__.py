@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping
 
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..dynamic.registry import ConvSpec, parse_spec
 from . import cifar_resnet, efficientnet, mobilenet, resnet
@@ -93,6 +94,7 @@ def build_model(
     in_chans: int = 3,
     init: str = "classic",
     bn_gamma: float | str | None = "auto",
+    dropout: float | None = None,
     **kw: Any,
 ) -> nn.Module:
     """Build ``arch`` with ``num_classes`` outputs and ``in_chans`` input channels, initialise it with
@@ -103,6 +105,8 @@ def build_model(
     otherwise; a number forces it; None keeps the init scheme's value.
     Extra keywords go to the architecture (``width_mult=`` for MobileNets, ``dropout=``,
     ``zero_init_residual=`` for ResNets ...). Bad names raise ValueError listing the valid ones.
+    ``dropout``: dropout probability before the classifier for every arch (None keeps the arch's own,
+    see :func:`set_classifier_dropout`).
     """
     entry = get_arch(arch)
     spec = parse_spec(conv)
@@ -121,4 +125,25 @@ def build_model(
         if isinstance(bn_gamma, bool) or not isinstance(bn_gamma, (int, float)):
             raise ValueError(f"bn_gamma must be a number, 'auto' or None, got {bn_gamma!r}")
         set_bn_gamma(model, float(bn_gamma))
+    if dropout is not None:
+        set_classifier_dropout(model, dropout)
     return convert_model(model, spec, pl)
+
+
+def set_classifier_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Use dropout ``p`` before the classifier: the model's own nn.Dropout layers get ``p``; a model
+    without one (ResNets) gets dropout on the input of its last nn.Linear through a forward pre-hook,
+    so parameter names (and checkpoints) stay those of the plain architecture."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for module in dropouts:
+        module.p = p
+    if not dropouts and p > 0:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("dropout needs a classifier nn.Linear; this model has none")
+        linears[-1].register_forward_pre_hook(
+            lambda module, args: (F.dropout(args[0], p, module.training), *args[1:])
+        )
+    return model

@@ -113,6 +113,7 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
         num_classes=args.num_classes or loaders.num_classes,
         in_chans=loaders.in_chans,
         init=args.model_config,
+        dropout=args.dropout,
     )
     model = model.to(env.device)
     if args.memory_format == "nhwc":

@@ -22,6 +22,16 @@ DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 DATASETS = ("imagenet", "fashion-mnist", "cifar10")
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -75,6 +85,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                        "shortcuts and the classifier)")
     group.add_argument("-c", "--model-config", default="classic", choices=("classic", "fanin", "fanout"),
                        help="weight initialisation (default: classic)")
+    group.add_argument("--dropout", type=_probability, default=None, metavar="P",
+                       help="dropout before the classifier (default: the arch's own, e.g. 0.2 for MobileNetV2, "
+                       "none for ResNets)")
     group.add_argument("--infomax-weight", type=_non_negative_float, default=1e-3, metavar="LAMBDA",
                        help="weight of the PEDConv info-max loss (default: 1e-3)")
     group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),

@@ -137,3 +137,26 @@ def test_bad_input_one_line_value_error(call, match: str) -> None:
     with pytest.raises(ValueError, match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_classifier_dropout_keeps_parameter_names():
+    import torch
+
+    from image_classification.models import build_model
+
+    plain = build_model("cifar_resnet20", num_classes=10, in_chans=1)
+    dropped = build_model("cifar_resnet20", num_classes=10, in_chans=1, dropout=0.5)
+    assert list(plain.state_dict()) == list(dropped.state_dict())
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    torch.manual_seed(0)
+    dropped.train()
+    assert not torch.equal(dropped(x), dropped(x))  # dropout active in training
+    dropped.load_state_dict(plain.state_dict())  # undo the BN statistics of those training forwards
+    dropped.eval()
+    plain.eval()
+    assert torch.equal(dropped(x), plain(x))  # and off in evaluation
+    mbv2 = build_model("mobilenet_v2_x0.35", num_classes=10, dropout=0.1)
+    assert [m.p for m in mbv2.modules() if isinstance(m, torch.nn.Dropout)] == [0.1]
+    with pytest.raises(ValueError, match="dropout"):
+        build_model("cifar_resnet20", dropout=1.5)
