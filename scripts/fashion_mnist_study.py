@@ -316,7 +316,7 @@ def plot_curves(results: Sequence[RunResult], rows: Sequence[OpSummary], path: P
             mean_acc = [statistics.fmean(r.epoch_top1[e] for r in runs) for e in epochs]
             axes[1].plot([e + 1 for e in epochs], mean_acc, marker="o", label=LABELS.get(op, op), color=colors[op])
     axes[0].set(xlabel="epoch", ylabel="training loss (window mean)",
-                title="training loss (mean over seeds)")
+                title="training loss (mean over seeds)", yscale="log")
     axes[1].set(xlabel="epoch", ylabel="test top-1 (%)", title="test top-1 (mean over seeds)")
     axes[1].xaxis.get_major_locator().set_params(integer=True)
     means = [r.top1_mean for r in rows]
