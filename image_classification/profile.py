@@ -171,6 +171,28 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     return time.perf_counter() - start
 
 
+def calibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    """Set every BatchNorm's running statistics to those of ``batches`` (train-mode forwards, no grad).
+
+    An untrained network in eval mode keeps BN's initial statistics (mean 0, var 1), so activations
+    shrink or grow layer after layer (e.g. by PEDConv's ~0.5^3 initial factors and BN gamma 0.5) until
+    they are denormal floats, which CPUs process many times slower: latency would then measure the
+    denormals, not the operator. A trained network has calibrated statistics; this gives both models that.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
+
+
 def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: int = 224, num_classes: int = 1000,
                     in_chans: int = 3, threads: int = 2, images: int = 200, warmup: int = 20, train_batch: int = 32,
                     train_steps: int = 8, train_warmup: int = 2, seed: int = 0) -> Dict[str, Any]:
@@ -183,8 +205,9 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     result: Dict[str, Any] = {"threads": threads, "images": images, "warmup": warmup, "train_batch": train_batch,
                               "train_steps": train_steps}
     times: Dict[str, List[float]] = {k: [] for k in models}
+    calibration = [torch.randn(8, in_chans, image_size, image_size, generator=gen) for _ in range(2)]
     for m in models.values():
-        m.eval()
+        calibrate_batchnorm(m, calibration)
     with torch.inference_mode():
         for i in range(warmup + images):
             x = torch.randn(1, in_chans, image_size, image_size, generator=gen)

@@ -371,7 +371,8 @@ def test_auto_path_choice():
         return module._choose_path(torch.empty(batch, module.in_channels, size, size))
 
     dense = PEDConv2d(16, 16, 3, padding=1)
-    assert choose(dense.eval(), 1, 8) == "fold"
+    assert choose(dense.eval(), 1, 8) == "fold" and choose(dense, 1, 3) == "unfold"
+    assert choose(PEDConv2d(16, 16, 1), 1, 2) == "fold"
     assert choose(dense, 4, 16) == "fold" and choose(dense, 4, 3) == "fold"
     wide = PEDConv2d(16, 256, 3, padding=1)
     assert choose(wide, 4, 14) == "fold" and choose(wide, 4, 7) == "unfold"
