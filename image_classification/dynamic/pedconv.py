@@ -176,8 +176,44 @@ class _Generator(nn.Module):
         return context, [heads(hidden) for heads in self.heads]
 
 
+class _BaseWeightInfomaxConv2d(DynamicConv2d):
+    """What PEDConv and spatial PEDConv share: a static base weight ``W_base`` (``weight``, optional
+    static ``bias``) and the training-only info-max term of the last forward (``_infomax``)."""
+
+    _infomax: Optional[Tensor] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # the last info-max term (and a shared generator's cached components) are graph tensors of the
+        # last forward: leave them out so deepcopy (EMA models) and pickling work after training steps
+        state = self.__dict__.copy()
+        state["_infomax"] = None
+        if "_shared_cache" in state:
+            state["_shared_cache"] = None
+        return state
+
+    @torch.no_grad()
+    def load_static_weight(self, weight: Tensor, bias: Optional[Tensor] = None) -> None:
+        """Use a static conv's weight as W_base (and its bias as the static bias)."""
+        if tuple(weight.shape) != tuple(self.weight.shape):
+            raise ValueError(
+                f"{type(self).__name__}.load_static_weight: weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}"
+            )
+        self.weight.copy_(weight)
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias)
+
+    def remove_infomax_decoder(self) -> None:
+        """Drop the training-only decoder (deployment); the info-max term is absent afterwards."""
+        self.infomax_decoder = None
+        self._infomax = None
+
+    def infomax_term(self) -> Optional[Tensor]:
+        """Info-max MSE (Eq. 6) of the last training forward; None after an eval forward."""
+        return self._infomax
+
+
 @register_operator("pedconv", options=_OPTIONS, help="PEDConv: CP-decomposed dynamic convolution (Hou & Kung 2021)")
-class PEDConv2d(DynamicConv2d):
+class PEDConv2d(_BaseWeightInfomaxConv2d):
     """PEDConv (Eq. 1-7): ``W(x) = W_base * sum_r gamma_r (x) phi_r (x) psi_r`` with a sampled generator.
 
     Drop-in for :class:`torch.nn.Conv2d` (same constructor arguments and output shape) with the spec
@@ -243,14 +279,6 @@ class PEDConv2d(DynamicConv2d):
         self._is_follower = False
         self._shared_cache: Optional[Components] = None
 
-    def __getstate__(self) -> Dict[str, Any]:
-        # the last info-max term (and a shared generator's cached components) are graph tensors of the
-        # last forward: leave them out so deepcopy (EMA models) and pickling work after training steps
-        state = self.__dict__.copy()
-        state["_infomax"] = None
-        if "_shared_cache" in state:
-            state["_shared_cache"] = None
-        return state
 
     # ----------------------------------------------------------------------------------- construction
     def component_dims(self) -> Dict[str, int]:
@@ -277,24 +305,6 @@ class PEDConv2d(DynamicConv2d):
             f"context={self.context}, reparam={self.reparam}, sampling={self.sampling}, path={self.path}"
             + (", shared_follower" if self._is_follower else "")
         )
-
-    @torch.no_grad()
-    def load_static_weight(self, weight: Tensor, bias: Optional[Tensor] = None) -> None:
-        """Use a static conv's weight as W_base (and its bias as the static bias)."""
-        if tuple(weight.shape) != tuple(self.weight.shape):
-            raise ValueError(f"PEDConv2d.load_static_weight: weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}")
-        self.weight.copy_(weight)
-        if bias is not None and self.bias is not None:
-            self.bias.copy_(bias)
-
-    def remove_infomax_decoder(self) -> None:
-        """Drop the training-only decoder (deployment); the info-max term is absent afterwards."""
-        self.infomax_decoder = None
-        self._infomax = None
-
-    def infomax_term(self) -> Optional[Tensor]:
-        """MSE of the info-max decoder (Eq. 6) of the last training forward; None after an eval forward."""
-        return self._infomax
 
     # ------------------------------------------------------------------------------------- components
     def _check_input(self, x: Tensor) -> None:

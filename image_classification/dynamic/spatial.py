@@ -22,15 +22,14 @@ The reparameterization is multiplicative only (the paper's spatial variant).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import DynamicConv2d
-from .pedconv import COMPONENTS, MIN_HIDDEN
+from .pedconv import COMPONENTS, MIN_HIDDEN, _BaseWeightInfomaxConv2d
 from .registry import Option, register_operator
 
 __all__ = ["SpatialPEDConv2d"]
@@ -63,7 +62,7 @@ def _conv1x1(in_ch: int, out_ch: int, bias_value: float = 0.0) -> nn.Conv2d:
 @register_operator(
     "pedconv_spatial", options=_OPTIONS, help="spatial-dynamic PEDConv (per-pixel CP components, section 4.6)"
 )
-class SpatialPEDConv2d(DynamicConv2d):
+class SpatialPEDConv2d(_BaseWeightInfomaxConv2d):
     """Spatial-dynamic PEDConv: per-location CP components from a 1x1-conv bottleneck generator.
 
     Drop-in for :class:`torch.nn.Conv2d` (meant for depthwise 3x3 convs, any ``groups`` works).
@@ -126,38 +125,10 @@ class SpatialPEDConv2d(DynamicConv2d):
             )
         self._infomax: Optional[Tensor] = None
 
-    def __getstate__(self) -> Dict[str, Any]:
-        # the last info-max term (and a shared generator's cached components) are graph tensors of the
-        # last forward: leave them out so deepcopy (EMA models) and pickling work after training steps
-        state = self.__dict__.copy()
-        state["_infomax"] = None
-        if "_shared_cache" in state:
-            state["_shared_cache"] = None
-        return state
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rank={self.rank}, hidden={self.hidden}, "
                 f"components={'+'.join(self.components)}, sampling={self.sampling}")
-
-    @torch.no_grad()
-    def load_static_weight(self, weight: Tensor, bias: Optional[Tensor] = None) -> None:
-        """Use a static conv's weight as W_base (and its bias as the static bias)."""
-        if tuple(weight.shape) != tuple(self.weight.shape):
-            raise ValueError(
-                f"SpatialPEDConv2d.load_static_weight: weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}"
-            )
-        self.weight.copy_(weight)
-        if bias is not None and self.bias is not None:
-            self.bias.copy_(bias)
-
-    def remove_infomax_decoder(self) -> None:
-        """Drop the training-only decoder (deployment)."""
-        self.infomax_decoder = None
-        self._infomax = None
-
-    def infomax_term(self) -> Optional[Tensor]:
-        """Per-location reconstruction MSE of the last training forward; None after an eval forward."""
-        return self._infomax
 
     def _centres(self, x: Tensor) -> Tensor:
         """Channel vectors at the centre of every output location's window: B x C_in x H_out x W_out."""
