@@ -226,13 +226,14 @@ def _next_pow2(n: int) -> int:
 #: candidate GPU tiles for ``triton.autotune``: BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps. A check
 #: or a benchmark may replace this tuple before the first call (the tuned wrappers are built then).
 AUTOTUNE_TILES: Tuple[Tuple[int, int, int, int, int], ...] = (
-    (128, 128, 32, 3, 8),
+    # ordered by the sm_90 ptxas report (python -m image_classification.dynamic.triton_pedconv_check
+    # --ptx-report): 8-warp tiles spill least; every tile with BLOCK_M >= 64 uses wgmma
     (128, 64, 32, 3, 8),
     (64, 128, 32, 3, 8),
+    (128, 128, 32, 3, 8),
+    (64, 64, 32, 3, 4),
     (128, 64, 32, 4, 4),
-    (64, 64, 32, 4, 4),
     (64, 64, 64, 3, 4),
-    (128, 128, 64, 3, 8),
     (256, 64, 32, 3, 8),
     (32, 64, 32, 4, 4),
 )
@@ -294,11 +295,12 @@ def _pruner(m_arg: Optional[str], n_arg: str, k_arg: Optional[str]) -> Callable[
 
 
 def _heuristic_tile(m: int, n: int, k: int) -> Dict[str, int]:
-    """The untuned GPU tile (``autotune=False``): 128 x (64 or 128) x 32, 3 stages."""
-    block_n = 128 if n >= 128 else 64
+    """The untuned GPU tile (``autotune=False``): 128 x 64 x 32 with 8 warps and 3 stages (the tile
+    with no register spills in the sm_90 forward and grad-W kernels), 128 wide for >= 512 channels."""
     block_m = 128 if m >= 128 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 8,
-            "num_stages": 3, "num_warps": 8 if block_m * block_n >= 128 * 128 else 4}
+    block_n = 128 if n >= 512 else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 8, "num_stages": 3,
+            "num_warps": 8 if block_m * block_n >= 128 * 64 else 4}
 
 
 def _zero_buffers(*names: str) -> Callable[[Dict[str, Any]], None]:
