@@ -526,6 +526,9 @@ class PEDConvTritonFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------- public API
+# Dynamo cannot trace the Triton launches (it fails inside Triton's launcher): under torch.compile the
+# call runs eagerly, with a graph break around it.
+@torch.compiler.disable
 def pedconv_conv2d_triton(
     x: Tensor,
     weight: Tensor,
