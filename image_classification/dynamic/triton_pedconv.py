@@ -6,7 +6,8 @@ For one sample b the dynamic weight is ``W_b = W_base * (gamma_b o phi_b o psi_b
 
 :func:`pedconv_conv2d_triton` computes exactly that with implicit-GEMM Triton kernels that scale each
 loaded input element by ``phi[b, c] * psi[b, tap]`` on the fly and apply ``gamma[b, o]`` in the
-epilogue: the FLOPs and the memory traffic of the static convolution, and no per-sample weight (nor,
+epilogue: the FLOPs and (up to the small factor tables) the memory traffic of the static convolution,
+and no per-sample weight (nor,
 in the backward, any per-sample weight gradient) is ever materialized. Backward kernels
 (:mod:`.triton_pedconv_kernels`): grad-input with grad-phi and grad-psi fused in (one transposed
 implicit GEMM, strided convolutions split into sub-pixel classes), grad-W_base (implicit GEMM over
@@ -18,7 +19,8 @@ channels_last is the fast layout on a GPU), autocast (x and W_base are cast to t
 ``F.conv2d`` does). Any of gamma/phi/psi may be None (all ones: a left-out component, PEDConv Table 5a).
 
 Where it runs (:func:`is_available`): compiled on a CUDA device, or anywhere in Triton's interpreter
-when ``TRITON_INTERPRET=1`` is set before the kernels are first used (that is how CI tests it on CPU).
+when ``TRITON_INTERPRET=1`` is set before triton is first imported (that is how CI tests it on CPU;
+tests/conftest.py sets it when CUDA is absent).
 On a GPU, tile sizes are autotuned per layer shape (``triton.autotune``; ``autotune=False`` uses a
 fixed heuristic tile instead). The backward adds float32 partial sums with atomics (grad-W_base
 split-K, grad-phi, grad-psi), so it is not bitwise deterministic:
