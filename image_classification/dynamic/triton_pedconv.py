@@ -8,10 +8,10 @@ For one sample b the dynamic weight is ``W_b = W_base * (gamma_b o phi_b o psi_b
 loaded input element by ``phi[b, c] * psi[b, tap]`` on the fly and apply ``gamma[b, o]`` in the
 epilogue: the FLOPs and (up to the small factor tables) the memory traffic of the static convolution,
 and no per-sample weight (nor, in the backward, any per-sample weight gradient) is ever materialized.
-Backward kernels
-(:mod:`.triton_pedconv_kernels`): grad-input with grad-phi and grad-psi fused in (one transposed
-implicit GEMM, strided convolutions split into sub-pixel classes), grad-W_base (implicit GEMM over
-the whole batch with split-K), and a reduction for grad-gamma over the saved pre-gamma output.
+Backward kernels (:mod:`.triton_pedconv_kernels`): grad-input with grad-phi and grad-psi fused in
+(one transposed implicit GEMM, strided convolutions split into sub-pixel classes), grad-W_base
+(implicit GEMM over the whole batch with split-K), and a reduction for grad-gamma over the saved
+pre-gamma output.
 
 Supported: groups = 1, any stride/padding/dilation, fp32/fp16/bf16 inputs (fp32 accumulation; fp32
 dots follow cuDNN's TF32 setting), NCHW and channels_last (the output takes the input's memory format;
