@@ -534,6 +534,8 @@ def load_model_weights(
 
     found_arch = checkpoint.get("arch")
     found_conv = checkpoint.get("conv")
+    if str(found_arch).endswith("_dcd") and any(str(k).endswith(_DCD_RELEASED_MARKER) for k in checkpoint["state_dict"]):
+        found_arch = None  # the DCD release's own arch names (resnet50_dcd, mobilenetv2_dcd); keys/shapes are checked
     arch_differs = (
         expected_arch is not None and found_arch is not None and str(found_arch).strip() != str(expected_arch).strip()
     )

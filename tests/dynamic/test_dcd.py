@@ -623,7 +623,8 @@ def test_load_model_weights_converts_the_release_and_refuses_other_operators(tmp
     torch.manual_seed(0)
     released = _prepare_network(released_resnet(tv.BasicBlock, [1, 1, 1, 1], 10))
     path = tmp_path / "resnet_dcd.pth.tar"
-    torch.save({"epoch": 100, "state_dict": {"module." + k: v for k, v in released.state_dict().items()}}, path)
+    torch.save({"epoch": 100, "arch": "resnet10_dcd", "best_prec1": 1.0,  # what the release saves
+                "state_dict": {"module." + k: v for k, v in released.state_dict().items()}}, path)
     ours = convert_model(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=10), "dcd:variant=released", "paper+cls")
     load_model_weights(ours, path, expected_conv="dcd:variant=released")
     _assert_same_network(released, ours)
