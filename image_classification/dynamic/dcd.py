@@ -65,8 +65,9 @@ released state dict converted by :func:`convert_released_state_dict` gives the r
      and start from ``L = min(4 C_in // 8, C_out // 8)``, the others pool globally and start from
      ``min(C_in // 2, C_out // 2)``; the divisor doubles while ``L^2 > 2 C_in pool^2``; L >= 4;
      ``s = max(C_in pool^2, L^2) // r`` (the release's ``--fc-squeeze``, 8 by default, 16 for its
-     x1.0 checkpoint). The release keeps MobileNetV2's first block (expansion 1) static, and so
-     does ``variant=released`` when it converts a model.
+     x1.0 checkpoint). The release keeps MobileNetV2's first block (expansion 1) and its 1x1
+     head conv static: ``variant=released`` leaves the first static when it converts a model,
+     placement ``pointwise+inblock+cls`` the second.
 
    ``s`` is at least 4 (``conv_dy``: at least 1; it has no floor, and no ResNet width reaches one).
 4. **The bias is scaled by Lambda**: the release computes ``Lambda (W0 x + b)`` (its classifier has
@@ -76,10 +77,16 @@ released state dict converted by :func:`convert_released_state_dict` gives the r
    ``in // r``, e.g. 64 and 128 for ResNet-50's 2048 features), with the same gate, BatchNorms and
    identity.
 
-Not reproduced: the release's initialisation (P, Q normal with std ``sqrt(2 / fan_out)`` is used;
-its MobileNetV2 draws every Linear from N(0, 0.01), this project keeps PyTorch's default for the
-dynamic branch) and its fixed ``AvgPool2d(7)`` (torchvision's adaptive pooling equals it at 224 px).
-The release has no depthwise or joint form: ``variant=released`` refuses them.
+The released models, ``paper+cls`` on ResNets and ``pointwise+inblock+cls`` on MobileNetV2: ResNet-50
+29.84M (27.56M without its classifier; DCD Table 4 prints 30.7M), ResNet-18 14.06M without its
+classifier (14.0M), MobileNetV2 x0.5 / x0.35 at r = 8 3.06M / 2.27M (3.1M / 2.3M), x1.0 at r = 16
+5.72M (5.5M); every MobileNetV2 x0.5 row of DCD Tables 1 and 3b within 0.05M (docs/counts.md).
+
+Initialisation: P and Q are drawn as the release draws its 1x1 ``q``/``p`` convs (normal, std
+``sqrt(2 / out_channels)``). Not reproduced: its MobileNetV2's N(0, 0.01) for every Linear (the
+dynamic branch keeps PyTorch's default here) and its fixed ``AvgPool2d(7)`` (torchvision's adaptive
+pooling equals it at 224 px). The release has no depthwise or joint form: ``variant=released``
+refuses them.
 
 Execution (``module.path``, chosen automatically; set it to ``"branch"`` or ``"fold"`` to force one):
 
