@@ -73,8 +73,8 @@ PAPER_ROWS: List[PaperRow] = [
                                                           ("condconv", "pointwise+cls", 27.5, 329)]),
     *_rows("pedconv", "PEDConv T1", "efficientnet_b0", [("static", "paper", 5.3, 391),
                                                         ("pedconv", "paper", 7.2, 400, "placement unstated"),
-                                                        ("condconv", "pointwise+cls", 13.3, 402,
-                                                         "CondConv's placement not reproduced")]),
+                                                        ("condconv:k=4,routing=block", "deep+inblock", 13.3, 402,
+                                                         "CondConv paper's EfficientNet: K=4, routing per block")]),
     *_rows("pedconv", "PEDConv T5c/d", "mobilenet_v1_x1.0", [("pedconv", "pointwise", 4.8, 579),
                                                              ("pedconv", "depthwise", 4.6, 569),
                                                              ("pedconv", "shallow", 4.3, 570),
@@ -91,21 +91,36 @@ PAPER_ROWS: List[PaperRow] = [
     *_rows("dcd", "DCD T4a", "mobilenet_v2_x0.5", [("static", "paper", 2.0, 97.0),
                                                    ("dyconv", "pointwise", 4.0, 101.4),
                                                    ("condconv", "pointwise+cls", 15.5, 113.0),
-                                                   ("dcd", "pointwise+cls", 3.1, 104.8)]),
+                                                   ("dcd:reduction=8", "pointwise+cls", 3.1, 104.8)]),
     *_rows("dcd", "DCD T4a", "mobilenet_v2_x0.35", [("static", "paper", 1.7, 59.2),
                                                     ("dyconv", "pointwise", 2.8, 62.0),
-                                                    ("dcd", "pointwise+cls", 2.3, 63.1)]),
+                                                    ("dcd:reduction=8", "pointwise+cls", 2.3, 63.1)]),
     *_rows("dcd", "DCD T4b", "resnet50", [("static", "paper", 23.5, 3800, "DCD counts ResNet-50 without fc"),
                                           ("dcd", "paper", 30.7, 3900)]),
     *_rows("dcd", "DCD T4b", "resnet18", [("static", "paper", 11.1, 1810), ("dyconv", "paper", 42.7, 1850),
                                           ("dcd", "paper", 14.0, 1830)]),
     *_rows("dcd", "DCD T4b", "resnet10", [("static", "paper", 5.2, 890), ("dyconv", "paper", 18.6, 910),
                                           ("dcd", "paper", 6.5, 900)]),
-    *_rows("dcd", "DCD T3b", "mobilenet_v2_x0.5", [("dcd", "depthwise", 2.4, 97.5), ("dcd", "pointwise", 2.9, 104.6),
-                                                   ("dcd", "none+cls", 2.2, 97.2),
-                                                   ("dcd", "depthwise+cls", 2.6, 97.7),
-                                                   ("dcd", "pointwise+depthwise", 3.3, 105.1),
-                                                   ("dcd", "pointwise+depthwise+cls", 3.5, 105.3)]),
+    *_rows("dcd", "DCD T3b", "mobilenet_v2_x0.5", [("dcd:reduction=8", "depthwise", 2.4, 97.5),
+                                                   ("dcd:reduction=8", "pointwise", 2.9, 104.6),
+                                                   ("dcd:reduction=8", "none+cls", 2.2, 97.2),
+                                                   ("dcd:reduction=8", "depthwise+cls", 2.6, 97.7),
+                                                   ("dcd:reduction=8", "pointwise+depthwise", 3.3, 105.1),
+                                                   ("dcd:reduction=8", "pointwise+depthwise+cls", 3.5, 105.3)]),
+    # DCD as its authors released it (dcd:variant=released; placements: the release's own models)
+    *_rows("dcd", "DCD T4a rel.", "mobilenet_v2_x1.0", [("dcd:variant=released", "pointwise+inblock+cls", 5.5, 326.0)]),
+    *_rows("dcd", "DCD T4a rel.", "mobilenet_v2_x0.5", [("dcd:variant=released,reduction=8", "pointwise+inblock+cls",
+                                                        3.1, 104.8)]),
+    *_rows("dcd", "DCD T4a rel.", "mobilenet_v2_x0.35", [("dcd:variant=released,reduction=8", "pointwise+inblock+cls",
+                                                         2.3, 63.1)]),
+    *_rows("dcd", "DCD T4b rel.", "resnet50", [("dcd:variant=released", "paper+cls", 30.7, 3900, "incl. DYCls")]),
+    *_rows("dcd", "DCD T4b rel.", "resnet18", [("dcd:variant=released", "paper+cls", 14.0, 1830, "incl. DYCls")]),
+    *_rows("dcd", "DCD T4b rel.", "resnet10", [("dcd:variant=released", "paper+cls", 6.5, 900, "incl. DYCls")]),
+    *_rows("dcd", "DCD T3b rel.", "mobilenet_v2_x0.5", [("dcd:variant=released,reduction=8", "pointwise+inblock",
+                                                        2.9, 104.6),
+                                                       ("dcd:variant=released,reduction=8", "none+cls", 2.2, 97.2),
+                                                       ("dcd:variant=released,reduction=8", "pointwise+inblock+cls",
+                                                        3.1, 104.8)]),
 ]
 
 
@@ -263,11 +278,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fmt_table(rows: List[Dict[str, Any]]) -> str:
-    head = (f"{'source':16} {'arch':18} {'conv':26} {'placement':24} {'paper P':>8} {'ours P':>8} {'dP':>7}"
+    head = (f"{'source':16} {'arch':18} {'conv':34} {'placement':24} {'paper P':>8} {'ours P':>8} {'dP':>7}"
             f" {'paper MACs':>10} {'ours MACs':>10} {'dMACs%':>7}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['source']:16} {r['arch']:18} {r['conv']:26} {r['placement']:24} {r['params_m']:8.1f}"
+        lines.append(f"{r['source']:16} {r['arch']:18} {r['conv']:34} {r['placement']:24} {r['params_m']:8.1f}"
                      f" {r['ours_params_m']:8.2f} {r['diff_params_m']:+7.2f} {r['macs_m']:10.1f}"
                      f" {r['ours_macs_m']:10.1f} {r['diff_macs_pct']:+7.2f}  {r['note']}")
     return "\n".join(lines)

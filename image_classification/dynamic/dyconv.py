@@ -2,9 +2,17 @@
 
 ``W(x) = sum_k pi_k(x) W_k``, ``b(x) = sum_k pi_k(x) b_k`` with ``pi(x) = softmax(z(x) / tau)`` and
 ``z(x) = FC(ReLU(FC(GAP(x))))`` (hidden width ``max(min_hidden, C_in // reduction)``, reduction 4).
-The temperature tau starts at 30 and falls linearly to 1 over the first 10 epochs (the paper's
-schedule), driven by the trainer through :meth:`set_epoch`; it is a persistent buffer, so a saved
-model evaluates with the temperature it was trained to.
+
+Temperature schedule. The DY-Conv paper (Chen et al., CVPR 2020, Sec. 3.2 "near-uniform attention in
+early training epochs" and its ImageNet setup) anneals tau linearly from 30 to 1 over the first 10
+epochs; it does not say whether tau moves per iteration or per epoch, nor whether "1" is reached
+during the 10th epoch or when it ends. Here tau is set once per epoch, at its start, by the trainer
+(:meth:`set_epoch`, epochs 0-based): ``tau_e = 30 - 29 * min(e, 10) / 10``, so epochs 0..9 train
+with tau = 30, 27.1, 24.2, ..., 3.9 and **tau reaches 1 at the start of epoch 10 (0-based), i.e.
+after 10 full epochs of annealing** - the "after 10 epochs" reading of the paper. (The other
+reading, tau = 1 already during the 10th epoch, would step by 29/9 and is not what runs.)
+``anneal_epochs`` and ``temperature`` change the 10 and the 30. tau is a persistent buffer, so a
+saved model evaluates with the temperature it was trained to.
 
 Parameters: ``K * (C_out * C_in/g * k^2 [+ C_out])`` kernels plus the attention
 ``C_in * h + h + h * K + K`` (``h`` the hidden width).
@@ -158,7 +166,12 @@ class DyConv2d(KernelMixtureConv2d):
 
     @staticmethod
     def schedule(epoch: int, initial: float = 30.0, anneal_epochs: int = 10) -> float:
-        """Temperature at the start of ``epoch`` (0-based): linear from ``initial`` to 1 over ``anneal_epochs``."""
+        """Temperature at the start of ``epoch`` (0-based): linear from ``initial`` to 1 over ``anneal_epochs``.
+
+        ``schedule(0) == initial``, ``schedule(anneal_epochs - 1) == 1 + (initial - 1) / anneal_epochs``
+        (3.9 for 30 over 10), and 1 from ``schedule(anneal_epochs)`` on: tau reaches 1 after
+        ``anneal_epochs`` full epochs (module docstring).
+        """
         if anneal_epochs <= 0:
             return float(initial)
         frac = min(max(epoch, 0), anneal_epochs) / anneal_epochs

@@ -575,6 +575,31 @@ _AUTHORS_KEYS = (
 )
 
 
+def _authors_rank(converted: Mapping[str, Any], layer: str) -> Tuple[int, Dict[str, int]]:
+    """Rank R and component lengths of one converted authors' layer, from its heads and base weight."""
+    base = converted.get(f"{layer}.weight")
+    if not isinstance(base, Tensor) or base.dim() != 4:
+        raise ValueError(f"convert_authors_state_dict: cannot infer the rank of {layer}: "
+                         f"its base weight {layer}.weight is missing")
+    cout, cin_g, kh, kw = base.shape
+    dims = {"phi": cin_g, "gamma": cout, "psi": kh * kw}
+    rows = {name: converted[f"{layer}.generator.heads.0.fc_{name}.weight"].shape[0]
+            for name in COMPONENTS if f"{layer}.generator.heads.0.fc_{name}.weight" in converted}
+    ranks = {name: n // dims[name] for name, n in rows.items() if n % dims[name] == 0}
+    if len(ranks) != len(rows) or len(set(ranks.values())) != 1 or 0 in ranks.values():
+        found = ", ".join(f"fc_{name} {n} rows" for name, n in rows.items())
+        raise ValueError(f"convert_authors_state_dict: {layer}: heads ({found}) are no common rank R of "
+                         f"C_in/g={cin_g}, C_out={cout}, k*k={kh * kw}")
+    return next(iter(ranks.values())), {name: dims[name] for name in rows}
+
+
+def _rank_major(t: Tensor, dim: int, rank: int, axis: int) -> Tensor:
+    """Reorder ``axis`` of ``t`` from the authors' (dim, R) order to PEDConv2d's (R, dim) order."""
+    moved = t.movedim(axis, 0)
+    out = moved.reshape(dim, rank, *moved.shape[1:]).transpose(0, 1).reshape(moved.shape)
+    return out.movedim(0, axis).contiguous()
+
+
 def convert_authors_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """Map a state dict of the authors' PEDConv release onto :class:`PEDConv2d` names.
 
@@ -582,8 +607,15 @@ def convert_authors_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     prefix from every key; renames ``P.attn.fc_share``/``fc_inp`` (phi)/``fc_oup`` (gamma)/``fc_k`` (psi)
     to ``P.generator.fc_share``/``P.generator.heads.0.fc_{phi,gamma,psi}`` and ``P.attn.decoder.{0,2}``
     to ``P.infomax_decoder.{0,2}``. The decoder input order is the same as the authors'
-    ([phi; gamma; psi], pre-sigmoid), so no column permutation is needed. Other keys (``P.weight``,
-    BatchNorm, fc, ...) are kept unchanged.
+    ([phi; gamma; psi], pre-sigmoid). Other keys (``P.weight``, BatchNorm, fc, ...) are kept unchanged.
+
+    Rank R (the authors' ``Attn4d_CP`` with ``r > 1``): their heads output ``dim * R`` values read as
+    ``view(B, dim, R)`` (row ``d * R + r``), where :class:`PEDConv2d` reads ``view(B, R, dim)`` (row
+    ``r * dim + d``). R is inferred per layer from the head sizes and the base weight ``P.weight``;
+    rows of the heads (weights and biases) and the matching columns of the decoder's first layer are
+    reordered. A layer whose heads are no common multiple of its component lengths, or whose base
+    weight is missing, or whose decoder input width is not ``R (C_in/g + C_out + k*k)``, raises
+    ValueError naming the layer: nothing is loaded silently wrong.
     """
     inner = state_dict.get("state_dict") if isinstance(state_dict.get("state_dict"), Mapping) else None
     source = inner if inner is not None else state_dict
@@ -593,4 +625,28 @@ def convert_authors_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
         for pattern, repl in _AUTHORS_KEYS:
             name = pattern.sub(repl, name)
         converted[name] = value
+    layers = sorted({k.split(".generator.heads.0.fc_")[0] for k in converted if ".generator.heads.0.fc_" in k})
+    for layer in layers:
+        rank, dims = _authors_rank(converted, layer)
+        if rank == 1:
+            continue
+        for name, dim in dims.items():
+            for field in ("weight", "bias"):
+                key = f"{layer}.generator.heads.0.fc_{name}.{field}"
+                if key in converted:
+                    converted[key] = _rank_major(converted[key], dim, rank, 0)
+        key = f"{layer}.infomax_decoder.0.weight"
+        if key in converted:
+            decoder = converted[key]
+            width = rank * sum(dims.values())
+            if decoder.dim() != 2 or decoder.shape[1] != width:
+                raise ValueError(f"convert_authors_state_dict: {key} reads {decoder.shape[-1]} inputs, rank {rank} "
+                                 f"heads give {width}")
+            pieces, start = [], 0
+            for name in COMPONENTS:
+                if name in dims:
+                    size = rank * dims[name]
+                    pieces.append(_rank_major(decoder[:, start:start + size], dims[name], rank, 1))
+                    start += size
+            converted[key] = torch.cat(pieces, 1)
     return converted

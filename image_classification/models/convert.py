@@ -17,6 +17,11 @@ A placement is a ``+``-joined set of tokens (order irrelevant, case-insensitive)
                             the network's blocks (residual, inverted-residual, MBConv or
                             depthwise-separable blocks, in forward order; the shallow half is the
                             first floor(n/2) blocks; pedconv Table 5d)
+    inblock                 keep only convs inside a block (residual, inverted-residual, MBConv,
+                            depthwise-separable): leaves out convs between blocks, e.g. the 1x1
+                            head conv of MobileNetV2/EfficientNet before the classifier; joins the
+                            others (``deep+inblock``: EfficientNet-B0's last three stages, the
+                            CondConv paper's EfficientNet placement)
     stem, shortcut, se      also convert the stem conv / the shortcut convs / the SE convs
     cls                     also make the classifier (the last nn.Linear) dynamic (DCD 'CLS'):
                             DCD uses ``DCDLinear`` when the operator package provides it, any
@@ -25,7 +30,12 @@ A placement is a ``+``-joined set of tokens (order irrelevant, case-insensitive)
                             (pedconv_appendix.md Table 2, partial sharing)
 
 Examples: ``paper``, ``pointwise``, ``depthwise``, ``pointwise+depthwise``, ``deep``, ``all+se``,
-``pointwise+cls``, ``paper+share``, ``none+cls``.
+``pointwise+cls``, ``paper+share``, ``none+cls``, ``deep+inblock``.
+
+Operator-specific conversion: an operator class may define ``site_options(options, conv, block)``
+returning per-conv option overrides (or None to leave that conv static); DCD's released variant
+uses it to pick the sizing rule of the enclosing block (:meth:`DCDConv2d.site_options`). CondConv
+with ``routing=block`` gets one routing function per block (:func:`share_block_routing`).
 
 Convs are classified by structure, so the same conversion works on any torchvision CNN (a
 detection backbone, a user ``nn.Sequential``): the stem is the first ``nn.Conv2d`` in registration
@@ -38,13 +48,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..dynamic.base import DynamicConv2d
-from ..dynamic.registry import ConvSpec, conv_from_static, parse_spec
+from ..dynamic.registry import OPERATORS, ConvSpec, conv_from_static, parse_spec
 from ._stem import set_module
 
 __all__ = [
@@ -61,7 +71,7 @@ __all__ = [
 SCOPES = ("paper", "all", "none")
 TYPES = ("pointwise", "depthwise", "full")
 DEPTHS = ("shallow", "deep")
-EXTRAS = ("stem", "shortcut", "se", "cls", "share")
+EXTRAS = ("inblock", "stem", "shortcut", "se", "cls", "share")
 PLACEMENT_TOKENS = SCOPES + TYPES + DEPTHS + EXTRAS
 
 _BLOCK_CLASS_NAMES = {
@@ -215,6 +225,8 @@ def select_convs(model: nn.Module, placement: str | Placement = "paper") -> List
     if pl.depth is not None:
         halves = _depth_halves(sites)
         chosen = {s.name for s in sites if s.name in chosen and halves[s.block] == pl.depth}
+    if "inblock" in pl.extras:
+        chosen = {s.name for s in sites if s.name in chosen and s.block != s.name}
     return [s.name for s in sites if s.name in chosen]
 
 
@@ -272,6 +284,32 @@ def _share_generators(model: nn.Module, names: List[str], sites: List[ConvSite])
     return shared
 
 
+def _share_block_routing(model: nn.Module, names: List[str], sites: List[ConvSite]) -> int:
+    """CondConv ``routing=block``: one routing function per block, for the converted convs in it."""
+    from ..dynamic.condconv import CondConv2d, share_block_routing
+
+    by_block: Dict[str, Dict[str, nn.Module]] = {}
+    width: Dict[str, int] = {}
+    for site in sites:  # registration order: a block's first conv reads the block input
+        width.setdefault(site.block, site.in_channels)
+        if site.name in names and site.block != site.name:
+            conv = model.get_submodule(site.name)
+            if isinstance(conv, CondConv2d):
+                by_block.setdefault(site.block, {})[site.name[len(site.block) + 1:]] = conv
+    for block, convs in by_block.items():
+        share_block_routing(model.get_submodule(block), convs, width[block])
+    return len(by_block)
+
+
+def _site_overrides(spec: ConvSpec, model: nn.Module, site: ConvSite) -> Optional[Dict[str, Any]]:
+    """Per-conv option overrides from the operator's ``site_options`` hook (None: keep the conv static)."""
+    hook = getattr(OPERATORS[spec.name].cls, "site_options", None)
+    if hook is None:
+        return {}
+    block = model.get_submodule(site.block) if site.block != site.name else None
+    return hook(spec.options, model.get_submodule(site.name), block)
+
+
 def convert_model(
     model: nn.Module, conv: str | ConvSpec = "static", placement: str | Placement = "paper"
 ) -> nn.Module:
@@ -289,11 +327,20 @@ def convert_model(
     names = select_convs(model, pl)
     if spec.is_static:
         return model
+    site_of = {s.name: s for s in sites}
+    # decided on the static model, before any conv of a block is replaced
+    overrides = {name: _site_overrides(spec, model, site_of[name]) for name in names}
+    names = [name for name in names if overrides[name] is not None]
     for name in names:
-        set_module(model, name, conv_from_static(spec, model.get_submodule(name)))
+        set_module(model, name, conv_from_static(spec, model.get_submodule(name), **overrides[name]))
+    if spec.name == "condconv" and spec.options.get("routing") == "block":
+        _share_block_routing(model, names, sites)
     if "cls" in pl.extras:
         cls_name, linear = _last_linear(model)
-        set_module(model, cls_name, _dynamic_classifier(spec, linear))
+        classifier = _dynamic_classifier(spec, linear)
+        for hook in linear._forward_pre_hooks.values():  # e.g. the dropout of set_classifier_dropout
+            classifier.register_forward_pre_hook(hook)
+        set_module(model, cls_name, classifier)
         names = names + [cls_name]
     if "share" in pl.extras:
         _share_generators(model, [n for n in names if n in {s.name for s in sites}], sites)

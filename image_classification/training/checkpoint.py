@@ -55,6 +55,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 BEST_FILENAME = "model_best.pth.tar"
 _AUTHORS_MARKER = ".attn.fc_share."
+_DCD_RELEASED_MARKER = ".fc_scale.weight"  # liyunsheng13/dcd's conv_dy/DYModule/DYCls (fc_scale: Lambda)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 5
 
@@ -533,6 +534,8 @@ def load_model_weights(
 
     found_arch = checkpoint.get("arch")
     found_conv = checkpoint.get("conv")
+    if str(found_arch).endswith("_dcd") and any(str(k).endswith(_DCD_RELEASED_MARKER) for k in checkpoint["state_dict"]):
+        found_arch = None  # the DCD release's own arch names (resnet50_dcd, mobilenetv2_dcd); keys/shapes are checked
     arch_differs = (
         expected_arch is not None and found_arch is not None and str(found_arch).strip() != str(expected_arch).strip()
     )
@@ -568,6 +571,18 @@ def load_model_weights(
             state_dict = dict(convert_authors_state_dict(state_dict))
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{label}: cannot convert the authors' PEDConv layout: {_one_line(exc)}") from None
+
+    if any(key.endswith(_DCD_RELEASED_MARKER) for key in state_dict):  # the DCD authors' release
+        try:
+            from image_classification.dynamic.dcd import convert_released_state_dict
+
+            state_dict = convert_released_state_dict(state_dict)
+        except (ImportError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{label}: cannot convert the DCD release's layout: {_one_line(exc)}") from None
+        if expected_conv is not None and "variant=released" not in str(_canonical_conv(expected_conv)):
+            raise CheckpointError(f"{label} is in the DCD release's layout: build the model with --conv "
+                                  f"dcd:variant=released (not {expected_conv}) and --placement paper+cls (ResNet) "
+                                  "or pointwise+inblock+cls (MobileNetV2)")
 
     _check_keys(label, state_dict, target, strict)
     try:

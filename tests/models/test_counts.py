@@ -94,3 +94,27 @@ def test_pedconv_params_follow_the_layer_formula() -> None:
             expected += pedconv_layer_params(site.in_channels, site.out_channels, k, site.groups) - (
                 site.out_channels * site.in_channels // site.groups * k * k)
     assert _counts("mobilenet_v2_x1.0", "pedconv")[0] == expected
+
+
+def test_condconv_efficientnet_b0_block_routing_matches_table1() -> None:
+    """PEDConv Table 1 (from the CondConv paper): EfficientNet-B0 CondConv 13.3M / 402M (static 5.3M / 391M):
+    K = 4 experts, one routing function per block, every conv of the last three stages (deep+inblock)."""
+    params, macs = _counts("efficientnet_b0", "condconv:k=4,routing=block", "deep+inblock")
+    static_params, static_macs = _counts("efficientnet_b0", "static")
+    assert abs(params / 1e6 - 13.3) <= 0.05, f"{params / 1e6:.3f}M"
+    # our static MACs are 1.3% under the printed 391M (SE/activation products); the CondConv increment matches
+    assert abs((macs - static_macs) / 1e6 - (402 - 391)) <= 1.0
+
+
+@pytest.mark.parametrize("arch, conv, placement, params_m, classifier", [
+    ("resnet18", "dcd:variant=released", "paper+cls", 14.0, "fc"),  # DCD T4b counts ResNets without the fc
+    ("mobilenet_v2_x0.5", "dcd:variant=released,reduction=8", "pointwise+inblock+cls", 3.1, None),
+    ("mobilenet_v2_x0.35", "dcd:variant=released,reduction=8", "pointwise+inblock+cls", 2.3, None),
+    ("mobilenet_v2_x0.5", "dcd:variant=released,reduction=8", "pointwise+inblock", 2.9, None),  # T3b PW
+])
+def test_dcd_released_params_match_dcd_tables(arch, conv, placement, params_m, classifier) -> None:
+    model = build_model(arch, conv, placement)
+    params = count_params(model).deploy
+    if classifier:
+        params -= count_params(model.get_submodule(classifier)).deploy
+    assert abs(params / 1e6 - params_m) <= 0.07, f"{params / 1e6:.3f}M vs DCD {params_m}M"

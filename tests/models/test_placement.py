@@ -127,3 +127,39 @@ def test_static_conversion_changes_nothing_and_is_idempotent() -> None:
     n = len(_dynamic_names(model))
     convert_model(model, "pedconv", "paper")  # already dynamic convs are not entered again
     assert len(_dynamic_names(model)) == n
+
+
+def test_inblock_leaves_out_convs_between_blocks() -> None:
+    model = build_model("efficientnet_b0")
+    deep = select_convs(model, "deep")
+    assert "features.8.0" in deep  # the 1x1 head conv belongs to the deep half
+    inblock = select_convs(model, "deep+inblock")
+    assert inblock == [n for n in deep if n != "features.8.0"]
+    assert len(inblock) == 24 and all(n.startswith(("features.5.", "features.6.", "features.7.")) for n in inblock)
+    assert str(parse_placement("inblock+deep")) == "deep+inblock"
+    v2 = build_model("mobilenet_v2")
+    assert set(select_convs(v2, "pointwise")) - set(select_convs(v2, "pointwise+inblock")) == {"features.18.0"}
+
+
+def test_condconv_block_routing_placement_on_efficientnet() -> None:
+    model = build_model("efficientnet_b0", "condconv:k=4,routing=block", "deep+inblock", num_classes=10)
+    routed = [n for n, m in model.named_modules() if n.endswith("condconv_routing")]
+    assert routed == [f"features.{s}.{b}.condconv_routing" for s, n in ((5, 3), (6, 4), (7, 1)) for b in range(n)]
+    assert model.features[5][0].condconv_routing.fc.in_features == 80  # the block input, not the expansion
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_dcd_released_placement_follows_the_release() -> None:
+    r18 = build_model("resnet18", "dcd:variant=released", "paper+cls", num_classes=10)
+    assert {m.sizing for m in r18.modules() if isinstance(m, DynamicConv2d)} == {"resnet_basic"}
+    assert r18.layer1[0].conv1.pool == 2 and r18.fc.variant == "released"
+    r50 = build_model("resnet50", "dcd:variant=released", "paper", num_classes=10)
+    assert {m.sizing for m in r50.modules() if isinstance(m, DynamicConv2d)} == {"resnet_bottleneck"}
+    assert (r50.layer4[0].conv2.pool, r50.layer4[2].conv1.latent) == (1, 45)  # global context, floor(sqrt(2048))
+    v2 = build_model("mobilenet_v2", "dcd:variant=released", "pointwise+inblock+cls", num_classes=10, width_mult=0.5)
+    assert "features.1.conv.1" not in v2.dynamic_convs  # the release's expansion-1 block is static
+    assert {m.sizing for m in v2.modules() if isinstance(m, DynamicConv2d)} == {"mobilenetv2"}
+    assert v2.features[2].conv[0][0].pool == 2 and v2.features[2].conv[2].pool == 1  # expand / project
+    # the ResNet dropout hook (set_classifier_dropout) follows the classifier when +cls replaces it
+    drop = build_model("resnet18", "dcd:variant=released", "paper+cls", num_classes=10, dropout=0.5)
+    assert len(drop.fc._forward_pre_hooks) == 1
