@@ -11,6 +11,7 @@ submodule becomes the operator, its static weight becoming the base weight (``co
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -131,12 +132,17 @@ def load_trunk_weights(model: nn.Module, path: str, arch: str, conv: str) -> Lis
 
     At least the trunk's convolution weights must all be present: a checkpoint of another network is refused.
     """
-    checkpoint = load_checkpoint(path)
-    loaded = load_model_weights(model, checkpoint, expected_arch=arch, expected_conv=conv, strict=False)
-    state = loaded.get("state_dict", loaded)
-    names = {key.split("module.", 1)[-1] for key in state}
-    missing = [k for k in model.state_dict() if k not in names]
-    conv_weights = [k for k in missing if k.endswith(".weight") and ("conv" in k or "downsample.0" in k)]
+    checkpoint = dict(load_checkpoint(path))
+    state = checkpoint.get("state_dict") if isinstance(checkpoint.get("state_dict"), dict) else checkpoint
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds no state dict")
+    # the classifier is not part of the trunk (and may have another number of classes)
+    state = {k: v for k, v in state.items() if not re.search(r"(^|\.)fc\.", str(k))}
+    checkpoint["state_dict"] = state
+    load_model_weights(model, checkpoint, expected_arch=arch, expected_conv=conv, strict=False)
+    names = {str(key).split("module.", 1)[-1] for key in state}
+    missing = [k for k in model.state_dict() if k not in names and not k.startswith("fc.")]
+    conv_weights = [k for k in missing if re.search(r"(^|\.)(conv\d+|downsample\.0)\.weight$", k)]
     if conv_weights:
         raise CheckpointError(f"checkpoint {path} lacks {len(conv_weights)} convolution weights of {arch} "
                               f"(e.g. {conv_weights[0]}); is it a {arch} checkpoint?")

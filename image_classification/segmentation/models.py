@@ -135,12 +135,12 @@ class SegmenterEntry:
     help: str
 
 
-def _pspnet(trunk: nn.Module, channels: Sequence[int], num_classes: int) -> nn.Module:
-    return PSPNet(trunk, channels[2], channels[3], num_classes)
+def _pspnet(trunk: nn.Module, channels: Sequence[int], num_classes: int, width: int) -> nn.Module:
+    return PSPNet(trunk, channels[2], channels[3], num_classes, width)
 
 
-def _upernet(trunk: nn.Module, channels: Sequence[int], num_classes: int) -> nn.Module:
-    return UperNet(trunk, channels, num_classes)
+def _upernet(trunk: nn.Module, channels: Sequence[int], num_classes: int, width: int) -> nn.Module:
+    return UperNet(trunk, channels, num_classes, width)
 
 
 SEGMENTERS: Dict[str, SegmenterEntry] = {
@@ -165,19 +165,24 @@ def build_segmenter(
     trunk_placement: Optional[str] = None,
     dynamic_parts: Optional[Sequence[str]] = None,
     pretrained_backbone: Optional[str] = None,
+    head_channels: int = 512,
 ) -> nn.Module:
     """Build ``name`` (``pspnet``/``upernet``) with ``conv`` in the trunk (``trunk_placement``) and in the
     head parts ``dynamic_parts``.
 
     Defaults (None) reproduce the paper's PEDConv counts (module docstring); ``dynamic_parts=()`` keeps the
     head static, ``("all",)`` converts every head part. The model records ``dynamic_convs``, ``arch``,
-    ``conv``, ``trunk_placement`` and ``dynamic_parts``. Bad names raise ValueError listing the valid ones.
+    ``conv``, ``trunk_placement`` and ``dynamic_parts``. ``head_channels``: width of the pyramid pooling
+    branches and of the heads (512 in the papers' models; smaller for smoke tests). Bad names raise ValueError
+    listing the valid ones.
     """
     entry = SEGMENTERS.get(name)
     if entry is None:
         raise ValueError(f"unknown segmenter {name!r}; valid: {', '.join(list_segmenters())}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 1:
+        raise ValueError(f"head_channels must be a positive integer, got {head_channels!r}")
     spec = parse_spec(conv)
     channels = stage_channels(backbone)
     placement = trunk_placement or entry.paper_trunk_placement
@@ -189,7 +194,7 @@ def build_segmenter(
         raise ValueError(f"unknown {name} part {bad[0]!r}; valid parts: {', '.join(entry.parts)}, all")
     dilate = (False, True, True) if entry.dilated else (False, False, False)
     trunk = build_resnet_trunk(backbone, str(spec), placement, dilate=dilate, pretrained=pretrained_backbone)
-    model = entry.builder(trunk, channels, num_classes)
+    model = entry.builder(trunk, channels, num_classes, head_channels)
     head_convs = convert_parts(model, str(spec), parts)
     trunk_convs = [f"backbone.{n}" for n in getattr(trunk, "dynamic_convs", [])]
     model.dynamic_convs = trunk_convs + head_convs

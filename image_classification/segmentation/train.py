@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(parser, DEFAULTS)
     parser.add_argument("--arch", default="pspnet", help=f"segmenter: {', '.join(list_segmenters())}")
     parser.add_argument("--num-classes", type=int, default=ADE20K_CLASSES, help="classes (ADE20K: 150)")
+    parser.add_argument("--head-channels", type=int, default=512,
+                        help="width of the pyramid-pooling branches and heads (512 in the paper's models)")
     parser.add_argument("--crop-size", type=int, default=512, help="training crop side")
     parser.add_argument("--scales", type=int, nargs="+", default=[300, 375, 450, 525, 600],
                         help="training shorter sides (one drawn per image)")
@@ -72,7 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     check_common_flags(parser, args)
     if args.arch not in list_segmenters():
         parser.error(f"unknown --arch {args.arch!r}; valid: {', '.join(list_segmenters())}")
-    for name in ("num_classes", "crop_size", "max_size", "val_size"):
+    for name in ("num_classes", "head_channels", "crop_size", "max_size", "val_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_classes >= IGNORE_INDEX:
@@ -118,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.evaluate or not args.no_eval) else None
         try:
             model = build_segmenter(args.arch, args.conv, args.num_classes, args.backbone, args.trunk_placement,
-                                    args.dynamic_parts_list, args.pretrained_backbone)
+                                    args.dynamic_parts_list, args.pretrained_backbone, args.head_channels)
         except ValueError as exc:
             build_parser().error(str(exc))
         if env.distributed:
