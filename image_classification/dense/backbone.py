@@ -96,7 +96,7 @@ def build_resnet_trunk(
     if len(tuple(dilate)) != 3:
         raise ValueError(f"dilate needs 3 flags (layer2..layer4), got {list(dilate)}")
     model = build_model(arch, conv=conv, placement=placement, init=init)
-    if pretrained is not None:
+    if pretrained:  # None or "" (a recipe's value cleared on the command line): no checkpoint
         load_trunk_weights(model, pretrained, arch, conv)
     dilation = 1
     for name, flag in zip(("layer2", "layer3", "layer4"), dilate):
