@@ -95,14 +95,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels; 0 (not NaN) for a batch of crops without any label."""
+    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp_min(1)
+
+
 def segmentation_losses(aux_weight: float):
     def losses(model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
         images, masks = batch
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         out = model(images)
-        terms = {"seg": F.cross_entropy(out["out"].float(), masks, ignore_index=IGNORE_INDEX)}
+        terms = {"seg": pixel_cross_entropy(out["out"], masks)}
         if "aux" in out and aux_weight > 0:
-            terms["aux"] = aux_weight * F.cross_entropy(out["aux"].float(), masks, ignore_index=IGNORE_INDEX)
+            terms["aux"] = aux_weight * pixel_cross_entropy(out["aux"], masks)
         return terms
     return losses
 

@@ -90,3 +90,14 @@ def test_cli_entry_point(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "image_classification.segmentation.train", str(tmp_path / "x")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr
+
+
+def test_loss_of_a_crop_without_labels_is_zero_not_nan() -> None:
+    logits = torch.randn(2, 4, 3, 3, requires_grad=True)
+    masks = torch.full((2, 3, 3), 255, dtype=torch.int64)
+    loss = train.pixel_cross_entropy(logits, masks)
+    assert float(loss) == 0.0
+    loss.backward()
+    masks[0, 0, 0] = 2
+    ref = torch.nn.functional.cross_entropy(logits[:1, :, :1, :1], masks[:1, :1, :1])
+    torch.testing.assert_close(train.pixel_cross_entropy(logits, masks), ref)
