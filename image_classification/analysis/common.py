@@ -125,12 +125,16 @@ def validation_batches(args: argparse.Namespace, loaded: LoadedModel) -> Tuple[I
     loaders = build_loaders(cfg)
 
     def batches() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        from tqdm import tqdm
+
         left = args.images
-        for images, targets in loaders.val:
-            if left <= 0:
-                return
-            yield images[:left], targets[:left]
-            left -= images.shape[0]
+        with tqdm(total=args.images, desc="images", unit="img", file=sys.stderr, disable=None) as bar:
+            for images, targets in loaders.val:
+                if left <= 0:
+                    return
+                yield images[:left], targets[:left]
+                bar.update(min(left, images.shape[0]))
+                left -= images.shape[0]
 
     return batches(), loaders
 

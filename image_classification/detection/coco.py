@@ -25,6 +25,7 @@ import io
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
+from tqdm import tqdm
 
 from image_classification.data import DataError
 from image_classification.data.imagefolder import load_image
@@ -179,7 +181,7 @@ def coco_evaluate(model: torch.nn.Module, loader: Any, device: torch.device, dat
     model.eval()
     results = []
     try:
-        for images, targets in loader:
+        for images, targets in tqdm(loader, desc="COCO eval", file=sys.stderr, disable=None, leave=False):
             outputs = model([img.to(device) for img in images])
             for target, out in zip(targets, outputs):
                 boxes = out["boxes"].float().cpu()

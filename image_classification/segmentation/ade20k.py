@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
+from tqdm import tqdm
 
 from image_classification.data import IMAGENET_MEAN, IMAGENET_STD, DataError
 from image_classification.data.imagefolder import load_image
@@ -168,7 +170,8 @@ def evaluate_segmentation(model: torch.nn.Module, loader: Any, device: torch.dev
     model.eval()
     confusion = ConfusionMatrix(num_classes)
     try:
-        for index, (images, masks) in enumerate(loader):
+        for index, (images, masks) in enumerate(tqdm(loader, desc="mIoU eval", file=sys.stderr, disable=None,
+                                                     leave=False)):
             logits = model(images.to(device))["out"].float()
             if full_masks is not None and images.shape[0] == 1:
                 masks = _load_mask(full_masks.samples[index][1])[None]  # type: ignore[attr-defined]
