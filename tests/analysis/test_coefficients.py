@@ -64,6 +64,7 @@ def test_pedconv_eval_coefficients_are_deterministic_sigmoids() -> None:
     assert layer_coefficients(nn.Conv2d(4, 4, 3), x) is None
 
 
+@pytest.mark.slow
 def test_cli_writes_png_and_csv(checkpoints: Dict[str, Path], tmp_path: Path) -> None:
     for conv in ("pedconv", "dyconv"):  # DCD's Lambda/Phi: test_sigma_is_mean_entry_variance_...
         out = tmp_path / conv

@@ -50,6 +50,7 @@ def test_statistics_definition() -> None:
     assert stats["norm_cv"] == pytest.approx(float(norms.std(unbiased=False) / norms.mean()))
 
 
+@pytest.mark.slow
 def test_cli(checkpoints: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for conv in ("pedconv", "dcd"):
         out = tmp_path / conv

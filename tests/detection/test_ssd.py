@@ -12,6 +12,7 @@ from image_classification.dynamic.pedconv import PEDConv2d
 from image_classification.flops import count_params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv,parts,paper_params,paper_gmacs,ours_gmacs", [
     ("static", None, 22.9, 20.2, 20.151),
     ("pedconv", None, 24.4, 20.3, 20.176),  # -0.6 % MACs, as PEDConv ResNet-50's 4.13G vs the printed 4.2G
@@ -35,6 +36,7 @@ def test_trunk_only_pedconv_count_and_dynamic_layers() -> None:
     assert not any("downsample" in name for name in model.dynamic_convs)  # trunk placement 'paper'
 
 
+@pytest.mark.slow
 def test_training_losses_and_detections_small_backbone() -> None:
     torch.manual_seed(0)
     model = build_ssd300("pedconv", backbone="resnet18", num_classes=4, size=257).train()

@@ -50,6 +50,7 @@ def test_pspnet_pedconv_trains_resumes_and_evaluates(ade: str, tmp_path: Path) -
                        "--weights", str(ws / "model_best.pth.tar")]) == 0
 
 
+@pytest.mark.slow
 def test_upernet_static_loss_goes_down(ade: str, tmp_path: Path) -> None:
     torch.set_num_threads(2)
     ws = tmp_path / "ws"
@@ -86,6 +87,7 @@ def test_bad_data_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert "unknown key 'learning-rate'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_entry_point(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "image_classification.segmentation.train", str(tmp_path / "x")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
