@@ -105,3 +105,13 @@ def test_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read image"):
         for i in range(len(data)):
             data[i]
+
+
+def test_synthetic_writer_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from image_classification.detection import synthetic
+
+    assert synthetic.main([str(tmp_path / "s"), "--train", "1", "--val", "1", "--size", "64"]) == 0
+    assert len(CocoDetection(str(tmp_path / "s"), "train2017")) == 1
+    with pytest.raises(SystemExit) as exc:
+        synthetic.main([str(tmp_path / "s"), "--categories", "9"])
+    assert exc.value.code == 2 and "--categories must be in 1..6" in capsys.readouterr().err

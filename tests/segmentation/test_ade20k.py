@@ -60,3 +60,13 @@ def test_data_errors_are_one_line(tmp_path: Path) -> None:
         data = ADE20K(root, "validation", num_classes=3)
         for i in range(len(data)):
             data[i]
+
+
+def test_synthetic_writer_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from image_classification.segmentation import synthetic
+
+    assert synthetic.main([str(tmp_path / "s"), "--train", "1", "--val", "1", "--size", "32"]) == 0
+    assert len(ADE20K(str(tmp_path / "s"), "validation")) == 1
+    with pytest.raises(SystemExit) as exc:
+        synthetic.main([str(tmp_path / "s"), "--size", "4"])
+    assert exc.value.code == 2 and "--size must be >= 16" in capsys.readouterr().err
