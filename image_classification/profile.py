@@ -5,7 +5,7 @@ Usage::
     python -m image_classification.profile --arch resnet18 --conv pedconv [--image-size 224]
         [--placement paper] [--num-classes 1000] [--in-chans 3] [--json]
         [--latency [--threads 2 --images 200 --warmup 20 --train-batch 32 --train-steps 8]]
-        [--table pedconv|dcd|all]
+        [--table pedconv|dcd|all|dense]
 
 Counts follow :mod:`image_classification.flops` (deploy parameters exclude PEDConv's training-only
 info-max decoder; MACs per the papers' convention). ``--latency`` measures, in one run and
@@ -273,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--train-steps", type=int, default=8)
-    p.add_argument("--table", choices=("pedconv", "dcd", "all"), help="papers' count tables vs this project's")
+    p.add_argument("--table", choices=("pedconv", "dcd", "all", "dense"),
+                   help="papers' count tables vs this project's (dense: detection/segmentation, Tables 2-3)")
     return p
 
 
@@ -297,6 +298,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.table == "dense":  # SSD300 / PSPNet / UperNet (image_classification/dense/counts.py)
+        from .dense.counts import dense_table_rows, format_dense_table
+
+        dense = dense_table_rows()
+        print(json.dumps(dense, indent=1) if args.json else format_dense_table(dense))
+        return 0
     if args.table:
         rows = table_rows(args.table)
         print(json.dumps(rows, indent=1) if args.json else _fmt_table(rows))

@@ -1,0 +1,266 @@
+"""Per-layer variance of the dynamic coefficients over validation images, and their histograms.
+
+DCD (Li et al., ICLR 2021, Sec. 5.4, Fig. 6) checks that the dynamic channel fusion Phi(x) really depends on
+the input: ``sigma_Phi = sum_ij sigma_ij / L^2`` with ``sigma_ij`` the variance of entry ``phi_ij(x)`` over
+all validation images, normalised per layer by the variance of the layer's input feature map. This tool
+computes that statistic for every dynamic layer and every coefficient it generates:
+
+* PEDConv: gamma (C_out), phi (C_in/g), psi (k*k) of Eq. 1-2, post-sigmoid, rank-R components flattened;
+  spatial PEDConv: the same with every output location of every image as a sample;
+* DCD: Lambda (C_out) and Phi (L x L per block; joint/depthwise forms as generated);
+* DY-Conv / CondConv: the kernel attention pi (K).
+
+``sigma = mean over entries of Var_x(entry)``; ``input_var`` is the variance of all input activations of the
+layer (over images, channels and positions); ``normalized_sigma = sigma / input_var`` (DCD Fig. 6). In eval
+mode PEDConv's coefficients are the deterministic means (no sampling noise), as at inference. Usage::
+
+    python -m image_classification.analysis.coefficients /data/imagenet --checkpoint logs/r50_pedconv/model_best.pth.tar \\
+        --images 5000 --out logs/coefficients
+
+writes ``coefficients.csv`` (layer, operator, component, entries, images, mean, sigma, input_var,
+normalized_sigma, min, max) and ``coefficients.png`` (normalised sigma across layers per component, and a
+histogram of each component's values over the first ``--hist-images`` images, all layers pooled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .common import (
+    AnalysisError,
+    add_data_flags,
+    check_data_flags,
+    load_classifier,
+    prepare_out,
+    run_analysis,
+    save_figure,
+    validation_batches,
+    write_csv,
+)
+
+__all__ = ["CoefficientStats", "collect_coefficients", "layer_coefficients", "main"]
+
+PROG = "python -m image_classification.analysis.coefficients"
+
+
+@dataclass
+class RunningMoments:
+    """Per-entry count / sum / sum of squares in float64 (variance over samples), plus min and max."""
+
+    count: int = 0
+    total: Optional[torch.Tensor] = None
+    squares: Optional[torch.Tensor] = None
+    low: float = float("inf")
+    high: float = float("-inf")
+
+    def update(self, samples: torch.Tensor) -> None:
+        """``samples``: N x entries."""
+        s = samples.detach().double().cpu()
+        self.total = s.sum(0) if self.total is None else self.total + s.sum(0)
+        self.squares = (s * s).sum(0) if self.squares is None else self.squares + (s * s).sum(0)
+        self.count += s.shape[0]
+        self.low, self.high = min(self.low, float(s.min())), max(self.high, float(s.max()))
+
+    def mean(self) -> torch.Tensor:
+        assert self.total is not None
+        return self.total / self.count
+
+    def variance(self) -> torch.Tensor:
+        """Population variance of each entry (0 with one sample)."""
+        assert self.squares is not None
+        return (self.squares / self.count - self.mean() ** 2).clamp_min(0.0)
+
+
+@dataclass
+class CoefficientStats:
+    """What :func:`collect_coefficients` gathers for one layer."""
+
+    operator: str
+    components: Dict[str, RunningMoments] = field(default_factory=dict)
+    input_count: int = 0
+    input_sum: float = 0.0
+    input_squares: float = 0.0
+    samples: Dict[str, List[torch.Tensor]] = field(default_factory=dict)  # values kept for histograms
+    images: int = 0
+
+    def input_variance(self) -> float:
+        if self.input_count == 0:
+            return 0.0
+        mean = self.input_sum / self.input_count
+        return max(0.0, self.input_squares / self.input_count - mean * mean)
+
+
+def layer_coefficients(module: nn.Module, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+    """The dynamic coefficients ``module`` generates for input ``x``, each as samples x entries; None when
+    ``module`` is not a dynamic operator with inspectable coefficients."""
+    from image_classification.dynamic.pedconv import PEDConv2d
+
+    name = type(module).__name__
+    if isinstance(module, PEDConv2d) or name == "SpatialPEDConv2d":
+        gamma, phi, psi = module.factors(x)
+        out = {}
+        for comp, value in (("gamma", gamma), ("phi", phi), ("psi", psi)):
+            if comp not in getattr(module, "components", (comp,)):
+                continue  # left-out components are constant ones
+            if value.dim() == 5:  # spatial: B x R x dim x H x W -> (B*H*W) x (R*dim)
+                value = value.permute(0, 3, 4, 1, 2).reshape(-1, value.shape[1] * value.shape[2])
+            out[comp] = value.reshape(value.shape[0], -1)
+        return out
+    if callable(getattr(module, "coefficients", None)):  # DCD conv / linear: (Lambda, Phi)
+        lam, phi = module.coefficients(x)
+        out = {}
+        if lam is not None:
+            out["lambda"] = lam.reshape(lam.shape[0], -1)
+        if phi is not None:
+            out["Phi"] = phi.reshape(phi.shape[0], -1)
+        return out
+    if callable(getattr(module, "attention", None)) and hasattr(module, "num_kernels"):  # DY-Conv, CondConv
+        pi = module.attention(x)
+        return {"pi": pi.reshape(pi.shape[0], -1)}
+    return None
+
+
+def _operator(module: nn.Module) -> str:
+    from image_classification.dynamic.registry import OPERATORS
+
+    for op, entry in OPERATORS.items():
+        if type(module) is entry.cls:
+            return op
+    return type(module).__name__
+
+
+def collect_coefficients(model: nn.Module, batches, hist_images: int = 256,
+                         device: str = "cpu") -> Dict[str, CoefficientStats]:
+    """Run ``model`` (eval) over ``batches`` of ``(images, targets)`` and gather per-layer statistics."""
+    from image_classification.dynamic.base import DynamicConv2d
+
+    stats: Dict[str, CoefficientStats] = {}
+    handles = []
+    seen = {"images": 0}
+
+    def hook_for(layer: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]
+            coeffs = layer_coefficients(module, x)
+            if not coeffs:
+                return
+            entry = stats.setdefault(layer, CoefficientStats(_operator(module)))
+            xd = x.detach().double()
+            entry.input_count += xd.numel()
+            entry.input_sum += float(xd.sum())
+            entry.input_squares += float((xd * xd).sum())
+            entry.images += x.shape[0]
+            keep = max(0, hist_images - seen["images"])
+            for comp, value in coeffs.items():
+                entry.components.setdefault(comp, RunningMoments()).update(value)
+                if keep:
+                    per_image = value.shape[0] // x.shape[0]
+                    entry.samples.setdefault(comp, []).append(value[: keep * per_image].detach().float().cpu().flatten())
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, DynamicConv2d) or type(module).__name__ == "DCDLinear":
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+    if not handles:
+        raise AnalysisError(f"{type(model).__name__} has no dynamic layer: nothing to analyse")
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for images, _ in batches:
+                model(images.to(device))
+                seen["images"] += images.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was)
+    if not stats:
+        raise AnalysisError("no dynamic layer with inspectable coefficients ran (Involution generates kernels, "
+                            "not coefficients)")
+    return stats
+
+
+def stats_rows(stats: Dict[str, CoefficientStats]) -> List[Dict[str, object]]:
+    rows = []
+    for index, (layer, entry) in enumerate(stats.items()):
+        input_var = entry.input_variance()
+        for comp, moments in entry.components.items():
+            sigma = float(moments.variance().mean())
+            rows.append({"index": index, "layer": layer, "operator": entry.operator, "component": comp,
+                         "entries": int(moments.mean().numel()), "images": entry.images,
+                         "mean": float(moments.mean().mean()), "sigma": sigma, "input_var": input_var,
+                         "normalized_sigma": sigma / input_var if input_var > 0 else float("nan"),
+                         "min": moments.low, "max": moments.high})
+    return rows
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_data_flags(p, images_default=1000)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="classifier checkpoint with dynamic layers")
+    p.add_argument("--hist-images", type=int, default=256, help="images whose values enter the histograms")
+    p.add_argument("--bins", type=int, default=50)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    check_data_flags(parser, args)
+    if args.hist_images < 1 or args.bins < 1:
+        parser.error(f"--hist-images and --bins must be >= 1, got {args.hist_images}, {args.bins}")
+
+    def body() -> int:
+        out = prepare_out(args.out)
+        loaded = load_classifier(args.checkpoint, args.arch, args.device)
+        batches, _ = validation_batches(args, loaded)
+        stats = collect_coefficients(loaded.model, batches, args.hist_images, args.device)
+        rows = stats_rows(stats)
+        write_csv(f"{out}/coefficients.csv", rows)
+        _figure(stats, rows, args.bins, f"{loaded.arch} / {loaded.conv}", f"{out}/coefficients.png")
+        print(f"wrote {out}/coefficients.png and {out}/coefficients.csv ({len(stats)} dynamic layers, "
+              f"{rows[0]['images']} images)")
+        return 0
+
+    return run_analysis(PROG, body)
+
+
+def _figure(stats: Dict[str, CoefficientStats], rows: List[Dict[str, object]], bins: int, title: str,
+            path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    components: List[str] = []
+    for row in rows:
+        if row["component"] not in components:
+            components.append(str(row["component"]))
+    fig = plt.figure(figsize=(max(8.0, 3.2 * len(components)), 7.0))
+    grid = fig.add_gridspec(2, len(components))
+    top = fig.add_subplot(grid[0, :])
+    for comp in components:
+        points: List[Tuple[int, float]] = [(int(r["index"]), float(r["normalized_sigma"]))  # type: ignore[arg-type]
+                                           for r in rows if r["component"] == comp]
+        top.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=comp)
+    top.set_xlabel("dynamic layer (forward order)")
+    top.set_ylabel("normalized variance sigma / Var(input)")
+    top.set_yscale("log")
+    top.set_title(f"Variance of the dynamic coefficients over images (DCD Fig. 6) - {title}", fontsize=9)
+    top.legend(fontsize=8)
+    for i, comp in enumerate(components):
+        ax = fig.add_subplot(grid[1, i])
+        values = [torch.cat(entry.samples[comp]) for entry in stats.values() if comp in entry.samples]
+        if values:
+            ax.hist(torch.cat(values).numpy(), bins=bins, color=f"C{i}")
+        ax.set_title(f"{comp}: values, all layers", fontsize=9)
+        ax.set_xlabel("coefficient value")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""How much each dynamic layer's per-sample effective weight W(x) actually varies across inputs.
+
+For every dynamic layer with a per-sample weight (PEDConv Eq. 2 / Appendix E, DCD Eq. 6-9, DY-Conv and
+CondConv aggregation, DCD's classifier) over validation images x:
+
+* ``relative_variation = sqrt(sum_ij Var_x W_ij(x)) / ||E_x W(x)||_F``: the RMS distance of a sample's weight
+  from the mean weight, relative to the mean weight (0: a static layer; 0.1: a sample's weight is 10 % away
+  from the average weight);
+* ``norm_cv``: the coefficient of variation of ``||W(x)||_F`` over samples (how much of the variation is a mere
+  rescaling of the whole kernel).
+
+PEDConv's statistics are computed from its factors without ever forming the B x C_out x C_in x k x k weights:
+``sum_b W(x_b) = W_base * sum_b c_b`` and ``sum_b W(x_b)^2 = W_base^2 * sum_b c_b^2`` with ``c_b`` the rank-R
+CP tensor (multiplicative; the additive form likewise), both weight-sized sums of outer products. Other
+operators use their ``dynamic_weight(x)`` a few samples at a time. Usage::
+
+    python -m image_classification.analysis.weights /data/imagenet --checkpoint logs/r50_pedconv/model_best.pth.tar \\
+        --images 2000 --out logs/weights
+
+writes ``weights.csv`` (layer, operator, weight shape, images and both statistics) and ``weights.png``
+(the statistics across layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .common import (
+    AnalysisError,
+    add_data_flags,
+    check_data_flags,
+    load_classifier,
+    prepare_out,
+    run_analysis,
+    save_figure,
+    validation_batches,
+    write_csv,
+)
+
+__all__ = ["WeightMoments", "pedconv_weight_sums", "collect_weight_variation", "main"]
+
+PROG = "python -m image_classification.analysis.weights"
+CHUNK = 4  # samples per dynamic_weight() call for operators without a factored path
+
+
+@dataclass
+class WeightMoments:
+    """Per-entry sums over samples of W(x) and W(x)^2 (float64), and the per-sample Frobenius norms."""
+
+    operator: str
+    shape: tuple
+    count: int = 0
+    total: Optional[torch.Tensor] = None
+    squares: Optional[torch.Tensor] = None
+    norms: Optional[List[float]] = None
+
+    def add(self, total: torch.Tensor, squares: torch.Tensor, norms: torch.Tensor) -> None:
+        total, squares = total.double().cpu(), squares.double().cpu()
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.norms = (self.norms or []) + norms.double().cpu().tolist()
+        self.count += int(norms.numel())
+
+    def statistics(self) -> Dict[str, float]:
+        assert self.total is not None and self.squares is not None and self.norms
+        mean = self.total / self.count
+        variance = (self.squares / self.count - mean * mean).clamp_min(0.0)
+        mean_norm = float(mean.norm())
+        norms = torch.tensor(self.norms, dtype=torch.float64)
+        return {"relative_variation": math.sqrt(float(variance.sum())) / mean_norm if mean_norm > 0 else float("nan"),
+                "norm_cv": float(norms.std(unbiased=False) / norms.mean()) if float(norms.mean()) > 0 else float("nan")}
+
+
+def _cp_products(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, square: bool) -> torch.Tensor:
+    """``sum_b c_b`` (or ``sum_b c_b^2``) of the rank-R CP tensors ``c_b = sum_r a_br o b_br o c_br``."""
+    if not square:
+        return torch.einsum("bro,bri,brt->oit", a, b, c)
+    # c_b^2 = sum_{r,s} (a_r a_s) o (b_r b_s) o (c_r c_s)
+    aa = a[:, :, None] * a[:, None]
+    bb = b[:, :, None] * b[:, None]
+    cc = c[:, :, None] * c[:, None]
+    return torch.einsum("brso,brsi,brst->oit", aa, bb, cc)
+
+
+def pedconv_weight_sums(module: nn.Module, x: torch.Tensor):
+    """(sum_b W(x_b), sum_b W(x_b)^2, per-sample ||W(x_b)||_F) of a PEDConv layer from its factors."""
+    gamma, phi, psi = (f.double() for f in module.factors(x))  # B x R x dim each
+    weight = module.weight.detach().double()
+    shape = weight.shape
+    w = weight.reshape(shape[0], shape[1], -1)  # O x I x T
+    s1 = _cp_products(gamma, phi, psi, square=False)
+    s2 = _cp_products(gamma, phi, psi, square=True)
+    batch = x.shape[0]
+    # per-sample sum_oit w^2 c_b^2 (multiplicative) through the same pair expansion, one sample at a time
+    norms = []
+    for i in range(batch):
+        g, p, k = gamma[i:i + 1], phi[i:i + 1], psi[i:i + 1]
+        c1 = _cp_products(g, p, k, square=False)
+        c2 = _cp_products(g, p, k, square=True)
+        if module.reparam == "multiplicative":
+            norms.append(float((w * w * c2).sum()))
+        else:
+            norms.append(float((w * w + 2 * w * c1 + c2).sum()))
+    norms_t = torch.tensor(norms, dtype=torch.float64).clamp_min(0).sqrt()
+    if module.reparam == "multiplicative":
+        total, squares = w * s1, w * w * s2
+    else:
+        total, squares = batch * w + s1, batch * w * w + 2 * w * s1 + s2
+    return total.reshape(shape), squares.reshape(shape), norms_t
+
+
+def _generic_sums(module: nn.Module, x: torch.Tensor):
+    total = squares = None
+    norms = []
+    for start in range(0, x.shape[0], CHUNK):
+        w = module.dynamic_weight(x[start:start + CHUNK]).detach().double()
+        total = w.sum(0) if total is None else total + w.sum(0)
+        squares = (w * w).sum(0) if squares is None else squares + (w * w).sum(0)
+        norms.append(w.flatten(1).norm(dim=1))
+    return total, squares, torch.cat(norms)
+
+
+def _operator(module: nn.Module) -> str:
+    from .coefficients import _operator as op
+
+    return op(module)
+
+
+def collect_weight_variation(model: nn.Module, batches, device: str = "cpu") -> Dict[str, WeightMoments]:
+    """Run ``model`` (eval) over ``batches`` and gather the per-layer weight moments."""
+    from image_classification.dynamic.pedconv import PEDConv2d
+
+    moments: Dict[str, WeightMoments] = {}
+    handles = []
+
+    def hook_for(layer: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]
+            if isinstance(module, PEDConv2d):
+                total, squares, norms = pedconv_weight_sums(module, x)
+            else:
+                total, squares, norms = _generic_sums(module, x)
+            entry = moments.setdefault(layer, WeightMoments(_operator(module), tuple(total.shape)))
+            entry.add(total, squares, norms)
+        return hook
+
+    for name, module in model.named_modules():
+        if not name or not callable(getattr(module, "dynamic_weight", None)):
+            continue
+        if type(module).__name__ == "SpatialPEDConv2d":
+            continue  # per-location weights: the coefficient tool covers it
+        handles.append(module.register_forward_pre_hook(hook_for(name)))
+    if not handles:
+        raise AnalysisError(f"{type(model).__name__} has no dynamic layer with a per-sample weight")
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for images, _ in batches:
+                model(images.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was)
+    if not moments:
+        raise AnalysisError("the validation set yielded no image")
+    return moments
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_data_flags(p, images_default=500)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="classifier checkpoint with dynamic layers")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    check_data_flags(parser, args)
+
+    def body() -> int:
+        out = prepare_out(args.out)
+        loaded = load_classifier(args.checkpoint, args.arch, args.device)
+        batches, _ = validation_batches(args, loaded)
+        moments = collect_weight_variation(loaded.model, batches, args.device)
+        rows = []
+        for index, (layer, entry) in enumerate(moments.items()):
+            rows.append({"index": index, "layer": layer, "operator": entry.operator,
+                         "shape": "x".join(str(s) for s in entry.shape), "images": entry.count,
+                         **entry.statistics()})
+        write_csv(f"{out}/weights.csv", rows)
+        _figure(rows, f"{loaded.arch} / {loaded.conv}", f"{out}/weights.png")
+        print(f"wrote {out}/weights.png and {out}/weights.csv ({len(rows)} dynamic layers, {rows[0]['images']} images)")
+        return 0
+
+    return run_analysis(PROG, body)
+
+
+def _figure(rows: List[Dict[str, object]], title: str, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    x = [int(r["index"]) for r in rows]  # type: ignore[arg-type]
+    for ax, key, label in zip(axes, ("relative_variation", "norm_cv"),
+                              ("RMS ||W(x) - E W|| / ||E W||", "CV of ||W(x)|| over inputs")):
+        ax.plot(x, [float(r[key]) for r in rows], marker="o", ms=3)  # type: ignore[arg-type]
+        ax.set_xlabel("dynamic layer (forward order)")
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"Per-sample effective weight variation across inputs - {title}", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

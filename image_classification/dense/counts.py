@@ -1,0 +1,84 @@
+"""The papers' detection and segmentation counts next to this project's (PEDConv Tables 2 and 3).
+
+``python -m image_classification.profile --table dense`` prints them (``--json`` for JSON). Parameters are
+deploy parameters (PEDConv's training-only info-max decoders excluded; PSPNet's deep-supervision head
+included, as the paper's 51.5M needs it); MACs are multiply-adds of one image through backbone and heads
+(detection at 300 x 300; segmentation at 512 x 512, ADE20K's usual crop: the paper does not state its size,
+and its FLOP figures are not reproduced, see the notes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["DENSE_ROWS", "DenseRow", "dense_table_rows", "format_dense_table", "build_dense_model"]
+
+
+@dataclass(frozen=True)
+class DenseRow:
+    source: str
+    model: str  # ssd300 | pspnet | upernet
+    conv: str
+    params_m: float  # as printed
+    gflops: float  # as printed
+    image_size: int
+    note: str = ""
+
+
+DENSE_ROWS: List[DenseRow] = [
+    DenseRow("PEDConv T2", "ssd300", "static", 22.9, 20.2, 300),
+    DenseRow("PEDConv T2", "ssd300", "pedconv", 24.4, 20.3, 300,
+             "trunk placement paper + extra blocks dynamic, heads static"),
+    DenseRow("PEDConv T3", "upernet", "static", 64.1, 156.2, 512, "paper's input size unstated"),
+    DenseRow("PEDConv T3", "upernet", "pedconv", 72.3, 156.3, 512,
+             "trunk placement all + ppm, ppm_bottleneck, fpn_in dynamic"),
+    DenseRow("PEDConv T3", "pspnet", "static", 51.5, 186.8, 512, "deep-supervision head counted"),
+    DenseRow("PEDConv T3", "pspnet", "pedconv", 59.7, 186.9, 512, "every conv but the stem dynamic"),
+]
+
+
+def build_dense_model(model: str, conv: str) -> Any:
+    """The model of a row with its paper-count configuration (150 ADE20K classes, 81 COCO classes)."""
+    if model == "ssd300":
+        from image_classification.detection.ssd import build_ssd300
+
+        return build_ssd300(conv)
+    from image_classification.segmentation.models import build_segmenter
+
+    return build_segmenter(model, conv)
+
+
+def dense_table_rows(macs: bool = True, rows: Optional[Sequence[DenseRow]] = None) -> List[Dict[str, Any]]:
+    """Paper rows with this project's parameters (and MACs when ``macs``) and the differences."""
+    from image_classification.flops import count_macs, count_params
+
+    out = []
+    for row in rows if rows is not None else DENSE_ROWS:
+        net = build_dense_model(row.model, row.conv)
+        params_m = count_params(net).deploy / 1e6
+        entry = {**asdict(row), "ours_params_m": round(params_m, 3), "diff_params_m": round(params_m - row.params_m, 3)}
+        if macs:
+            if row.model == "ssd300":
+                from image_classification.detection.ssd import detector_macs
+
+                total = detector_macs(net, row.image_size)
+            else:
+                total = count_macs(net, row.image_size).total
+            entry["ours_gflops"] = round(total / 1e9, 2)
+            entry["diff_gflops_pct"] = round(100 * (total / 1e9 - row.gflops) / row.gflops, 2)
+        out.append(entry)
+    return out
+
+
+def format_dense_table(rows: List[Dict[str, Any]]) -> str:
+    head = (f"{'source':11} {'model':8} {'conv':8} {'size':>4} {'paper P':>8} {'ours P':>8} {'dP':>7} "
+            f"{'paper G':>8} {'ours G':>8} {'dG%':>7}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ours_g = f"{r['ours_gflops']:8.2f}" if "ours_gflops" in r else f"{'-':>8}"
+        diff_g = f"{r['diff_gflops_pct']:+7.2f}" if "diff_gflops_pct" in r else f"{'-':>7}"
+        lines.append(f"{r['source']:11} {r['model']:8} {r['conv']:8} {r['image_size']:4d} {r['params_m']:8.1f} "
+                     f"{r['ours_params_m']:8.2f} {r['diff_params_m']:+7.2f} {r['gflops']:8.1f} {ours_g} {diff_g}  "
+                     f"{r['note']}")
+    return "\n".join(lines)

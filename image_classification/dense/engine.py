@@ -1,0 +1,459 @@
+"""Iteration-based training loop shared by the detection and segmentation scripts.
+
+Detection (SSD: 160k + 40k + 40k iterations) and segmentation (ADE20K: epochs of 5000 iterations, poly decay)
+schedules are counted in iterations, so this loop is too. It reuses the classification trainer's pieces:
+SGD with BatchNorm/bias excluded from weight decay (:func:`image_classification.training.optim.build_optimizer`),
+atomic checkpoints, safe loading and RNG capture (:mod:`image_classification.training.checkpoint`), the
+DLLogger-format raport and the tqdm progress bar (:mod:`image_classification.training.logger`), process-group
+setup (:mod:`image_classification.training.distributed`) and PEDConv's info-max term
+(:func:`image_classification.dynamic.base.infomax_loss`, weight ``--infomax-weight``).
+
+A task supplies a :class:`Task`: its loss on a batch, its evaluation, and the metric that picks the best
+checkpoint. Checkpoints (``checkpoint.pth.tar``, ``model_best.pth.tar`` when the metric improves) hold the
+iteration, model, optimizer, scheduler, scaler, best metric, RNG states and arguments; ``--resume auto``
+continues from the workspace checkpoint. SIGTERM/SIGINT finish the current iteration, write a checkpoint and
+exit with 128 + signal. A non-finite loss stops the run with a one-line error (exit 1) and keeps the last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from image_classification.dynamic.base import infomax_loss
+from image_classification.training.checkpoint import (
+    CheckpointError,
+    GracefulShutdown,
+    check_workspace_writable,
+    load_checkpoint,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from image_classification.training.distributed import DistEnv, all_reduce_sum, barrier
+from image_classification.training.logger import Progress, RaportWriter
+from image_classification.training.optim import build_optimizer
+
+__all__ = ["IterationSchedule", "Task", "TaskLoader", "add_common_flags", "check_common_flags", "train",
+           "TrainingError", "infinite_batches", "load_config_defaults", "run_cli"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss); one-line message, exit status 1."""
+
+
+class IterationSchedule:
+    """LR multiplier at iteration ``t`` (picklable, for LambdaLR): linear warmup over ``warmup`` iterations,
+    then ``step`` (``decay ** #{milestones <= t}``, SSD) or ``poly`` (``(1 - t / total) ** power``, ADE20K)."""
+
+    def __init__(self, policy: str, total: int, warmup: int = 0, milestones: Sequence[int] = (),
+                 decay: float = 0.1, power: float = 0.9) -> None:
+        if policy not in ("step", "poly"):
+            raise ValueError(f"unknown lr schedule {policy!r}; valid: step, poly")
+        self.policy, self.total, self.warmup = policy, int(total), int(warmup)
+        self.milestones = sorted(int(m) for m in milestones)
+        self.decay, self.power = float(decay), float(power)
+
+    def __call__(self, step: int) -> float:
+        scale = (step + 1) / self.warmup if step < self.warmup else 1.0
+        if self.policy == "step":
+            return scale * self.decay ** sum(1 for m in self.milestones if step >= m)
+        return scale * max(0.0, 1.0 - step / max(1, self.total)) ** self.power
+
+
+@dataclass
+class Task:
+    """What a dense task plugs into :func:`train`."""
+
+    name: str  # "detection" | "segmentation"
+    prog: str  # program name for messages
+    losses: Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]]  # weighted loss terms of a batch
+    evaluate: Callable[[nn.Module, Any, torch.device], Dict[str, float]]  # "val.*" metrics (rank 0)
+    best_metric: str  # e.g. "val.AP", "val.mIoU" (higher is better)
+    checkpoint_fields: Dict[str, Any]  # arch, conv, ... stored in checkpoints and checked on resume
+
+
+def add_common_flags(parser: argparse.ArgumentParser, defaults: Dict[str, Any]) -> None:
+    """Flags every dense training script has; ``defaults`` holds the task's values."""
+    p = parser
+    p.add_argument("data", metavar="DATA", nargs="?", default=None, help="dataset root (layout: see --help epilog)")
+    p.add_argument("--config", metavar="FILE.yaml", help="recipe; keys are long flag names, flags given win")
+    p.add_argument("--conv", default="static", help="operator spec of the backbone, e.g. static, pedconv, dcd")
+    p.add_argument("--backbone", default="resnet50", help="ResNet trunk: resnet18, resnet34, resnet50, resnet101")
+    p.add_argument("--trunk-placement", default=None,
+                   help="which trunk convs become dynamic (placement string; default: the paper-count one)")
+    p.add_argument("--dynamic-parts", default=None,
+                   help="'+'-joined head/backbone parts made dynamic, 'none' or 'all' (default: the paper-count ones)")
+    p.add_argument("--pretrained-backbone", default=None, metavar="PATH",
+                   help="ImageNet checkpoint of this project (or a torchvision state dict) for the trunk")
+    p.add_argument("-b", "--batch-size", type=int, default=defaults["batch_size"], help="images per process")
+    p.add_argument("--iterations", type=int, default=defaults["iterations"], help="total training iterations")
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate")
+    p.add_argument("--lr-schedule", default=defaults["lr_schedule"], choices=("step", "poly"))
+    p.add_argument("--lr-steps", type=int, nargs="*", default=defaults.get("lr_steps", []), metavar="IT",
+                   help="iterations where the step schedule multiplies the lr by --lr-decay")
+    p.add_argument("--lr-decay", type=float, default=0.1)
+    p.add_argument("--lr-power", type=float, default=0.9, help="poly schedule exponent")
+    p.add_argument("--warmup-iters", type=int, default=defaults.get("warmup_iters", 0))
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=defaults["weight_decay"])
+    p.add_argument("--infomax-weight", type=float, default=1e-3, help="weight of PEDConv's info-max loss")
+    p.add_argument("-j", "--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--workspace", default=defaults["workspace"], help="checkpoints and raport go here")
+    p.add_argument("--raport-file", default="raport.json", help="DLLogger JSON-lines file (relative: in workspace)")
+    p.add_argument("--resume", default=None, metavar="PATH|auto", help="continue a run from its checkpoint")
+    p.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="validate every N iterations "
+                   "(and at the end); 0: only at the end")
+    p.add_argument("--save-every", type=int, default=defaults["save_every"], help="checkpoint every N iterations")
+    p.add_argument("--no-eval", action="store_true", help="never validate (train only)")
+    p.add_argument("-p", "--print-freq", type=int, default=20, help="log every N iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 with loss scaling on CUDA, bf16 on CPU)")
+    p.add_argument("--evaluate", action="store_true", help="only evaluate --weights (or the --resume checkpoint)")
+    p.add_argument("--weights", default=None, metavar="PATH", help="model checkpoint to evaluate or start from")
+
+
+def check_common_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse impossible values with ``parser.error`` (one line, exit 2)."""
+    for name in ("batch_size", "iterations", "print_freq"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("workers", "warmup_iters", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr", "weight_decay", "momentum", "infomax_weight", "lr_power"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 < args.lr_decay <= 1:
+        parser.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
+    if any(m < 0 for m in args.lr_steps):
+        parser.error(f"--lr-steps must be >= 0, got {args.lr_steps}")
+    if args.evaluate and not (args.weights or args.resume):
+        parser.error("--evaluate needs --weights PATH (or --resume PATH)")
+
+
+def load_config_defaults(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> None:
+    """Install ``--config FILE.yaml`` values as parser defaults (flags on the command line still win)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    import yaml
+
+    try:
+        with open(known.config) as handle:
+            values = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        parser.error(f"cannot read --config {known.config}: {exc.strerror or exc}")
+    except yaml.YAMLError as exc:
+        parser.error(f"--config {known.config} is not valid YAML: {' '.join(str(exc).split())[:200]}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {known.config} must hold a mapping of flag names to values")
+    dests = {a.dest: a for a in parser._actions}
+    for option in parser._actions:
+        for flag in option.option_strings:
+            if flag.startswith("--"):
+                dests.setdefault(flag[2:].replace("-", "_"), option)
+    defaults = {}
+    for key, value in values.items():
+        action = dests.get(str(key).replace("-", "_"))
+        if action is None or action.dest in ("help", "config"):
+            parser.error(f"--config {known.config}: unknown key {key!r}")
+        defaults[action.dest] = value
+    parser.set_defaults(**defaults)
+
+
+class TaskLoader:
+    """DataLoader over ``dataset``: train sharded by rank and shuffled per epoch from ``seed`` (drop_last when
+    the shard holds a full batch); val the whole set in order (rank 0 evaluates). Worker errors surface as
+    one-line :class:`DataError`."""
+
+    def __init__(self, dataset: Any, batch_size: int, train: bool, workers: int, env: DistEnv, seed: int,
+                 collate: Optional[Callable] = None) -> None:
+        from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+        if train:
+            self.sampler: Any = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
+                                                   shuffle=True, seed=seed, drop_last=False)
+            drop_last = len(self.sampler) >= batch_size
+        else:
+            self.sampler = SequentialSampler(dataset)
+            drop_last = False
+        generator = torch.Generator().manual_seed(seed + 7 * env.rank)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 collate_fn=collate, drop_last=drop_last, generator=generator,
+                                 pin_memory=env.device.type == "cuda")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        from image_classification.data import DataError
+        from image_classification.data.imagefolder import reraise_one_line
+
+        iterator = iter(self.loader)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DataError as exc:
+                raise reraise_one_line(exc) from None
+            yield batch
+
+
+def infinite_batches(loader: Iterable, start_epoch: int = 0) -> Iterator[Any]:
+    """Batches of ``loader`` epoch after epoch (``set_epoch`` on its sampler before each)."""
+    epoch = start_epoch
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise TrainingError("the training set yields no batch (fewer images than --batch-size?)")
+        epoch += 1
+
+
+def _metric_meta(name: str) -> Dict[str, Any]:
+    if name.endswith("_ips"):
+        return {"unit": "images/s", "format": ":>.2f"}
+    if name.endswith(".lr"):
+        return {"unit": None, "format": ":>5.6f"}
+    return {"unit": None, "format": ":>5.5f"}
+
+
+def _amp_context(device: torch.device, enabled: bool):
+    if not enabled:
+        import contextlib
+
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train(
+    args: argparse.Namespace,
+    task: Task,
+    model: nn.Module,
+    train_loader: Optional[Iterable],
+    val_loader: Optional[Iterable],
+    env: DistEnv,
+) -> int:
+    """Run ``args.iterations`` iterations (or only evaluate); returns the exit status."""
+    device = env.device
+    model.to(device)
+    resume = None
+    resume_path = args.resume
+    if resume_path == "auto":
+        resume_path = os.path.join(args.workspace, "checkpoint.pth.tar")
+        resume_path = resume_path if os.path.isfile(resume_path) else None
+    if resume_path:
+        resume = load_checkpoint(resume_path)
+        _check_fields(resume, task, resume_path)
+        load_model_weights(model, resume, expected_arch=task.checkpoint_fields.get("arch"),
+                           expected_conv=task.checkpoint_fields.get("conv"))
+    elif args.weights:
+        load_model_weights(model, args.weights, expected_arch=task.checkpoint_fields.get("arch"),
+                           expected_conv=task.checkpoint_fields.get("conv"))
+
+    if args.evaluate:
+        metrics = task.evaluate(model, val_loader, device) if env.is_main else {}
+        if env.is_main:
+            print(f"{task.prog}: evaluation " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        return 0
+
+    assert train_loader is not None
+    wrapped = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    schedule = IterationSchedule(args.lr_schedule, args.iterations, args.warmup_iters, args.lr_steps,
+                                 args.lr_decay, args.lr_power)
+    scheduler = LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    start, best = 0, -math.inf
+    if resume is not None:
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            if scaler is not None and resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"--resume {resume_path}: optimizer state does not fit this run: "
+                                  f"{' '.join(str(exc).split())[:200]}") from None
+        start = int(resume["iteration"])
+        best = float(resume.get("best_metric", -math.inf))
+        rngs = resume.get("rng_per_rank") or []
+        if len(rngs) == env.world_size:
+            set_rng_state(rngs[env.rank])
+
+    raport = RaportWriter(None)
+    if env.is_main:
+        workspace = check_workspace_writable(args.workspace)
+        path = args.raport_file if os.path.isabs(args.raport_file) else os.path.join(workspace, args.raport_file)
+        raport = RaportWriter(path, append=resume is not None)
+        raport.log_parameters(dict(vars(args), task=task.name, world_size=env.world_size, device=str(device),
+                                   **task.checkpoint_fields))
+    barrier()
+
+    def checkpoint(iteration: int, is_best: bool) -> None:
+        own = rng_state()
+        per_rank: List[Any] = [own]
+        if env.distributed:
+            import torch.distributed as dist
+
+            per_rank = [None] * env.world_size
+            dist.all_gather_object(per_rank, own)
+        if env.is_main:
+            state = {"task": task.name, **task.checkpoint_fields, "iteration": iteration,
+                     "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                     "best_metric": best, "rng_per_rank": per_rank, "args": dict(vars(args))}
+            save_checkpoint(state, args.workspace, "checkpoint.pth.tar", is_best=is_best)
+        barrier()
+
+    def evaluate(iteration: int) -> Dict[str, float]:
+        nonlocal best
+        metrics: Dict[str, float] = {}
+        if env.is_main and not args.no_eval and val_loader is not None:
+            metrics = task.evaluate(model, val_loader, device)
+            raport.log((iteration,), metrics)
+            print(f"{task.prog}: iteration {iteration} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                  flush=True)
+        flag = [1.0 if metrics.get(task.best_metric, -math.inf) > best else 0.0]
+        improved = all_reduce_sum(flag, device)[0] > 0
+        if improved and metrics:
+            best = metrics[task.best_metric]
+        return metrics if improved else {}
+
+    batches = infinite_batches(train_loader, start_epoch=start // max(1, _length(train_loader)))
+    for name in ("train.loss", "train.lr", "train.total_ips"):
+        raport.metadata(name, _metric_meta(name))
+    progress = Progress(f"{task.name} train", args.iterations, args.print_freq, enabled=env.is_main)
+    progress._done = start
+    if progress._bar is not None:
+        progress._bar.update(start)
+    window: Dict[str, float] = {}
+    seen, tic = 0, time.perf_counter()
+    iteration = start
+    model.train()
+    with GracefulShutdown() as shutdown:
+        while iteration < args.iterations:
+            batch = next(batches)
+            with _amp_context(device, args.amp):
+                terms = task.losses(wrapped, batch, device)
+                loss = sum(terms.values())
+                extra = infomax_loss(model)
+                if extra is not None and args.infomax_weight > 0:
+                    terms["infomax"] = args.infomax_weight * extra
+                    loss = loss + terms["infomax"]
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at iteration {iteration + 1} "
+                                    f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
+                                    "lower --lr or check the data; the last checkpoint is kept")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            iteration += 1
+            seen += _batch_size(batch)
+            for key, value in [("loss", loss), *terms.items()]:
+                window[f"train.{key}"] = window.get(f"train.{key}", 0.0) + float(value.detach())
+            if iteration % args.print_freq == 0 or iteration == args.iterations:
+                count = args.print_freq if iteration % args.print_freq == 0 else iteration % args.print_freq
+                record = {k: v / count for k, v in window.items()}
+                record["train.lr"] = optimizer.param_groups[0]["lr"]
+                record["train.total_ips"] = seen * env.world_size / max(1e-9, time.perf_counter() - tic)
+                raport.log((iteration,), record)
+                progress.update(iteration, {k: v for k, v in record.items() if k != "train.total_ips"})
+                window, seen, tic = {}, 0, time.perf_counter()
+            stop = shutdown.synchronized(device if device.type == "cuda" else None)
+            boundary = iteration == args.iterations
+            is_best = False
+            if (args.eval_every and iteration % args.eval_every == 0) or boundary:
+                model.eval()
+                is_best = bool(evaluate(iteration))
+                model.train()
+            if boundary or stop or (args.save_every and iteration % args.save_every == 0) or is_best:
+                checkpoint(iteration, is_best)
+            if stop:
+                progress.close()
+                where = os.path.join(args.workspace, "checkpoint.pth.tar")
+                if env.is_main:
+                    print(f"{task.prog}: {shutdown.signal_name or 'signal'} received at iteration {iteration}; "
+                          f"checkpoint saved to {where}; continue with --resume {where}", file=sys.stderr, flush=True)
+                raport.close()
+                return 128 + int(shutdown.signum or 15)
+    progress.close()
+    summary = {"summary.iterations": iteration}
+    if best > -math.inf:
+        summary[f"summary.best_{task.best_metric.split('.', 1)[-1]}"] = best
+    raport.log((), summary)
+    raport.close()
+    if env.is_main:
+        print(f"{task.prog}: finished {iteration}/{args.iterations} iterations"
+              + (f", best {task.best_metric} {best:.4f}" if best > -math.inf else ""), flush=True)
+    return 0
+
+
+def _length(loader: Iterable) -> int:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 1
+
+
+def _batch_size(batch: Any) -> int:
+    images = batch[0]
+    return len(images) if isinstance(images, (list, tuple)) else int(images.shape[0])
+
+
+def _check_fields(checkpoint: Dict[str, Any], task: Task, path: str) -> None:
+    if checkpoint.get("task") != task.name or "iteration" not in checkpoint:
+        raise CheckpointError(f"--resume {path} is not a {task.name} training checkpoint of this project")
+    for key, value in task.checkpoint_fields.items():
+        if key in checkpoint and checkpoint[key] != value:
+            raise CheckpointError(f"--resume {path} is for {key} {checkpoint[key]!r}, this run has {value!r}")
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """Run ``body`` turning bad input into ``prog: error: <one line>`` (exit 2) and a failed run into exit 1."""
+    from image_classification.data import DataError
+
+    try:
+        return body()
+    except (DataError, CheckpointError) as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        from image_classification.training.distributed import cleanup
+
+        cleanup()
