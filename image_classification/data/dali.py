@@ -274,6 +274,16 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         **common,
     )
     train = DaliLoader(train_pipe, train_files, train_policy, train_len, nhwc)
+    calibration: List[DaliLoader] = []
+
+    def calibration_loader() -> DaliLoader:
+        """A second training pipeline for --precise-bn, built on first use (the training iterator cannot be
+        rewound mid-epoch, and drawing from it would shorten the next epoch)."""
+        if not calibration:
+            pipe = _create_pipeline(train_files, train_labels, train=True, augment=cfg.augment, batch_size=train_bs,
+                                    seed=cfg.seed + 1000 * rank + 2, **common)
+            calibration.append(DaliLoader(pipe, train_files, train_policy, train_len, nhwc))
+        return calibration[0]
 
     val_len = -(-_dali_shard_size(len(val_files), rank, world) // val_bs)
     val_pipe = _create_pipeline(
@@ -295,4 +305,5 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         train_samples=len(train_files),
         val_samples=len(val_files),
         classes=train_classes,
+        calibration=calibration_loader,
     )
