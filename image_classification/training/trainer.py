@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
+import torch
+
 from image_classification.data import DataError
 from image_classification.dynamic import set_epoch
 
@@ -391,9 +393,23 @@ def _validate_epoch(run: _Run, epoch: int, record: Dict[str, float]) -> bool:
     return is_best
 
 
+def _check_finite_weights(run: _Run, epoch: int, iteration: Optional[int] = None) -> None:
+    """Refuse to save (or validate) weights or BatchNorm statistics holding NaN/inf: the previous checkpoint
+    stays the last good one."""
+    models = [("model", run.comp.module)] + ([("EMA model", run.comp.ema.module)] if run.comp.ema is not None else [])
+    for label, model in models:
+        tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            where = f"epoch {epoch}" + (f" iteration {iteration}" if iteration is not None else "")
+            raise NonFiniteLossError(
+                f"the {label}'s weights or BatchNorm statistics are not finite (NaN/inf) at {where}: the run "
+                "diverged (lower --lr, add --warmup); the previous checkpoint is kept")
+
+
 def _end_epoch(run: _Run, epoch: int, train_metrics: Dict[str, float]) -> None:
     args, state = run.args, run.state
     _sync_models(run)
+    _check_finite_weights(run, epoch)
     _precise_bn(run, epoch)
     record = dict(train_metrics)
     is_best = False
@@ -437,6 +453,7 @@ def _train(run: _Run) -> int:
             if result.interrupted:
                 state.step_in_epoch = result.iterations
                 _sync_models(run)
+                _check_finite_weights(run, epoch, result.iterations)
                 _save(run, epoch, result.iterations)
                 return _interrupted(run, shutdown)
             _end_epoch(run, epoch, result.metrics)
