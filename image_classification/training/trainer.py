@@ -68,11 +68,25 @@ __all__ = ["main", "run"]
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
 
+class PeerLost(Exception):
+    """Raised by :func:`run` after it reported a lost peer rank; ``exit_code`` is the status to exit with."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"lost a peer rank (exit status {exit_code})")
+        self.exit_code = exit_code
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``main.py``; returns the process exit status."""
     args = parse_args(argv)
     try:
         return run(args)
+    except PeerLost as exc:
+        # a process group that lost a peer can block in its destructors (seconds, or for ever with a frozen
+        # peer): the message is out, the raport closed and the lock released, so leave at once
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
     finally:
         cleanup()
 
@@ -221,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
     Expected failures end in one line on stderr: bad input (``DataError``, ``CheckpointError``, a bad
     combination of options) with status 2, a diverged run with 3. Under DDP a rank that fails on its own
     records its error for the others; a rank whose collective fails because a peer died, froze or failed
-    names that rank (and its error) and exits with the peer's status (1 when it has none).
+    names that rank (and its error) and raises :class:`PeerLost` with the peer's status (1 when it has
+    none), on which :func:`main` exits without tearing down the broken process group.
     """
     if args.local_rank is not None:  # torch.distributed.launch passes --local-rank instead of the variable
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -251,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         alive = [r for r in range(env.world_size) if r not in failure.lost]
         if alive and env.rank == alive[0]:
             print(f"main.py: error: {failure.message}", file=sys.stderr, flush=True)
-        return failure.exit_code
+        raise PeerLost(failure.exit_code) from None
     except BaseException as exc:
         _post_unexpected(exc, monitor)
         raise

@@ -66,3 +66,21 @@ def test_multiproc_bad_arguments(capsys: pytest.CaptureFixture, argv: list, need
         mp.main(argv)
     assert info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_multiproc_exit_status_is_the_root_cause() -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    mp = _multiproc()
+
+    def failure(rank: int, code: int, when: int) -> ProcessFailure:
+        item = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
+        item.timestamp = when
+        return item
+
+    def status(*items: ProcessFailure) -> int:
+        return mp.exit_status(ChildFailedError("main.py", {f.local_rank: f for f in items}))
+
+    assert status(failure(0, 1, 10), failure(1, 2, 9)) == 2  # rank 1's bad input, not rank 0's "lost peer"
+    assert status(failure(0, 1, 9), failure(1, -9, 9)) == 137  # SIGKILL (OOM killer), as a shell reports it
+    assert status(failure(0, 3, 5)) == 3
