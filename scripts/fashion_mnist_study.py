@@ -119,8 +119,10 @@ def run_dir(logs: Path, op: str, seed: int) -> Path:
     return logs / op / f"seed{seed}"
 
 
-def _wanted(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
-    return {"epochs": args.epochs, "seed": seed, "train_subset": args.train_subset, "val_subset": args.val_subset}
+def _wanted(args: argparse.Namespace, op: str, seed: int) -> Dict[str, Any]:
+    """The settings a finished run must have been made with to be reused (others are run again)."""
+    return {"epochs": args.epochs, "seed": seed, "train_subset": args.train_subset, "val_subset": args.val_subset,
+            "precise_bn": int(read_recipe(op).get("precise-bn", 0))}
 
 
 def run_state(workspace: Path, wanted: Dict[str, Any]) -> str:
@@ -156,7 +158,7 @@ def run_all(args: argparse.Namespace) -> None:
     for op in args.ops:
         for seed in args.seeds:
             workspace = run_dir(args.logs, op, seed)
-            state = run_state(workspace, _wanted(args, seed))
+            state = run_state(workspace, _wanted(args, op, seed))
             if state == "done":
                 print(f"[study] {op} seed {seed}: complete in {workspace}, skipped", flush=True)
                 continue

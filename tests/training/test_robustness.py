@@ -244,3 +244,42 @@ def test_full_disk_is_named(tmp_path: Path, capsys: pytest.CaptureFixture, monke
     assert code == 2 and "No space left on device (0.0 MiB free in" in line and "checkpoint.pth.tar" in line
     assert [p.name for p in ws.iterdir() if p.name.endswith(".tmp")] == []
 
+
+
+# ------------------------------------------------------------------------------------------- precise BN
+def test_precise_bn_statistics_are_what_was_validated_and_saved(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ws, plain = tmp_path / "ws", tmp_path / "plain"
+    _ok([*TINY, "--conv", "pedconv", "--epochs", "1", "--use-ema", "0.5", "--precise-bn", "2", "--workspace",
+         str(ws)], capsys)
+    _ok([*TINY, "--conv", "pedconv", "--epochs", "1", "--use-ema", "0.5", "--workspace", str(plain)], capsys)
+    saved, running = load_checkpoint(ws / "checkpoint.pth.tar"), load_checkpoint(plain / "checkpoint.pth.tar")
+    key = "bn1.running_var"
+    assert not torch.equal(saved["state_dict"][key], running["state_dict"][key])  # recomputed, not the EMA
+    assert not torch.equal(saved["ema"][f"module.{key}"], running["ema"][f"module.{key}"])  # the EMA model too
+    logged = [r["data"] for r in read_raport(ws / "raport.json") if r.get("step") == [0]][0]
+    _ok([*TINY, "--conv", "pedconv", "--evaluate", "--pretrained-weights", str(ws / "checkpoint.pth.tar"),
+         "--workspace", str(tmp_path / "eval")], capsys)
+    evaluated = read_raport(tmp_path / "eval" / "raport.json")[-1]["data"]
+    assert evaluated["val.top1"] == logged["val.top1"]
+    assert evaluated["val.loss"] == pytest.approx(logged["val.loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_amp_trains_dcd(tmp_path: Path, capsys: pytest.CaptureFixture, dtype: str) -> None:
+    """--amp with DCD crashed on its first step (baddbmm_ with a float operand and a half input)."""
+    _ok([*TINY, "--conv", "dcd", "--amp", "--amp-dtype", dtype, "--epochs", "1", "--training-only",
+         "--workspace", str(tmp_path / "ws")], capsys)
+
+
+def test_trusted_checkpoint_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import datetime
+
+    ws = tmp_path / "ws"
+    _ok([*TINY, "--epochs", "1", "--workspace", str(ws)], capsys)
+    checkpoint = load_checkpoint(ws / "model_best.pth.tar")
+    checkpoint["created"] = datetime.date(2021, 11, 22)  # outside torch's weights_only allowlist
+    torch.save(checkpoint, tmp_path / "dated.pth.tar")
+    argv = [*TINY, "--evaluate", "--pretrained-weights", str(tmp_path / "dated.pth.tar")]
+    code, err = _run([*argv, "--workspace", str(tmp_path / "a")], capsys)
+    assert code == 2 and "references datetime.date" in _error_line(err)
+    _ok([*argv, "--trust-checkpoints", "--workspace", str(tmp_path / "b")], capsys)
