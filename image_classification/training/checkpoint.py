@@ -376,7 +376,7 @@ def _free_space(directory: Path) -> str:
         free = shutil.disk_usage(directory).free
     except OSError:
         return "free space unknown"
-    return f"{free / 2**20:.1f} MiB free in {directory}"
+    return f"{free / 2**20:.1f} MiB free in {directory} once the partial file is removed"
 
 
 def save_checkpoint(

@@ -29,11 +29,12 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["PeerMonitor", "PeerFailure", "is_peer_failure"]
 
-# backend messages of a collective that lost its peers (gloo, NCCL, the TCPStore)
+# backend messages of a collective that lost its peers (gloo, NCCL): a plain RuntimeError elsewhere (a bug)
+# keeps its traceback
 _PEER_FAILURE_MARKERS = (
-    "connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
-    "socket", "ncclremoteerror", "nccl communicator was aborted", "gloo", "distbackenderror",
-    "failed to recv", "failed to send", "connection refused",
+    "third_party/gloo", "connection closed by peer", "connection reset by peer", "broken pipe",
+    "timed out waiting", "collective operation timeout", "ncclremoteerror", "nccl communicator was aborted",
+    "failed to recv", "failed to send",
 )
 
 
