@@ -186,6 +186,9 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     resume_rng = None
     if resume is not None:
         state = build.restore_training_state(comp, resume, env, accumulation=cfg.accumulation)
+        if state.epoch > args.epochs and not args.evaluate:
+            raise UsageError(ValueError(f"--resume {resume_path} has completed {state.epoch} epochs, more than "
+                                        f"--epochs {args.epochs}"))
         resume_rng = _rank_rng(resume, env)
         changes = build.changed_flags(resume.get("args"), args)
         if changes and env.is_main:
@@ -262,10 +265,12 @@ def run(args: argparse.Namespace) -> int:
             _post_unexpected(exc, monitor)
             raise
         failure = monitor.diagnose(exc, args.dist_timeout)
-        # the lowest-numbered rank that is still alive reports it (rank 0 unless rank 0 is the one lost)
+        # the lowest-numbered rank that is still alive reports it (rank 0 unless rank 0 is the one lost); when
+        # nobody could be named (the store went away with its host), every rank says what it saw
         alive = [r for r in range(env.world_size) if r not in failure.lost]
-        if alive and env.rank == alive[0]:
-            print(f"main.py: error: {failure.message}", file=sys.stderr, flush=True)
+        if not failure.lost or env.rank == alive[0]:
+            prefix = f"[rank {env.rank}] " if not failure.lost and not env.is_main else ""
+            print(f"main.py: error: {prefix}{failure.message}", file=sys.stderr, flush=True)
         raise PeerLost(failure.exit_code) from None
     except BaseException as exc:
         _post_unexpected(exc, monitor)
