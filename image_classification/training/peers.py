@@ -60,9 +60,11 @@ class PeerFailure:
 class PeerMonitor:
     """Heartbeat and outcome of this rank in the rendezvous store, and the diagnosis of lost peers."""
 
-    def __init__(self, rank: int, world_size: int, interval: float = 1.0, host: Optional[str] = None,
+    def __init__(self, rank: int, world_size: int, interval: Optional[float] = None, host: Optional[str] = None,
                  port: Optional[int] = None) -> None:
-        self.rank, self.world_size, self.interval = rank, world_size, float(interval)
+        # one store update per rank per second, fewer beyond 256 ranks (the store serves them all)
+        self.interval = float(interval) if interval is not None else max(1.0, world_size / 256)
+        self.rank, self.world_size = rank, world_size
         self.host = host or os.environ.get("MASTER_ADDR", "127.0.0.1")
         self.port = int(port if port is not None else os.environ.get("MASTER_PORT", "0"))
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
