@@ -1,5 +1,5 @@
-"""Every registered operator trains under autocast (fp16 and bf16, CPU autocast): forward, backward,
-finite gradients; and its eval forward (batch 1 and batch > 1 paths) runs under autocast too.
+"""Every registered operator trains under autocast (fp16 and bf16; CPU autocast, and CUDA where available):
+forward, backward, finite gradients; and its eval forward (batch 1 and batch > 1 paths) runs under it too.
 
 ``--amp`` wraps the forward in ``torch.autocast``; an operator that mixes a low-precision conv output
 with float32 generator tensors in an in-place op fails on its first step (DCD's ``baddbmm_`` did).
@@ -42,14 +42,18 @@ class _TinyNet(nn.Module):
 SPECS = [*list_operators(), "dcd:mode=joint", "pedconv:sampling=learned,rank=2"]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("op", SPECS)
-def test_operator_trains_under_autocast(op: str, dtype: str) -> None:
+def test_operator_trains_under_autocast(op: str, dtype: str, device: str) -> None:
     torch.manual_seed(0)
-    net = _TinyNet(op).train()
-    x = torch.randn(4, 16, 8, 8)
-    target = torch.tensor([0, 1, 2, 0])
-    with torch.autocast("cpu", dtype=DTYPES[dtype]):
+    net = _TinyNet(op).train().to(device)
+    x = torch.randn(4, 16, 8, 8, device=device)
+    target = torch.tensor([0, 1, 2, 0], device=device)
+    with torch.autocast(device, dtype=DTYPES[dtype]):
         out = net(x)
         loss = nn.functional.cross_entropy(out.float(), target)
     term = infomax_loss(net)
@@ -64,7 +68,7 @@ def test_operator_trains_under_autocast(op: str, dtype: str) -> None:
     assert not bad, f"{op} {dtype}: non-finite gradients in {bad}"
     assert all(g.dtype == torch.float32 for g in grads.values() if g is not None)  # master weights stay fp32
     net.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=DTYPES[dtype]):
+    with torch.no_grad(), torch.autocast(device, dtype=DTYPES[dtype]):
         for batch in (1, 3):
-            y = net(torch.randn(batch, 16, 8, 8))
+            y = net(torch.randn(batch, 16, 8, 8, device=device))
             assert y.shape == (batch, 3) and torch.isfinite(y.float()).all(), (op, dtype, batch)
