@@ -395,9 +395,9 @@ def _precise_bn(run: _Run, epoch: int) -> None:
         if done % cfg.print_freq == 0 or done == total:
             progress.update(done, {})
 
-    recompute_bn_statistics(models, run.loaders.calibration_batches(), total, prepare=cfg.to_device,
-                            autocast=cfg.autocast, progress=report)
-    progress.close()
+    used = recompute_bn_statistics(models, run.loaders.calibration_batches(), total, prepare=cfg.to_device,
+                                   autocast=cfg.autocast, progress=report)
+    progress.close({"batches": used})
 
 
 def _validate_epoch(run: _Run, epoch: int, record: Dict[str, float]) -> bool:
