@@ -124,9 +124,9 @@ class _Window:
             "--warmup, or check the data); no checkpoint was written for this epoch"
         )
 
-    def flush(self, epoch: int = 0) -> Dict[str, float]:
+    def flush(self) -> Dict[str, float]:
+        """The window's metrics, summed over ranks (then :meth:`check_finite` on them)."""
         loss, infomax, correct, n = all_reduce_sum(self.sums.tolist(), self.device)
-        self.check_finite(epoch, loss, infomax)
         n = max(n, 1.0)
         total_time = max(self.data_time + self.compute_time, 1e-9)
         metrics = {
@@ -220,9 +220,10 @@ def train_one_epoch(
             w.compute_time += compute_time
         done = i + 1
         if done % cfg.print_freq == 0 or done == total:
-            metrics = window.flush(epoch)
+            metrics = window.flush()
             metrics["train.lr"] = lr
-            raport.log((epoch, done), metrics)
+            raport.log((epoch, done), metrics)  # logged first: the raport shows the NaN that stops the run
+            window.check_finite(epoch, metrics["train.loss"], metrics["train.infomax"])
             progress.update(done, {k: metrics[k] for k in ("train.loss", "train.top1", "train.total_ips")})
             window.reset()
         if boundary:
@@ -232,7 +233,9 @@ def train_one_epoch(
                 interrupted = done < total
                 break
         end = time.perf_counter()
-    summary = epoch_window.flush(epoch) if epoch_window.batches or cfg.world_size > 1 else {}
+    summary = epoch_window.flush() if epoch_window.batches or cfg.world_size > 1 else {}
+    if summary:
+        epoch_window.check_finite(epoch, summary["train.loss"], summary["train.infomax"])
     progress.close({k: summary[k] for k in ("train.loss", "train.top1", "train.total_ips")} if summary else None)
     return EpochResult(done, interrupted, summary)
 

@@ -405,8 +405,12 @@ def _validate_epoch(run: _Run, epoch: int, record: Dict[str, float]) -> bool:
     state = run.state
     val_metrics = _validate_all(run, epoch)
     record.update(val_metrics)
-    for prefix in ("val", "val_ema"):
-        check_finite_validation(val_metrics, prefix, epoch)
+    try:
+        for prefix in ("val", "val_ema"):
+            check_finite_validation(val_metrics, prefix, epoch)
+    except NonFiniteLossError:
+        run.raport.log((epoch,), record)  # the raport shows the epoch that diverged
+        raise
     is_best = val_metrics["val.top1"] > state.best_prec1 or state.best_prec1 < 0
     state.best_prec1 = max(state.best_prec1, val_metrics["val.top1"])
     state.pending_validation = False

@@ -54,6 +54,8 @@ def test_non_finite_training_loss_stops_with_epoch_and_iteration(tmp_path: Path,
     line = _error_line(err)
     assert "training loss is nan at epoch 0 iteration" in line
     assert not (ws / "checkpoint.pth.tar").exists() and not (ws / "model_best.pth.tar").exists()
+    losses = [value for _, value in raport_values(read_raport(ws / "raport.json"), "train.loss")]
+    assert losses and math.isnan(losses[-1])  # the raport shows what stopped the run
 
 
 def test_non_finite_validation_never_becomes_the_best_model(tmp_path: Path, capsys: pytest.CaptureFixture,
