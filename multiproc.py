@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +50,25 @@ def torchrun_args(args: argparse.Namespace) -> List[str]:
     return out + [args.training_script, *args.training_script_args]
 
 
+def exit_status(exc: Any) -> int:
+    """The exit status of the job that failed with torchrun's ``ChildFailedError``: the first worker to fail
+    (the root cause; the others were stopped because of it, or failed because they lost it), as a shell
+    reports it: its own status (2 = bad input, 3 = diverged, ...) or 128 + N when signal N killed it."""
+    failures = getattr(exc, "failures", None) or {}
+    if not failures:
+        return 1
+    # timestamps have 1 s resolution: within a second prefer a specific status over the generic 1 of a rank
+    # that only lost its peer
+    first = min(failures.values(),
+                key=lambda failure: (getattr(failure, "timestamp", 0), failure.exitcode == 1, failure.local_rank))
+    code = first.exitcode
+    if not isinstance(code, int) or code == 0:
+        return 1
+    if code < 0:  # killed by a signal (SIGKILL: the out-of-memory killer) -> 137, as a shell says it
+        return min(255, 128 - code)
+    return code if code < 256 else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,9 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         torchrun_main(translated)
     except ChildFailedError as exc:
-        failures = list(exc.failures.values())
-        code = failures[0].exitcode if failures else 1
-        return code if isinstance(code, int) and 0 < code < 256 else 1
+        return exit_status(exc)
     except SignalException as exc:  # SIGTERM/SIGINT: torchrun forwarded it; the workers checkpointed and exited
         print(f"multiproc.py: stopped by signal {int(exc.sigval)}", file=sys.stderr)
         return 128 + int(exc.sigval)

@@ -56,6 +56,8 @@ LABELS = {
     "involution": "Involution",
 }
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
+DIVERGED_MARKER = "diverged.txt"
+EXIT_DIVERGED = 3  # main.py's status for a run stopped by a NaN/inf loss
 
 
 @dataclass
@@ -119,8 +121,10 @@ def run_dir(logs: Path, op: str, seed: int) -> Path:
     return logs / op / f"seed{seed}"
 
 
-def _wanted(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
-    return {"epochs": args.epochs, "seed": seed, "train_subset": args.train_subset, "val_subset": args.val_subset}
+def _wanted(args: argparse.Namespace, op: str, seed: int) -> Dict[str, Any]:
+    """The settings a finished run must have been made with to be reused (others are run again)."""
+    return {"epochs": args.epochs, "seed": seed, "train_subset": args.train_subset, "val_subset": args.val_subset,
+            "precise_bn": int(read_recipe(op).get("precise-bn", 0))}
 
 
 def run_state(workspace: Path, wanted: Dict[str, Any]) -> str:
@@ -135,6 +139,8 @@ def run_state(workspace: Path, wanted: Dict[str, Any]) -> str:
         return "stale"
     if any(params.get(key) != value for key, value in wanted.items()):
         return "stale"
+    if (workspace / DIVERGED_MARKER).is_file():  # main.py stopped it (exit status 3): reported as diverged
+        return "done"
     return "done" if summary.complete else "partial"
 
 
@@ -156,7 +162,7 @@ def run_all(args: argparse.Namespace) -> None:
     for op in args.ops:
         for seed in args.seeds:
             workspace = run_dir(args.logs, op, seed)
-            state = run_state(workspace, _wanted(args, seed))
+            state = run_state(workspace, _wanted(args, op, seed))
             if state == "done":
                 print(f"[study] {op} seed {seed}: complete in {workspace}, skipped", flush=True)
                 continue
@@ -164,7 +170,7 @@ def run_all(args: argparse.Namespace) -> None:
                 print(f"[study] {op} seed {seed}: {workspace} holds a run with other settings; starting again", flush=True)
                 if not args.dry_run:
                     shutil.rmtree(workspace)
-            resume = state == "partial" and (workspace / "checkpoint.pth.tar").is_file()
+            resume = state == "partial"  # --resume auto: from the checkpoint, or again if none was written
             cmd = train_command(args, op, seed, workspace, resume)
             print(f"[study] {op} seed {seed}{' (resuming)' if resume else ''}: {shlex.join(cmd)}", flush=True)
             if args.dry_run:
@@ -172,7 +178,11 @@ def run_all(args: argparse.Namespace) -> None:
             workspace.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             code = subprocess.call(cmd, cwd=ROOT)
-            if code != 0:
+            if code == EXIT_DIVERGED:
+                print(f"[study] {op} seed {seed}: diverged (main.py stopped it on a NaN/inf loss); reported as "
+                      "such", flush=True)
+                (workspace / DIVERGED_MARKER).write_text("main.py exit status 3: non-finite loss\n")
+            elif code != 0:
                 raise SystemExit(f"error: training {op} seed {seed} failed with exit status {code} (see above)")
             (workspace / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
 
@@ -194,17 +204,20 @@ def load_run(workspace: Path, op: str, seed: int) -> RunResult:
     raport = workspace / "raport.json"
     records = read_records(raport)
     top1 = epoch_metrics(records, "val.top1")
-    if not top1:
+    stopped = (workspace / DIVERGED_MARKER).is_file()
+    if not top1 and not stopped:
         raise SystemExit(f"error: {raport} holds no val.top1 record (did the run fail?)")
     summary = summarize(raport)
     seconds_file = workspace / "seconds.txt"
     seconds = float(seconds_file.read_text()) if seconds_file.is_file() else None
     curve = loss_curve(records)
     losses = [record.get("data", {}).get(key) for record in records for key in ("train.loss", "val.loss")]
-    return RunResult(op=op, seed=seed, top1=top1[max(top1)], best_top1=max(top1.values()),
+    # a run stopped before its first test has no accuracy: NaN, shown as "diverged", never a number
+    return RunResult(op=op, seed=seed, top1=top1[max(top1)] if top1 else math.nan,
+                     best_top1=max(top1.values()) if top1 else math.nan,
                      train_ips=summary.train_ips, epoch_top1=top1,
                      loss_curve=curve, seconds=seconds,
-                     diverged=any(isinstance(loss, float) and not math.isfinite(loss) for loss in losses))
+                     diverged=stopped or any(isinstance(loss, float) and not math.isfinite(loss) for loss in losses))
 
 
 # ------------------------------------------------------------------------------------ profiling
@@ -264,6 +277,8 @@ def results_table(rows: Sequence[OpSummary]) -> str:
     ]
     for r in rows:
         acc = f"{r.top1_mean:.2f}" + (f" ± {r.top1_std:.2f}" if r.top1_std is not None else "")
+        if not math.isfinite(r.top1_mean):  # a seed was stopped before its first test
+            acc = "diverged"
         lines.append(
             f"| {LABELS.get(r.op, r.op)} | `{r.conv}` | {acc} | {r.n} | {r.params / 1e6:.3f}M | {r.macs / 1e6:.1f}M "
             f"| {_f(r.train_ips, '.0f')} | {_f(r.latency_ms, '.2f')} | {_f(r.latency_ratio, '.2f')} "
@@ -276,7 +291,9 @@ def per_seed_table(results: Sequence[RunResult]) -> str:
     lines = ["| operator | seed | final test top-1 (%) | best test top-1 (%) | train img/s | wall time (s) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {LABELS.get(r.op, r.op)} | {r.seed} | {r.top1:.2f} | {r.best_top1:.2f} "
+        final = f"{r.top1:.2f}" if math.isfinite(r.top1) else "diverged"
+        best = f"{r.best_top1:.2f}" if math.isfinite(r.best_top1) else "diverged"
+        lines.append(f"| {LABELS.get(r.op, r.op)} | {r.seed} | {final} | {best} "
                      f"| {_f(r.train_ips, '.0f')} | {_f(r.seconds, '.0f')} |")
     return "\n".join(lines) + "\n"
 
@@ -319,16 +336,18 @@ def plot_curves(results: Sequence[RunResult], rows: Sequence[OpSummary], path: P
                 title="training loss (mean over seeds)", yscale="log")
     axes[1].set(xlabel="epoch", ylabel="test top-1 (%)", title="test top-1 (mean over seeds)")
     axes[1].xaxis.get_major_locator().set_params(integer=True)
-    means = [r.top1_mean for r in rows]
-    errs = [r.top1_std or 0.0 for r in rows]
+    means = [r.top1_mean if math.isfinite(r.top1_mean) else 0.0 for r in rows]  # diverged: no bar
+    errs = [r.top1_std if r.top1_std is not None and math.isfinite(r.top1_std) else 0.0 for r in rows]
     axes[2].bar(range(len(rows)), means, yerr=errs, color=[colors[op] for op in ops], capsize=4)
     axes[2].set_xticks(range(len(rows)), [LABELS.get(op, op) for op in ops], rotation=30, ha="right")
-    low = min(m - e for m, e in zip(means, errs)) if means else 0.0
-    axes[2].set_ylim(max(0.0, low - 2.0), min(100.0, max(m + e for m, e in zip(means, errs)) + 1.0) if means else 100)
+    shown = [(m, e) for m, e in zip(means, errs) if m > 0]
+    low = min(m - e for m, e in shown) if shown else 0.0
+    axes[2].set_ylim(max(0.0, low - 2.0), min(100.0, max(m + e for m, e in shown) + 1.0) if shown else 100)
     axes[2].set(ylabel="final test top-1 (%)", title="final test top-1 (± std over seeds)")
     for ax in axes[:2]:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +383,7 @@ def write_report(
     if plot:
         plot_curves(results, rows, out / f"{name}.png", f"Fashion-MNIST, CIFAR ResNet-20: {settings}")
     static = next((r for r in rows if r.op == "static"), None)
-    best = max(rows, key=lambda r: r.top1_mean)
+    best = max(rows, key=lambda r: r.top1_mean if math.isfinite(r.top1_mean) else -math.inf)
     lines = [
         "# Fashion-MNIST: PEDConv against static convolution and its peers",
         "",
@@ -405,9 +424,10 @@ def write_report(
             "  schedule it is trained and evaluated at a temperature above 1.",
         ] if "dyconv" in ops else []),
         *([
-            "- Runs that diverged under this recipe (a non-finite training or test loss was logged; lr 0.1 with",
-            "  no warmup): " + ", ".join(f"{LABELS.get(r.op, r.op)} seed {r.seed}" for r in results if r.diverged)
-            + ". Their top-1 is reported as measured.",
+            "- Runs that diverged under this recipe (a non-finite training or test loss: main.py stops such a run,",
+            "  exit status 3; lr 0.1 with no warmup): "
+            + ", ".join(f"{LABELS.get(r.op, r.op)} seed {r.seed}" for r in results if r.diverged)
+            + ". Their top-1 is the last test before they stopped (\"diverged\" when there was none).",
         ] if any(r.diverged for r in results) else []),
         "- Parameter and MAC counts are exact; the latency ratios are measurements on this machine's CPU.",
         "",

@@ -3,7 +3,8 @@
 #   1. scripts/setup_env.sh: virtualenv .venv with the requirements, and Debian's dataset-fashion-mnist
 #      when its files are absent and apt is usable (otherwise it says how to install it);
 #   2. trains CIFAR ResNet-20 on Fashion-MNIST with static convolution and with PEDConv, same recipe
-#      (configs/fashion_mnist/{static,pedconv}.yaml) and seed, a short schedule, with progress bars;
+#      (configs/fashion_mnist/{static,pedconv}.yaml: BatchNorm statistics recomputed over 20 training
+#      batches before each test, --precise-bn) and seed, a short schedule, with progress bars;
 #   3. prints a table (test top-1, parameters, MACs, train img/s, batch-1 latency vs static) and writes
 #      logs/quickstart/quickstart.{md,csv,png} (the PNG holds the learning curves).
 # Budget: under 15 minutes on 2 CPU cores, setup included (see README, "Quick start", for the timing).

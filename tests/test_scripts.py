@@ -239,3 +239,37 @@ def test_loss_curve_and_load_run(tmp_path: Path) -> None:
     RaportWriter(str(tmp_path / "empty" / "raport.json")).close()
     with pytest.raises(SystemExit, match="no val.top1"):
         study.load_run(tmp_path / "empty", "static", 0)
+
+
+def test_study_reports_a_run_main_py_stopped_as_diverged(tmp_path: Path) -> None:
+    """main.py exits with 3 on a NaN/inf loss: the study keeps going, marks the run, and never turns it
+    into a number (nor retrains it on the next invocation)."""
+    fake = tmp_path / "fake_python.py"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from image_classification.training.logger import RaportWriter\n"
+        "args = sys.argv[2:]\n"
+        "value = lambda flag: args[args.index(flag) + 1]\n"
+        "writer = RaportWriter(value('--workspace') + '/raport.json')\n"
+        "writer.log_parameters({'seed': int(value('--seed')), 'epochs': int(value('--epochs')), 'train_subset': 100,\n"
+        "                       'val_subset': None, 'precise_bn': 20, 'conv': 'involution'})\n"
+        "writer.log((0, 5), {'train.loss': float('nan'), 'train.total_ips': 10.0})\n"
+        "writer.close()\n"
+        "sys.exit(3)\n"
+    )
+    fake.chmod(0o755)
+    argv = ["--ops", "involution", "--seeds", "0", "--epochs", "1", "--train-subset", "100", "--logs",
+            str(tmp_path / "logs"), "--python", str(fake), "--data", str(tmp_path)]
+    args = study.parse(argv)
+    study.run_all(args)
+    workspace = study.run_dir(args.logs, "involution", 0)
+    assert (workspace / study.DIVERGED_MARKER).is_file()
+    assert study.run_state(workspace, study._wanted(args, "involution", 0)) == "done"  # not retrained
+    result = study.load_run(workspace, "involution", 0)
+    assert result.diverged and result.top1 != result.top1  # NaN
+    profiles = {"involution": study.OpProfile("involution", 270_000, 30_000_000)}
+    study.write_report([result], profiles, ["involution"], tmp_path / "out", "fm", "cmd", "1 epoch", "machine")
+    text = (tmp_path / "out" / "fm.md").read_text()
+    assert "| Involution | `involution` | diverged | 1 |" in text and "Involution seed 0" in text

@@ -230,8 +230,10 @@ class Loaders:
         train_samples: int,
         val_samples: int,
         classes: Optional[List[str]] = None,
+        calibration: Optional[Callable[[], Iterable[Tuple[torch.Tensor, torch.Tensor]]]] = None,
     ) -> None:
         self.train = train
+        self._calibration = calibration
         self.val = val
         self.num_classes = int(num_classes)
         self.in_chans = int(in_chans)
@@ -248,6 +250,18 @@ class Loaders:
             set_epoch = getattr(loader, "set_epoch", None)
             if set_epoch is not None:
                 set_epoch(self.epoch)
+
+    def calibration_batches(self) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches (training augmentation) for re-estimating BatchNorm statistics (``--precise-bn``).
+
+        Iterating them leaves ``train``'s stream untouched: for the ``pytorch``, in-memory and ``synthetic``
+        backends they are the current epoch's first batches again (``train`` is re-iterable and a pure
+        function of ``(seed, epoch, rank)``); DALI, whose iterator cannot restart mid-epoch, gets a second
+        training pipeline built on first use.
+        """
+        if self._calibration is not None:
+            return self._calibration()
+        return self.train
 
     def __repr__(self) -> str:
         return (

@@ -21,6 +21,7 @@ normalised with the ImageNet mean/std, int64 labels of shape ``(N,)``. dali-cpu 
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -59,19 +60,38 @@ def find_bad_image(files: Sequence[str], budget_s: float = 30.0) -> Optional[str
     return None
 
 
+def _dataset_file_in(text: str, files: Sequence[str]) -> Optional[str]:
+    """The first path in DALI's message that is one of the dataset's files (DALI names files it cannot open)."""
+    candidates = re.findall(r"(/[^\s'\"`,;]+)", text)
+    if not candidates:
+        return None
+    known = set(files)
+    return next((path.rstrip(".:") for path in candidates if path.rstrip(".:") in known), None)
+
+
 def _one_line_dali_error(exc: BaseException, files: Sequence[str]) -> DataError:
     """Condense DALI's multi-line pipeline error; for decoder failures name the offending file."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     noise = (
         "Critical error in pipeline",
         "Current pipeline object",
-        "File ",
+        'File "',  # the Python traceback of the pipeline definition (not "File mapping failed: <path>")
+        "C++ context:",
         "encountered:",
         "which was used",
     )
     details = [line for line in lines if not line.startswith(noise) and "fn." not in line.split("`")[0]]
     operator = next((line.rstrip(",") for line in lines if line.startswith("Error in ")), "")
     reason = "; ".join(part for part in (operator, details[-1] if details else "") if part)[:300]
+    named = _dataset_file_in(text, files)
+    if named is not None:
+        try:
+            empty = os.path.getsize(named) == 0
+        except OSError:
+            empty = False
+        what = "is empty (0 bytes)" if empty else "cannot be read"
+        return DataError(f"image {named} {what} (DALI: {details[-1] if details else reason})")
     if "decoders" in operator or "decod" in reason.lower():
         bad = find_bad_image(files)
         if bad is not None:
@@ -274,6 +294,16 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         **common,
     )
     train = DaliLoader(train_pipe, train_files, train_policy, train_len, nhwc)
+    calibration: List[DaliLoader] = []
+
+    def calibration_loader() -> DaliLoader:
+        """A second training pipeline for --precise-bn, built on first use (the training iterator cannot be
+        rewound mid-epoch, and drawing from it would shorten the next epoch)."""
+        if not calibration:
+            pipe = _create_pipeline(train_files, train_labels, train=True, augment=cfg.augment, batch_size=train_bs,
+                                    seed=cfg.seed + 1000 * rank + 2, **common)
+            calibration.append(DaliLoader(pipe, train_files, train_policy, train_len, nhwc))
+        return calibration[0]
 
     val_len = -(-_dali_shard_size(len(val_files), rank, world) // val_bs)
     val_pipe = _create_pipeline(
@@ -295,4 +325,5 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         train_samples=len(train_files),
         val_samples=len(val_files),
         classes=train_classes,
+        calibration=calibration_loader,
     )

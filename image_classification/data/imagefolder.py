@@ -48,6 +48,60 @@ def find_split(root: Optional[str], split: str) -> str:
     return path
 
 
+def scan_class_folder(folder: str) -> List[str]:
+    """Image files under ``folder`` in torchvision's ``make_dataset`` order (directories by path, files by
+    name), following directory symlinks -- but each real directory and each real file only once.
+
+    A symlink to a directory that contains it (``ln -s .. a/loop``, ``ln -s . a/self``) would make the scan
+    endless (os.walk) or repeat a class dozens of times: it is a :class:`DataError` naming the link. Two
+    names for one file (a file symlink, a directory linked twice) count once. Without any symlink in the
+    class folder no real path is computed (ImageNet's 1.28M files cost no extra system call).
+    """
+    top = os.path.realpath(folder)
+    seen_dirs = {top}
+    pending = [(folder, top)]  # (path, real path)
+    listed: List[Tuple[str, str, List[Tuple[str, bool]]]] = []
+    any_link = False
+    while pending:
+        path, real = pending.pop()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:  # unreadable directory: skipped, as os.walk does
+            continue
+        files = []
+        for entry in entries:
+            linked = entry.is_symlink()
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; no stat for plain entries (d_type)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                if entry.name.lower().endswith(IMG_EXTENSIONS):
+                    files.append((entry.name, linked))
+                    any_link = any_link or linked
+                continue
+            any_link = any_link or linked
+            target = os.path.realpath(entry.path) if linked else os.path.join(real, entry.name)
+            if target == real or real.startswith(target.rstrip(os.sep) + os.sep):
+                raise DataError(f"symlink loop in the data: {entry.path} points to {target}, which contains it; "
+                                "remove the link")
+            if target not in seen_dirs:
+                seen_dirs.add(target)
+                pending.append((entry.path, target))
+        listed.append((path, real, files))
+    images: List[str] = []
+    seen_files = set()
+    for path, real, files in sorted(listed, key=lambda item: item[0]):
+        for name, linked in sorted(files):
+            if any_link:  # dedupe by real path only when some name may be a second one
+                target = os.path.realpath(os.path.join(path, name)) if linked else os.path.join(real, name)
+                if target in seen_files:
+                    continue
+                seen_files.add(target)
+            images.append(os.path.join(path, name))
+    return images
+
+
 def scan_split(root: Optional[str], split: str) -> Tuple[List[str], List[Tuple[str, int]]]:
     """Classes and ``(path, label)`` samples of ``root/split`` (ImageFolder rules, no empty classes)."""
     path = find_split(root, split)
@@ -55,7 +109,8 @@ def scan_split(root: Optional[str], split: str) -> Tuple[List[str], List[Tuple[s
         classes, class_to_idx = datasets.folder.find_classes(path)
     except FileNotFoundError:
         raise DataError(f"{path} contains no class folders") from None
-    samples = datasets.folder.make_dataset(path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples = [(image, class_to_idx[name]) for name in sorted(class_to_idx)
+               for image in scan_class_folder(os.path.join(path, name))]
     counts = [0] * len(classes)
     for _, label in samples:
         counts[label] += 1
@@ -188,6 +243,12 @@ class EpochLoader:
                 return
             except DataError as exc:
                 raise reraise_one_line(exc) from None
+            except RuntimeError as exc:  # e.g. "DataLoader worker (pid 123) is killed by signal: Killed."
+                if "DataLoader worker" not in str(exc):
+                    raise
+                reason = " ".join(str(exc).split()).split(". Details", 1)[0].rstrip(".")
+                raise DataError(f"{reason}: out of memory? lower -j/--workers (now {self.workers}) or the batch "
+                                "size, or give the job more memory (/dev/shm included)") from None
             finally:
                 if outer_rng is not None:
                     data_rng = torch.get_rng_state()

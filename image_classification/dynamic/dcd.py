@@ -589,7 +589,8 @@ class DCDConv2d(DynamicConv2d):
         # Lambda (W0 * x) + b + P (Phi Q^T x): the residual is accumulated into y by baddbmm.
         # In place: y is a fresh tensor that no backward formula saved, and baddbmm's own backward
         # needs only p and z, so this is autograd-safe and spares a copy of the output.
-        y.reshape(b * nb, ob, hw).baddbmm_(p, z.reshape(b * nb, L, hw))
+        # Under autocast y, z and P may differ in dtype (autocast leaves in-place ops alone): use y's.
+        y.reshape(b * nb, ob, hw).baddbmm_(p.to(y.dtype), z.reshape(b * nb, L, hw).to(y.dtype))
         return y
 
     def _forward_released(self, x: torch.Tensor) -> torch.Tensor:

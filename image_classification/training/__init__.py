@@ -2,7 +2,9 @@
 
 Modules: :mod:`.cli` (flags, ``--config`` recipes, validation), :mod:`.trainer` (``main``: the run),
 :mod:`.build` (data, model, optimizer and resume state from the arguments), :mod:`.engine` (one epoch,
-one validation pass), :mod:`.optim` (SGD groups, LR schedule), :mod:`.logger` (DLLogger raport, progress,
-``read_raport``), :mod:`.distributed` (process group, collectives), :mod:`.checkpoint` (atomic checkpoints,
+one validation pass, non-finite loss detection), :mod:`.optim` (SGD groups, LR schedule), :mod:`.precise_bn`
+(BatchNorm statistics recomputed over training batches), :mod:`.logger` (DLLogger raport, progress,
+``read_raport``), :mod:`.distributed` (process group, collectives, argument agreement across ranks),
+:mod:`.peers` (heartbeats and naming a lost rank), :mod:`.checkpoint` (atomic checkpoints, workspace lock,
 weight loading, RNG state, signals).
 """

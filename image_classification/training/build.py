@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ from .engine import Components, LoopConfig
 from .optim import build_optimizer, build_scheduler
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_components",
-           "loop_config", "RunState", "restore_training_state"]
+           "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags"]
 
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,7 +61,7 @@ def resolve_resume(args: argparse.Namespace) -> Tuple[Optional[str], Optional[Di
             return None, None
     if path is None:
         return None, None
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, trusted=bool(getattr(args, "trust_checkpoints", False)))
     if "epoch" not in checkpoint or "optimizer" not in checkpoint:
         raise CheckpointError(f"--resume {path} holds weights only (no epoch/optimizer state); use --pretrained-weights")
     return path, checkpoint
@@ -177,35 +178,116 @@ class RunState:
     epoch: int = 0
     step_in_epoch: int = 0
     best_prec1: float = -1.0  # -1: nothing validated yet
+    pending_validation: bool = False  # the checkpoint was written before its epoch was validated
 
 
-def restore_training_state(comp: Components, checkpoint: Dict[str, Any], env: DistEnv) -> RunState:
-    """Optimizer, scheduler, scaler and EMA from a ``--resume`` checkpoint (weights are loaded already)."""
+def restore_training_state(comp: Components, checkpoint: Dict[str, Any], env: DistEnv,
+                           accumulation: int = 1) -> RunState:
+    """Optimizer, scheduler, scaler and EMA from a ``--resume`` checkpoint (weights are loaded already).
+
+    The optimizer's momentum buffers come from the checkpoint, its hyperparameters (lr, momentum, weight
+    decay, Nesterov) and the learning-rate schedule from the current flags, positioned at the checkpoint's
+    (epoch, iteration) -- as DeepLearningExamples does -- so ``--epochs``/``--lr``/``--lr-schedule`` given
+    on resume are what the run trains with (and what the raport records).
+    """
+    state = checkpoint_position(checkpoint)
     try:
+        current = [{k: v for k, v in group.items() if k != "params"} for group in comp.optimizer.param_groups]
         comp.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scheduler") is not None:
-            comp.scheduler.load_state_dict(checkpoint["scheduler"])
+        for group, values in zip(comp.optimizer.param_groups, current):
+            group.update(values)
+        schedule = comp.scheduler.lr_lambdas[0]  # type: ignore[attr-defined]
+        steps = state.epoch * schedule.steps_per_epoch + state.step_in_epoch // max(1, accumulation)
+        set_schedule_position(comp.scheduler, steps)
         if comp.scaler is not None and checkpoint.get("scaler"):
             comp.scaler.load_state_dict(checkpoint["scaler"])
         if comp.ema is not None:
             if checkpoint.get("ema") is None:
                 raise CheckpointError("--use-ema given but the checkpoint has no EMA weights")
             comp.ema.load_state_dict(checkpoint["ema"])
-    except (KeyError, ValueError, RuntimeError) as exc:
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"--resume: optimizer/scheduler state does not fit this run: {' '.join(str(exc).split())}"
                               ) from None
+    return state
+
+
+def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Put a freshly built LambdaLR ``steps`` optimizer steps into its schedule (lr of step ``steps``)."""
+    scheduler.last_epoch = int(steps)
+    lrs = [base * fn(int(steps)) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+
+
+def _count(checkpoint: Dict[str, Any], key: str, default: Optional[int] = None) -> int:
+    value = checkpoint.get(key, default)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise CheckpointError(f"--resume: checkpoint field {key!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def checkpoint_position(checkpoint: Dict[str, Any]) -> RunState:
+    """Completed epochs, iterations into the next one, best top-1 and pending validation of a checkpoint;
+    malformed fields are a one-line :class:`CheckpointError`."""
+    epoch = _count(checkpoint, "epoch")
+    step = _count(checkpoint, "step_in_epoch", 0)
     best = checkpoint.get("best_prec1")
-    return RunState(int(checkpoint["epoch"]), int(checkpoint.get("step_in_epoch", 0)), float(-1.0 if best is None else best))
+    if isinstance(best, torch.Tensor) and best.numel() == 1:
+        best = best.item()
+    if best is None:
+        best = -1.0
+    if isinstance(best, bool) or not isinstance(best, numbers.Real) or math.isnan(float(best)):
+        raise CheckpointError(f"--resume: checkpoint field 'best_prec1' must be a number, got {best!r}")
+    return RunState(epoch, step, float(best), bool(checkpoint.get("pending_validation", False)))
+
+
+# flags whose change on --resume alters the training (the user is told they are taken from the command line)
+SCHEDULE_FLAGS = ("lr", "epochs", "lr_schedule", "warmup", "lr_steps", "lr_decay", "end_lr", "momentum",
+                  "weight_decay", "nesterov", "optimizer_batch_size", "batch_size", "label_smoothing", "mixup",
+                  "infomax_weight", "use_ema", "precise_bn")
+
+
+def changed_flags(saved: Any, args: argparse.Namespace) -> List[str]:
+    """``--flag OLD -> NEW`` for every training flag that differs from the checkpoint's recorded arguments."""
+    if not isinstance(saved, dict):
+        return []
+    changes = []
+    for key in SCHEDULE_FLAGS:
+        if key in saved and hasattr(args, key) and saved[key] != getattr(args, key):
+            changes.append(f"--{key.replace('_', '-')} {saved[key]} -> {getattr(args, key)}")
+    return changes
 
 
 def load_weights(model: nn.Module, checkpoint: Dict[str, Any], args: argparse.Namespace, conv: str, path: str) -> None:
     """Model weights from a loaded checkpoint; errors name the file and the mismatching arch/operator/keys."""
     try:
+        _refuse_non_finite(checkpoint)
         load_model_weights(model, checkpoint, expected_arch=args.arch, expected_conv=conv)
     except CheckpointError as exc:
         message = str(exc)
         if message.startswith("checkpoint"):
             message = message[len("checkpoint"):].lstrip(" :")
         raise CheckpointError(f"checkpoint {path}: {message}") from None
+
+
+def _refuse_non_finite(checkpoint: Dict[str, Any]) -> None:
+    """Weights holding NaN/inf come from a diverged run: training or evaluating them only spreads them."""
+    bad = []
+    for part in ("state_dict", "ema"):
+        tensors = checkpoint.get(part)
+        if not isinstance(tensors, dict):
+            continue
+        for key, value in tensors.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                bad.append(key if part == "state_dict" else f"ema:{key}")
+    if bad:
+        shown = ", ".join(bad[:3]) + (f", ... {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"checkpoint holds non-finite values (NaN/inf) in {len(bad)} tensor(s) ({shown}): it comes from a "
+            "diverged run; use an earlier checkpoint (--gather-checkpoints keeps them) or start again"
+        )

@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
+import functools
 import os
 import pickle
 import random
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -43,7 +46,10 @@ except ImportError:  # pragma: no cover - exercised only where numpy is absent
 __all__ = [
     "CheckpointError",
     "GracefulShutdown",
+    "WorkspaceLock",
     "check_workspace_writable",
+    "existing_run_files",
+    "remove_temporaries",
     "load_checkpoint",
     "load_model_weights",
     "rng_state",
@@ -94,6 +100,86 @@ def check_workspace_writable(path: PathLike) -> Path:
     os.close(fd)
     os.unlink(probe)
     return workspace
+
+
+LOCK_FILENAME = ".main.lock"
+
+
+class WorkspaceLock:
+    """An exclusive lock on a workspace for the lifetime of a run (``fcntl.flock`` on ``.main.lock``).
+
+    A second run in the same workspace is refused with a :class:`CheckpointError` naming the holder (pid and
+    host written in the lock file). The kernel releases the lock when its process ends in any way (SIGKILL
+    included), so a dead run never leaves a stale lock (only an unlocked file, which the next run takes
+    over); a clean exit removes the file. A no-op where ``fcntl`` is missing (Windows).
+    """
+
+    def __init__(self, workspace: PathLike) -> None:
+        self.path = Path(workspace).expanduser() / LOCK_FILENAME
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> WorkspaceLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        for _ in range(100):  # retried only while a releasing holder unlinks the file under us
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise CheckpointError(f"cannot create the workspace lock {self.path}: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise CheckpointError(
+                    f"workspace {self.path.parent} is in use by another run ({holder}); wait for it to end or use "
+                    "another --workspace"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # we locked a file its previous holder had just removed: lock the new one
+        else:  # pragma: no cover - a pathological race
+            raise CheckpointError(f"cannot lock the workspace {self.path.parent}")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (in this order: a waiting run re-checks the inode)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WorkspaceLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def existing_run_files(workspace: PathLike, filename: str, raport: Optional[PathLike] = None) -> List[str]:
+    """Names of the files of an earlier run in ``workspace`` that a new run would replace (checkpoint,
+    best model, per-epoch copies, non-empty raport)."""
+    directory = Path(workspace).expanduser()
+    if not directory.is_dir():
+        return []
+    found = [name for name in (filename, BEST_FILENAME) if (directory / name).is_file()]
+    found += [path.name for _, path in _gathered(directory, filename)]
+    if raport is not None:
+        raport_path = Path(raport)
+        with contextlib.suppress(OSError):
+            if raport_path.is_file() and raport_path.stat().st_size > 0:
+                found.append(os.path.relpath(raport_path, directory) if raport_path.is_absolute() else raport_path.name)
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,10 +248,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """The mode ``open()`` gives new files under the process umask (read once; cached)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def _temporary_sibling(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary path next to ``target``; it is removed unless renamed away."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    """Yield a fresh temporary path next to ``target``; it is removed unless renamed away.
+
+    Its name carries the writer's pid (``.<name>.pid<PID>.<random>.tmp``), and it gets the permissions of
+    an ordinary new file under the umask (mkstemp's 0600 would hide checkpoints from the other users of a
+    shared cluster).
+    """
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _file_mode())
+    except OSError:  # pragma: no cover - filesystems without permissions
+        pass
     os.close(fd)
     tmp = Path(name)
     try:
@@ -210,21 +313,71 @@ def _gathered(workspace: Path, filename: str) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
+def _temporary_pattern(filename: str) -> re.Pattern:
+    stem, suffix = _split_suffix(filename)
+    owned = rf"(?:{re.escape(filename)}|{re.escape(BEST_FILENAME)}|{re.escape(stem)}-\d{{4,}}{re.escape(suffix)})"
+    return re.compile(rf"\.{owned}\.(?:pid\d+\.)?[A-Za-z0-9_]+\.tmp")
+
+
 def _remove_stale_temporaries(directory: Path, filename: str, max_age_s: float = 3600.0) -> None:
     """Delete temporaries of our own files left by a writer that was killed (SIGKILL, OOM, power loss).
 
     Only names this module creates are touched, and only when older than ``max_age_s``, so a save
     in progress elsewhere (a second run wrongly sharing the workspace) is never disturbed.
     """
-    stem, suffix = _split_suffix(filename)
-    owned = rf"(?:{re.escape(filename)}|{re.escape(BEST_FILENAME)}|{re.escape(stem)}-\d{{4,}}{re.escape(suffix)})"
-    pattern = re.compile(rf"\.{owned}\.[A-Za-z0-9_]+\.tmp")
+    pattern = _temporary_pattern(filename)
     now = time.time()
     for entry in directory.iterdir():
         if pattern.fullmatch(entry.name):
             with contextlib.suppress(OSError):
                 if now - entry.stat().st_mtime > max_age_s:
                     entry.unlink()
+
+
+def remove_temporaries(workspace: PathLike, filename: str) -> List[str]:
+    """Delete every temporary of our checkpoint files in ``workspace``, whatever its age; returns their names.
+
+    Only for a process that holds the :class:`WorkspaceLock`: then no other writer exists, and every
+    temporary is the leftover of a writer killed part-way (repeated preemption would otherwise fill the
+    disk with full-size partial checkpoints).
+    """
+    directory = Path(workspace).expanduser()
+    pattern = _temporary_pattern(filename)
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if pattern.fullmatch(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed.append(entry.name)
+    return removed
+
+
+def _write_failure(exc: BaseException, directory: Path) -> str:
+    """Why a write failed, in words: torch's zip writer reports a full disk as "enforce fail ...
+    unexpected pos", so a full (or quota-exhausted) filesystem is recognised from its free space."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{exc.strerror} ({_free_space(directory)})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    message = str(exc)
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in message or "file write failed" in message):
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            free = None
+        if free is not None and free < 64 * 2**20:
+            return f"No space left on device ({_free_space(directory)})"
+        return f"the write failed part-way (disk full, quota or I/O error?; {_free_space(directory)})"
+    return _one_line(message)
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.1f} MiB free in {directory} once the partial file is removed"
 
 
 def save_checkpoint(
@@ -282,8 +435,7 @@ def save_checkpoint(
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
     except (OSError, RuntimeError, pickle.PicklingError, TypeError, AttributeError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise CheckpointError(f"could not write checkpoint {current}: {_one_line(detail)}") from None
+        raise CheckpointError(f"could not write checkpoint {current}: {_write_failure(exc, directory)}") from None
     _fsync_dir(directory)
     return target
 
@@ -368,8 +520,8 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu", trusted: bool = F
         raise CheckpointError(f"cannot read checkpoint {file}: {exc.strerror or exc}") from None
     except Exception as exc:  # torch/zip/pickle/OS errors of every kind: never a deep traceback
         message = str(exc)
-        if "Unsupported global" in message:
-            obj = _load_with_benign_globals(file, map_location, message)
+        if "Unsupported global" in message or "unsupported GLOBAL" in message or "Weights only load failed" in message:
+            obj = _load_with_benign_globals(file, map_location, message, exc)
         else:
             raise CheckpointError(f"cannot read checkpoint {file}: {_corrupt_reason(exc)}") from None
 
@@ -403,25 +555,32 @@ def _corrupt_reason(exc: BaseException) -> str:
     return f"truncated, corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {_one_line(message, 160)})"
 
 
-def _load_with_benign_globals(file: Path, map_location: Any, message: str) -> Any:
+TRUST_HINT = "if you trust its source, load it with --trust-checkpoints (main.py) or trusted=True"
+
+
+def _load_with_benign_globals(file: Path, map_location: Any, message: str, exc: BaseException) -> Any:
     unsafe = _unsafe_globals(file)
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    if unsafe is None:
+    match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)
+    if unsafe is None or (not unsafe and match is None):
+        if match is None and "Weights only load failed" in message and not unsafe:
+            raise CheckpointError(f"cannot read checkpoint {file}: {_corrupt_reason(exc)}") from None
         named = match.group(1) if match else "an object outside torch's weights_only allowlist"
         raise CheckpointError(
-            f"checkpoint {file} references {named}; refusing to unpickle it "
-            "(load it with trusted=True only if you trust its source)"
+            f"checkpoint {file} references {named}, which torch.load(weights_only=True) refuses to unpickle "
+            f"(it could run code); {TRUST_HINT}"
         ) from None
     refused = [name for name in unsafe if not _is_benign_global(name)]
+    if not refused and match is not None and not _is_benign_global(match.group(1)):
+        refused = [match.group(1)]
     if refused:
         raise CheckpointError(
-            f"checkpoint {file} references {', '.join(refused[:_MAX_LISTED])}; refusing to unpickle it "
-            "(load it with trusted=True only if you trust its source)"
+            f"checkpoint {file} references {', '.join(refused[:_MAX_LISTED])}, which torch.load(weights_only=True) "
+            f"refuses to unpickle (it could run code); {TRUST_HINT}"
         ) from None
     try:  # every global the pickle names is plain data: the full unpickler runs no foreign code
         return _torch_load(file, map_location, weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {file}: {_corrupt_reason(exc)}") from None
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint {file}: {_corrupt_reason(error)}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ argparse error: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence
@@ -18,6 +19,7 @@ from .distributed import env_world_size
 __all__ = ["build_parser", "parse_args", "load_config", "resolve_conv", "DEFAULT_DYNAMIC_SPEC"]
 
 DEFAULT_DYNAMIC_SPEC = "pedconv"
+MAX_SEED = 2**32 - 1
 DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 DATASETS = ("imagenet", "fashion-mnist", "cifar10")
 
@@ -39,8 +41,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -103,9 +129,9 @@ def _add_optim_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup", type=int, default=0, metavar="E", help="linear warmup epochs (default: 0)")
     group.add_argument("--lr-schedule", default="step", choices=("step", "linear", "cosine"),
                        help="decay after warmup (default: step)")
-    group.add_argument("--lr-steps", type=int, nargs="+", default=[30, 60, 80], metavar="E",
+    group.add_argument("--lr-steps", type=_non_negative_int, nargs="+", default=[30, 60, 80], metavar="E",
                        help="epochs where the step schedule multiplies the lr by --lr-decay (default: 30 60 80)")
-    group.add_argument("--lr-decay", type=float, default=0.1, help="step schedule factor (default: 0.1)")
+    group.add_argument("--lr-decay", type=_positive_float, default=0.1, help="step schedule factor (default: 0.1)")
     group.add_argument("--end-lr", type=_non_negative_float, default=0.0, help="final lr of linear/cosine (default: 0)")
     group.add_argument("--mom", "--momentum", dest="momentum", type=_non_negative_float, default=0.9,
                        help="SGD momentum (default: 0.9)")
@@ -114,14 +140,19 @@ def _add_optim_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bn-weight-decay", action="store_true",
                        help="also decay BatchNorm and bias parameters (default: they are excluded)")
     group.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    group.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="label smoothing (default: 0)")
+    group.add_argument("--label-smoothing", type=_finite_float, default=0.0, metavar="S",
+                       help="label smoothing (default: 0)")
     group.add_argument("--mixup", type=_non_negative_float, default=0.0, metavar="ALPHA",
                        help="mixup Beta(alpha, alpha); 0 disables (default: 0)")
     group.add_argument("--epochs", type=_positive_int, default=90, help="epochs of the schedule (default: 90)")
     group.add_argument("--run-epochs", type=int, default=-1, metavar="N",
                        help="run only N epochs in this invocation (schedules spanning several jobs; default: all)")
-    group.add_argument("--use-ema", type=float, nargs="?", const=0.9999, default=None, metavar="DECAY",
+    group.add_argument("--use-ema", type=_finite_float, nargs="?", const=0.9999, default=None, metavar="DECAY",
                        help="keep and validate an exponential moving average of the weights (decay, default 0.9999)")
+    group.add_argument("--precise-bn", type=_non_negative_int, default=0, metavar="N",
+                       help="before each validation and checkpoint, recompute every BatchNorm's statistics (model "
+                       "and EMA) as the true average over N training batches, with the dynamic operators' training "
+                       "noise off; 0 keeps the running averages (default: 0)")
 
 
 def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
@@ -129,14 +160,15 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--amp", action="store_true", help="automatic mixed precision (torch.amp)")
     group.add_argument("--amp-dtype", default="fp16", choices=("fp16", "bf16"),
                        help="autocast dtype; fp16 uses a gradient scaler (default: fp16)")
-    group.add_argument("--static-loss-scale", type=float, default=None, metavar="S",
+    group.add_argument("--static-loss-scale", type=_positive_float, default=None, metavar="S",
                        help="fixed fp16 loss scale (default: dynamic scaling)")
     group.add_argument("--dynamic-loss-scale", action="store_true",
                        help="dynamic fp16 loss scaling starting at --static-loss-scale (the default without it)")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="compute device (default: cuda when available)")
     group.add_argument("--seed", type=int, default=None,
-                       help="random seed (default: random, shared by all processes and recorded in the raport)")
+                       help=f"random seed in [0, {MAX_SEED}] (default: random, shared by all processes and recorded "
+                       "in the raport)")
     group.add_argument("--deterministic", action="store_true", help="deterministic cuDNN algorithms")
     group.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                        help=argparse.SUPPRESS)
@@ -165,6 +197,15 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                        help="also keep per-epoch copies: the last N (no value: all)")
     group.add_argument("--prof", type=int, default=-1, metavar="N",
                        help="stop each epoch after N iterations (smoke and throughput runs)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a workspace that already holds one (its checkpoints and raport are "
+                       "replaced); without it such a workspace is refused unless --resume is given")
+    group.add_argument("--trust-checkpoints", action="store_true",
+                       help="load --resume/--pretrained-weights with full unpickling, allowing objects outside "
+                       "torch's weights_only allowlist: this can run code, use it only for files you trust")
+    group.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                       help="under torchrun: give up when a collective waits longer than this for a stalled or "
+                       "lost rank, naming it (default: 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +245,25 @@ def _check_config_value(parser: argparse.ArgumentParser, key: str, action: argpa
         if not isinstance(value, bool):
             parser.error(f"config key {key!r} must be true or false, got {value!r}")
         return (not value) if isinstance(action, argparse._StoreFalseAction) else value
-    if action.nargs in ("+", "*") and not isinstance(value, list):
+    multiple = action.nargs in ("+", "*")
+    if value is None:
+        if action.default is None:
+            return None
+        parser.error(f"config key {key!r}: null is not a value (leave the key out for its default, {action.default})")
+    if isinstance(value, dict):
+        parser.error(f"config key {key!r}: expected a single value, got a mapping")
+    if isinstance(value, list) and not multiple:
+        parser.error(f"config key {key!r}: expected a single value, got a list {value}")
+    items = value if isinstance(value, list) else [value]
+    if multiple and not items:
+        parser.error(f"config key {key!r}: expected at least one value, got an empty list")
+    for item in items:
+        if isinstance(item, (bool, list, dict)) or item is None:
+            kind = "a number" if action.type not in (None, str) else "a string"
+            parser.error(f"config key {key!r}: expected {kind}, got {item!r}")
+    if action.type is None:  # strings (paths, specs): YAML numbers are taken as written
+        value = [str(v) for v in items] if multiple else str(value)
+    if multiple and not isinstance(value, list):
         value = [value]
     if isinstance(value, list) and action.type is not None:
         try:
@@ -226,10 +285,13 @@ def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
     import yaml
 
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             content = yaml.safe_load(handle)
     except OSError as exc:
         parser.error(f"cannot read --config {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        parser.error(f"cannot read --config {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                     f"{exc.start})")
     except yaml.YAMLError as exc:
         parser.error(f"--config {path} is not valid YAML: {' '.join(str(exc).split())}")
     if content is None:
@@ -301,6 +363,26 @@ def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--nesterov needs a positive --mom")
     if args.evaluate and args.training_only:
         parser.error("--evaluate and --training-only exclude each other")
+    if not 0.0 <= args.momentum < 1.0:
+        parser.error(f"--mom must be in [0, 1), got {args.momentum}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    for flag, value in (("--run-epochs", args.run_epochs), ("--prof", args.prof)):
+        if value == 0 or value < -1:
+            parser.error(f"{flag} must be >= 1 (or -1: no limit), got {value}")
+    if args.gather_checkpoints < -1:
+        parser.error(f"--gather-checkpoints must be >= 0 (or given without a value: keep all), got "
+                     f"{args.gather_checkpoints}")
+    if args.evaluate and args.pretrained_weights is None and args.resume is None:
+        parser.error("--evaluate needs weights: give --pretrained-weights FILE (or --resume FILE)")
+    if args.resume not in (None, "auto") and args.pretrained_weights is not None:
+        parser.error("--resume and --pretrained-weights exclude each other (a resumed run continues from its own "
+                     "weights); use --resume auto to start from --pretrained-weights only when there is no checkpoint")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
 
 
 def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -310,6 +392,17 @@ def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for flag, path in (("--pretrained-weights", args.pretrained_weights), ("--resume", args.resume)):
         if path is not None and path != "auto" and not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such checkpoint file")
+    name = args.checkpoint_filename
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        parser.error(f"--checkpoint-filename must be a plain file name (it is written in --workspace), got {name!r}")
+    if name == "model_best.pth.tar":
+        parser.error("--checkpoint-filename model_best.pth.tar is reserved for the best model")
+    raport = args.raport_file if os.path.isabs(args.raport_file) else os.path.join(args.workspace, args.raport_file)
+    if not args.raport_file or os.path.isdir(raport):
+        parser.error(f"--raport-file {args.raport_file!r} is a directory, not a file name")
+    existing = _nearest_existing(os.path.dirname(os.path.abspath(raport)))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--raport-file {args.raport_file}: cannot be created ({existing} is not a writable directory)")
     if args.data is None and args.data_backend != "synthetic" and args.dataset == "imagenet":
         parser.error(f"DATA is required for --data-backend {args.data_backend} (the directory with train/ and val/)")
 

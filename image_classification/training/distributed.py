@@ -7,9 +7,12 @@ backend is NCCL when the processes compute on CUDA and gloo otherwise (CPU DDP f
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from datetime import timedelta
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,12 +21,17 @@ __all__ = [
     "DistEnv",
     "env_world_size",
     "init_distributed",
+    "RanksDisagree",
+    "check_same_arguments",
+    "run_defining_arguments",
     "cleanup",
     "barrier",
     "all_reduce_sum",
     "any_rank",
     "broadcast_int",
     "sync_buffers",
+    "all_reduce_mean_",
+    "is_active",
 ]
 
 
@@ -63,15 +71,21 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
     return torch.device(requested)
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Initialise the default process group when launched by torchrun, and pick the device."""
+def init_distributed(device: str = "auto", timeout_s: Optional[float] = None) -> DistEnv:
+    """Initialise the default process group when launched by torchrun, and pick the device.
+
+    ``timeout_s`` bounds every collective (``--dist-timeout``): a rank that waits longer for a stalled
+    or lost peer raises instead of hanging for the backend's default (30 min for gloo).
+    """
     world_size = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        kwargs = {"device_id": torch_device} if torch_device.type == "cuda" else {}
+        kwargs: Dict[str, Any] = {"device_id": torch_device} if torch_device.type == "cuda" else {}
+        if timeout_s is not None:
+            kwargs["timeout"] = timedelta(seconds=float(timeout_s))
         dist.init_process_group(backend=backend, init_method="env://", **kwargs)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
@@ -83,6 +97,11 @@ def cleanup() -> None:
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_active() -> bool:
+    """True inside a process group of more than one rank."""
+    return _active()
 
 
 def barrier() -> None:
@@ -126,3 +145,53 @@ def sync_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer, src=src)
+
+
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace ``tensor`` in place by its mean over all ranks (a no-op in one process)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+class RanksDisagree(ValueError):
+    """The ranks of one job were started with different run-defining arguments (exit status 2)."""
+
+
+# arguments that may legitimately differ between ranks/nodes (paths on each node, local resources, logging)
+PER_RANK_ARGUMENTS = frozenset({"data", "local_rank", "workers", "print_freq", "workspace", "raport_file", "config"})
+
+
+def run_defining_arguments(args: Any) -> Dict[str, Any]:
+    """The parsed arguments every rank must agree on, as JSON-able values."""
+    return {key: value for key, value in sorted(vars(args).items()) if key not in PER_RANK_ARGUMENTS}
+
+
+def _digest(values: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_arguments(values: Dict[str, Any], device: torch.device) -> None:
+    """Compare ``values`` over all ranks (a hash first, the values only when they differ); raise
+    :class:`RanksDisagree` on every rank, naming each differing argument and its value per rank."""
+    if not _active():
+        return
+    digest = _digest(values)
+    digests: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    everything: List[Optional[Dict[str, Any]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, values)
+    keys = sorted({key for per_rank in everything for key in (per_rank or {})})
+    differing = []
+    for key in keys:
+        seen = [(per_rank or {}).get(key) for per_rank in everything]
+        if any(value != seen[0] for value in seen):
+            shown = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(seen))
+            differing.append(f"--{key.replace('_', '-')} ({shown})")
+    raise RanksDisagree(
+        f"ranks disagree on: {'; '.join(differing[:5])}{' ...' if len(differing) > 5 else ''}; start every rank "
+        "with the same arguments"
+    )

@@ -9,6 +9,7 @@ Validation is exact: per-rank sums of loss, correct top-1/top-5 and sample count
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional
@@ -18,10 +19,11 @@ import torch.nn as nn
 
 from image_classification.dynamic import infomax_loss
 
-from .distributed import all_reduce_sum, any_rank
+from .distributed import all_reduce_sum, any_rank, is_active
 from .logger import Progress, RaportWriter
 
-__all__ = ["Components", "LoopConfig", "EpochResult", "train_one_epoch", "validate"]
+__all__ = ["Components", "LoopConfig", "EpochResult", "NonFiniteLossError", "train_one_epoch", "validate",
+           "check_finite_validation"]
 
 
 _STOP_CHECK_EVERY = 5  # optimizer steps between stop-flag checks under DDP
@@ -68,6 +70,10 @@ class LoopConfig:
         return images, target.to(self.device, non_blocking=True)
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training or validation loss became NaN/inf: the run diverged (one-line message; exit status 3)."""
+
+
 @dataclass
 class EpochResult:
     iterations: int
@@ -84,17 +90,42 @@ class _Window:
 
     def reset(self) -> None:
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*n, infomax*n, correct, n
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # first non-finite iteration
         self.data_time = 0.0
         self.compute_time = 0.0
         self.batches = 0
 
-    def add(self, loss: torch.Tensor, infomax: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+    def add(self, loss: torch.Tensor, infomax: torch.Tensor, correct: torch.Tensor, n: int,
+            iteration: int = 0) -> None:
         update = torch.stack([loss.detach().double() * n, infomax.detach().double() * n, correct.double()])
         self.sums[:3] += update
         self.sums[3] += n
         self.batches += 1
+        # device-side bookkeeping (no host sync): the first iteration whose loss is NaN/inf
+        bad = ~torch.isfinite(update[:2]).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), iteration, self.first_bad)
+
+    def check_finite(self, epoch: int, loss: float, infomax: float) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first bad iteration when the window's loss is
+        not finite (on any rank: the summed losses are NaN/inf on every rank, so all ranks raise)."""
+        if math.isfinite(loss) and math.isfinite(infomax):
+            return
+        first = int(self.first_bad)
+        if is_active():
+            import torch.distributed as dist
+
+            marker = torch.tensor([first if first >= 0 else 2**62], dtype=torch.int64, device=self.device)
+            dist.all_reduce(marker, op=dist.ReduceOp.MIN)
+            first = int(marker)
+        what = "training loss" if not math.isfinite(loss) else "info-max loss"
+        value = loss if not math.isfinite(loss) else infomax
+        raise NonFiniteLossError(
+            f"{what} is {value} at epoch {epoch} iteration {first + 1}: the run diverged (lower --lr, add "
+            "--warmup, or check the data); no checkpoint was written for this epoch"
+        )
 
     def flush(self) -> Dict[str, float]:
+        """The window's metrics, summed over ranks (then :meth:`check_finite` on them)."""
         loss, infomax, correct, n = all_reduce_sum(self.sums.tolist(), self.device)
         n = max(n, 1.0)
         total_time = max(self.data_time + self.compute_time, 1e-9)
@@ -184,14 +215,15 @@ def train_one_epoch(
         task, infomax, correct, lr = _train_step(comp, cfg, images, target, boundary)
         compute_time = time.perf_counter() - end - data_time
         for w in (window, epoch_window):
-            w.add(task, infomax, correct, images.shape[0])
+            w.add(task, infomax, correct, images.shape[0], i)
             w.data_time += data_time
             w.compute_time += compute_time
         done = i + 1
         if done % cfg.print_freq == 0 or done == total:
             metrics = window.flush()
             metrics["train.lr"] = lr
-            raport.log((epoch, done), metrics)
+            raport.log((epoch, done), metrics)  # logged first: the raport shows the NaN that stops the run
+            window.check_finite(epoch, metrics["train.loss"], metrics["train.infomax"])
             progress.update(done, {k: metrics[k] for k in ("train.loss", "train.top1", "train.total_ips")})
             window.reset()
         if boundary:
@@ -202,6 +234,8 @@ def train_one_epoch(
                 break
         end = time.perf_counter()
     summary = epoch_window.flush() if epoch_window.batches or cfg.world_size > 1 else {}
+    if summary:
+        epoch_window.check_finite(epoch, summary["train.loss"], summary["train.infomax"])
     progress.close({k: summary[k] for k in ("train.loss", "train.top1", "train.total_ips")} if summary else None)
     return EpochResult(done, interrupted, summary)
 
@@ -250,3 +284,14 @@ def validate(model: nn.Module, cfg: LoopConfig, loader: Iterable, criterion: nn.
     }
     progress.close({k: metrics[k] for k in (f"{prefix}.loss", f"{prefix}.top1", f"{prefix}.top5")})
     return metrics
+
+
+def check_finite_validation(metrics: Dict[str, float], prefix: str, epoch: int) -> None:
+    """Raise :class:`NonFiniteLossError` when a validation pass produced a NaN/inf loss."""
+    loss = metrics.get(f"{prefix}.loss")
+    if loss is not None and not math.isfinite(loss):
+        model = "EMA model" if prefix.endswith("ema") else "model"
+        raise NonFiniteLossError(
+            f"validation loss of the {model} is {loss} after epoch {epoch}: the run diverged (lower --lr, add "
+            "--warmup); not saved as the best model"
+        )

@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
+import torch
+
 from image_classification.data import DataError
 from image_classification.dynamic import set_epoch
 
@@ -27,17 +29,51 @@ from . import build
 from .checkpoint import (
     CheckpointError,
     GracefulShutdown,
+    WorkspaceLock,
     check_workspace_writable,
+    existing_run_files,
+    remove_temporaries,
     rng_state,
     save_checkpoint,
 )
 from .checkpoint import set_rng_state as restore_rng
 from .cli import parse_args
-from .distributed import DistEnv, barrier, cleanup, init_distributed, sync_buffers
-from .engine import Components, LoopConfig, train_one_epoch, validate
-from .logger import RaportWriter
+from .distributed import (
+    DistEnv,
+    RanksDisagree,
+    barrier,
+    check_same_arguments,
+    cleanup,
+    init_distributed,
+    run_defining_arguments,
+    sync_buffers,
+)
+from .engine import (
+    Components,
+    LoopConfig,
+    NonFiniteLossError,
+    check_finite_validation,
+    train_one_epoch,
+    validate,
+)
+from .logger import Progress, RaportWriter
+from .peers import PeerMonitor, is_peer_failure
+from .precise_bn import recompute_bn_statistics
 
 __all__ = ["main", "run"]
+
+
+# exit statuses: 0 done, 2 bad input (one line, nothing lost), 3 the run diverged (non-finite loss), 1 a lost
+# peer rank or an unexpected error, 128 + N stopped by signal N after saving a checkpoint
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+
+
+class PeerLost(Exception):
+    """Raised by :func:`run` after it reported a lost peer rank; ``exit_code`` is the status to exit with."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"lost a peer rank (exit status {exit_code})")
+        self.exit_code = exit_code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -45,9 +81,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (DataError, CheckpointError, UsageError) as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except PeerLost as exc:
+        # a process group that lost a peer can block in its destructors (seconds, or for ever with a frozen
+        # peer): the message is out, the raport closed and the lock released, so leave at once
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
     finally:
         cleanup()
 
@@ -67,6 +106,7 @@ class _Run:
     resumed: bool = False
     raport: RaportWriter = field(default_factory=lambda: RaportWriter(None))
     last: Dict[str, float] = field(default_factory=dict)
+    lock: Optional[WorkspaceLock] = None
 
 
 class UsageError(ValueError):
@@ -76,8 +116,45 @@ class UsageError(ValueError):
         super().__init__(" ".join(str(exc).split()))
 
 
+def _refuse_to_replace_a_run(args: argparse.Namespace, resumed: bool) -> None:
+    """A new run (or an evaluation) must not silently replace the results of an earlier one."""
+    if args.overwrite or resumed:
+        return
+    raport = _raport_path(args)
+    if args.evaluate:  # an evaluation replaces only the raport: refuse when it holds a training run
+        if os.path.isfile(raport) and _is_training_raport(raport):
+            raise UsageError(ValueError(
+                f"{raport} holds the raport of a training run; give --evaluate another --workspace or "
+                "--raport-file, or pass --overwrite to replace it"))
+        return
+    found = existing_run_files(args.workspace, args.checkpoint_filename, raport)
+    if args.resume == "auto" and found == [os.path.basename(raport)]:
+        return  # a run stopped before its first checkpoint: --resume auto starts it again
+    if found:
+        raise UsageError(ValueError(
+            f"workspace {args.workspace} already holds a run ({', '.join(found[:4])}); continue it with --resume "
+            "auto, or pass --overwrite to replace it"))
+
+
+def _raport_path(args: argparse.Namespace) -> str:
+    return args.raport_file if os.path.isabs(args.raport_file) else os.path.join(args.workspace, args.raport_file)
+
+
+def _is_training_raport(path: str) -> bool:
+    from .logger import read_raport
+
+    try:
+        records = read_raport(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return True  # unreadable: do not replace it blindly
+    params = next((r.get("data", {}) for r in records if r.get("step") == "PARAMETER"), {})
+    return not params.get("evaluate", False)
+
+
 def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     resume_path, resume = build.resolve_resume(args)
+    if env.is_main:
+        _refuse_to_replace_a_run(args, resume is not None)
     if args.seed is None and resume is not None:  # same data order and streams as the interrupted run
         args.seed = (resume.get("args") or {}).get("seed")
     build.seed_everything(args, env)
@@ -85,7 +162,10 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     if args.pretrained_weights is not None and resume is None:
         from .checkpoint import load_checkpoint
 
-        pretrained = load_checkpoint(args.pretrained_weights)
+        pretrained = load_checkpoint(args.pretrained_weights, trusted=args.trust_checkpoints)
+    elif args.pretrained_weights is not None and env.is_main:
+        print(f"main.py: note: --pretrained-weights {args.pretrained_weights} not used: resuming from "
+              f"{resume_path}", file=sys.stderr, flush=True)
     conv = build.infer_conv(args, resume or pretrained)
     loaders = build.build_data(args, env)
     try:
@@ -105,8 +185,15 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     state = build.RunState()
     resume_rng = None
     if resume is not None:
-        state = build.restore_training_state(comp, resume, env)
+        state = build.restore_training_state(comp, resume, env, accumulation=cfg.accumulation)
+        if state.epoch > args.epochs and not args.evaluate:
+            raise UsageError(ValueError(f"--resume {resume_path} has completed {state.epoch} epochs, more than "
+                                        f"--epochs {args.epochs}"))
         resume_rng = _rank_rng(resume, env)
+        changes = build.changed_flags(resume.get("args"), args)
+        if changes and env.is_main:
+            print(f"main.py: note: resuming {resume_path} with {', '.join(changes)}: the learning-rate schedule "
+                  "and the optimizer follow the command line", file=sys.stderr, flush=True)
     return _Run(args, env, loaders, comp, cfg, state, conv, resume_rng, resumed=resume is not None)
 
 
@@ -117,32 +204,110 @@ def _rank_rng(checkpoint: Dict[str, Any], env: DistEnv) -> Optional[Dict[str, An
     return checkpoint.get("rng") if env.world_size == 1 else None
 
 
-def _open_raport(run: _Run) -> None:
+def _open_workspace(run: _Run) -> None:
+    """Rank 0: create and lock the workspace, clear what killed writers or an overwritten run left, open the
+    raport (appended to when resuming)."""
     args, env = run.args, run.env
-    path = None
+    raport_writer = RaportWriter(None)
     if env.is_main:
         workspace = check_workspace_writable(args.workspace)
-        path = args.raport_file if os.path.isabs(args.raport_file) else os.path.join(workspace, args.raport_file)
+        run.lock = WorkspaceLock(workspace).acquire()
+        leftovers = remove_temporaries(workspace, args.checkpoint_filename)
+        if leftovers:
+            print(f"main.py: note: removed {len(leftovers)} partial checkpoint(s) of a killed run from {workspace}",
+                  file=sys.stderr, flush=True)
+        if args.overwrite and not run.resumed and not args.evaluate:
+            for name in existing_run_files(workspace, args.checkpoint_filename):
+                (workspace / name).unlink()
+        path = _raport_path(args)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            raport_writer = RaportWriter(path, append=run.resumed)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write --raport-file {path}: {exc.strerror or exc}") from None
     barrier()
-    run.raport = RaportWriter(path, append=run.resumed)
+    run.raport = raport_writer
     params = dict(vars(args), conv=run.conv, world_size=env.world_size, device=str(env.device))
     run.raport.log_parameters(params)
     run.raport.log_metadata()
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train or evaluate as ``args`` say; returns the exit status."""
+    """Train or evaluate as ``args`` say; returns the exit status.
+
+    Expected failures end in one line on stderr: bad input (``DataError``, ``CheckpointError``, a bad
+    combination of options) with status 2, a diverged run with 3. Under DDP a rank that fails on its own
+    records its error for the others; a rank whose collective fails because a peer died, froze or failed
+    names that rank (and its error) and raises :class:`PeerLost` with the peer's status (1 when it has
+    none), on which :func:`main` exits without tearing down the broken process group.
+    """
     if args.local_rank is not None:  # torch.distributed.launch passes --local-rank instead of the variable
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    env = init_distributed(args.device)
-    run_ = _prepare(args, env)
-    _open_raport(run_)
+    env: Optional[DistEnv] = None
+    monitor: Optional[PeerMonitor] = None
     try:
+        try:
+            env = init_distributed(args.device, timeout_s=args.dist_timeout)
+        except ValueError as exc:
+            raise UsageError(exc) from None
+        if env.distributed:
+            monitor = PeerMonitor(env.rank, env.world_size).start()
+            check_same_arguments(run_defining_arguments(args), env.device)
+        return _run(args, env)
+    except RanksDisagree as exc:  # every rank found it: rank 0 says it once
+        return _report(exc, EXIT_BAD_INPUT, env, None, quiet=env is not None and not env.is_main)
+    except (DataError, CheckpointError, UsageError) as exc:
+        return _report(exc, EXIT_BAD_INPUT, env, monitor)
+    except NonFiniteLossError as exc:  # all ranks see the same summed loss: rank 0 says it once
+        return _report(exc, EXIT_DIVERGED, env, None, quiet=env is not None and not env.is_main)
+    except RuntimeError as exc:
+        if env is None or not env.distributed or monitor is None or not is_peer_failure(exc):
+            _post_unexpected(exc, monitor)
+            raise
+        failure = monitor.diagnose(exc, args.dist_timeout)
+        # the lowest-numbered rank that is still alive reports it (rank 0 unless rank 0 is the one lost); when
+        # nobody could be named (the store went away with its host), every rank says what it saw
+        alive = [r for r in range(env.world_size) if r not in failure.lost]
+        if not failure.lost or env.rank == alive[0]:
+            prefix = f"[rank {env.rank}] " if not failure.lost and not env.is_main else ""
+            print(f"main.py: error: {prefix}{failure.message}", file=sys.stderr, flush=True)
+        raise PeerLost(failure.exit_code) from None
+    except BaseException as exc:
+        _post_unexpected(exc, monitor)
+        raise
+    finally:
+        if monitor is not None:
+            monitor.stop()
+
+
+def _report(exc: BaseException, code: int, env: Optional[DistEnv], monitor: Optional[PeerMonitor],
+            quiet: bool = False) -> int:
+    """One line on stderr (``[rank N]`` on ranks but 0), the error recorded for the peers; the exit status."""
+    if not quiet:
+        rank = f"[rank {env.rank}] " if env is not None and env.distributed and not env.is_main else ""
+        print(f"main.py: error: {rank}{exc}", file=sys.stderr, flush=True)
+    if monitor is not None:
+        monitor.post_error(str(exc), code)
+    return code
+
+
+def _post_unexpected(exc: BaseException, monitor: Optional[PeerMonitor]) -> None:
+    if monitor is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        text = " ".join(str(exc).split())
+        monitor.post_error(f"{type(exc).__name__}: {text[:300]} (see its traceback)", 1)
+
+
+def _run(args: argparse.Namespace, env: DistEnv) -> int:
+    run_ = _prepare(args, env)
+    try:
+        _open_workspace(run_)
         if args.evaluate:
             return _evaluate(run_)
         return _train(run_)
     finally:
         run_.raport.close()
+        if run_.lock is not None:
+            run_.lock.release()
 
 
 def _sync_models(run: _Run) -> None:
@@ -162,6 +327,8 @@ def _validate_all(run: _Run, epoch: int) -> Dict[str, float]:
 
 
 def _evaluate(run: _Run) -> int:
+    run.loaders.set_epoch(run.state.epoch)
+    _precise_bn(run, run.state.epoch)
     metrics = _validate_all(run, run.state.epoch)
     run.raport.log((run.state.epoch,), metrics)
     run.raport.log((), metrics)
@@ -195,37 +362,104 @@ def _checkpoint_state(run: _Run, epoch: int, step_in_epoch: int) -> Dict[str, An
         "scaler": comp.scaler.state_dict() if comp.scaler is not None else None,
         "ema": comp.ema.state_dict() if comp.ema is not None else None,
         "best_prec1": run.state.best_prec1,
+        "pending_validation": run.state.pending_validation,
         "rng": own_rng,
         "rng_per_rank": per_rank,
         "args": {k: v for k, v in vars(args).items()},
     }
 
 
-def _save(run: _Run, epoch: int, step_in_epoch: int = 0, is_best: bool = False) -> None:
+def _save(run: _Run, epoch: int, step_in_epoch: int = 0, is_best: bool = False, gather: bool = True) -> None:
     args = run.args
     if not args.save_checkpoints:
         return
     state = _checkpoint_state(run, epoch, step_in_epoch)  # collective under DDP: every rank builds it
     if run.env.is_main:
-        gather = 0 if step_in_epoch else (10**9 if args.gather_checkpoints < 0 else args.gather_checkpoints)
+        keep = 10**9 if args.gather_checkpoints < 0 else args.gather_checkpoints
+        gather = 0 if step_in_epoch or not gather else keep
         save_checkpoint(state, args.workspace, args.checkpoint_filename, is_best=is_best, gather=gather)
     barrier()
+
+
+def _precise_bn(run: _Run, epoch: int) -> None:
+    """``--precise-bn N``: recompute every BatchNorm's statistics (model and EMA) over N training batches."""
+    requested = run.args.precise_bn
+    if requested <= 0:
+        return
+    cfg, comp = run.cfg, run.comp
+    models = [comp.module] + ([comp.ema.module] if comp.ema is not None else [])
+    total = min(requested, cfg.iterations(len(run.loaders.train)))  # type: ignore[arg-type]
+    progress = Progress(f"Epoch {epoch} precise-bn", total, cfg.print_freq, enabled=cfg.is_main)
+
+    def report(done: int) -> None:
+        if done % cfg.print_freq == 0 or done == total:
+            progress.update(done, {})
+
+    used = recompute_bn_statistics(models, run.loaders.calibration_batches(), total, prepare=cfg.to_device,
+                                   autocast=cfg.autocast, progress=report)
+    progress.close({"batches": used})
+
+
+def _validate_epoch(run: _Run, epoch: int, record: Dict[str, float]) -> bool:
+    """Validate after ``epoch``, update the best top-1 and ``record``; True when this is the best model."""
+    state = run.state
+    val_metrics = _validate_all(run, epoch)
+    record.update(val_metrics)
+    try:
+        for prefix in ("val", "val_ema"):
+            check_finite_validation(val_metrics, prefix, epoch)
+    except NonFiniteLossError:
+        run.raport.log((epoch,), record)  # the raport shows the epoch that diverged
+        raise
+    is_best = val_metrics["val.top1"] > state.best_prec1 or state.best_prec1 < 0
+    state.best_prec1 = max(state.best_prec1, val_metrics["val.top1"])
+    state.pending_validation = False
+    return is_best
+
+
+def _check_finite_weights(run: _Run, epoch: int, iteration: Optional[int] = None) -> None:
+    """Refuse to save (or validate) weights or BatchNorm statistics holding NaN/inf: the previous checkpoint
+    stays the last good one."""
+    models = [("model", run.comp.module)] + ([("EMA model", run.comp.ema.module)] if run.comp.ema is not None else [])
+    for label, model in models:
+        tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            where = f"epoch {epoch}" + (f" iteration {iteration}" if iteration is not None else "")
+            raise NonFiniteLossError(
+                f"the {label}'s weights or BatchNorm statistics are not finite (NaN/inf) at {where}: the run "
+                "diverged (lower --lr, add --warmup); the previous checkpoint is kept")
 
 
 def _end_epoch(run: _Run, epoch: int, train_metrics: Dict[str, float]) -> None:
     args, state = run.args, run.state
     _sync_models(run)
+    _check_finite_weights(run, epoch)
+    _precise_bn(run, epoch)
     record = dict(train_metrics)
     is_best = False
+    state.epoch, state.step_in_epoch = epoch + 1, 0
     if not args.training_only:
-        val_metrics = _validate_all(run, epoch)
-        record.update(val_metrics)
-        is_best = val_metrics["val.top1"] > state.best_prec1 or state.best_prec1 < 0
-        state.best_prec1 = max(state.best_prec1, val_metrics["val.top1"])
+        # the trained epoch reaches the disk before validation (a bad val image or a crash there loses
+        # nothing); the checkpoint says so, and --resume validates it first
+        state.pending_validation = True
+        _save(run, epoch + 1, 0, gather=False)
+        is_best = _validate_epoch(run, epoch, record)
     run.raport.log((epoch,), record)
     run.last = record
-    state.epoch, state.step_in_epoch = epoch + 1, 0
     _save(run, epoch + 1, 0, is_best)
+
+
+def _finish_pending_validation(run: _Run) -> None:
+    """A resumed checkpoint written before its epoch was validated: validate, log and save it now."""
+    state = run.state
+    if not state.pending_validation or run.args.training_only or state.epoch < 1:
+        state.pending_validation = False
+        return
+    record: Dict[str, float] = {}
+    is_best = _validate_epoch(run, state.epoch - 1, record)
+    run.raport.log((state.epoch - 1,), record)
+    run.last = record
+    _save(run, state.epoch, 0, is_best)
 
 
 def _train(run: _Run) -> int:
@@ -233,6 +467,7 @@ def _train(run: _Run) -> int:
     end_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, state.epoch + args.run_epochs)
     if run.resume_rng is not None:
         restore_rng(run.resume_rng)
+    _finish_pending_validation(run)
     with GracefulShutdown() as shutdown:
         for epoch in range(state.epoch, end_epoch):
             run.loaders.set_epoch(epoch)
@@ -242,6 +477,7 @@ def _train(run: _Run) -> int:
             if result.interrupted:
                 state.step_in_epoch = result.iterations
                 _sync_models(run)
+                _check_finite_weights(run, epoch, result.iterations)
                 _save(run, epoch, result.iterations)
                 return _interrupted(run, shutdown)
             _end_epoch(run, epoch, result.metrics)

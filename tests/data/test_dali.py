@@ -123,3 +123,20 @@ def test_dali_gpu(image_folder: Path) -> None:
     gpu_val, _ = collect(loaders.val)
     cpu_val, _ = collect(build_loaders(cfg(image_folder)).val)
     assert float((gpu_val.cpu() - cpu_val).abs().mean()) < 0.05
+
+
+def test_dali_empty_file_named(image_folder: Path) -> None:
+    """DALI reports "File mapping failed: <path>"; the noise filter used to drop that line with the name."""
+    empty = image_folder / "train" / "cat" / "zero.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError) as info:
+        loaders = build_loaders(cfg(image_folder))
+        collect(loaders.train)
+    assert f"image {empty} is empty (0 bytes)" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dali_calibration_batches_leave_the_training_stream_alone(image_folder: Path) -> None:
+    loaders = build_loaders(cfg(image_folder, batch_size=2))
+    calibration = list(zip(range(2), loaders.calibration_batches()))
+    assert len(calibration) == 2 and calibration[0][1][0].shape == (2, 3, 32, 32)
+    assert sum(1 for _ in loaders.train) == len(loaders.train)  # a full epoch: nothing was drawn from it

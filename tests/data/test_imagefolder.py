@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 from typing import Callable, List, Tuple
@@ -181,3 +182,67 @@ def test_augmentation_is_a_function_of_seed_and_epoch(image_folder: Path, worker
     loaders.set_epoch(2)
     third, _ = collect(loaders.train)
     assert not torch.equal(first, third)
+
+
+# ----------------------------------------------------------------------------------- symlinks in the tree
+def test_scan_matches_torchvision_order(make_image_folder: Callable[..., Path]) -> None:
+    from torchvision import datasets
+
+    from image_classification.data.imagefolder import scan_split
+
+    root = make_image_folder()
+    nested = root / "train" / "cat" / "sub" / "deeper"
+    nested.mkdir(parents=True)
+    shutil.copy(next((root / "train" / "cat").glob("*.jpg")), nested / "x.JPG")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    classes, samples = scan_split(str(root), "train")
+    expected = datasets.folder.make_dataset(str(root / "train"), {c: i for i, c in enumerate(classes)},
+                                            extensions=datasets.folder.IMG_EXTENSIONS)
+    assert samples == expected and any(path.endswith("x.JPG") for path, _ in samples)
+
+
+@pytest.mark.parametrize("target", ["..", "."])
+def test_symlink_loop_named(image_folder: Path, target: str) -> None:
+    """`ln -s .. D/train/cat/loop` made the scan endless; `ln -s . D/train/cat/self` multiplied the class."""
+    link = image_folder / "train" / "cat" / "loop"
+    link.symlink_to(target)
+    for backend in ("pytorch", "dali-cpu"):
+        if backend == "dali-cpu" and importlib.util.find_spec("nvidia.dali") is None:
+            continue
+        with pytest.raises(DataError) as info:
+            build_loaders(cfg(image_folder, backend=backend))
+        assert f"symlink loop in the data: {link}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_linked_directories_and_files_counted_once(image_folder: Path, tmp_path: Path) -> None:
+    cat = image_folder / "train" / "cat"
+    before = build_loaders(cfg(image_folder)).train_samples
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(next(cat.glob("*.jpg")), extra / "new.jpg")
+    (cat / "link1").symlink_to(extra)
+    (cat / "link2").symlink_to(extra)  # the same directory twice
+    (cat / "copy.jpg").symlink_to(next(cat.glob("cat*.jpg")))  # a second name for a file already counted
+    after = build_loaders(cfg(image_folder)).train_samples
+    assert after == before + 1  # only extra/new.jpg is new
+
+
+def test_killed_worker_is_one_line(image_folder: Path) -> None:
+    import os
+    import signal
+
+    from torch.utils.data import SequentialSampler
+
+    from image_classification.data.imagefolder import EpochLoader
+
+    class Dying(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int):
+            os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does to a worker
+
+    loader = EpochLoader(Dying(), SequentialSampler(range(4)), 2, False, workers=1, pin_memory=False, seed=0)
+    with pytest.raises(DataError) as info:
+        list(loader)
+    assert "DataLoader worker" in str(info.value) and "lower -j/--workers (now 1)" in str(info.value)

@@ -150,3 +150,85 @@ def test_use_ema_flag_forms(ws: list) -> None:
     assert parse_args(base).use_ema is None
     assert parse_args([*base, "--use-ema"]).use_ema == 0.9999
     assert parse_args([*base, "--use-ema", "0.99"]).use_ema == 0.99
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--lr", "nan"], "--lr: must be a finite number"),
+        (["--lr", "inf"], "--lr: must be a finite number"),
+        (["--end-lr", "inf"], "--end-lr: must be a finite number"),
+        (["--lr-steps", "-5", "1000"], "--lr-steps: must be >= 0"),
+        (["--lr-decay", "-3"], "--lr-decay: must be > 0"),
+        (["--lr-decay", "nan"], "--lr-decay: must be a finite number"),
+        (["--static-loss-scale", "nan"], "--static-loss-scale: must be a finite number"),
+        (["--use-ema", "nan"], "--use-ema: must be a finite number"),
+        (["--mom", "2"], "--mom must be in [0, 1), got 2.0"),
+        (["--run-epochs", "0"], "--run-epochs must be >= 1"),
+        (["--prof", "0"], "--prof must be >= 1"),
+        (["--seed", str(2**40)], "--seed must be in [0, 4294967295]"),
+        (["--seed", "1e23"], "invalid int value"),
+        (["--checkpoint-filename", "sub/x.pth.tar"], "--checkpoint-filename must be a plain file name"),
+        (["--checkpoint-filename", "model_best.pth.tar"], "reserved for the best model"),
+        (["--evaluate"], "--evaluate needs weights"),
+        (["--precise-bn", "-1"], "--precise-bn: must be >= 0"),
+        (["--dist-timeout", "0"], "--dist-timeout: must be > 0"),
+    ],
+)
+def test_bad_numbers_and_combinations(capsys: pytest.CaptureFixture, ws: list, flags: list, needle: str) -> None:
+    assert needle in _error(capsys, ["--data-backend", "synthetic", *flags, *ws])
+
+
+def test_resume_file_with_pretrained_weights(capsys: pytest.CaptureFixture, ws: list, tmp_path: Path) -> None:
+    weights = tmp_path / "w.pth.tar"
+    weights.write_bytes(b"x")
+    line = _error(capsys, ["--data-backend", "synthetic", "--resume", str(weights), "--pretrained-weights",
+                           str(weights), *ws])
+    assert "--resume and --pretrained-weights exclude each other" in line and "--resume auto" in line
+
+
+def test_cuda_without_a_gpu(capsys: pytest.CaptureFixture, ws: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: CUDA is not available" in _error(capsys, ["--data-backend", "synthetic", "--device", "cuda",
+                                                                     *ws])
+
+
+def test_raport_file_that_is_a_directory(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    (tmp_path / "ws" / "r").mkdir(parents=True)
+    line = _error(capsys, ["--data-backend", "synthetic", "--workspace", str(tmp_path / "ws"), "--raport-file", "r"])
+    assert "--raport-file 'r' is a directory" in line
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [("lr: true\n", "config key 'lr': expected a number, got True"),
+     ("lr: [0.1, 0.2]\n", "config key 'lr': expected a single value, got a list"),
+     ("lr: null\n", "config key 'lr': null is not a value"),
+     ("workspace: null\n", "config key 'workspace': null is not a value"),
+     ("lr: {a: 1}\n", "config key 'lr': expected a single value, got a mapping"),
+     ("lr-steps: []\n", "config key 'lr-steps': expected at least one value"),
+     ("lr-steps: [10, true]\n", "config key 'lr-steps': expected a number, got True"),
+     ("data: true\n", "config key 'data': expected a string, got True"),
+     ("lr: .nan\n", "must be a finite number"),
+     ("seed: 100000000000000000000000\n", "--seed must be in")],
+)
+def test_bad_config_values(capsys: pytest.CaptureFixture, tmp_path: Path, ws: list, content: str, needle: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    assert needle in _error(capsys, ["--config", str(config), "--data-backend", "synthetic", *ws])
+
+
+def test_non_utf8_config(capsys: pytest.CaptureFixture, tmp_path: Path, ws: list) -> None:
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("arch: r\xe9snet\n".encode("latin-1"))
+    line = _error(capsys, ["--config", str(config), "--data-backend", "synthetic", *ws])
+    assert "latin1.yaml" in line and ("UTF-8" in line or "utf-8" in line)
+
+
+def test_numbers_in_string_keys_taken_as_written(tmp_path: Path, ws: list) -> None:
+    config = tmp_path / "ok.yaml"
+    config.write_text("data-backend: synthetic\nraport-file: 2024\nseed: null\n")
+    args = parse_args(["--config", str(config), *ws])
+    assert args.raport_file == "2024" and args.seed is None

@@ -66,3 +66,33 @@ def test_multiproc_bad_arguments(capsys: pytest.CaptureFixture, argv: list, need
         mp.main(argv)
     assert info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_multiproc_exit_status_is_the_root_cause() -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    mp = _multiproc()
+
+    def failure(rank: int, code: int, when: int) -> ProcessFailure:
+        item = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
+        item.timestamp = when
+        return item
+
+    def status(*items: ProcessFailure) -> int:
+        return mp.exit_status(ChildFailedError("main.py", {f.local_rank: f for f in items}))
+
+    assert status(failure(0, 1, 10), failure(1, 2, 9)) == 2  # rank 1's bad input, not rank 0's "lost peer"
+    assert status(failure(0, 1, 9), failure(1, -9, 9)) == 137  # SIGKILL (OOM killer), as a shell reports it
+    assert status(failure(0, 3, 5)) == 3
+
+
+def test_peer_failure_messages_are_recognised() -> None:
+    from image_classification.training.peers import is_peer_failure
+
+    for message in ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
+                    "for recv operation to complete",
+                    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242",
+                    "NCCL communicator was aborted on rank 0."):
+        assert is_peer_failure(RuntimeError(message)), message
+    assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_peer_failure(ValueError("Connection closed by peer"))

@@ -125,7 +125,7 @@ def _assert_same_state(a: Dict, b: Dict) -> None:
 def test_resume_is_bit_identical(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
     recipe = [str(jpeg_folder), *e2e.tiny, "-j", "1", "--epochs", "2", "--conv", "pedconv", "--mixup", "0.2", "--label-smoothing",
               "0.1", "--use-ema", "0.9", "--optimizer-batch-size", "8", "--warmup", "1", "--lr-schedule", "cosine",
-              "--nesterov", "--mom", "0.875"]
+              "--nesterov", "--mom", "0.875", "--precise-bn", "2"]
     _ok(e2e.run([*recipe, "--workspace", str(tmp_path / "full")]))
     _ok(e2e.run([*recipe, "--run-epochs", "1", "--workspace", str(tmp_path / "part")]))
     assert load_checkpoint(tmp_path / "part" / "checkpoint.pth.tar")["epoch"] == 1
@@ -148,7 +148,7 @@ def test_resume_is_bit_identical(e2e: SimpleNamespace, jpeg_folder: Path, tmp_pa
 def test_ddp_two_processes_agree(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
     args = list(e2e.tiny)
     args[args.index("-b") + 1] = "2"
-    result = e2e.run([str(jpeg_folder), *args, "--epochs", "2", "--optimizer-batch-size", "8",
+    result = e2e.run([str(jpeg_folder), *args, "--epochs", "2", "--optimizer-batch-size", "8", "--precise-bn", "1",
                        "--workspace", str(tmp_path / "ddp")],
                       launcher=[str(e2e.repo / "multiproc.py"), "--nproc_per_node", "2"], timeout=240)
     _ok(result)
