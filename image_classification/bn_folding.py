@@ -129,8 +129,8 @@ def _fold_involution(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
     if proj is None:
         raise ValueError("involution without projection: each output channel comes from a kernel shared by its "
                          "channel group and from the input that generates the kernels")
-    weight, bias = fuse_conv_bn_weights(proj.weight, proj.bias, torch.zeros_like(scale), torch.ones_like(scale),
-                                        scale, shift, 0.0)
+    weight, bias = fuse_conv_bn_weights(proj.weight, proj.bias, torch.zeros_like(scale), torch.ones_like(scale), 0.0,
+                                        scale, shift)
     proj.weight = weight
     proj.bias = bias
 
