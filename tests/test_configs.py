@@ -20,7 +20,8 @@ from image_classification.training.cli import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-CITATION = re.compile(r"(pedconv_paper|pedconv_appendix|pedconv_authors_readme|dcd_paper)\.md|Fashion-MNIST")
+CITATION = re.compile(r"(pedconv_paper|pedconv_appendix|pedconv_authors_readme|dcd_paper)\.md|Fashion-MNIST|"
+                      r"ODConv \(Li et al\., ICLR 2022\), Table [12]")
 
 
 def _id(path: Path) -> str:
