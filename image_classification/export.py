@@ -292,6 +292,9 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: Opt
         if "dynamo" in inspect.signature(torch.onnx.export).parameters:
             kwargs["dynamo"] = False
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    accepted = inspect.signature(torch.onnx.export).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}  # e.g. external_data is newer than dynamo
     with _quiet():
         torch.onnx.export(model, (example,), str(path), **kwargs)
 

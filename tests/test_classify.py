@@ -129,3 +129,24 @@ def test_raw_state_dict_with_arch(tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path / "raw.pth"), str(image), "--arch", "cifar_resnet20", "--dataset", "fashion-mnist",
                  "--topk", "7"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 8  # classes and channels read from the weights
+
+
+def test_ema_weights(tmp_path: Path, capsys) -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet20", "pedconv", num_classes=10, in_chans=1)
+    ema = AveragedModel(model, use_buffers=True)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)
+    path = tmp_path / "ck.pth.tar"
+    torch.save({"arch": "cifar_resnet20", "conv": "pedconv", "num_classes": 10, "in_chans": 1, "image_size": 28,
+                "state_dict": model.state_dict(), "ema": ema.state_dict(), "args": {"dataset": "fashion-mnist"}}, path)
+    loaded = load_inference_model(str(path), ema=True)
+    torch.testing.assert_close(loaded.model.fc.weight, ema.module.fc.weight)
+    assert not any("infomax_decoder" in name for name, _ in loaded.model.named_parameters())
+    torch.save({"state_dict": model.state_dict(), "arch": "cifar_resnet20"}, path)
+    with pytest.raises(SystemExit):
+        main([str(path), str(_png(tmp_path / "i.png", (28, 28))), "--ema"])
+    assert "holds no EMA weights" in capsys.readouterr().err

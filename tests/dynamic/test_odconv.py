@@ -189,3 +189,17 @@ def test_counts_match_odconv_tables(arch, conv, params_m, macs_m):
     assert abs(count_params(model).deploy / 1e6 - params_m) < 0.006
     if macs_m is not None:
         assert abs(count_macs(model, 224).total / 1e6 - macs_m) < 0.01 * macs_m
+
+
+def test_profiler_table_and_placement() -> None:
+    from image_classification import profile
+    from image_classification.models import build_model
+
+    rows = [r for r in profile.PAPER_ROWS if r.table == "odconv"]
+    assert {(r.arch, r.conv) for r in rows} >= {("resnet18", "odconv:k=4"), ("mobilenet_v2_x1.0", "odconv")}
+    [row] = profile.table_rows("odconv", [r for r in rows if r.arch == "resnet18" and r.conv == "odconv"])
+    assert row["ours_params_m"] == 11.944 and abs(row["diff_macs_pct"]) < 1
+    # placement 'paper' on MobileNetV2: every block conv (depthwise included) and the last 1x1 conv
+    model = build_model("mobilenet_v2_x0.35", "odconv", num_classes=10)
+    assert len(model.dynamic_convs) == 52 and "features.18.0" in model.dynamic_convs
+    assert isinstance(model.features[1].conv[0][0], ODConv2d) and model.features[1].conv[0][0].depthwise
