@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -224,11 +224,4 @@ def preprocess_images(paths: Sequence[str], dataset: str, image_size: int, in_ch
     mean = torch.tensor(list(info.mean) * repeat).view(1, -1, 1, 1)
     std = torch.tensor(list(info.std) * repeat).view(1, -1, 1, 1)
     return (batch - mean) / std
-
-
-def describe(result: InferenceModel) -> Dict[str, Any]:
-    """A JSON-friendly description of a loaded model (for logs)."""
-    return {"arch": result.arch, "conv": result.conv, "placement": result.placement,
-            "num_classes": result.num_classes, "in_chans": result.in_chans, "image_size": result.image_size,
-            "dataset": result.dataset, "checkpoint": result.source}
 
