@@ -4,7 +4,7 @@ Usage::
 
     python -m image_classification.export CHECKPOINT --format onnx|torchscript [--output PATH]
         [--opset N] [--image-size S] [--no-fold-bn] [--ema] [--exporter auto|dynamo|torchscript]
-        [--no-verify] [--arch A --conv SPEC --placement P --num-classes N --in-chans C --dataset D]
+        [--batch-size N] [--no-verify] [--arch A --conv SPEC --placement P --num-classes N --in-chans C --dataset D]
 
 The model is rebuilt from the checkpoint (:func:`image_classification.inference.load_inference_model`),
 put in eval mode without its training-only parts (PEDConv's info-max decoders; sampling noise and
@@ -280,18 +280,21 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: Optional[int], exporter: str) -> None:
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: Optional[int], exporter: str,
+                 dynamic: bool = True) -> None:
     _require("onnx", "ONNX export")
     kwargs: Dict[str, object] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     if opset is not None:
         kwargs["opset_version"] = opset
     if exporter == "dynamo":
-        batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        kwargs.update(dynamo=True, dynamic_shapes=({0: batch},), external_data=False)
+        kwargs.update(dynamo=True, external_data=False)
+        if dynamic:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
     else:
         if "dynamo" in inspect.signature(torch.onnx.export).parameters:
             kwargs["dynamo"] = False
-        kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        if dynamic:
+            kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     accepted = inspect.signature(torch.onnx.export).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}  # e.g. external_data is newer than dynamo
@@ -306,25 +309,37 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> 
 
 
 def export_model(model: nn.Module, path: str | Path, fmt: str = "onnx", image_size: int = 224, in_chans: int = 3,
-                 opset: Optional[int] = None, exporter: str = "auto") -> Tuple[ExportPlan, str]:
+                 opset: Optional[int] = None, exporter: str = "auto",
+                 fixed_batch: Optional[int] = None) -> Tuple[ExportPlan, str]:
     """Write ``model`` (eval mode, already folded as wanted) to ``path`` with a dynamic batch axis.
 
-    Returns the export plan and the exporter used (``torch.jit.trace`` for TorchScript). The file is
-    written atomically: an existing file at ``path`` is replaced only by a finished export.
+    ``fixed_batch`` exports for that one batch size instead: the layers keep their own (``auto``) paths,
+    so per-sample kernels become convolution weights computed in the graph (at batch 1, one dense conv
+    per layer). Returns the export plan and the exporter used (``torch.jit.trace`` for TorchScript). The
+    file is written atomically: an existing file at ``path`` is replaced only by a finished export.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    prepared, plan = prepare_for_export(model)
+    if fixed_batch is None:
+        prepared, plan = prepare_for_export(model)
+    else:
+        if fixed_batch < 1:
+            raise ExportError(f"fixed batch size must be >= 1, got {fixed_batch}")
+        prepared = copy.deepcopy(model).eval()
+        plan = ExportPlan([(name, _operator_name(m), f"{getattr(m, 'path', 'own')} at batch {fixed_batch}")
+                           for name, m in prepared.named_modules() if isinstance(m, DynamicConv2d)])
     param = next(prepared.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    example = torch.randn(2, in_chans, image_size, image_size, device=device)  # batch 2: no batch-1 special case
+    # dynamic batch: trace at batch 2, so no batch-1 special case is recorded
+    batch = 2 if fixed_batch is None else fixed_batch
+    example = torch.randn(batch, in_chans, image_size, image_size, device=device)
     target = Path(path)
     used = "torch.jit.trace"
     try:
         with _atomic_target(target) as tmp:
             if fmt == "onnx":
                 used = resolve_exporter(exporter)
-                _export_onnx(prepared, example, tmp, opset, used)
+                _export_onnx(prepared, example, tmp, opset, used, dynamic=fixed_batch is None)
             else:
                 _export_torchscript(prepared, example, tmp)
     except ExportError:
@@ -399,6 +414,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", default="auto", choices=EXPORTERS, help="ONNX exporter (default: auto)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the file and comparing it with PyTorch at batch 1 and 5")
+    p.add_argument("--batch-size", "-b", type=int, default=None,
+                   help="export for this fixed batch size instead of a dynamic batch axis (batch-1 deployment: "
+                        "per-sample kernels become conv weights computed in the graph; faster, see README)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |exported - eager| relative to the output range (default 1e-4)")
     group = p.add_argument_group("model (only needed when the checkpoint does not record it)")
@@ -418,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("opset", "image_size", "num_classes", "in_chans"):
+    for name in ("opset", "image_size", "num_classes", "in_chans", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -439,15 +457,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"[export] BatchNorm: {report.summary()}")
         output = Path(args.output) if args.output else _default_output(args.checkpoint, args.format)
         plan, used = export_model(model, output, args.format, loaded.image_size, loaded.in_chans, args.opset,
-                                  args.exporter)
+                                  args.exporter, fixed_batch=args.batch_size)
         print(f"[export] paths: {plan.summary()}")
         how = f"{used} exporter" if args.format == "onnx" else used
-        print(f"[export] wrote {output} ({how}, {output.stat().st_size / 2**20:.1f} MiB, dynamic batch axis)")
+        axis = "dynamic batch axis" if args.batch_size is None else f"fixed batch {args.batch_size}"
+        print(f"[export] wrote {output} ({how}, {output.stat().st_size / 2**20:.1f} MiB, {axis})")
         if args.format == "onnx":
             with contextlib.suppress(ExportError):
                 print(f"[export] ONNX ops: {', '.join(onnx_op_types(output))}")
         if args.verify:
-            errors = verify_export(loaded.model, output, args.format, loaded.image_size, loaded.in_chans)
+            batches = VERIFY_BATCHES if args.batch_size is None else (args.batch_size,)
+            errors = verify_export(loaded.model, output, args.format, loaded.image_size, loaded.in_chans, batches)
             text = ", ".join(f"batch {b}: {e:.2e}" for b, e in errors.items())
             worst = max(errors.values())
             if not worst <= args.tolerance:

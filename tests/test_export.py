@@ -182,3 +182,20 @@ def test_cli_small_model_default_output(tmp_path: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert (tmp_path / "cifar_resnet20_dyconv.torchscript.pt").is_file()
     assert "BatchNorm" not in text and "dyconv -> unfold (per-sample weight) x18" in text
+
+
+@needs_ort
+@pytest.mark.parametrize("op", ["pedconv", "dyconv", "odconv"])
+def test_fixed_batch_export_keeps_the_layers_own_paths(op: str, tmp_path: Path) -> None:
+    import onnx
+
+    model = small_model(SPECS[op])
+    plan, _ = export_model(model, tmp_path / "b1.onnx", "onnx", image_size=12, in_chans=3, exporter="torchscript",
+                           fixed_batch=1)
+    assert all(path.endswith("at batch 1") for _, _, path in plan.layers) and plan.layers
+    errors = verify_export(model, tmp_path / "b1.onnx", "onnx", 12, 3, batches=(1,))
+    assert errors[1] < TOL
+    dim = onnx.load(str(tmp_path / "b1.onnx")).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_value == 1
+    with pytest.raises(ExportError, match="fixed batch size must be >= 1"):
+        export_model(model, tmp_path / "b0.onnx", "onnx", image_size=12, fixed_batch=0)
