@@ -65,7 +65,10 @@ def classify_images(model: torch.nn.Module, images: Sequence[str], dataset: str,
     device = torch.device(device)
     model.eval()
     results: List[Prediction] = []
-    for start in range(0, len(images), batch_size):
+    from tqdm import tqdm
+
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="classify", unit="batch", disable=len(starts) <= 1, file=sys.stderr):
         paths = list(images[start : start + batch_size])
         batch = preprocess_images(paths, dataset, image_size, in_chans).to(device)
         probs = torch.softmax(model(batch).float(), dim=1).cpu()
