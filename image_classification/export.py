@@ -381,14 +381,22 @@ def _run_artifact(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor
 def verify_export(model: nn.Module, path: str | Path, fmt: str, image_size: int, in_chans: int,
                   batches: Sequence[int] = VERIFY_BATCHES, seed: int = 0) -> Dict[int, float]:
     """Largest |artifact - eager ``model``| relative to the eager output's range, per batch size (on CPU)."""
-    runner = _run_artifact(Path(path), fmt)
+    try:
+        runner = _run_artifact(Path(path), fmt)
+    except ExportError:
+        raise
+    except Exception as exc:  # the runtime refuses the file: one line
+        raise ExportError(f"cannot load {path} to check it ({type(exc).__name__}: {_one_line(exc, 200)})") from None
     eager = copy.deepcopy(model).cpu().eval()
     gen = torch.Generator().manual_seed(seed)
     errors: Dict[int, float] = {}
     for batch in batches:
         x = torch.randn(batch, in_chans, image_size, image_size, generator=gen)
         expected = eager(x)
-        got = runner(x)
+        try:
+            got = runner(x)
+        except Exception as exc:
+            raise ExportError(f"{path} fails at batch {batch} ({type(exc).__name__}: {_one_line(exc, 200)})") from None
         if tuple(got.shape) != tuple(expected.shape):
             raise ExportError(f"exported model returns shape {tuple(got.shape)} at batch {batch}, "
                               f"eager {tuple(expected.shape)}")
