@@ -5,7 +5,7 @@ Usage::
     python -m image_classification.profile --arch resnet18 --conv pedconv [--image-size 224]
         [--placement paper] [--num-classes 1000] [--in-chans 3] [--json]
         [--latency [--threads 2 --images 200 --warmup 20 --train-batch 32 --train-steps 8]]
-        [--table pedconv|dcd|all|dense]
+        [--table pedconv|dcd|odconv|all|dense]
 
 Counts follow :mod:`image_classification.flops` (deploy parameters exclude PEDConv's training-only
 info-max decoder; MACs per the papers' convention). ``--latency`` measures, in one run and
@@ -41,7 +41,7 @@ __all__ = ["PAPER_ROWS", "PaperRow", "main", "measure_latency", "profile_model",
 
 @dataclass(frozen=True)
 class PaperRow:
-    table: str  # "pedconv" or "dcd"
+    table: str  # "pedconv", "dcd" or "odconv"
     source: str  # where the figure is printed
     arch: str
     conv: str
@@ -121,6 +121,18 @@ PAPER_ROWS: List[PaperRow] = [
                                                        ("dcd:variant=released,reduction=8", "none+cls", 2.2, 97.2),
                                                        ("dcd:variant=released,reduction=8", "pointwise+inblock+cls",
                                                         3.1, 104.8)]),
+    # ODConv (Li et al., ICLR 2022) Sec. 4.1: MobileNetV2 (Table 1, 150 epochs) and ResNets (Table 2, 100 epochs);
+    # the same figures as the authors' repository README (OSVAI/ODConv), MAdds from a counter it does not name
+    *_rows("odconv", "ODConv T1", "mobilenet_v2_x1.0", [("static", "paper", 3.50, 300.8),
+                                                        ("odconv", "paper", 4.94, 311.8),
+                                                        ("odconv:k=4", "paper", 11.51, 327.1)]),
+    *_rows("odconv", "ODConv T1", "mobilenet_v2_x0.5", [("static", "paper", 1.97, 97.1),
+                                                        ("odconv", "paper", 2.43, 101.8),
+                                                        ("odconv:k=4", "paper", 4.44, 106.4)]),
+    *_rows("odconv", "ODConv T2", "resnet18", [("static", "paper", 11.69, 1814), ("odconv", "paper", 11.94, 1838),
+                                               ("odconv:k=4", "paper", 44.90, 1916)]),
+    *_rows("odconv", "ODConv T2", "resnet50", [("static", "paper", 25.56, 3858, "ODConv counts static R50 as 3.86G"),
+                                               ("odconv", "paper", 28.64, 3916), ("odconv:k=4", "paper", 90.67, 4080)]),
 ]
 
 
@@ -273,7 +285,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--train-steps", type=int, default=8)
-    p.add_argument("--table", choices=("pedconv", "dcd", "all", "dense"),
+    p.add_argument("--table", choices=("pedconv", "dcd", "odconv", "all", "dense"),
                    help="papers' count tables vs this project's (dense: detection/segmentation, Tables 2-3)")
     return p
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collect_results import epoch_metrics, parameters, read_records, summarize  # noqa: E402
 
 CONFIG_DIR = ROOT / "configs" / "fashion_mnist"
-DEFAULT_OPS = ("static", "pedconv", "pedconv_no_infomax", "dcd", "dyconv", "condconv", "involution")
+DEFAULT_OPS = ("static", "pedconv", "pedconv_no_infomax", "dcd", "dyconv", "condconv", "involution", "odconv")
 LABELS = {
     "static": "static conv",
     "pedconv": "PEDConv",
@@ -54,6 +54,7 @@ LABELS = {
     "dyconv": "DY-Conv (K=4)",
     "condconv": "CondConv (K=8)",
     "involution": "Involution",
+    "odconv": "ODConv (1 kernel)",
 }
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 DIVERGED_MARKER = "diverged.txt"

@@ -28,7 +28,7 @@ def test_table_rows_compare_with_papers() -> None:
     [row] = profile.table_rows("pedconv", rows)
     assert row["params_m"] == 4.6 and abs(row["diff_params_m"]) <= 0.05 and abs(row["diff_macs_pct"]) <= 1
     assert profile.table_rows("dcd", rows) == []
-    assert {r.table for r in profile.PAPER_ROWS} == {"pedconv", "dcd"}
+    assert {r.table for r in profile.PAPER_ROWS} == {"pedconv", "dcd", "odconv"}
 
 
 def test_latency_measures_ratios_tiny() -> None:

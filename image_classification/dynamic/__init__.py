@@ -24,6 +24,7 @@ from . import dcd  # noqa: E402,F401  isort: skip
 from . import dyconv  # noqa: E402,F401  isort: skip
 from . import condconv  # noqa: E402,F401  isort: skip
 from . import involution  # noqa: E402,F401  isort: skip
+from . import odconv  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "OPERATORS",

@@ -211,6 +211,29 @@ class _BaseWeightInfomaxConv2d(DynamicConv2d):
         """Info-max MSE (Eq. 6) of the last training forward; None after an eval forward."""
         return self._infomax
 
+    @torch.no_grad()
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold a following per-output-channel affine map ``scale * y + shift`` (an eval-mode BatchNorm).
+
+        Exact for the multiplicative form (Eq. 2). Output channel o of the layer is
+        ``y_o = sum_r gamma_r,o * conv(phi_r * x, W_base[o] * psi_r)_o`` (+ bias_o): every term is linear
+        in ``W_base[o]`` and ``gamma`` multiplies per output channel, so ``scale_o`` commutes with it:
+        ``scale_o * y_o = sum_r gamma_r,o * conv(phi_r * x, (scale_o W_base[o]) * psi_r)_o + scale_o bias_o``.
+        The generator reads the layer's input, not ``W_base``, so the factors are unchanged. Hence
+        ``W_base[o] *= scale_o`` and ``bias' = scale * bias + shift`` (a bias is created when absent). The
+        spatial variant (per-location gamma, phi, psi) folds the same way. The additive form
+        ``W_base + sum_r gamma_r (x) phi_r (x) psi_r`` does not: scaling the CP term would need
+        ``scale * gamma`` outside the sigmoid's range, so it raises ValueError and nothing changes.
+        """
+        if getattr(self, "reparam", "multiplicative") != "multiplicative":
+            raise ValueError("additive reparameterization: the BN scale would multiply the sigmoid factor gamma")
+        if tuple(scale.shape) != (self.out_channels,) or tuple(shift.shape) != (self.out_channels,):
+            raise ValueError(f"{type(self).__name__}.fold_output_affine: scale/shift need {self.out_channels} entries")
+        scale, shift = scale.to(self.weight), shift.to(self.weight)
+        self.weight.mul_(scale.view(-1, *([1] * (self.weight.dim() - 1))))
+        bias = shift if self.bias is None else self.bias * scale + shift
+        self.bias = nn.Parameter(bias.clone())
+
 
 @register_operator("pedconv", options=_OPTIONS, help="PEDConv: CP-decomposed dynamic convolution (Hou & Kung 2021)")
 class PEDConv2d(_BaseWeightInfomaxConv2d):

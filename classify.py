@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Classify images with a trained checkpoint (DeepLearningExamples' ``classify.py``).
+
+    python classify.py CHECKPOINT IMAGE [IMAGE ...] [--topk 5] [--class-names FILE] [--device cpu|cuda|auto]
+
+Same as ``python -m image_classification.classify``; see image_classification/classify.py.
+"""
+
+import sys
+
+from image_classification.classify import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""Export a trained model to ONNX or TorchScript with a dynamic batch axis.
+
+Usage::
+
+    python -m image_classification.export CHECKPOINT --format onnx|torchscript [--output PATH]
+        [--opset N] [--image-size S] [--no-fold-bn] [--ema] [--exporter auto|dynamo|torchscript]
+        [--batch-size N] [--no-verify] [--arch A --conv SPEC --placement P --num-classes N --in-chans C --dataset D]
+
+The model is rebuilt from the checkpoint (:func:`image_classification.inference.load_inference_model`),
+put in eval mode without its training-only parts (PEDConv's info-max decoders; sampling noise and
+dropout are off in eval), BatchNorm is folded into the convs before it (:mod:`.bn_folding`; keep it
+with ``--no-fold-bn``), and every dynamic layer is switched to an execution path whose ops keep the
+batch a plain leading axis (:func:`prepare_for_export`). The artifact is then loaded back (onnxruntime
+for ONNX, ``torch.jit.load`` for TorchScript) and its outputs are compared with the eager model's at
+batch 1 and batch 5; a mismatch is an error (exit 1). onnx/onnxruntime (and onnxscript for the
+``dynamo`` exporter) are optional packages: ``pip install onnx onnxruntime onnxscript``.
+
+Why paths matter: per-sample weights are usually applied as one grouped convolution with
+``groups = batch * groups``; ONNX ``Conv.group`` is a constant, so such a graph has a fixed batch.
+The paths used instead, per operator (the ONNX ops are those the TorchScript-based exporter emits;
+:func:`onnx_op_types` lists them for a file):
+
+=============== ====================== ===================================================================
+operator        export path            ops (besides the static layers' Conv/Gemm/Relu/Add/Pool/Flatten)
+=============== ====================== ===================================================================
+static          nn.Conv2d              Conv
+pedconv         ``factored``           generator: ReduceMean, Gemm, Relu, Sigmoid; gamma/phi: Mul on
+                                       activations; psi: Pad, Slice and one 1x1 Conv per kernel tap,
+                                       Mul by psi, Add (1x1 kernels: one Conv, Mul). Multiplicative only:
+                                       ``reparam=additive`` is refused (its low-rank term is a grouped
+                                       conv with groups = batch).
+pedconv_spatial as trained (unfold)    1x1 Conv generator, Sigmoid, Im2Col-style Unfold (Pad, Gather...),
+                                       Mul, MatMul
+dcd             ``branch``             Conv (W0), Mul/Add (Lambda, bias), MatMul (Phi Q^T, P); depthwise
+                                       layers: per-sample weight + Unfold + MatMul (``unfold`` adapter)
+dyconv,         ``unfold`` adapter     attention Gemm/Softmax or Sigmoid, MatMul aggregating the K
+condconv                               kernels per sample, Unfold, batched MatMul
+involution      as trained (unfold)    Conv (kernel generator), BatchNormalization, Unfold, Mul, ReduceSum
+odconv          ``factored`` (n = 1),  attention Gemm, Sigmoid/Softmax; Mul (a_c, a_f); k=1: Pad, Slice,
+                ``unfold`` (n > 1)     1x1 Conv per tap, Mul (a_s); k>1: MatMul (mixture), Unfold, MatMul
+=============== ====================== ===================================================================
+
+An operator decides its own export path when it has a ``prepare_export()`` method (ODConv does; it
+raises ``ValueError(reason)`` to refuse); the others are handled by :data:`FALLBACK_ROUTES` until they
+own one. ``--exporter``: ``dynamo`` is ``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension
+(torch >= 2.5 and onnxscript), ``torchscript`` the TorchScript-based exporter with ``dynamic_axes``;
+``auto`` takes ``dynamo`` where it is available and the TorchScript-based one otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import inspect
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .bn_folding import FoldReport, fold_batchnorm
+from .dynamic.base import DynamicConv2d
+from .dynamic.functional import per_sample_conv2d
+from .dynamic.registry import OPERATORS
+
+__all__ = [
+    "FALLBACK_ROUTES",
+    "FORMATS",
+    "ExportError",
+    "ExportPlan",
+    "PerSampleUnfoldConv2d",
+    "export_model",
+    "main",
+    "onnx_op_types",
+    "prepare_for_export",
+    "verify_export",
+]
+
+FORMATS = ("onnx", "torchscript")
+EXPORTERS = ("auto", "dynamo", "torchscript")
+VERIFY_BATCHES = (1, 5)
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked; the message is one line naming the reason."""
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------------
+# Export paths
+# ------------------------------------------------------------------------------------------------
+class PerSampleUnfoldConv2d(nn.Module):
+    """Runs an operator's per-sample weight (``dynamic_weight(x)``) by unfold + batched matmul.
+
+    The generic dynamic-batch route for operators whose own fast path is a grouped conv over the batch
+    (kernel mixtures, DCD's depthwise form). The wrapped operator keeps its parameters (``op.*``); the
+    bias is ``op.dynamic_bias(x)`` where the operator has one (per sample), else ``op.bias``.
+    """
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self.op
+        weight = op.dynamic_weight(x)
+        bias_fn = getattr(op, "dynamic_bias", None)
+        bias = bias_fn(x) if callable(bias_fn) else getattr(op, "bias", None)
+        return per_sample_conv2d(x, weight, bias, op.stride, op.padding, op.dilation, op.groups, method="unfold")
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one operator exports: set its ``path``, wrap it in an adapter, keep it, or refuse (reason)."""
+
+    path: Optional[str] = None
+    adapter: Optional[Callable[[nn.Module], nn.Module]] = None
+    refuse: Optional[str] = None
+    label: str = "as trained"
+
+
+def _pedconv_route(module: nn.Module) -> Route:
+    if getattr(module, "reparam", "multiplicative") != "multiplicative":
+        return Route(refuse="additive reparameterization: its low-rank term runs a grouped conv with "
+                            "groups = batch (no dynamic-batch path)")
+    return Route(path="factored", label="factored")
+
+
+def _dcd_route(module: nn.Module) -> Route:
+    if getattr(module, "form", "") == "depthwise":
+        return Route(adapter=PerSampleUnfoldConv2d, label="unfold (per-sample weight)")
+    return Route(path="branch", label="branch")
+
+
+def _mixture_route(module: nn.Module) -> Route:
+    return Route(adapter=PerSampleUnfoldConv2d, label="unfold (per-sample weight)")
+
+
+#: operator name -> route, for operators without their own ``prepare_export`` (moved into them by issue 10)
+FALLBACK_ROUTES: Dict[str, Callable[[nn.Module], Route]] = {
+    "pedconv": _pedconv_route,
+    "pedconv_spatial": lambda m: Route(label="unfold (as trained)"),
+    "dcd": _dcd_route,
+    "dyconv": _mixture_route,
+    "condconv": _mixture_route,
+    "involution": lambda m: Route(label="unfold (as trained)"),
+}
+
+
+def _operator_name(module: nn.Module) -> str:
+    for name, entry in OPERATORS.items():
+        if type(module) is entry.cls:
+            return name
+    return type(module).__name__
+
+
+@dataclass
+class ExportPlan:
+    """Per dynamic layer: its name, operator and the path the export uses."""
+
+    layers: List[Tuple[str, str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        counts: Dict[str, int] = {}
+        for _, op, path in self.layers:
+            counts[f"{op} -> {path}"] = counts.get(f"{op} -> {path}", 0) + 1
+        return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "no dynamic layers"
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def prepare_for_export(model: nn.Module) -> Tuple[nn.Module, ExportPlan]:
+    """A copy of ``model`` (eval mode) whose dynamic layers run dynamic-batch export paths, and the plan.
+
+    Raises :class:`ExportError` naming the first layer that cannot be exported (and how many cannot).
+    The original model is not modified.
+    """
+    export_model_ = copy.deepcopy(model).eval()
+    plan = ExportPlan()
+    refused: List[str] = []
+    for name, module in list(export_model_.named_modules()):
+        if not isinstance(module, DynamicConv2d):
+            continue
+        op = _operator_name(module)
+        own = getattr(module, "prepare_export", None)
+        try:
+            if callable(own):
+                own()
+                route = Route(label=str(getattr(module, "path", "own path")))
+            else:
+                factory = FALLBACK_ROUTES.get(op)
+                if factory is None:
+                    raise ValueError(f"operator {op} declares no export path (no prepare_export method)")
+                route = factory(module)
+        except ValueError as exc:
+            refused.append(f"layer {name} ({op}): {exc}")
+            continue
+        if route.refuse:
+            refused.append(f"layer {name} ({op}): {route.refuse}")
+            continue
+        if route.path is not None:
+            module.path = route.path
+        if route.adapter is not None:
+            _set_module(export_model_, name, route.adapter(module))
+        plan.layers.append((name, op, route.label))
+    if refused:
+        more = f" (and {len(refused) - 1} more layer(s))" if len(refused) > 1 else ""
+        raise ExportError(f"cannot export with a dynamic batch axis: {refused[0]}{more}")
+    return export_model_, plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing and checking artifacts
+# ------------------------------------------------------------------------------------------------
+def _require(module: str, purpose: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise ExportError(f"{purpose} needs the optional package {module}: pip install {module}") from None
+
+
+def _dynamo_available() -> bool:
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        return False
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_exporter(exporter: str) -> str:
+    """``auto`` -> ``dynamo`` where torch.onnx.export has it and onnxscript is installed, else ``torchscript``."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; valid: {', '.join(EXPORTERS)}")
+    if exporter == "auto":
+        return "dynamo" if _dynamo_available() else "torchscript"
+    if exporter == "dynamo" and not _dynamo_available():
+        raise ExportError("the dynamo ONNX exporter needs torch >= 2.5 and onnxscript: pip install onnxscript")
+    return exporter
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """A temporary file next to ``path``, renamed over it only when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' warnings and progress prints (deprecations, tracer notes)."""
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+            contextlib.redirect_stderr(devnull):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: Optional[int], exporter: str,
+                 dynamic: bool = True) -> None:
+    _require("onnx", "ONNX export")
+    kwargs: Dict[str, object] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    if exporter == "dynamo":
+        kwargs.update(dynamo=True, external_data=False)
+        if dynamic:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
+    else:
+        if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+            kwargs["dynamo"] = False
+        if dynamic:
+            kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    accepted = inspect.signature(torch.onnx.export).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}  # e.g. external_data is newer than dynamo
+    with _quiet():
+        torch.onnx.export(model, (example,), str(path), **kwargs)
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+
+
+def export_model(model: nn.Module, path: str | Path, fmt: str = "onnx", image_size: int = 224, in_chans: int = 3,
+                 opset: Optional[int] = None, exporter: str = "auto",
+                 fixed_batch: Optional[int] = None) -> Tuple[ExportPlan, str]:
+    """Write ``model`` (eval mode, already folded as wanted) to ``path`` with a dynamic batch axis.
+
+    ``fixed_batch`` exports for that one batch size instead: the layers keep their own (``auto``) paths,
+    so per-sample kernels become convolution weights computed in the graph (at batch 1, one dense conv
+    per layer). Returns the export plan and the exporter used (``torch.jit.trace`` for TorchScript). The
+    file is written atomically: an existing file at ``path`` is replaced only by a finished export.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fixed_batch is None:
+        prepared, plan = prepare_for_export(model)
+    else:
+        if fixed_batch < 1:
+            raise ExportError(f"fixed batch size must be >= 1, got {fixed_batch}")
+        prepared = copy.deepcopy(model).eval()
+        plan = ExportPlan([(name, _operator_name(m), f"{getattr(m, 'path', 'own')} at batch {fixed_batch}")
+                           for name, m in prepared.named_modules() if isinstance(m, DynamicConv2d)])
+    param = next(prepared.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    # dynamic batch: trace at batch 2, so no batch-1 special case is recorded
+    batch = 2 if fixed_batch is None else fixed_batch
+    example = torch.randn(batch, in_chans, image_size, image_size, device=device)
+    target = Path(path)
+    used = "torch.jit.trace"
+    try:
+        with _atomic_target(target) as tmp:
+            if fmt == "onnx":
+                used = resolve_exporter(exporter)
+                _export_onnx(prepared, example, tmp, opset, used, dynamic=fixed_batch is None)
+            else:
+                _export_torchscript(prepared, example, tmp)
+    except ExportError:
+        raise
+    except Exception as exc:  # exporter failures of every kind: one line, never a deep traceback
+        raise ExportError(f"{fmt} export failed ({type(exc).__name__}: {_one_line(exc, 200)})") from None
+    return plan, used
+
+
+def onnx_op_types(path: str | Path) -> List[str]:
+    """The sorted ONNX op types of an exported file (the graph and its local functions)."""
+    _require("onnx", "reading ONNX files")
+    import onnx
+
+    proto = onnx.load(str(path))
+    ops = {node.op_type for node in proto.graph.node}
+    for function in proto.functions:
+        ops.update(node.op_type for node in function.node)
+    return sorted(ops)
+
+
+def _run_artifact(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if fmt == "onnx":
+        _require("onnxruntime", "checking the ONNX file")
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch >= 2.9 marks torch.jit deprecated
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    return lambda x: loaded(x)
+
+
+@torch.no_grad()
+def verify_export(model: nn.Module, path: str | Path, fmt: str, image_size: int, in_chans: int,
+                  batches: Sequence[int] = VERIFY_BATCHES, seed: int = 0) -> Dict[int, float]:
+    """Largest |artifact - eager ``model``| relative to the eager output's range, per batch size (on CPU)."""
+    try:
+        runner = _run_artifact(Path(path), fmt)
+    except ExportError:
+        raise
+    except Exception as exc:  # the runtime refuses the file: one line
+        raise ExportError(f"cannot load {path} to check it ({type(exc).__name__}: {_one_line(exc, 200)})") from None
+    eager = copy.deepcopy(model).cpu().eval()
+    gen = torch.Generator().manual_seed(seed)
+    errors: Dict[int, float] = {}
+    for batch in batches:
+        x = torch.randn(batch, in_chans, image_size, image_size, generator=gen)
+        expected = eager(x)
+        try:
+            got = runner(x)
+        except Exception as exc:
+            raise ExportError(f"{path} fails at batch {batch} ({type(exc).__name__}: {_one_line(exc, 200)})") from None
+        if tuple(got.shape) != tuple(expected.shape):
+            raise ExportError(f"exported model returns shape {tuple(got.shape)} at batch {batch}, "
+                              f"eager {tuple(expected.shape)}")
+        scale = float(expected.abs().max()) or 1.0
+        errors[batch] = float((got.float() - expected).abs().max()) / scale
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m image_classification.export",
+                                description="Export a checkpoint to ONNX or TorchScript with a dynamic batch axis.")
+    p.add_argument("checkpoint", help="checkpoint file (model_best.pth.tar, checkpoint.pth.tar, a state dict)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or torchscript")
+    p.add_argument("--output", "-o", help="output file (default: the checkpoint's name with .onnx / .pt)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the checkpoint's)")
+    p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
+                   help="keep BatchNorm layers (default: fold them into the convs before them)")
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
+    p.add_argument("--exporter", default="auto", choices=EXPORTERS, help="ONNX exporter (default: auto)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reloading the file and comparing it with PyTorch at batch 1 and 5")
+    p.add_argument("--batch-size", "-b", type=int, default=None,
+                   help="export for this fixed batch size instead of a dynamic batch axis (batch-1 deployment: "
+                        "per-sample kernels become conv weights computed in the graph; faster, see README)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest accepted |exported - eager| relative to the output range (default 1e-4)")
+    group = p.add_argument_group("model (only needed when the checkpoint does not record it)")
+    group.add_argument("--arch")
+    group.add_argument("--conv", help="operator spec")
+    group.add_argument("--placement")
+    group.add_argument("--num-classes", type=int)
+    group.add_argument("--in-chans", type=int)
+    group.add_argument("--dataset", help="imagenet, fashion-mnist or cifar10 (sets the default image size)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .data import DataError
+    from .inference import load_inference_model
+    from .training.checkpoint import CheckpointError
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("opset", "image_size", "num_classes", "in_chans", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.tolerance <= 0:
+        parser.error(f"--tolerance must be > 0, got {args.tolerance}")
+    if args.format == "torchscript" and args.opset is not None:
+        parser.error("--opset applies to --format onnx only")
+    start = time.perf_counter()
+    try:
+        loaded = load_inference_model(
+            args.checkpoint, arch=args.arch, conv=args.conv, placement=args.placement, num_classes=args.num_classes,
+            in_chans=args.in_chans, image_size=args.image_size, dataset=args.dataset, ema=args.ema)
+        model = copy.deepcopy(loaded.model) if args.fold_bn else loaded.model
+        print(f"[export] {loaded.source}: arch {loaded.arch}, operator {loaded.conv}, placement {loaded.placement}, "
+              f"{loaded.num_classes} classes, {loaded.in_chans} x {loaded.image_size} x {loaded.image_size} input")
+        if args.fold_bn:
+            report: FoldReport = fold_batchnorm(model)
+            print(f"[export] BatchNorm: {report.summary()}")
+        output = Path(args.output) if args.output else _default_output(args.checkpoint, args.format)
+        plan, used = export_model(model, output, args.format, loaded.image_size, loaded.in_chans, args.opset,
+                                  args.exporter, fixed_batch=args.batch_size)
+        print(f"[export] paths: {plan.summary()}")
+        how = f"{used} exporter" if args.format == "onnx" else used
+        axis = "dynamic batch axis" if args.batch_size is None else f"fixed batch {args.batch_size}"
+        print(f"[export] wrote {output} ({how}, {output.stat().st_size / 2**20:.1f} MiB, {axis})")
+        if args.format == "onnx":
+            with contextlib.suppress(ExportError):
+                print(f"[export] ONNX ops: {', '.join(onnx_op_types(output))}")
+        if args.verify:
+            batches = VERIFY_BATCHES if args.batch_size is None else (args.batch_size,)
+            errors = verify_export(loaded.model, output, args.format, loaded.image_size, loaded.in_chans, batches)
+            text = ", ".join(f"batch {b}: {e:.2e}" for b, e in errors.items())
+            worst = max(errors.values())
+            if not worst <= args.tolerance:
+                print(f"export: error: {output} differs from PyTorch ({text}; tolerance {args.tolerance:g})",
+                      file=sys.stderr)
+                return 1
+            print(f"[export] outputs equal PyTorch's (max relative difference {text})")
+    except (ExportError, CheckpointError, DataError, ValueError, OSError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {_one_line(exc)}\n")
+    print(f"[export] done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _default_output(checkpoint: str, fmt: str) -> Path:
+    path = Path(checkpoint)
+    stem = path.name
+    for suffix in (".pth.tar", ".pth", ".pt", ".tar", ".ckpt"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return path.with_name(stem + (".onnx" if fmt == "onnx" else ".torchscript.pt"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Single-image inference end to end: a checkpoint and PNGs made here, top-k output, validation
+preprocessing, class names, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from image_classification.classify import classify_images, main
+from image_classification.data import DataConfig
+from image_classification.data.imagefolder import imagenet_transforms
+from image_classification.data.small import FASHION_MNIST_CLASSES, InMemoryLoader
+from image_classification.inference import load_inference_model, preprocess_images
+from image_classification.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint(tmp_path: Path, conv: str = "odconv", dataset: str = "fashion-mnist", in_chans: int = 1,
+                size: int = 28, arch: str = "cifar_resnet20") -> Path:
+    torch.manual_seed(0)
+    model = build_model(arch, conv, num_classes=10, in_chans=in_chans)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"arch": arch, "conv": conv, "placement": "paper", "num_classes": 10, "in_chans": in_chans,
+                "image_size": size, "state_dict": model.state_dict(), "args": {"dataset": dataset}}, path)
+    return path
+
+
+def _png(path: Path, shape: tuple, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def test_end_to_end_topk_and_json(tmp_path: Path, capsys) -> None:
+    ckpt = _checkpoint(tmp_path)
+    a, b = _png(tmp_path / "a.png", (28, 28)), _png(tmp_path / "b.png", (40, 30, 3), seed=1)
+    assert main([str(ckpt), str(a), str(b), "--topk", "3", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(a) and lines[4] == str(b) and len(lines) == 8
+    assert all(any(name in line for name in FASHION_MNIST_CLASSES) for line in lines[1:4])
+    assert main([str(ckpt), str(a), "--json", "--topk", "10", "-b", "1"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    probs = [t["probability"] for t in record["top"]]
+    assert len(probs) == 10 and probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+    assert {t["name"] for t in record["top"]} == set(FASHION_MNIST_CLASSES)
+
+
+def test_predictions_equal_the_model_on_validation_inputs(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path)
+    paths = [str(_png(tmp_path / f"{i}.png", (28, 28), seed=i)) for i in range(3)]
+    loaded = load_inference_model(str(ckpt))
+    assert loaded.model.training is False and (loaded.arch, loaded.image_size, loaded.dataset) == (
+        "cifar_resnet20", 28, "fashion-mnist")
+    # the Fashion-MNIST loader's validation transform on the same pixels
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p))) for p in paths]).unsqueeze(1)
+    loader = InMemoryLoader(pixels, torch.zeros(3, dtype=torch.long), train=False, batch_size=3, rank=0, world_size=1,
+                            seed=0, drop_last=False, augment=False, crop_padding=2, flip=False, mean=(0.2860,),
+                            std=(0.3530,), in_chans=1, image_size=28, device=torch.device("cpu"),
+                            memory_format=torch.contiguous_format)
+    expected_input, _ = next(iter(loader))
+    batch = preprocess_images(paths, "fashion-mnist", 28, 1)
+    torch.testing.assert_close(batch, expected_input)
+    with torch.no_grad():
+        probs = torch.softmax(loaded.model(batch), 1)
+    results = classify_images(loaded.model, paths, "fashion-mnist", 28, 1, None, topk=2, batch_size=2)
+    for row, result in zip(probs, results):
+        values, indices = row.topk(2)
+        assert result.indices == indices.tolist() and result.names == [str(i) for i in indices.tolist()]
+        assert result.probabilities == pytest.approx(values.tolist(), abs=1e-6)
+
+
+def test_imagenet_preprocessing_is_the_validation_transform(tmp_path: Path) -> None:
+    path = _png(tmp_path / "photo.png", (300, 260, 3))
+    batch = preprocess_images([str(path)], "imagenet", 64, 3)
+    _, val = imagenet_transforms(DataConfig(dataset="imagenet", image_size=64, augment=False))
+    torch.testing.assert_close(batch[0], val(Image.open(path).convert("RGB")))
+    assert batch.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_class_names_file_and_root_script(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path, conv="static", dataset="cifar10", in_chans=3, size=32)
+    image = _png(tmp_path / "x.png", (32, 32, 3))
+    names = tmp_path / "names.txt"
+    names.write_text("# my classes\n" + "\n".join(f"thing{i}" for i in range(10)) + "\n")
+    run = subprocess.run([sys.executable, str(ROOT / "classify.py"), str(ckpt), str(image), "--class-names",
+                          str(names), "--topk", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == str(image) and "thing" in run.stdout.splitlines()[1]
+
+
+@pytest.mark.parametrize("case", ["bad image", "missing image", "bad checkpoint", "short names", "no arch"])
+def test_errors_are_one_line_exit_2(case: str, tmp_path: Path, capsys) -> None:
+    ckpt = _checkpoint(tmp_path)
+    image = _png(tmp_path / "ok.png", (28, 28))
+    args = [str(ckpt), str(image)]
+    expected = {"bad image": "cannot read image", "missing image": "not found", "bad checkpoint": "cannot read checkpoint",
+                "short names": "has 2 names, the model has 10", "no arch": "records no architecture"}[case]
+    if case == "bad image":
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+        args = [str(ckpt), str(tmp_path / "bad.png")]
+    elif case == "missing image":
+        args = [str(ckpt), str(tmp_path / "nope.jpg")]
+    elif case == "bad checkpoint":
+        args = [str(image), str(image)]
+    elif case == "short names":
+        (tmp_path / "n.txt").write_text("a\nb\n")
+        args += ["--class-names", str(tmp_path / "n.txt")]
+    else:
+        torch.save(build_model("cifar_resnet20", num_classes=10).state_dict(), tmp_path / "raw.pth")
+        args = [str(tmp_path / "raw.pth"), str(image)]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and expected in err and err.startswith("classify.py: error:")
+
+
+def test_raw_state_dict_with_arch(tmp_path: Path, capsys) -> None:
+    torch.save(build_model("cifar_resnet20", num_classes=7, in_chans=1).state_dict(), tmp_path / "raw.pth")
+    image = _png(tmp_path / "g.png", (28, 28))
+    assert main([str(tmp_path / "raw.pth"), str(image), "--arch", "cifar_resnet20", "--dataset", "fashion-mnist",
+                 "--topk", "7"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 8  # classes and channels read from the weights
+
+
+def test_ema_weights(tmp_path: Path, capsys) -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet20", "pedconv", num_classes=10, in_chans=1)
+    ema = AveragedModel(model, use_buffers=True)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)
+    path = tmp_path / "ck.pth.tar"
+    torch.save({"arch": "cifar_resnet20", "conv": "pedconv", "num_classes": 10, "in_chans": 1, "image_size": 28,
+                "state_dict": model.state_dict(), "ema": ema.state_dict(), "args": {"dataset": "fashion-mnist"}}, path)
+    loaded = load_inference_model(str(path), ema=True)
+    torch.testing.assert_close(loaded.model.fc.weight, ema.module.fc.weight)
+    assert not any("infomax_decoder" in name for name, _ in loaded.model.named_parameters())
+    torch.save({"state_dict": model.state_dict(), "arch": "cifar_resnet20"}, path)
+    with pytest.raises(SystemExit):
+        main([str(path), str(_png(tmp_path / "i.png", (28, 28))), "--ema"])
+    assert "holds no EMA weights" in capsys.readouterr().err
