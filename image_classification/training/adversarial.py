@@ -68,15 +68,25 @@ class PixelSpace:
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device,
                  channels_last: bool = False) -> None:
-        self.mean = torch.tensor([float(m) for m in mean], device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor([float(s) for s in std], device=device).view(1, -1, 1, 1)
+        self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float64, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor([float(s) for s in std], dtype=torch.float64, device=device).view(1, -1, 1, 1)
         self.channels_last = channels_last
+        self._cast: Dict[torch.dtype, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stats(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.mean.to(dtype), self.std.to(dtype))
+        return self._cast[dtype]
 
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float() * self.std + self.mean
+        """``images * std + mean`` in float32 at least (float64 stays float64)."""
+        images = images.to(torch.promote_types(images.dtype, torch.float32))
+        mean, std = self._stats(images.dtype)
+        return images * std + mean
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        images = (pixels - self.mean) / self.std
+        mean, std = self._stats(pixels.dtype)
+        images = (pixels - mean) / std
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
@@ -89,7 +99,8 @@ class FreeAdversarialTraining:
     """
 
     def __init__(self, pixels: PixelSpace, replays: int, eps: float, step_size: float,
-                 shape: Tuple[int, int, int, int, int], device: torch.device) -> None:
+                 shape: Tuple[int, int, int, int, int], device: torch.device, dtype: torch.dtype = torch.float32
+                 ) -> None:
         if replays < 1 or not eps > 0 or not step_size > 0:
             raise ValueError(f"free adversarial training needs replays >= 1, eps > 0 and step > 0, got {replays}, "
                              f"{eps}, {step_size}")
@@ -97,7 +108,7 @@ class FreeAdversarialTraining:
         self.replays = int(replays)
         self.eps = float(eps)
         self.step_size = float(step_size)
-        self.perturbation = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.perturbation = torch.zeros(shape, dtype=dtype, device=device)
 
     def _slot(self, index: int, images: torch.Tensor) -> torch.Tensor:
         """The perturbation of mini-batch ``index`` of a group (a view), grown if a batch is larger."""
