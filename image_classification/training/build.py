@@ -124,6 +124,10 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
         dropout=args.dropout,
         **({"stochastic_depth_prob": args.drop_path} if getattr(args, "drop_path", None) is not None else {}),
     )
+    if getattr(args, "bn_momentum", None) is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = args.bn_momentum
     model = model.to(env.device)
     if args.memory_format == "nhwc":
         model = model.to(memory_format=torch.channels_last)
@@ -294,7 +298,8 @@ def checkpoint_position(checkpoint: Dict[str, Any]) -> RunState:
 SCHEDULE_FLAGS = ("lr", "epochs", "lr_schedule", "warmup", "lr_steps", "lr_decay", "end_lr", "momentum",
                   "weight_decay", "nesterov", "optimizer_batch_size", "batch_size", "label_smoothing", "mixup",
                   "infomax_weight", "use_ema", "precise_bn", "optimizer_eps", "rmsprop_alpha", "lr_decay_epochs",
-                  "augmentation", "interpolation", "adv_train", "adv_replays", "adv_eps", "adv_step_size")
+                  "augmentation", "interpolation", "adv_train", "adv_replays", "adv_eps", "adv_step_size",
+                  "bn_momentum", "drop_path")
 
 
 def changed_flags(saved: Any, args: argparse.Namespace) -> List[str]:

@@ -129,8 +129,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
                        help="memory layout; nhwc = channels_last (default: nchw)")
     group.add_argument("--drop-path", type=_probability, default=None, metavar="P",
-                       help="stochastic depth (EfficientNet's drop-connect): the last block's drop probability, "
-                       "scaled linearly with block depth; efficientnet_* only (default: the arch's own, 0.2)")
+                       help="stochastic depth (EfficientNet's drop-connect rate): block i of n skips its residual "
+                       "branch for a sample with probability P * i / n; efficientnet_* only (default: the arch's "
+                       "own, 0.2)")
+    group.add_argument("--bn-momentum", type=_probability, default=None, metavar="M",
+                       help="BatchNorm running-statistics momentum in PyTorch's convention (weight of the new batch; "
+                       "TensorFlow's 0.99 is 0.01) for every BatchNorm of the model (default: the arch's own, 0.1)")
 
 
 def _add_optim_flags(parser: argparse.ArgumentParser) -> None:
@@ -481,6 +485,8 @@ def _validate_recipe_options(parser: argparse.ArgumentParser, args: argparse.Nam
     elif args.lr_decay_epochs is None:
         parser.error("--lr-schedule exponential needs --lr-decay-epochs E (multiply the lr by --lr-decay every E "
                      "epochs; EfficientNet: --lr-decay 0.97 --lr-decay-epochs 2.4)")
+    if args.bn_momentum is not None and args.bn_momentum <= 0:
+        parser.error("--bn-momentum must be > 0 (0 would freeze the running statistics at their initial values)")
     if args.drop_path is not None and not args.arch.startswith("efficientnet"):
         parser.error(f"--drop-path: --arch {args.arch} has no stochastic depth (efficientnet_* archs only)")
     if args.adv_train == "none":
