@@ -202,19 +202,20 @@ class RunState:
 
 
 def restore_training_state(comp: Components, checkpoint: Dict[str, Any], env: DistEnv,
-                           accumulation: int = 1) -> RunState:
+                           accumulation: int = 1, training: bool = True) -> RunState:
     """Optimizer, scheduler, scaler and EMA from a ``--resume`` checkpoint (weights are loaded already).
 
     The optimizer's momentum buffers come from the checkpoint, its hyperparameters (lr, momentum, weight
     decay, Nesterov) and the learning-rate schedule from the current flags, positioned at the checkpoint's
     (epoch, iteration) -- as DeepLearningExamples does -- so ``--epochs``/``--lr``/``--lr-schedule`` given
     on resume are what the run trains with (and what the raport records). With free adversarial training
-    every replay counts as an optimizer step, and each rank gets its own perturbation back.
+    every replay counts as an optimizer step, and each rank gets its own perturbation back. A run that will
+    train (``training``) must use the checkpoint's ``--optimizer``.
     """
     state = checkpoint_position(checkpoint)
     saved_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     trained_with = str(saved_args.get("optimizer") or "sgd")
-    if trained_with != optimizer_name(comp.optimizer):
+    if training and trained_with != optimizer_name(comp.optimizer):
         raise CheckpointError(f"--resume: the checkpoint was trained with --optimizer {trained_with}, this run asks for "
                               f"--optimizer {optimizer_name(comp.optimizer)} (its state cannot be carried over): "
                               f"resume with --optimizer {trained_with}, or start a new run from its weights with "

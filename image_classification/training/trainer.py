@@ -186,7 +186,8 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     state = build.RunState()
     resume_rng = None
     if resume is not None:
-        state = build.restore_training_state(comp, resume, env, accumulation=cfg.accumulation)
+        state = build.restore_training_state(comp, resume, env, accumulation=cfg.accumulation,
+                                             training=not args.evaluate)
         if state.epoch > args.epochs and not args.evaluate:
             raise UsageError(ValueError(f"--resume {resume_path} has completed {state.epoch} epochs, more than "
                                         f"--epochs {args.epochs}"))
@@ -332,7 +333,7 @@ def _evaluate(run: _Run) -> int:
     _precise_bn(run, run.state.epoch)
     metrics = _validate_all(run, run.state.epoch)
     robust = _attack_all(run, run.state.epoch)
-    for prefix, _ in robust_descriptions(run):
+    for prefix, _ in _robust_descriptions(run):
         for name, meta in attack_metadata(prefix).items():
             run.raport.metadata(name, meta)
     metrics.update(robust)
@@ -341,14 +342,14 @@ def _evaluate(run: _Run) -> int:
     if run.env.is_main:
         print(f"evaluation: top1 {metrics['val.top1']:.3f}  top5 {metrics['val.top5']:.3f}  "
               f"loss {metrics['val.loss']:.4f}  ({int(metrics['val.samples'])} images)", flush=True)
-        for prefix, description in robust_descriptions(run):
+        for prefix, description in _robust_descriptions(run):
             print(f"under attack: {description}: {'EMA ' if '_ema_' in prefix else ''}top1 "
                   f"{metrics[prefix + '.top1']:.3f}  top5 {metrics[prefix + '.top5']:.3f}  "
                   f"(natural top1 {metrics[prefix.split('_pgd')[0] + '.top1']:.3f})", flush=True)
     return 0
 
 
-def robust_descriptions(run: _Run) -> List[Tuple[str, str]]:
+def _robust_descriptions(run: _Run) -> List[Tuple[str, str]]:
     """``(metric prefix, attack)`` of every model and ``--attack-steps`` value: ``val_pgd10``, ``val_ema_pgd10``."""
     attacks = build_attacks(run.args, run.loaders, run.cfg)
     names = ["val"] + (["val_ema"] if run.comp.ema is not None else [])

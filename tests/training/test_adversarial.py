@@ -205,7 +205,10 @@ def test_pgd_random_start_is_seeded_and_uniform_in_the_ball(trained: nn.Module) 
     noise = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(5))
     start = (pixels + (2 * noise - 1) * 8 / 255).clamp(0, 1)
     theirs = _reference_pgd(trained, pixels, target, 8 / 255, 2 / 255, 3, start)
-    torch.testing.assert_close(space.to_pixels(first), theirs, rtol=0, atol=1e-6)
+    adversarial = space.to_pixels(first)
+    torch.testing.assert_close(adversarial, theirs, rtol=0, atol=1e-6)
+    assert float(adversarial.min()) >= -1e-6 and float(adversarial.max()) <= 1 + 1e-6  # the pixel range
+    assert float((adversarial - pixels).abs().max()) <= 8 / 255 + 1e-6  # the budget
 
 
 def test_robust_accuracy_is_below_natural_and_within_budget(trained: nn.Module) -> None:

@@ -110,7 +110,7 @@ def test_a_resume_that_cannot_reuse_the_perturbation_says_so(jpeg_folder: Path, 
     ws = tmp_path / "ws"
     checkpoint = free_run / "checkpoint.pth.tar"
     args = [str(jpeg_folder), *FREE, "--epochs", "3", "--run-epochs", "1", "--resume", str(checkpoint),
-            "--optimizer-batch-size", "2", "--workspace", str(ws)]
+            "--optimizer-batch-size", "2", "--prof", "2", "--workspace", str(ws)]
     _, err = _ok(args, capsys)
     assert "does not fit this run's (1, 2, 3, 16, 16)" in err and "continues from a zero perturbation" in err
     code, _, err = _run([*args, "--optimizer", "rmsprop"], capsys)
