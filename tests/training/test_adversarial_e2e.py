@@ -155,3 +155,18 @@ def test_ddp_keeps_one_perturbation_per_rank_across_a_resume(e2e, tmp_path: Path
     assert second.returncode == 0, second.stderr[-3000:]
     assert "zero perturbation" not in second.stderr
     assert load_checkpoint(ws / "checkpoint.pth.tar")["scheduler"]["last_epoch"] == 2 * 2 * 2
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_free_training_and_pgd_under_amp(tmp_path: Path, capsys: pytest.CaptureFixture, dtype: str) -> None:
+    """fp16: GradScaler-scaled perturbation gradients and PGD's dynamic input-gradient scale; bf16: plain autocast."""
+    common = ["--data-backend", "synthetic", "--arch", "cifar_resnet20", "--image-size", "16", "-b", "4", "-j", "0",
+              "--num-classes", "3", "--seed", "1", "--prof", "1", "--amp", "--amp-dtype", dtype, "--memory-format",
+              "nhwc"]
+    ws = tmp_path / "ws"
+    _ok([*common, "--epochs", "1", "--adv-train", "free", "--adv-replays", "2", "--workspace", str(ws)], capsys)
+    (delta,) = load_checkpoint(ws / "checkpoint.pth.tar")["adversarial"]["perturbation_per_rank"]
+    assert torch.isfinite(delta).all() and float(delta.abs().max()) <= 4 / 255 + 1e-7
+    out, _ = _ok([*common, "--evaluate", "--pretrained-weights", str(ws / "checkpoint.pth.tar"), "--attack", "pgd",
+                  "--attack-steps", "2", "--raport-file", "eval.json", "--workspace", str(ws)], capsys)
+    assert "under attack: PGD-2 (eps 4/255, step 1/255, random start): top1" in out
