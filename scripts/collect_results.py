@@ -6,7 +6,8 @@ A raport (``--raport-file``, default ``raport.json`` in the workspace) holds DLL
 per-epoch ``val.*`` records and a final summary. This script finds raports under the given paths
 (files, or directories searched recursively for ``*.json`` files holding ``DLLL`` lines) and writes
 one row per run: arch, operator spec, placement, epochs done, best and last ``val.top1``/``val.top5``,
-mean training throughput and validation latency.
+mean training throughput and validation latency, and for evaluations under attack (``--attack pgd``) the robust
+top-1 per attack (``val_pgd<K>.top1``).
 
 Usage:
     python scripts/collect_results.py logs/ --markdown logs/results.md --csv logs/results.csv
@@ -18,6 +19,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -43,6 +45,7 @@ class RunSummary:
     last_val_loss: Optional[float] = None
     train_ips: Optional[float] = None
     val_latency_ms: Optional[float] = None
+    robust_top1: str = ""  # evaluations under attack (--attack pgd): "PGD-10 32.80; PGD-50 31.90"
     complete: bool = False
 
 
@@ -157,8 +160,20 @@ def summarize(path: Path) -> RunSummary:
         last_val_loss=loss[max(loss)] if loss else None,
         train_ips=_mean(ips),
         val_latency_ms=(_mean(latency.values()) * 1000.0) if latency else None,
+        robust_top1=robust_summary(summary),
         complete=complete,
     )
+
+
+def robust_summary(summary: Dict[str, Any]) -> str:
+    """``PGD-10 32.80; PGD-50 31.90`` from a summary's ``val_pgd<K>.top1`` metrics (the model, not its EMA)."""
+    found = []
+    for key, value in summary.items():
+        match = re.fullmatch(r"val_pgd(\d+)\.top1", key)
+        number = _number(value)
+        if match and number is not None:
+            found.append((int(match.group(1)), number))
+    return "; ".join(f"PGD-{steps} {top1:.2f}" for steps, top1 in sorted(found))
 
 
 def find_raports(paths: Sequence[Path]) -> List[Path]:
@@ -198,6 +213,7 @@ COLUMNS = [
     ("best_top5", "best top-5 (%)"),
     ("train_ips", "train img/s"),
     ("val_latency_ms", "val latency (ms/batch)"),
+    ("robust_top1", "robust top-1 (%)"),
     ("complete", "complete"),
     ("raport", "raport"),
 ]

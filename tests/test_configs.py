@@ -7,6 +7,7 @@ recipes of the quickstart (static, pedconv) also run one forward pass.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DENSE_TABLES = {"pedconv_table2", "pedconv_table3"}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in DENSE_TABLES)
 CITATION = re.compile(r"(pedconv_paper|pedconv_appendix|pedconv_authors_readme|dcd_paper)\.md|Fashion-MNIST|"
-                      r"ODConv \(Li et al\., ICLR 2022\), Table [12]")
+                      r"ODConv \(Li et al\., ICLR 2022\), Table [12]|"
+                      r"PEDConv \(Hou & Kung, BMVC 2021\), (Table|Sec\.|Fig\.) \d")
 
 
 def _id(path: Path) -> str:
@@ -32,8 +34,8 @@ def _id(path: Path) -> str:
 
 def test_every_paper_table_has_recipes() -> None:
     tables = {p.parent.name for p in CONFIGS}
-    assert {"pedconv_table1", "pedconv_table5", "pedconv_appendix", "pedconv_authors", "dcd_table4",
-            "fashion_mnist"} <= tables
+    assert {"pedconv_table1", "pedconv_table4", "pedconv_table5", "pedconv_appendix", "pedconv_authors",
+            "dcd_table4", "fashion_mnist"} <= tables
     names = {_id(p) for p in CONFIGS}
     for needed in ("pedconv_table1/resnet18_pedconv.yaml", "pedconv_table1/resnet50_static.yaml",
                    "pedconv_table1/mobilenet_v2_pedconv.yaml", "pedconv_table1/efficientnet_b0_pedconv.yaml",
@@ -99,6 +101,25 @@ def test_paper_hyperparameters() -> None:
     assert parse_spec(parsed("dcd_table4/mobilenet_v2_x1.0_condconv.yaml").conv).options["k"] == 8
     assert parse_spec(parsed("pedconv_table5/b_resnet18_rank8.yaml").conv).options["rank"] == 8
     assert parse_spec(parsed("pedconv_table5/infomax_resnet50_off.yaml").conv).options["infomax"] is False
+    # EfficientNet's published recipe (EfficientNet, Sec. 5.2 and its TF code) at PEDConv's batch of 512
+    for name in ("static", "pedconv", "condconv"):
+        eff = parsed(f"pedconv_table1/efficientnet_b0_{name}.yaml")
+        assert (eff.optimizer, eff.optimizer_eps, eff.rmsprop_alpha, eff.momentum, eff.nesterov) == (
+            "rmsprop", 1e-3, 0.9, 0.9, False)
+        assert eff.lr == pytest.approx(0.016 * eff.optimizer_batch_size / 256) and eff.optimizer_batch_size == 512
+        assert (eff.lr_schedule, eff.lr_decay, eff.lr_decay_epochs, eff.warmup, eff.epochs) == (
+            "exponential", 0.97, 2.4, 5, 350)
+        assert eff.use_ema == pytest.approx(0.9999 ** (512 / 4096))
+        assert (eff.weight_decay, eff.label_smoothing, eff.dropout, eff.drop_path, eff.bn_momentum) == (
+            1e-5, 0.1, 0.2, 0.2, 0.01)
+        assert (eff.augmentation, eff.interpolation) == ("autoaugment", "bicubic")
+    # Table 4: free adversarial training as Shafahi et al. 2019 trained ImageNet ResNet-50 (m = 4, eps = 4)
+    for name in ("static", "pedconv"):
+        adv = parsed(f"pedconv_table4/resnet50_{name}.yaml")
+        assert (adv.adv_train, adv.adv_replays, adv.adv_eps, adv.adv_step_size) == ("free", 4, 4.0, 4.0)
+        assert (adv.lr, adv.optimizer_batch_size, adv.weight_decay, adv.bn_weight_decay) == (0.1, 256, 1e-4, True)
+        assert (adv.epochs, adv.lr_schedule, adv.lr_steps, adv.lr_decay) == (math.ceil(90 / 4), "step", [8, 16], 0.1)
+        assert adv.conv == name and adv.mixup == 0
 
 
 def test_command_line_overrides_recipe(tmp_path: Path) -> None:

@@ -97,6 +97,32 @@ def test_collect_cli_writes_markdown_and_csv(tmp_path: Path) -> None:
     assert collect.main(["--complete", str(tmp_path / "runs")]) == 1
 
 
+def test_robust_top1_of_an_evaluation_under_attack(tmp_path: Path) -> None:
+    path = write_raport(tmp_path / "raport_pgd.json", epochs=1, done=1, evaluate=True, top1={0: 60.2})
+    with open(path, "a") as handle:  # the summary record main.py --evaluate --attack pgd writes
+        handle.write('DLLL {"type": "LOG", "step": [], "data": {"val.top1": 60.2, "val_pgd50.top1": 31.9, '
+                     '"val_pgd10.top1": 32.8, "val_ema_pgd10.top1": 40.0, "val_pgd10.linf": 4.0}}\n')
+    row = collect.summarize(path)
+    assert row.best_top1 == 60.2 and row.robust_top1 == "PGD-10 32.80; PGD-50 31.90" and row.complete
+    assert "| PGD-10 32.80; PGD-50 31.90 |" in collect.markdown_table([row])
+    assert collect.summarize(write_raport(tmp_path / "plain.json")).robust_top1 == ""
+
+
+def test_table4_launcher_trains_then_attacks(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "NGPUS": "8", "PYTHON": "python3", "LOGS": str(tmp_path)}
+    out = subprocess.run(["bash", str(SCRIPTS / "pedconv_table4.sh"), "--amp"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    commands = [line for line in out.splitlines() if line.startswith("python3 multiproc.py")]
+    train = [c for c in commands if "--evaluate" not in c]
+    attack = [c for c in commands if "--evaluate" in c]
+    assert len(train) == len(attack) == 2
+    for command in attack:
+        assert "--attack pgd --attack-steps 10 50 --attack-eps 4 --attack-step-size 1" in command
+        assert "--raport-file raport_pgd.json" in command and command.rstrip().endswith("--amp")
+        name = command.split("--config configs/pedconv_table4/")[1].split(".yaml")[0]
+        assert f"--pretrained-weights {tmp_path}/pedconv_table4/{name}/checkpoint.pth.tar" in command
+
+
 def test_collect_cli_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no such file"):
         collect.main([str(tmp_path / "missing")])

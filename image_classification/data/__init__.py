@@ -47,6 +47,8 @@ What the trainer gets
 * Breaking out of an epoch early (e.g. ``--prof``) is fine; for DALI the next iteration continues the
   interrupted epoch (DALI cannot reset mid-epoch).
 * ``loaders.num_classes``, ``loaders.in_chans``, ``loaders.image_size``: what the model must be built for.
+* ``loaders.mean``, ``loaders.std``: the per-channel normalisation (``image = (pixel - mean) / std`` with
+  pixels in ``[0, 1]``), e.g. for adversarial perturbations bounded in pixel space.
 * ``loaders.train_samples`` / ``loaders.val_samples``: global sample counts (after subsetting).
 
 Errors
@@ -63,7 +65,7 @@ iterating ``loaders.train`` / ``loaders.val`` (DALI, which prefetches, may alrea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -145,6 +147,10 @@ class DataConfig:
         drop_last: drop the incomplete last train batch (see module docstring).
         train_subset / val_subset: use only this many samples (a seeded random subset, same on all ranks).
         synthetic_train_batches / synthetic_val_batches: epoch length of the synthetic backend (per rank).
+        augmentation: ``none`` | ``autoaugment`` | ``randaugment`` | ``trivialaugment`` added to the training
+            images (:mod:`.augment`); ignored by ``synthetic``.
+        interpolation: ``bilinear`` | ``bicubic`` | ``nearest``: the filter of the train crop resize and the
+            val resize (small datasets: of the resize to ``image_size``); ignored by ``synthetic``.
     """
 
     backend: str = "pytorch"
@@ -168,6 +174,8 @@ class DataConfig:
     val_subset: Optional[int] = None
     synthetic_train_batches: int = 100
     synthetic_val_batches: int = 10
+    augmentation: str = "none"
+    interpolation: str = "bilinear"
 
     # ---- derived values (no side effects) -------------------------------------------------------------
     @property
@@ -231,6 +239,8 @@ class Loaders:
         val_samples: int,
         classes: Optional[List[str]] = None,
         calibration: Optional[Callable[[], Iterable[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
     ) -> None:
         self.train = train
         self._calibration = calibration
@@ -241,6 +251,10 @@ class Loaders:
         self.train_samples = int(train_samples)
         self.val_samples = int(val_samples)
         self.classes = classes
+        # per-channel normalisation of the images: pixel value in [0, 1] = image * std + mean (filled in by
+        # build_loaders from the dataset when a backend does not set it)
+        self.mean: Optional[Tuple[float, ...]] = tuple(float(m) for m in mean) if mean is not None else None
+        self.std: Optional[Tuple[float, ...]] = tuple(float(s) for s in std) if std is not None else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -344,6 +358,12 @@ def validate_config(cfg: DataConfig) -> None:
         raise DataError(
             f"{cfg.dataset} supports in_chans {' or '.join(map(str, allowed_chans))}, got {cfg.resolved_in_chans}"
         )
+    from .augment import AUGMENTATIONS, INTERPOLATIONS
+
+    if cfg.augmentation not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {cfg.augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise DataError(f"unknown interpolation {cfg.interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
     resolve_memory_format(cfg.memory_format)
     try:
         torch.device(cfg.device)
@@ -359,8 +379,8 @@ def build_loaders(cfg: DataConfig) -> Loaders:
     """
     validate_config(cfg)
     if cfg.backend == "synthetic" or cfg.backend in _REGISTERED:
-        return _resolve_backend(cfg.backend)(cfg)
-    if cfg.dataset in SMALL_DATASETS:
+        loaders = _resolve_backend(cfg.backend)(cfg)
+    elif cfg.dataset in SMALL_DATASETS:
         if cfg.backend != "pytorch":
             raise DataError(
                 f"data backend {cfg.backend} reads JPEG folders only; use --data-backend pytorch "
@@ -368,8 +388,13 @@ def build_loaders(cfg: DataConfig) -> Loaders:
             )
         from .small import build_small_loaders
 
-        return build_small_loaders(cfg)
-    return _resolve_backend(cfg.backend)(cfg)
+        loaders = build_small_loaders(cfg)
+    else:
+        loaders = _resolve_backend(cfg.backend)(cfg)
+    if loaders.mean is None or loaders.std is None:
+        repeat = max(1, loaders.in_chans // len(cfg.info.mean))
+        loaders.mean, loaders.std = tuple(cfg.info.mean) * repeat, tuple(cfg.info.std) * repeat
+    return loaders
 
 
 # Re-exported helpers used by several backends.

@@ -5,8 +5,9 @@ same empty-class check), handed to ``fn.readers.file(files=..., labels=...)``, w
 (``shard_id=rank, num_shards=world_size``; contiguous shards as DALI defines them).
 
 * train: ``readers.file(random_shuffle=True)`` -> ``decoders.image`` (``cpu`` for dali-cpu, ``mixed`` =
-  nvJPEG for dali-gpu) -> ``random_resized_crop`` -> ``crop_mirror_normalize`` with a ``random.coin_flip``
-  mirror. Every rank yields the same number of batches (DALI counts from the largest shard): the incomplete
+  nvJPEG for dali-gpu) -> ``random_resized_crop`` -> (``--augmentation``: DALI's own AutoAugment ImageNet
+  policy / RandAugment / TrivialAugment Wide from ``nvidia.dali.auto_aug``) -> ``crop_mirror_normalize`` with
+  a ``random.coin_flip`` mirror. Resizes use ``--interpolation`` (``INTERP_LINEAR``/``CUBIC``/``NN``). Every rank yields the same number of batches (DALI counts from the largest shard): the incomplete
   last batch is dropped (``LastBatchPolicy.DROP``) or, for shards smaller than one batch, filled
   (``LastBatchPolicy.FILL``).
 * val: ``readers.file(pad_last_batch=True, stick_to_shard=True)`` -> decode -> ``resize(resize_shorter=
@@ -20,10 +21,12 @@ normalised with the ImageNet mean/std, int64 labels of shape ``(N,)``. dali-cpu 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -121,11 +124,18 @@ def _create_pipeline(
     mean: Sequence[float],
     std: Sequence[float],
     layout: str,
+    augmentation: str = "none",
+    interpolation: str = "bilinear",
 ) -> Any:
     from nvidia.dali import fn, pipeline_def, types
 
+    policy = _dali_policy(augmentation) if train and augment else None
+    interp_type = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
+                   "nearest": types.INTERP_NN}[interpolation]
+
     @pipeline_def(
-        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2,
+        enable_conditionals=policy is not None,  # DALI's automatic augmentations select operations with `if`
     )
     def pipeline() -> Tuple[Any, Any]:
         jpegs, targets = fn.readers.file(
@@ -152,12 +162,15 @@ def _create_pipeline(
                 size=[size, size],
                 random_area=[0.08, 1.0],
                 random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0],
+                interp_type=interp_type,
                 antialias=True,
             )
+            if policy is not None:
+                images = policy(images, shape=[size, size])
             mirror = fn.random.coin_flip(probability=0.5)
         else:
             images = fn.resize(
-                images, resize_shorter=val_resize, interp_type=types.INTERP_LINEAR, antialias=True
+                images, resize_shorter=val_resize, interp_type=interp_type, antialias=True
             )
             mirror = 0
         images = fn.crop_mirror_normalize(
@@ -175,7 +188,44 @@ def _create_pipeline(
             targets = targets.gpu()
         return images, targets
 
-    return pipeline()
+    with quiet_dali_deprecations():
+        return pipeline()
+
+
+@contextlib.contextmanager
+def quiet_dali_deprecations() -> Iterator[None]:
+    """Silence DALI's warnings about its own ``fn.experimental`` aliases, which its ``auto_aug`` module still
+    calls (nothing a user can act on)."""
+    # DALI forces these warnings on with its own "default" filter, so filters cannot hide them: drop them at display
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+            if not re.search(r"nvidia\.dali\.fn\.experimental\.\w+` is now deprecated", str(message)):
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _dali_policy(name: str) -> Optional[Callable[..., Any]]:
+    """DALI's own implementation of ``--augmentation name`` (``nvidia.dali.auto_aug``, DALI >= 1.26)."""
+    if name == "none":
+        return None
+    try:
+        from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+    except ImportError:
+        raise DataError(f"--augmentation {name} on the DALI backends needs nvidia.dali.auto_aug (DALI >= 1.26); "
+                        f"upgrade DALI ({DALI_INSTALL_HINT}) or use --data-backend pytorch") from None
+    from .augment import RANDAUGMENT_MAGNITUDE, RANDAUGMENT_OPS
+
+    policies = {
+        "autoaugment": auto_augment.auto_augment_image_net,
+        "randaugment": lambda images, shape: rand_augment.rand_augment(
+            images, n=RANDAUGMENT_OPS, m=RANDAUGMENT_MAGNITUDE, shape=shape),
+        "trivialaugment": trivial_augment.trivial_augment_wide,
+    }
+    return policies[name]
 
 
 class DaliLoader:
@@ -192,7 +242,8 @@ class DaliLoader:
         self.length = int(length)
         self.nhwc = nhwc
         try:
-            pipeline.build()
+            with quiet_dali_deprecations():
+                pipeline.build()
             self.iterator = DALIGenericIterator(
                 [pipeline], ["data", "label"], reader_name="Reader", last_batch_policy=policy, auto_reset=True
             )
@@ -276,6 +327,7 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         mean=cfg.info.mean,
         std=cfg.info.std,
         layout="HWC" if nhwc else "CHW",
+        interpolation=cfg.interpolation,
     )
 
     train_bs, val_bs = cfg.batch_size, cfg.resolved_val_batch_size
@@ -289,6 +341,7 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         train_labels,
         train=True,
         augment=cfg.augment,
+        augmentation=cfg.augmentation,
         batch_size=train_bs,
         seed=cfg.seed + 1000 * rank,
         **common,
@@ -301,7 +354,7 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         rewound mid-epoch, and drawing from it would shorten the next epoch)."""
         if not calibration:
             pipe = _create_pipeline(train_files, train_labels, train=True, augment=cfg.augment, batch_size=train_bs,
-                                    seed=cfg.seed + 1000 * rank + 2, **common)
+                                    augmentation=cfg.augmentation, seed=cfg.seed + 1000 * rank + 2, **common)
             calibration.append(DaliLoader(pipe, train_files, train_policy, train_len, nhwc))
         return calibration[0]
 

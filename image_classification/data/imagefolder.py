@@ -1,7 +1,8 @@
 """``pytorch`` backend: torchvision ImageFolder on ``DATA/train`` and ``DATA/val``.
 
-Train: RandomResizedCrop(size) + RandomHorizontalFlip; val: Resize(round(size * 256 / 224)) + CenterCrop(size);
-both normalised with the ImageNet mean/std. Corrupt images are detected lazily (a full upfront decode is
+Train: RandomResizedCrop(size) + RandomHorizontalFlip (+ the ``--augmentation`` policy); val:
+Resize(round(size * 256 / 224)) + CenterCrop(size); resizes with ``--interpolation``; both normalised with the
+ImageNet mean/std. Corrupt images are detected lazily (a full upfront decode is
 not feasible at ImageNet scale) and reported as a one-line :class:`DataError` naming the file, also when the
 decode happens in a DataLoader worker process.
 """
@@ -18,6 +19,7 @@ from torchvision import datasets
 from torchvision.transforms import v2 as T
 
 from . import DataConfig, DataError, Loaders, effective_drop_last, subset_indices
+from .augment import torchvision_augmentation, torchvision_interpolation
 
 IMG_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 
@@ -257,16 +259,22 @@ class EpochLoader:
 
 
 def imagenet_transforms(cfg: DataConfig) -> Tuple[Callable, Callable]:
+    """Train: RandomResizedCrop + flip (+ ``cfg.augmentation`` on the 8-bit image); val: resize + center crop;
+    both with ``cfg.interpolation`` and normalised."""
     size = cfg.resolved_image_size
+    interpolation = torchvision_interpolation(cfg.interpolation)
     normalize = [
         T.ToImage(),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean=list(cfg.info.mean), std=list(cfg.info.std)),
     ]
-    val = T.Compose([T.Resize(cfg.resolved_val_resize, antialias=True), T.CenterCrop(size), *normalize])
+    val = T.Compose([T.Resize(cfg.resolved_val_resize, interpolation=interpolation, antialias=True),
+                     T.CenterCrop(size), *normalize])
     if not cfg.augment:
         return val, val
-    train = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), *normalize])
+    policy = torchvision_augmentation(cfg.augmentation, cfg.dataset, cfg.interpolation)
+    train = T.Compose([T.RandomResizedCrop(size, interpolation=interpolation, antialias=True), T.RandomHorizontalFlip(),
+                       *([policy] if policy is not None else []), *normalize])
     return train, val
 
 

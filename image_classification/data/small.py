@@ -9,7 +9,10 @@
   ``test_batch``) or its parent. Train augmentation: random crop with 4 px zero padding + horizontal flip.
 
 Images are normalised with the dataset's mean/std. ``in_chans=3`` for Fashion-MNIST repeats the gray
-channel. An ``image_size`` other than the native one resizes each batch (bilinear, antialiased). Batches are
+channel. An ``image_size`` other than the native one resizes each batch (``--interpolation``, bilinear by
+default, antialiased). ``--augmentation`` applies its torchvision policy to each training image after the crop
+and flip (per sample, drawn from the loader's own seeded generator; Fashion-MNIST uses the ImageNet policy,
+CIFAR-10 AutoAugment its CIFAR-10 policy). Batches are
 built on ``cfg.device`` (the dataset is copied there once), so no worker processes and no PIL are involved.
 """
 
@@ -19,13 +22,14 @@ import gzip
 import os
 import pickle
 import zlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import DataConfig, DataError, Loaders, effective_drop_last, subset_indices
+from .augment import torch_interpolate_mode, torchvision_augmentation
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -202,6 +206,17 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
+def apply_per_sample(policy: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                     generator: torch.Generator) -> torch.Tensor:
+    """``policy`` (a torchvision v2 augmentation, which draws from torch's global RNG) on each uint8 image of
+    the batch with its own random draw; the draws come from ``generator`` and the caller's global RNG stream
+    is left as it was."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([policy(image) for image in images])
+
+
 class InMemoryLoader:
     """Batches of an in-memory uint8 dataset with sharding, per-epoch shuffling and tensor augmentation.
 
@@ -230,6 +245,8 @@ class InMemoryLoader:
         image_size: int,
         device: torch.device,
         memory_format: torch.memory_format,
+        policy: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        interpolation: str = "bilinear",
     ) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -238,6 +255,8 @@ class InMemoryLoader:
         self.augment, self.crop_padding, self.flip = augment and train, crop_padding, flip
         self.in_chans, self.image_size = in_chans, image_size
         self.memory_format = memory_format
+        self.policy = policy if train and augment else None
+        self.interpolation = interpolation
         source_chans = images.shape[1]
         repeat = in_chans // source_chans
         self.mean = torch.tensor(list(mean) * repeat, device=device).view(1, -1, 1, 1)
@@ -272,15 +291,21 @@ class InMemoryLoader:
             images = random_crop(images, self.crop_padding, generator)
             if self.flip:
                 images = random_hflip(images, generator)
+            if self.policy is not None:
+                images = apply_per_sample(self.policy, images, generator)
         x = images.float().div_(255.0)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            mode = torch_interpolate_mode(self.interpolation)
+            smooth = mode != "nearest"
             x = F.interpolate(
                 x,
                 size=(self.image_size, self.image_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
+                mode=mode,
+                align_corners=False if smooth else None,
+                antialias=smooth,
             )
+            if mode == "bicubic":  # bicubic overshoots: keep the pixel range
+                x = x.clamp_(0.0, 1.0)
         if self.repeat > 1:
             x = x.repeat(1, self.repeat, 1, 1)
         x = (x - self.mean) / self.std
@@ -339,6 +364,7 @@ def build_small_loaders(cfg: DataConfig) -> Loaders:
         image_size=cfg.resolved_image_size,
         device=cfg.torch_device,
         memory_format=cfg.torch_memory_format,
+        interpolation=cfg.interpolation,
     )
     train = InMemoryLoader(
         train_images,
@@ -347,6 +373,7 @@ def build_small_loaders(cfg: DataConfig) -> Loaders:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         drop_last=cfg.drop_last,
+        policy=torchvision_augmentation(cfg.augmentation, cfg.dataset, cfg.interpolation),
         **common,
     )
     val = InMemoryLoader(

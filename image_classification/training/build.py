@@ -23,7 +23,7 @@ from image_classification.data import DataConfig, Loaders, build_loaders
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .distributed import DistEnv, broadcast_int
 from .engine import Components, LoopConfig
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_name
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_components",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags"]
@@ -100,7 +100,14 @@ def build_data(args: argparse.Namespace, env: DistEnv) -> Loaders:
         seed=args.seed,
         device=env.device,
         memory_format=args.memory_format,
+        augmentation=getattr(args, "augmentation", "none"),
+        interpolation=getattr(args, "interpolation", "bilinear"),
     )
+    if args.data_backend == "synthetic" and env.is_main and cfg.augmentation != "none":
+        import sys
+
+        print(f"main.py: note: --data-backend synthetic has no images to augment; --augmentation {cfg.augmentation} "
+              "is not applied", file=sys.stderr, flush=True)
     return build_loaders(cfg)
 
 
@@ -115,7 +122,12 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
         in_chans=loaders.in_chans,
         init=args.model_config,
         dropout=args.dropout,
+        **({"stochastic_depth_prob": args.drop_path} if getattr(args, "drop_path", None) is not None else {}),
     )
+    if getattr(args, "bn_momentum", None) is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = args.bn_momentum
     model = model.to(env.device)
     if args.memory_format == "nhwc":
         model = model.to(memory_format=torch.channels_last)
@@ -151,8 +163,15 @@ def build_components(args: argparse.Namespace, model: nn.Module, loaders: Loader
     """Optimizer, scheduler (per optimizer step), scaler, EMA, mixup and the DDP wrapper."""
     from torch.nn.parallel import DistributedDataParallel
 
-    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov, args.bn_weight_decay)
+    from .adversarial import build_free_adversarial_training
+
+    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov, args.bn_weight_decay,
+                                optimizer=getattr(args, "optimizer", "sgd"), eps=getattr(args, "optimizer_eps", None),
+                                alpha=getattr(args, "rmsprop_alpha", None) or 0.9)
+    adversary = build_free_adversarial_training(args, loaders, cfg)
     steps_per_epoch = math.ceil(cfg.iterations(len(loaders.train)) / cfg.accumulation)  # type: ignore[arg-type]
+    if adversary is not None:  # every replay is an optimizer step: the schedule counts them all
+        steps_per_epoch *= adversary.replays
     scheduler = build_scheduler(optimizer, args, max(1, steps_per_epoch))
     ema = None
     if args.use_ema is not None:
@@ -168,7 +187,8 @@ def build_components(args: argparse.Namespace, model: nn.Module, loaders: Loader
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    return Components(wrapped, model, criterion, optimizer, scheduler, _grad_scaler(args, env), ema, mixup)
+    return Components(wrapped, model, criterion, optimizer, scheduler, _grad_scaler(args, env), ema, mixup,
+                      adversary)
 
 
 @dataclass
@@ -182,22 +202,32 @@ class RunState:
 
 
 def restore_training_state(comp: Components, checkpoint: Dict[str, Any], env: DistEnv,
-                           accumulation: int = 1) -> RunState:
+                           accumulation: int = 1, training: bool = True) -> RunState:
     """Optimizer, scheduler, scaler and EMA from a ``--resume`` checkpoint (weights are loaded already).
 
     The optimizer's momentum buffers come from the checkpoint, its hyperparameters (lr, momentum, weight
     decay, Nesterov) and the learning-rate schedule from the current flags, positioned at the checkpoint's
     (epoch, iteration) -- as DeepLearningExamples does -- so ``--epochs``/``--lr``/``--lr-schedule`` given
-    on resume are what the run trains with (and what the raport records).
+    on resume are what the run trains with (and what the raport records). With free adversarial training
+    every replay counts as an optimizer step, and each rank gets its own perturbation back. A run that will
+    train (``training``) must use the checkpoint's ``--optimizer``.
     """
     state = checkpoint_position(checkpoint)
+    saved_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    trained_with = str(saved_args.get("optimizer") or "sgd")
+    if training and trained_with != optimizer_name(comp.optimizer):
+        raise CheckpointError(f"--resume: the checkpoint was trained with --optimizer {trained_with}, this run asks for "
+                              f"--optimizer {optimizer_name(comp.optimizer)} (its state cannot be carried over): "
+                              f"resume with --optimizer {trained_with}, or start a new run from its weights with "
+                              "--pretrained-weights")
+    replays = comp.adversary.replays if comp.adversary is not None else 1
     try:
         current = [{k: v for k, v in group.items() if k != "params"} for group in comp.optimizer.param_groups]
         comp.optimizer.load_state_dict(checkpoint["optimizer"])
         for group, values in zip(comp.optimizer.param_groups, current):
             group.update(values)
         schedule = comp.scheduler.lr_lambdas[0]  # type: ignore[attr-defined]
-        steps = state.epoch * schedule.steps_per_epoch + state.step_in_epoch // max(1, accumulation)
+        steps = state.epoch * schedule.steps_per_epoch + (state.step_in_epoch // max(1, accumulation)) * replays
         set_schedule_position(comp.scheduler, steps)
         if comp.scaler is not None and checkpoint.get("scaler"):
             comp.scaler.load_state_dict(checkpoint["scaler"])
@@ -210,7 +240,26 @@ def restore_training_state(comp: Components, checkpoint: Dict[str, Any], env: Di
             raise
         raise CheckpointError(f"--resume: optimizer/scheduler state does not fit this run: {' '.join(str(exc).split())}"
                               ) from None
+    if comp.adversary is not None:
+        _restore_perturbation(comp.adversary, checkpoint.get("adversarial"), env)
     return state
+
+
+def _restore_perturbation(adversary: Any, saved: Any, env: DistEnv) -> None:
+    """This rank's free-adversarial-training perturbation from the checkpoint; a note when it cannot be."""
+    import sys
+
+    per_rank = saved.get("perturbation_per_rank") if isinstance(saved, dict) else None
+    if not isinstance(per_rank, (list, tuple)):
+        note = "the checkpoint holds no adversarial perturbation (trained without --adv-train free)"
+    elif len(per_rank) != env.world_size:
+        note = f"the checkpoint holds the adversarial perturbations of {len(per_rank)} rank(s), this run has " \
+               f"{env.world_size}"
+    else:
+        note = adversary.load_perturbation(per_rank[env.rank])
+    if note is not None and env.is_main:
+        print(f"main.py: note: {note}; free adversarial training continues from a zero perturbation",
+              file=sys.stderr, flush=True)
 
 
 def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
@@ -249,7 +298,9 @@ def checkpoint_position(checkpoint: Dict[str, Any]) -> RunState:
 # flags whose change on --resume alters the training (the user is told they are taken from the command line)
 SCHEDULE_FLAGS = ("lr", "epochs", "lr_schedule", "warmup", "lr_steps", "lr_decay", "end_lr", "momentum",
                   "weight_decay", "nesterov", "optimizer_batch_size", "batch_size", "label_smoothing", "mixup",
-                  "infomax_weight", "use_ema", "precise_bn")
+                  "infomax_weight", "use_ema", "precise_bn", "optimizer_eps", "rmsprop_alpha", "lr_decay_epochs",
+                  "augmentation", "interpolation", "adv_train", "adv_replays", "adv_eps", "adv_step_size",
+                  "bn_momentum", "drop_path")
 
 
 def changed_flags(saved: Any, args: argparse.Namespace) -> List[str]:

@@ -14,7 +14,10 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+from image_classification.data.augment import AUGMENTATIONS, INTERPOLATIONS
+
 from .distributed import env_world_size
+from .optim import LR_SCHEDULES, OPTIMIZERS
 
 __all__ = ["build_parser", "parse_args", "load_config", "resolve_conv", "DEFAULT_DYNAMIC_SPEC"]
 
@@ -95,6 +98,13 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="train on a seeded random subset of N images (default: all)")
     group.add_argument("--val-subset", type=_positive_int, default=None, metavar="N",
                        help="validate on a seeded random subset of N images (default: all)")
+    group.add_argument("--augmentation", default="none", choices=AUGMENTATIONS,
+                       help="automatic augmentation of the training images after crop and flip: AutoAugment "
+                       "(ImageNet policy), RandAugment (N=2, M=9) or TrivialAugment Wide; torchvision's on the "
+                       "pytorch backend, DALI's own on dali-cpu/dali-gpu (default: none)")
+    group.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
+                       help="resampling filter of the train crop and the val resize (default: bilinear; "
+                       "EfficientNet: bicubic)")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +128,13 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help="weight of the PEDConv info-max loss (default: 1e-3)")
     group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
                        help="memory layout; nhwc = channels_last (default: nchw)")
+    group.add_argument("--drop-path", type=_probability, default=None, metavar="P",
+                       help="stochastic depth (EfficientNet's drop-connect rate): block i of n skips its residual "
+                       "branch for a sample with probability P * i / n; efficientnet_* only (default: the arch's "
+                       "own, 0.2)")
+    group.add_argument("--bn-momentum", type=_probability, default=None, metavar="M",
+                       help="BatchNorm running-statistics momentum in PyTorch's convention (weight of the new batch; "
+                       "TensorFlow's 0.99 is 0.01) for every BatchNorm of the model (default: the arch's own, 0.1)")
 
 
 def _add_optim_flags(parser: argparse.ArgumentParser) -> None:
@@ -127,14 +144,15 @@ def _add_optim_flags(parser: argparse.ArgumentParser) -> None:
                        "gradient accumulation (default: batch size x processes)")
     group.add_argument("--lr", type=_non_negative_float, default=0.1, help="peak learning rate (default: 0.1)")
     group.add_argument("--warmup", type=int, default=0, metavar="E", help="linear warmup epochs (default: 0)")
-    group.add_argument("--lr-schedule", default="step", choices=("step", "linear", "cosine"),
-                       help="decay after warmup (default: step)")
+    group.add_argument("--lr-schedule", default="step", choices=LR_SCHEDULES,
+                       help="decay after warmup; exponential: x --lr-decay every --lr-decay-epochs (default: step)")
     group.add_argument("--lr-steps", type=_non_negative_int, nargs="+", default=[30, 60, 80], metavar="E",
                        help="epochs where the step schedule multiplies the lr by --lr-decay (default: 30 60 80)")
-    group.add_argument("--lr-decay", type=_positive_float, default=0.1, help="step schedule factor (default: 0.1)")
+    group.add_argument("--lr-decay", type=_positive_float, default=0.1,
+                       help="step and exponential schedules' factor (default: 0.1; EfficientNet: 0.97)")
     group.add_argument("--end-lr", type=_non_negative_float, default=0.0, help="final lr of linear/cosine (default: 0)")
     group.add_argument("--mom", "--momentum", dest="momentum", type=_non_negative_float, default=0.9,
-                       help="SGD momentum (default: 0.9)")
+                       help="SGD / RMSProp momentum (default: 0.9)")
     group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_non_negative_float, default=1e-4,
                        help="weight decay (default: 1e-4)")
     group.add_argument("--bn-weight-decay", action="store_true",
@@ -153,6 +171,17 @@ def _add_optim_flags(parser: argparse.ArgumentParser) -> None:
                        help="before each validation and checkpoint, recompute every BatchNorm's statistics (model "
                        "and EMA) as the true average over N training batches, with the dynamic operators' training "
                        "noise off; 0 keeps the running averages (default: 0)")
+    group.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                       help="sgd (momentum --mom, --nesterov); rmsprop: RMSProp as TensorFlow and EfficientNet "
+                       "(epsilon inside the square root, mean square starting at 1, lr inside the momentum); "
+                       "adamw: torch's AdamW with decoupled --wd (default: sgd)")
+    group.add_argument("--optimizer-eps", type=_positive_float, default=None, metavar="EPS",
+                       help="epsilon of rmsprop (default: 1e-3, EfficientNet's) or adamw (default: 1e-8)")
+    group.add_argument("--rmsprop-alpha", type=_probability, default=None, metavar="ALPHA",
+                       help="rmsprop: decay of the mean square gradient (TF's 'decay'; default: 0.9)")
+    group.add_argument("--lr-decay-epochs", type=_positive_float, default=None, metavar="E",
+                       help="exponential schedule: multiply the lr by --lr-decay every E epochs, counted from the "
+                       "start (EfficientNet: 2.4)")
 
 
 def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +237,34 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                        "lost rank, naming it (default: 600)")
 
 
+def _add_adversarial_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "adversarial training and robustness (PEDConv Table 4); budgets in 1/255 of the [0, 1] pixel range")
+    group.add_argument("--adv-train", default="none", choices=("none", "free"),
+                       help="free: 'free' adversarial training (Shafahi et al., NeurIPS 2019): each mini-batch is "
+                       "replayed --adv-replays times, each replay is an optimizer step, and one l_inf perturbation "
+                       "kept across replays and batches ascends the loss with the same backward pass; divide "
+                       "--epochs by the replays (default: none)")
+    group.add_argument("--adv-replays", type=_positive_int, default=None, metavar="M",
+                       help="free adversarial training: replays m per mini-batch (default: 4)")
+    group.add_argument("--adv-eps", type=_positive_float, default=None, metavar="EPS",
+                       help="free adversarial training: l_inf bound of the perturbation, in 1/255 (default: 4)")
+    group.add_argument("--adv-step-size", type=_positive_float, default=None, metavar="S",
+                       help="free adversarial training: perturbation step per replay, in 1/255 (default: --adv-eps)")
+    group.add_argument("--attack", default="none", choices=("none", "pgd"),
+                       help="with --evaluate: also measure top-1 under an l_inf PGD attack (Madry et al., ICLR "
+                       "2018) on the normalised-input model, projected and clamped in pixel space (default: none)")
+    group.add_argument("--attack-steps", type=_positive_int, nargs="+", default=None, metavar="K",
+                       help="PGD iterations; several values run several attacks, e.g. 10 50 (default: 10)")
+    group.add_argument("--attack-eps", type=_positive_float, default=None, metavar="EPS",
+                       help="PGD l_inf bound, in 1/255 (default: 4)")
+    group.add_argument("--attack-step-size", type=_positive_float, default=None, metavar="S",
+                       help="PGD step, in 1/255 (default: 1)")
+    group.add_argument("--attack-start", default=None, choices=("random", "clean"),
+                       help="PGD start: random = uniform in the eps ball (seeded by --seed), clean = the image "
+                       "itself (default: random)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The complete ``main.py`` parser (DeepLearningExamples names plus the dynamic-conv options)."""
     parser = argparse.ArgumentParser(
@@ -220,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optim_flags(parser)
     _add_precision_flags(parser)
     _add_run_flags(parser)
+    _add_adversarial_flags(parser)
     return parser
 
 
@@ -385,6 +443,79 @@ def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
 
 
+ADVERSARIAL_DEFAULTS = {"adv_replays": 4, "adv_eps": 4.0}
+ATTACK_DEFAULTS = {"attack_steps": [10], "attack_eps": 4.0, "attack_step_size": 1.0, "attack_start": "random"}
+MAX_PIXEL_BUDGET = 255.0
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str], dest: str) -> bool:
+    """Whether an option of ``dest`` was typed in ``argv`` (as opposed to coming from a --config recipe)."""
+    options = [o for action in parser._actions if action.dest == dest for o in action.option_strings]
+    return any(arg == o or arg.startswith(o + "=") for arg in argv for o in options if o.startswith("--"))
+
+
+def _dependent_options(parser: argparse.ArgumentParser, argv: Sequence[str], dests: Sequence[str], needs: str,
+                       args: argparse.Namespace) -> None:
+    """Options that only mean something with ``needs``, which is off: an error when typed on the command line,
+    dropped (None) when they come from a recipe whose feature the command line switched off."""
+    typed = [_flag(d) for d in dests if getattr(args, d) is not None and _on_command_line(parser, argv, d)]
+    if typed:
+        parser.error(f"{', '.join(typed)} without {needs}")
+    for dest in dests:
+        setattr(args, dest, None)
+
+
+def _validate_recipe_options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Optimizer, schedule, augmentation and adversarial options: combinations that cannot work, and the
+    defaults of options that only mean something with another one."""
+    if args.optimizer != "sgd" and args.nesterov:
+        parser.error(f"--nesterov is an SGD option; --optimizer {args.optimizer} has no Nesterov variant")
+    if args.optimizer == "sgd":
+        _dependent_options(parser, argv, ["optimizer_eps"], "--optimizer rmsprop or adamw", args)
+    if args.optimizer != "rmsprop":
+        _dependent_options(parser, argv, ["rmsprop_alpha"], "--optimizer rmsprop", args)
+    elif args.rmsprop_alpha is None:
+        args.rmsprop_alpha = 0.9
+    if args.lr_schedule != "exponential":
+        _dependent_options(parser, argv, ["lr_decay_epochs"], "--lr-schedule exponential", args)
+    elif args.lr_decay_epochs is None:
+        parser.error("--lr-schedule exponential needs --lr-decay-epochs E (multiply the lr by --lr-decay every E "
+                     "epochs; EfficientNet: --lr-decay 0.97 --lr-decay-epochs 2.4)")
+    if args.bn_momentum is not None and args.bn_momentum <= 0:
+        parser.error("--bn-momentum must be > 0 (0 would freeze the running statistics at their initial values)")
+    if args.drop_path is not None and not args.arch.startswith("efficientnet"):
+        parser.error(f"--drop-path: --arch {args.arch} has no stochastic depth (efficientnet_* archs only)")
+    if args.adv_train == "none":
+        _dependent_options(parser, argv, ["adv_replays", "adv_eps", "adv_step_size"], "--adv-train free", args)
+    else:
+        for key, value in ADVERSARIAL_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        if args.adv_step_size is None:
+            args.adv_step_size = args.adv_eps
+        if args.mixup > 0 and not args.evaluate:
+            parser.error("--adv-train free and --mixup exclude each other (the perturbation belongs to the "
+                         "images it was computed on, not to their mixtures)")
+    if args.attack == "none":
+        _dependent_options(parser, argv, list(ATTACK_DEFAULTS), "--attack pgd", args)
+    else:
+        if not args.evaluate:
+            parser.error("--attack measures a trained model: it needs --evaluate (e.g. --evaluate "
+                         "--pretrained-weights WORKSPACE/model_best.pth.tar --attack pgd)")
+        for key, value in ATTACK_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        args.attack_steps = sorted(set(args.attack_steps))
+    for key in ("adv_eps", "adv_step_size", "attack_eps", "attack_step_size"):
+        value = getattr(args, key)
+        if value is not None and value > MAX_PIXEL_BUDGET:
+            parser.error(f"{_flag(key)} is in 1/255 of the pixel range: at most {MAX_PIXEL_BUDGET:g}, got {value:g}")
+
+
 def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     existing = _nearest_existing(args.workspace)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
@@ -417,6 +548,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     _validate_names(parser, args)
     _validate_numbers(parser, args)
+    _validate_recipe_options(parser, args, argv)
     _validate_paths(parser, args)
     return args
 

@@ -3,6 +3,8 @@
 Training loss (per mini-batch): ``CE_ls(f(x_mix), y_mix) + lambda * sum_l MSE_l`` where ``CE_ls`` is
 cross-entropy with label smoothing on the mixup soft targets and the sum is the info-max term of every
 PEDConv layer (pedconv_paper.md Eq. 6, MSE form) returned by :func:`infomax_loss` for the last forward.
+With free adversarial training (``Components.adversary``) each optimizer step's mini-batches are replayed
+on perturbed images (:mod:`.adversarial`); the logged losses and top-1 are their averages over the replays.
 Validation is exact: per-rank sums of loss, correct top-1/top-5 and sample counts are all-reduced once.
 """
 
@@ -12,7 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,6 +43,7 @@ class Components:
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[torch.optim.swa_utils.AveragedModel] = None
     mixup: Optional[Callable] = None
+    adversary: Optional[Any] = None  # adversarial.FreeAdversarialTraining: replays each optimizer step's batches
 
 
 @dataclass
@@ -202,6 +205,8 @@ def train_one_epoch(
     if start_iteration:
         progress.update(start_iteration, {})
     done, interrupted, steps = start_iteration, False, 0
+    group: List[Tuple[torch.Tensor, torch.Tensor]] = []  # adversarial training: the optimizer step's mini-batches
+    group_data_time = 0.0
     end = time.perf_counter()
     for i, (images, target) in enumerate(loader):
         if i >= total:
@@ -212,14 +217,27 @@ def train_one_epoch(
         images, target = cfg.to_device(images, target)
         data_time = time.perf_counter() - end
         boundary = (i + 1) % cfg.accumulation == 0 or i + 1 == total
-        task, infomax, correct, lr = _train_step(comp, cfg, images, target, boundary)
+        if comp.adversary is None:
+            task, infomax, correct, lr = _train_step(comp, cfg, images, target, boundary)
+            results = [(i, task, infomax, correct, images.shape[0])]
+        else:  # free adversarial training replays the whole accumulation group: collect it first
+            group.append((images, target))
+            group_data_time += data_time
+            if not boundary:
+                end = time.perf_counter()
+                continue
+            per_batch, lr = comp.adversary.train_group(comp, cfg, group)
+            results = [(i + 1 - len(group) + j, *values) for j, values in enumerate(per_batch)]
         compute_time = time.perf_counter() - end - data_time
+        if comp.adversary is not None:
+            data_time, group, group_data_time = group_data_time, [], 0.0
         for w in (window, epoch_window):
-            w.add(task, infomax, correct, images.shape[0], i)
+            for index, task, infomax, correct, n in results:
+                w.add(task, infomax, correct, n, index)
             w.data_time += data_time
             w.compute_time += compute_time
-        done = i + 1
-        if done % cfg.print_freq == 0 or done == total:
+        logged, done = done, i + 1
+        if done // cfg.print_freq > logged // cfg.print_freq or done == total:
             metrics = window.flush()
             metrics["train.lr"] = lr
             raport.log((epoch, done), metrics)  # logged first: the raport shows the NaN that stops the run

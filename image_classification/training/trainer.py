@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +26,7 @@ from image_classification.data import DataError
 from image_classification.dynamic import set_epoch
 
 from . import build
+from .adversarial import attack_metadata, build_attacks, perturbation_checkpoint, validate_under_attack
 from .checkpoint import (
     CheckpointError,
     GracefulShutdown,
@@ -185,7 +186,8 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     state = build.RunState()
     resume_rng = None
     if resume is not None:
-        state = build.restore_training_state(comp, resume, env, accumulation=cfg.accumulation)
+        state = build.restore_training_state(comp, resume, env, accumulation=cfg.accumulation,
+                                             training=not args.evaluate)
         if state.epoch > args.epochs and not args.evaluate:
             raise UsageError(ValueError(f"--resume {resume_path} has completed {state.epoch} epochs, more than "
                                         f"--epochs {args.epochs}"))
@@ -330,12 +332,40 @@ def _evaluate(run: _Run) -> int:
     run.loaders.set_epoch(run.state.epoch)
     _precise_bn(run, run.state.epoch)
     metrics = _validate_all(run, run.state.epoch)
+    robust = _attack_all(run, run.state.epoch)
+    for prefix, _ in _robust_descriptions(run):
+        for name, meta in attack_metadata(prefix).items():
+            run.raport.metadata(name, meta)
+    metrics.update(robust)
     run.raport.log((run.state.epoch,), metrics)
     run.raport.log((), metrics)
     if run.env.is_main:
         print(f"evaluation: top1 {metrics['val.top1']:.3f}  top5 {metrics['val.top5']:.3f}  "
               f"loss {metrics['val.loss']:.4f}  ({int(metrics['val.samples'])} images)", flush=True)
+        for prefix, description in _robust_descriptions(run):
+            print(f"under attack: {description}: {'EMA ' if '_ema_' in prefix else ''}top1 "
+                  f"{metrics[prefix + '.top1']:.3f}  top5 {metrics[prefix + '.top5']:.3f}  "
+                  f"(natural top1 {metrics[prefix.split('_pgd')[0] + '.top1']:.3f})", flush=True)
     return 0
+
+
+def _robust_descriptions(run: _Run) -> List[Tuple[str, str]]:
+    """``(metric prefix, attack)`` of every model and ``--attack-steps`` value: ``val_pgd10``, ``val_ema_pgd10``."""
+    attacks = build_attacks(run.args, run.loaders, run.cfg)
+    names = ["val"] + (["val_ema"] if run.comp.ema is not None else [])
+    return [(f"{name}_pgd{attack.steps}", attack.describe()) for name in names for attack in attacks]
+
+
+def _attack_all(run: _Run, epoch: int) -> Dict[str, float]:
+    """``--attack pgd``: top-1 of the model (and the EMA model) under each PGD attack, on the validation set."""
+    comp, cfg = run.comp, run.cfg
+    metrics: Dict[str, float] = {}
+    models = [("val", comp.module)] + ([("val_ema", comp.ema.module)] if comp.ema is not None else [])
+    for name, model in models:
+        for attack in build_attacks(run.args, run.loaders, cfg):
+            metrics.update(validate_under_attack(model, cfg, run.loaders.val, comp.criterion, attack,
+                                                 f"{name}_pgd{attack.steps}", epoch, run.args.seed, run.env.rank))
+    return metrics
 
 
 def _checkpoint_state(run: _Run, epoch: int, step_in_epoch: int) -> Dict[str, Any]:
@@ -365,6 +395,7 @@ def _checkpoint_state(run: _Run, epoch: int, step_in_epoch: int) -> Dict[str, An
         "pending_validation": run.state.pending_validation,
         "rng": own_rng,
         "rng_per_rank": per_rank,
+        "adversarial": perturbation_checkpoint(comp.adversary, run.env.world_size),  # collective under DDP
         "args": {k: v for k, v in vars(args).items()},
     }
 
@@ -395,7 +426,9 @@ def _precise_bn(run: _Run, epoch: int) -> None:
         if done % cfg.print_freq == 0 or done == total:
             progress.update(done, {})
 
-    used = recompute_bn_statistics(models, run.loaders.calibration_batches(), total, prepare=cfg.to_device,
+    # free adversarial training: the statistics of the perturbed images that training normalises
+    prepare = cfg.to_device if comp.adversary is None else comp.adversary.calibration_prepare(cfg.to_device)
+    used = recompute_bn_statistics(models, run.loaders.calibration_batches(), total, prepare=prepare,
                                    autocast=cfg.autocast, progress=report)
     progress.close({"batches": used})
 

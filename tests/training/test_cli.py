@@ -132,7 +132,7 @@ def test_config_values_and_command_line_override(tmp_path: Path, ws: list) -> No
 
 @pytest.mark.parametrize(
     "content, needle",
-    [("learning-rate: 0.1\n", "unknown key(s)"), ("lr-schedule: exponential\n", "invalid choice"),
+    [("learning-rate: 0.1\n", "unknown key(s)"), ("lr-schedule: polynomial\n", "invalid choice"),
      ("lr: fast\n", "invalid value"), ("- a\n- b\n", "mapping"), ("amp: maybe\n", "true or false")],
 )
 def test_bad_config(capsys: pytest.CaptureFixture, tmp_path: Path, ws: list, content: str, needle: str) -> None:
@@ -232,3 +232,90 @@ def test_numbers_in_string_keys_taken_as_written(tmp_path: Path, ws: list) -> No
     config.write_text("data-backend: synthetic\nraport-file: 2024\nseed: null\n")
     args = parse_args(["--config", str(config), *ws])
     assert args.raport_file == "2024" and args.seed is None
+
+
+# ------------------------------------------------------------------ issue 13: adversarial and EfficientNet flags
+NEW_FLAGS = ["--optimizer", "--optimizer-eps", "--rmsprop-alpha", "--lr-decay-epochs", "--augmentation",
+             "--interpolation", "--drop-path", "--adv-train", "--adv-replays", "--adv-eps", "--adv-step-size",
+             "--attack", "--attack-steps", "--attack-eps", "--attack-step-size", "--attack-start"]
+
+
+def test_help_lists_the_new_flags() -> None:
+    text = build_parser().format_help()
+    for flag in NEW_FLAGS:
+        assert flag in text, flag
+
+
+def test_adversarial_defaults_follow_the_paper(ws: list, tmp_path: Path) -> None:
+    base = ["--data-backend", "synthetic", *ws]
+    natural = parse_args(base)
+    assert (natural.adv_train, natural.adv_replays, natural.adv_eps, natural.attack, natural.attack_steps) == (
+        "none", None, None, "none", None)
+    free = parse_args([*base, "--adv-train", "free"])
+    assert (free.adv_replays, free.adv_eps, free.adv_step_size) == (4, 4.0, 4.0)  # Shafahi et al.: m 4, eps 4, step eps
+    weights = tmp_path / "w.pth.tar"
+    weights.write_bytes(b"x")
+    attack = parse_args([*base, "--evaluate", "--pretrained-weights", str(weights), "--attack", "pgd",
+                         "--attack-steps", "50", "10", "10"])
+    assert (attack.attack_steps, attack.attack_eps, attack.attack_step_size, attack.attack_start) == (
+        [10, 50], 4.0, 1.0, "random")
+
+
+def test_optimizer_defaults(ws: list) -> None:
+    base = ["--data-backend", "synthetic", *ws]
+    assert (parse_args(base).optimizer, parse_args(base).rmsprop_alpha) == ("sgd", None)
+    rms = parse_args([*base, "--optimizer", "rmsprop", "--lr-schedule", "exponential", "--lr-decay", "0.97",
+                      "--lr-decay-epochs", "2.4"])
+    assert (rms.optimizer, rms.rmsprop_alpha, rms.optimizer_eps, rms.lr_decay_epochs) == ("rmsprop", 0.9, None, 2.4)
+
+
+def test_a_recipes_options_of_a_switched_off_feature_are_dropped(tmp_path: Path, ws: list) -> None:
+    """--optimizer sgd over an RMSProp recipe (or --adv-train none over a free-training one) is not an error:
+    the recipe's RMSProp / adversarial options are simply not used."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text("data-backend: synthetic\noptimizer: rmsprop\noptimizer-eps: 0.001\nrmsprop-alpha: 0.9\n"
+                      "lr-schedule: exponential\nlr-decay-epochs: 2.4\nadv-train: free\nadv-replays: 4\n")
+    args = parse_args(["--config", str(config), "--optimizer", "sgd", "--lr-schedule", "cosine", "--adv-train",
+                       "none", *ws])
+    assert (args.optimizer_eps, args.rmsprop_alpha, args.lr_decay_epochs, args.adv_replays) == (None, None, None, None)
+    kept = parse_args(["--config", str(config), *ws])
+    assert (kept.optimizer_eps, kept.rmsprop_alpha, kept.lr_decay_epochs, kept.adv_replays) == (0.001, 0.9, 2.4, 4)
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--adv-replays", "4"], "--adv-replays without --adv-train free"),
+        (["--adv-train", "free", "--adv-replays", "0"], "--adv-replays: must be a positive integer, got 0"),
+        (["--adv-train", "free", "--adv-eps", "-4"], "--adv-eps: must be > 0, got -4"),
+        (["--adv-train", "free", "--adv-eps", "300"], "--adv-eps is in 1/255 of the pixel range: at most 255, got 300"),
+        (["--adv-train", "free", "--adv-step-size", "nan"], "--adv-step-size: must be a finite number"),
+        (["--adv-train", "free", "--mixup", "0.2"], "--adv-train free and --mixup exclude each other"),
+        (["--adv-train", "fast"], "argument --adv-train: invalid choice: 'fast'"),
+        (["--attack", "pgd"], "--attack measures a trained model: it needs --evaluate"),
+        (["--attack-steps", "10"], "--attack-steps without --attack pgd"),
+        (["--attack", "fgsm"], "argument --attack: invalid choice: 'fgsm'"),
+        (["--attack", "pgd", "--attack-steps", "0"], "--attack-steps: must be a positive integer, got 0"),
+        (["--attack", "pgd", "--attack-eps", "0"], "--attack-eps: must be > 0, got 0"),
+        (["--attack", "pgd", "--attack-start", "zero"], "argument --attack-start: invalid choice"),
+        (["--optimizer", "lamb"], "argument --optimizer: invalid choice: 'lamb'"),
+        (["--optimizer", "rmsprop", "--nesterov"], "--nesterov is an SGD option"),
+        (["--optimizer-eps", "1e-3"], "--optimizer-eps without --optimizer rmsprop or adamw"),
+        (["--optimizer", "rmsprop", "--optimizer-eps", "0"], "--optimizer-eps: must be > 0, got 0"),
+        (["--optimizer", "adamw", "--rmsprop-alpha", "0.9"], "--rmsprop-alpha without --optimizer rmsprop"),
+        (["--optimizer", "rmsprop", "--rmsprop-alpha", "1"], "--rmsprop-alpha: expected a number in [0, 1)"),
+        (["--lr-schedule", "exponential"], "--lr-schedule exponential needs --lr-decay-epochs"),
+        (["--lr-decay-epochs", "2.4"], "--lr-decay-epochs without --lr-schedule exponential"),
+        (["--lr-schedule", "exponential", "--lr-decay-epochs", "0"], "--lr-decay-epochs: must be > 0, got 0"),
+        (["--arch", "resnet18", "--drop-path", "0.2"], "--drop-path: --arch resnet18 has no stochastic depth"),
+        (["--arch", "efficientnet_b0", "--drop-path", "1.5"], "--drop-path: expected a number in [0, 1)"),
+        (["--augmentation", "cutmix"], "argument --augmentation: invalid choice: 'cutmix'"),
+        (["--interpolation", "lanczos"], "argument --interpolation: invalid choice: 'lanczos'"),
+    ],
+)
+def test_bad_new_flags(capsys: pytest.CaptureFixture, ws: list, tmp_path: Path, flags: list, needle: str) -> None:
+    weights = tmp_path / "w.pth.tar"
+    weights.write_bytes(b"x")
+    evaluate = ["--evaluate", "--pretrained-weights", str(weights)] if flags[:2] == ["--attack", "pgd"] and \
+        len(flags) > 2 else []
+    assert needle in _error(capsys, ["--data-backend", "synthetic", *flags, *evaluate, *ws])

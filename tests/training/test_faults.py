@@ -190,13 +190,14 @@ def test_a_rank_failing_on_its_own_is_named_with_its_error(e2e: SimpleNamespace,
 def test_ranks_with_different_flags_are_refused(e2e: SimpleNamespace, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     common = [*SYNTHETIC, "--prof", "2", "--workspace", str(ws)]
-    rank0, rank1 = _finish(_launch(e2e.repo, [[*common, "--epochs", "1", "-b", "4"],
-                                              [*common, "--epochs", "3", "-b", "8", "--arch", "resnet18_small"]]))
+    rank0, rank1 = _finish(_launch(e2e.repo, [[*common, "--epochs", "1", "-b", "4", "--adv-train", "free"],
+                                              [*common, "--epochs", "3", "-b", "8", "--arch", "resnet18_small",
+                                               "--adv-train", "free", "--adv-replays", "2"]]))
     assert rank0.returncode == rank1.returncode == 2
     lines = _error_lines(rank0.stderr)
     assert len(lines) == 1 and lines[0].startswith("main.py: error: ranks disagree on: ")
     for needle in ("--arch (rank 0: cifar_resnet20, rank 1: resnet18_small)", "--batch-size (rank 0: 4, rank 1: 8)",
-                   "--epochs (rank 0: 1, rank 1: 3)"):
+                   "--epochs (rank 0: 1, rank 1: 3)", "--adv-replays (rank 0: 4, rank 1: 2)"):
         assert needle in lines[0]
     assert _error_lines(rank1.stderr) == []  # said once, by rank 0
     assert not ws.exists()
