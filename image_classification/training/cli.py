@@ -137,7 +137,16 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
                        help="compute device (default: cuda when available)")
     group.add_argument("--seed", type=int, default=None,
                        help="random seed (default: random, shared by all processes and recorded in the raport)")
-    group.add_argument("--deterministic", action="store_true", help="deterministic cuDNN algorithms")
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic cuDNN algorithms; implies --no-autotune")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (training and evaluation; static shapes, checkpoints keep "
+                       "the plain parameter names)")
+    group.add_argument("--no-autotune", dest="autotune", action="store_false",
+                       help="PEDConv path=auto: use the deterministic shape heuristic instead of timing the exact "
+                       "paths of every layer once (also off with --deterministic or PEDCONV_AUTOTUNE=0)")
+    group.add_argument("--print-paths", action="store_true",
+                       help="print the execution path every PEDConv layer uses (after the first epoch / evaluation)")
     group.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                        help=argparse.SUPPRESS)
 
