@@ -162,8 +162,8 @@ def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any
     """``(path, source)`` for ``key``: the cached winner, a fresh measurement, or ``fallback``.
 
     ``candidates()`` builds the timing functions (only called when tuning happens). ``source`` is the
-    cache entry's (``tuned`` in this process, ``broadcast`` from DDP rank 0, ``loaded``) or
-    ``heuristic`` when tuning is off or there is at most one candidate.
+    cache entry's (``tuned`` in this process, ``broadcast`` from DDP rank 0, ``loaded``), ``only`` when
+    a single path applies (nothing to time) or ``heuristic`` when tuning is off or none applies.
     """
     cached = CACHE.get(key)
     if cached is not None:
@@ -172,7 +172,7 @@ def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any
         return fallback, "heuristic"
     fns = candidates()
     if len(fns) < 2:
-        return (next(iter(fns)) if fns else fallback), "heuristic"
+        return (next(iter(fns)), "only") if fns else (fallback, "heuristic")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         times = measure(fns, device)
     winner = min(times, key=times.__getitem__)

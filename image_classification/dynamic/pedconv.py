@@ -269,6 +269,7 @@ class _BaseWeightInfomaxConv2d(DynamicConv2d):
         state["_infomax"] = None
         if "_shared_cache" in state:
             state["_shared_cache"] = None
+        state.pop("_layout_memo", None)  # refers to this module and its followers
         return state
 
     @torch.no_grad()
@@ -429,14 +430,15 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
                 self._infomax = None
         post = torch.sigmoid(pre)
         batch = x.shape[0]
-        layout = self._factor_layout()
-        parts = iter(post.split([heads.rank * dim for heads, _ in layout for dim in heads.dims.values()], dim=1))
+        convs, widths, slots = self._factor_layout()
+        parts = post.split(widths, dim=1) if len(widths) > 1 else (post,)
         result: Optional[Factors] = None
-        for heads, conv in layout:
-            comps: Dict[str, Optional[Tensor]] = {"gamma": None, "phi": None, "psi": None}
-            for name, dim in heads.dims.items():
-                comps[name] = next(parts).view(batch, heads.rank, dim)
-            factors = Factors(comps["gamma"], comps["phi"], comps["psi"])
+        for i, conv in enumerate(convs):
+            comps: List[Optional[Tensor]] = [None, None, None]  # gamma, phi, psi
+            for part, (conv_index, slot, rank, dim) in zip(parts, slots):
+                if conv_index == i:
+                    comps[slot] = part.view(batch, rank, dim)
+            factors = Factors(comps[0], comps[1], comps[2])
             if result is None:
                 result = factors
             elif record:
@@ -444,10 +446,24 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
         assert result is not None
         return result
 
-    def _factor_layout(self) -> List[Tuple[_Heads, PEDConv2d]]:
-        """(heads, conv) pairs of this generator in the fused order: this conv, then its followers."""
+    def _factor_layout(self) -> Tuple[List[PEDConv2d], List[int], List[Tuple[int, int, int, int]]]:
+        """(convs: this one then its followers, widths of the fused output's pieces, and per piece
+        (conv index, slot 0/1/2 for gamma/phi/psi, rank, dim)); memoised per number of followers."""
         assert self.generator is not None
-        return list(zip(self.generator.heads, [self, *self._followers]))
+        memo = self.__dict__.get("_layout_memo")
+        if memo is not None and memo[0] == len(self._followers) and not torch.compiler.is_compiling():
+            return memo[1]
+        convs = [self, *self._followers]
+        widths: List[int] = []
+        slots: List[Tuple[int, int, int, int]] = []
+        for i, heads in enumerate(self.generator.heads):
+            for name, dim in heads.dims.items():
+                widths.append(heads.rank * dim)
+                slots.append((i, ("gamma", "phi", "psi").index(name), heads.rank, dim))
+        layout = (convs, widths, slots)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_layout_memo"] = (len(self._followers), layout)
+        return layout
 
     def factors(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(gamma, phi, psi), each B x R x dim: the post-sigmoid values a forward on ``x`` would use.
@@ -582,8 +598,8 @@ def path_report(model: nn.Module) -> List[Dict[str, Any]]:
     """One row per (PEDConv layer, input shape, forward-only or forward+backward) seen so far.
 
     Row keys: ``layer`` (module name), ``input`` (B x C x H x W), ``mode`` (``train`` when a backward
-    followed, else ``eval``), ``path``, ``source`` (tuned / cached / broadcast / loaded / heuristic /
-    explicit) and ``times_ms`` (the autotuner's measurements, ms per call, when it timed the key).
+    followed, else ``eval``), ``path``, ``source`` (tuned / broadcast / loaded / only (one path
+    applies) / heuristic / explicit) and ``times_ms`` (the autotuner's measurements, ms per call, when it timed the key).
     """
     rows = []
     for name, module in model.named_modules():

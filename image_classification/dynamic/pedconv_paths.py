@@ -40,7 +40,7 @@ into the per-sample weight (``materialize``, ``reference``). The additive form (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,7 @@ __all__ = [
 Shape = Tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Factors:
+class Factors(NamedTuple):
     """Post-sigmoid CP components, each B x R x dim (None: left out, i.e. fixed to 1)."""
 
     gamma: Optional[Tensor]
@@ -148,6 +147,8 @@ def _rank_terms(layer: PEDConv2d, f: Factors) -> Iterator[Tuple[Optional[Tensor]
 
 
 def _sum_terms(layer: PEDConv2d, f: Factors, term: Callable[[Optional[Tensor], Optional[Tensor], Optional[Tensor]], Tensor]) -> Tensor:
+    if layer.rank == 1:  # the common case, without the generator machinery
+        return term(*(None if c is None else c.view(c.shape[0], c.shape[2]) for c in f))
     out: Optional[Tensor] = None
     for gamma, phi, psi in _rank_terms(layer, f):
         y = term(gamma, phi, psi)

@@ -186,9 +186,10 @@ def build_components(args: argparse.Namespace, model: nn.Module, loaders: Loader
         mixup = v2.MixUp(alpha=args.mixup, num_classes=num_classes)
     if getattr(args, "compile", False):
         # in place (nn.Module.compile): state_dict keys stay plain; the EMA copy (made above) gets its own
-        model.compile(dynamic=False)
+        backend = getattr(args, "compile_backend", "inductor")
+        model.compile(backend=backend, dynamic=False)
         if ema is not None:
-            ema.module.compile(dynamic=False)
+            ema.module.compile(backend=backend, dynamic=False)
     wrapped = model
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None

@@ -61,7 +61,8 @@ def test_choose_caches_and_falls_back(tuning):
     assert autotune.choose(("k", 2), candidates, torch.device("cpu"), "b") == ("b", "heuristic")
     assert autotune.choose(("k", 1), candidates, torch.device("cpu"), "b") == ("a", "tuned")  # cached stays
     autotune.set_autotune(True)
-    assert autotune.choose(("k", 3), lambda: {"only": lambda: None}, torch.device("cpu"), "b") == ("only", "heuristic")
+    assert autotune.choose(("k", 3), lambda: {"one": lambda: None}, torch.device("cpu"), "b") == ("one", "only")
+    assert autotune.choose(("k", 4), lambda: {}, torch.device("cpu"), "b") == ("b", "heuristic")
 
 
 def test_cache_state_round_trip(tuning):
