@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -124,14 +124,16 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(candidates: Mapping[str, Callable[[], Any]], device: torch.device, rounds: int = 3,
-            max_rounds: int = 12, budget_s: float = 0.25, warmup: int = 1) -> Dict[str, float]:
+            max_rounds: int = 12, budget_s: float = 0.25, warmup: int = 1,
+            references: Sequence[str] = ()) -> Dict[str, float]:
     """Milliseconds per call of each candidate: the minimum over interleaved rounds.
 
     Every round times each (still competitive) candidate once, so that load from other processes hits
     all of them alike; at least ``rounds`` rounds, more (up to ``max_rounds``) while the rounds so far
     took less than ``budget_s`` in all, so that fast layers get enough samples to see through
     scheduling noise. After ``rounds`` rounds a candidate slower than ``_GIVE_UP`` times the best
-    minimum drops out.
+    minimum drops out. ``references`` (e.g. the static conv, for the path report) are timed in every
+    round but neither compete nor drop out.
     """
     names = list(candidates)
     for name in names:
@@ -151,17 +153,21 @@ def measure(candidates: Mapping[str, Callable[[], Any]], device: torch.device, r
             samples[name].append(elapsed)
             spent += elapsed
         done += 1
-        if done >= rounds:
-            best = min(min(samples[n]) for n in active)
-            active = [n for n in active if min(samples[n]) <= _GIVE_UP * best]
+        competing = [n for n in active if n not in references]
+        if done >= rounds and competing:
+            best = min(min(samples[n]) for n in competing)
+            active = [n for n in active if n in references or min(samples[n]) <= _GIVE_UP * best]
+        if not competing:
+            break
     return {name: 1e3 * min(values) for name, values in samples.items()}
 
 
 def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any]]], device: torch.device,
-           fallback: str) -> Tuple[str, str]:
+           fallback: str, references: Sequence[str] = ()) -> Tuple[str, str]:
     """``(path, source)`` for ``key``: the cached winner, a fresh measurement, or ``fallback``.
 
-    ``candidates()`` builds the timing functions (only called when tuning happens). ``source`` is the
+    ``candidates()`` builds the timing functions (only called when tuning happens); entries named in
+    ``references`` are timed for the record (``times_ms``) but never chosen. ``source`` is the
     cache entry's (``tuned`` in this process, ``broadcast`` from DDP rank 0, ``loaded``), ``only`` when
     a single path applies (nothing to time) or ``heuristic`` when tuning is off or none applies.
     """
@@ -171,11 +177,12 @@ def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any
     if not autotune_enabled():
         return fallback, "heuristic"
     fns = candidates()
-    if len(fns) < 2:
-        return (next(iter(fns)), "only") if fns else (fallback, "heuristic")
+    competing = [name for name in fns if name not in references]
+    if len(competing) < 2:
+        return (competing[0], "only") if competing else (fallback, "heuristic")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        times = measure(fns, device)
-    winner = min(times, key=times.__getitem__)
+        times = measure(fns, device, references=references)
+    winner = min(competing, key=times.__getitem__)
     CACHE.put(key, TuneResult(winner, times, "tuned"))
     return winner, "tuned"
 

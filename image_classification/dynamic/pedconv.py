@@ -520,6 +520,8 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
 
 # ----------------------------------------------------------------------------------- path selection
 _KEY_SHAPE, _KEY_DTYPE, _KEY_DEVICE, _KEY_CHANNELS_LAST, _KEY_GRAD = 11, 12, 14, 15, 16
+#: name of the nn.Conv2d timing the autotuner records next to the paths (never chosen)
+STATIC_REFERENCE = "static"
 
 
 def _timing_candidates(layer: PEDConv2d, key: Tuple[Any, ...], names: Sequence[str]):
@@ -543,7 +545,11 @@ def _timing_candidates(layer: PEDConv2d, key: Tuple[Any, ...], names: Sequence[s
     grad_out = torch.randn(shape[0], layer.out_channels, ho, wo, generator=gen, dtype=dtype, device=device)
 
     def make(name: str):
-        run = PATH_REGISTRY[name].run
+        if name == STATIC_REFERENCE:  # nn.Conv2d of the same geometry: the report's yardstick
+            def run(layer: PEDConv2d, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
+                return F.conv2d(x, weight, None, groups=layer.groups, **layer.conv_kwargs())
+        else:
+            run = PATH_REGISTRY[name].run
         if grad:
             return lambda: torch.autograd.grad(run(layer, x, weight, factors), leaves, grad_out, allow_unused=True)
 
@@ -553,7 +559,7 @@ def _timing_candidates(layer: PEDConv2d, key: Tuple[Any, ...], names: Sequence[s
 
         return infer
 
-    return {name: make(name) for name in names}
+    return {name: make(name) for name in [*names, STATIC_REFERENCE]}
 
 
 @torch._dynamo.assume_constant_result
@@ -573,7 +579,8 @@ def _resolve_path(token: int, path: str, key: Tuple[Any, ...]) -> str:
         names = candidate_paths(layer, shape, grad)
         fallback = heuristic_path(layer, shape, grad)
         device = torch.device(key[_KEY_DEVICE]) if key[_KEY_DEVICE] != "cuda" else layer.weight.device
-        chosen, source = autotune.choose(key, lambda: _timing_candidates(layer, key, names), device, fallback)
+        chosen, source = autotune.choose(key, lambda: _timing_candidates(layer, key, names), device, fallback,
+                                         references=(STATIC_REFERENCE,))
         cached = autotune.CACHE.get(key)
         times = dict(cached.times_ms) if cached is not None else {}
     if layer is not None:
@@ -611,15 +618,19 @@ def path_report(model: nn.Module) -> List[Dict[str, Any]]:
 
 
 def format_path_report(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows of :func:`path_report` as a text table (times in ms, the chosen path marked with *)."""
+    """The rows of :func:`path_report` as a text table: times in ms (the chosen path marked with *), the
+    chosen path's time as a multiple of nn.Conv2d's (``static``, timed alongside by the autotuner)."""
     if not rows:
         return "no PEDConv layer has run yet"
-    head = f"{'layer':34} {'input':18} {'mode':5} {'path':12} {'source':10} timings (ms)"
+    head = f"{'layer':34} {'input':18} {'mode':5} {'path':12} {'source':10} {'x static':>8}  timings (ms)"
     lines = [head, "-" * len(head)]
     for r in rows:
+        times = r.get("times_ms", {})
         timings = "  ".join(f"{'*' if k == r['path'] else ''}{k} {v:.2f}" for k, v in sorted(
-            r.get("times_ms", {}).items(), key=lambda kv: kv[1]))
-        lines.append(f"{r['layer']:34} {r['input']:18} {r['mode']:5} {r['path']:12} {r['source']:10} {timings}")
+            times.items(), key=lambda kv: kv[1]))
+        ratio = f"{times[r['path']] / times[STATIC_REFERENCE]:8.2f}" if (
+            r["path"] in times and times.get(STATIC_REFERENCE)) else f"{'-':>8}"
+        lines.append(f"{r['layer']:34} {r['input']:18} {r['mode']:5} {r['path']:12} {r['source']:10} {ratio}  {timings}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,9 @@ Engines (``engine`` argument of :func:`scaled_conv`):
 * ``grouped`` - the per-sample kernel ``W * (phi_b (x) psi_b)`` (the C_out-free part of the CP tensor) in
   one grouped conv (``groups = B * g``; a dense conv at batch 1), gamma on the output; backward gets the
   per-sample kernel gradient from ``convolution_backward`` and reduces it.
+* ``loop``    - one dense conv per sample with its kernel ``W * (phi_b (x) psi_b)``, gamma on the output:
+  dense-conv efficiency at any batch; the per-sample kernel and its gradient exist for one sample at
+  a time only.
 * ``gemm``    - the single-GEMM patch path: the k*k patches of all samples as one
   ``(C_in/g * k*k) x (B*H_out*W_out)`` matrix per group scaled by phi (x) psi, ONE matmul with W_base
   forward and ONE for grad-W; no per-sample weight or per-sample weight gradient is ever built.
@@ -36,7 +39,7 @@ autograd casts the gradients back) and compiles with ``torch.compile(fullgraph=T
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +50,7 @@ __all__ = ["ENGINES", "Geometry", "scaled_conv", "materialized_conv", "saved_ten
 
 #: (stride, padding, dilation, groups) with 2-tuples of ints, as nn.Conv2d holds them.
 Geometry = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int]
-ENGINES = ("dense", "grouped", "gemm")
+ENGINES = ("dense", "grouped", "loop", "gemm")
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, geometry: Geometry, groups: int,
@@ -218,6 +221,75 @@ class _GroupedScaledConv(torch.autograd.Function):
                     grad_phi = (grad_outer * psi[:, None, :]).sum(-1)
                 if need_psi:
                     grad_psi = (grad_outer * phi[:, :, None]).sum(1) if phi is not None else grad_outer.sum(1)
+        if need_gamma and gamma is not None:
+            grad_gamma = _scale_grad(grad_y, y, gamma)
+        return grad_x, grad_w, grad_phi, grad_psi, grad_gamma, None
+
+
+# -------------------------------------------------------------------------------------------- loop
+def _sample_kernel(weight: Tensor, phi: Optional[Tensor], psi: Tensor, b: int) -> Tensor:
+    """W * (phi_b (x) psi_b) for one sample: C_out x C_in/g x kh x kw."""
+    kh, kw = weight.shape[2], weight.shape[3]
+    outer = psi[b].view(1, 1, kh, kw) if phi is None else (phi[b].view(-1, 1) * psi[b].view(1, -1)).view(1, -1, kh, kw)
+    return weight * outer
+
+
+def _loop_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Tensor, gamma: Optional[Tensor],
+                  geometry: Geometry) -> Tensor:
+    stride, padding, dilation, groups = geometry
+    outs = [F.conv2d(x[b : b + 1], _sample_kernel(weight, phi, psi, b), None, stride, padding, dilation, groups)
+            for b in range(x.shape[0])]
+    y = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return y.mul_(gamma.view(gamma.shape[0], gamma.shape[1], 1, 1)) if gamma is not None else y
+
+
+class _LoopScaledConv(torch.autograd.Function):
+    """``y_b = gamma_b * conv(x_b, W * (phi_b (x) psi_b))``, one dense conv per sample: a per-sample kernel
+    exists for one sample at a time only (no B x C_out x C_in x k x k tensor)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Tensor, gamma: Optional[Tensor],
+                geometry: Geometry) -> Tensor:
+        y = _loop_forward(x, weight, phi, psi, gamma, geometry)
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, weight, phi, psi, gamma, y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, weight, phi, psi, gamma, y = ctx.saved_tensors
+        geometry = ctx.geometry
+        groups = geometry[3]
+        need_x, need_w, need_phi, need_psi, need_gamma = ctx.needs_input_grad[:5]
+        grad_z = grad_y * gamma.view(*gamma.shape, 1, 1) if gamma is not None else grad_y
+        need_k = need_w or need_phi or need_psi
+        batch = x.shape[0]
+        grad_xs: List[Tensor] = []
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_outer = []
+        flat_w = weight.flatten(2)
+        for b in range(batch):
+            kernel = _sample_kernel(weight, phi, psi, b)
+            gx, gk = _conv_backward(grad_z[b : b + 1], x[b : b + 1], kernel, geometry, groups, need_x, need_k)
+            if gx is not None:
+                grad_xs.append(gx)
+            if gk is not None:
+                gk = gk.flatten(2)  # C_out x C_in/g x kk
+                if grad_w is not None:
+                    outer = psi[b].view(1, 1, -1) if phi is None else (phi[b].view(-1, 1) * psi[b].view(1, -1)).unsqueeze(0)
+                    grad_w.view_as(gk).addcmul_(gk, outer)
+                if need_phi or need_psi:
+                    grad_outer.append((gk * flat_w).sum(0))
+        grad_x = grad_phi = grad_psi = grad_gamma = None
+        if grad_xs:
+            grad_x = torch.cat(grad_xs) if len(grad_xs) > 1 else grad_xs[0]
+        if grad_outer:
+            go = torch.stack(grad_outer)  # B x C_in/g x kk
+            if need_phi and phi is not None:
+                grad_phi = (go * psi.unsqueeze(1)).sum(-1)
+            if need_psi:
+                grad_psi = (go * phi.unsqueeze(2)).sum(1) if phi is not None else go.sum(1)
         if need_gamma and gamma is not None:
             grad_gamma = _scale_grad(grad_y, y, gamma)
         return grad_x, grad_w, grad_phi, grad_psi, grad_gamma, None
@@ -482,6 +554,12 @@ def _scaled_conv(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Option
         if not grad:
             return _grouped_forward(x, weight, phi, psi, gamma, geometry)
         return _GroupedScaledConv.apply(x, weight, phi, psi, gamma, geometry)
+    if engine == "loop":
+        if psi is None:
+            return _scaled_conv(x, weight, gamma, phi, psi, geometry, "dense")
+        if not grad:
+            return _loop_forward(x, weight, phi, psi, gamma, geometry)
+        return _LoopScaledConv.apply(x, weight, phi, psi, gamma, geometry)
     if not grad:
         return _gemm_forward(x, weight, phi, psi, gamma, geometry)
     return _PatchGemmScaledConv.apply(x, weight, phi, psi, gamma, geometry)

@@ -24,15 +24,19 @@ The registry must be complete before models are built (spec validation reads :fu
 Paths (see :mod:`.pedconv_kernels` for the lean Functions):
 
 * ``reference``   - per sample, ``F.conv2d`` with the effective weight (the plain formula; never tuned).
-* ``materialize`` - the per-sample effective weights, one grouped conv (lean: rebuilt in backward).
-* ``fold``        - ``gamma * conv(phi * x, W * psi_b)``: only ``W * psi_b`` is per sample (one grouped
-  conv; for 1x1 kernels or without psi a dense conv plus channel scalings). Lean.
+* ``materialize`` - the per-sample effective weights, one grouped conv, or one batched matmul for 1x1
+  kernels (lean: rebuilt in backward).
+* ``fold``        - ``gamma_b * conv(x_b, W * (phi_b (x) psi_b))`` (Eq. 3): gamma on the output, only the
+  C_out-free part of the CP tensor in the per-sample kernel (one grouped conv); for 1x1 kernels or
+  without psi ``gamma * psi * conv(phi * x, W)``, a dense conv plus channel scalings. Lean.
+* ``sample_loop`` - ``fold``'s per-sample kernel, but one dense conv per sample: dense-conv speed at any
+  batch, one sample's kernel (and kernel gradient) at a time. Lean.
 * ``patch_gemm``  - the single-GEMM patch path: the psi(x)phi-scaled k*k patches of all samples as one
   (C_in/g*k*k) x (B*H_out*W_out) matrix, one matmul with W_base forward and one for grad-W. Lean.
 * ``factored``    - psi as k*k shifted 1x1 convolutions weighted per sample (autograd; inference only).
 * ``unfold``      - per-sample patch matmuls ``W_base @ patches_b`` (autograd; inference only).
 
-Rank R > 1 sums R rank-1 terms (``fold``, ``patch_gemm``, ``factored``, ``unfold``) or folds all of them
+Rank R > 1 sums R rank-1 terms (``fold``, ``sample_loop``, ``patch_gemm``, ``factored``, ``unfold``) or folds all of them
 into the per-sample weight (``materialize``, ``reference``). The additive form (Appendix E) runs
 ``conv(x, W_base)`` plus the low-rank term on every path but ``reference``/``materialize``.
 """
@@ -214,6 +218,13 @@ def _run_fold(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor
     return _sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, _engine_for_fold(layer, s)))
 
 
+def _run_sample_loop(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+    if layer.reparam == "additive":
+        return _run_additive(layer, x, weight, f)
+    geometry = _geometry(layer)
+    return _sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, "loop"))
+
+
 def _run_patch_gemm(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     if layer.reparam == "additive":
         return _run_additive(layer, x, weight, f)
@@ -321,6 +332,12 @@ def _multiplicative(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
     return layer.reparam == "multiplicative"
 
 
+def _sample_loop_applicable(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
+    # batch 1, 1x1 kernels or no psi: the same computation as fold
+    return (shape[0] > 1 and layer.reparam == "multiplicative" and not _is_1x1(layer)
+            and "psi" in layer.components)
+
+
 def _inference_only(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
     return not grad and layer.reparam == "multiplicative" and not _is_1x1(layer) and "psi" in layer.components
 
@@ -329,8 +346,11 @@ register_path(PathSpec("reference", _run_reference, "per-sample F.conv2d with th
                        tune=False))
 register_path(PathSpec("materialize", _run_materialize, "per-sample effective weights, one grouped conv",
                        applicable=_materialize_applicable, lean=True))
-register_path(PathSpec("fold", _run_fold, "gamma * conv(phi * x, W * psi_b): grouped per-sample W * psi_b",
+register_path(PathSpec("fold", _run_fold, "gamma * conv(x, W * (phi (x) psi)_b): grouped per-sample kernel",
                        applicable=_fold_applicable, lean=True))
+register_path(PathSpec("sample_loop", _run_sample_loop,
+                       "one dense conv per sample with W * (phi (x) psi)_b, gamma on the output",
+                       applicable=_sample_loop_applicable, lean=True))
 register_path(PathSpec("factored", _activation_scaled(_psi_shift_conv),
                        "psi as k*k shifted 1x1 convs weighted per sample", applicable=_inference_only))
 register_path(PathSpec("unfold", _activation_scaled(_psi_unfold_conv), "psi-scaled patches, per-sample matmuls",
@@ -350,10 +370,13 @@ def heuristic_path(layer: PEDConv2d, shape: Shape, grad: bool) -> str:
     """Deterministic choice when tuning is off (measured on a 2-core CPU; docs/performance.md).
 
     Additive: ``materialize`` at batch 1, else ``fold`` (the low-rank path). Depthwise-like layers
-    (C_in/g == 1): ``materialize`` (the per-sample weight is tiny). 1x1 kernels or no psi: ``fold`` (a
-    dense conv plus channel scalings). k x k kernels: ``fold`` while the grouped per-sample kernel fits
-    (:data:`GROUPED_MAX_WEIGHT_RATIO`), ``patch_gemm`` beyond; rank > 1 with more than one component
-    at batch 1: ``materialize`` (everything folds into one dense conv).
+    (C_in/g == 1): ``materialize`` (the per-sample weight is tiny). 1x1 kernels or no psi:
+    ``materialize`` (one batched matmul) while the per-sample weights are no larger than the
+    activations, else ``fold`` (a dense conv plus channel scalings). k x k kernels at batch 1: ``fold``
+    (a dense conv with ``W * (phi (x) psi)``) while ``C_out <= H_out * W_out``, else ``patch_gemm``; at
+    batch > 1 by output size ``L = H_out * W_out``: ``fold`` for ``L >= 1024`` (the grouped conv is
+    efficient on large maps), ``sample_loop`` for ``64 <= L < 1024``, ``patch_gemm`` below (e.g. 7x7).
+    Rank > 1 with more than one component folds into ``materialize`` at batch 1.
     """
     batch = shape[0]
     single = layer.rank == 1 or len(layer.components) == 1
@@ -362,7 +385,12 @@ def heuristic_path(layer: PEDConv2d, shape: Shape, grad: bool) -> str:
     if layer.in_channels // layer.groups == 1:
         return "materialize"
     if _is_1x1(layer) or "psi" not in layer.components:
-        return "fold" if single or batch > 1 else "materialize"
-    if batch == 1 and not single:
-        return "materialize"
-    return "fold" if _grouped_fits(layer, shape) else "patch_gemm"
+        return "materialize" if _materialize_applicable(layer, shape, grad) else "fold"
+    if batch == 1:
+        if not single:
+            return "materialize"
+        return "fold" if _grouped_fits(layer, shape) else "patch_gemm"
+    ho, wo = layer.output_size(shape[2], shape[3])
+    if ho * wo >= 1024:
+        return "fold" if _grouped_fits(layer, shape) else "sample_loop"
+    return "sample_loop" if ho * wo >= 64 else "patch_gemm"

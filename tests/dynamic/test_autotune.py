@@ -188,3 +188,39 @@ def test_prepare_model_tunes_train_and_eval_keys_without_side_effects(tuning):
     autotune.CACHE.clear()
     autotune.prepare_model(model, train_shape=(4, 4, 6, 6))
     assert len(autotune.CACHE) == 0  # tuning off: nothing to prepare
+
+
+def _broadcast_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        autotune.CACHE.clear()
+        autotune.CACHE.put(("shared",), autotune.TuneResult("fold" if rank == 0 else "patch_gemm", {"fold": 1.0}))
+        if rank == 1:
+            autotune.CACHE.put(("own",), autotune.TuneResult("materialize"))
+        received = autotune.broadcast_cache()
+        entry = autotune.CACHE.get(("shared",))
+        queue.put((rank, received, entry.winner, entry.source, autotune.CACHE.get(("own",)) is not None))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_broadcast_cache_gives_every_rank_rank0s_choices():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_broadcast_worker, args=(rank, 2, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [(0, 1, "fold", "tuned", False), (1, 1, "fold", "broadcast", True)]
