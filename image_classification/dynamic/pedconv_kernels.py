@@ -23,7 +23,9 @@ Engines (``engine`` argument of :func:`scaled_conv`):
   a time only.
 * ``gemm``    - the single-GEMM patch path: the k*k patches of all samples as one
   ``(C_in/g * k*k) x (B*H_out*W_out)`` matrix per group scaled by phi (x) psi, ONE matmul with W_base
-  forward and ONE for grad-W; no per-sample weight or per-sample weight gradient is ever built.
+  forward and ONE for grad-W; no per-sample weight or per-sample weight gradient is ever built. For
+  ``groups == 1`` and batch > 1 the matrix is built channels-last (rows of k*k*C_in from shifted windows
+  of the NHWC input: dense copies) and the output is a channels_last tensor.
 
 :func:`materialized_conv` is the lean form of the per-sample effective weight (any rank, multiplicative
 or additive): ``conv(x_b, W (*|+) sum_r gamma_r (x) phi_r (x) psi_r)`` as one grouped conv (a batched
@@ -329,9 +331,126 @@ def _scaled_patches(x: Tensor, scale: Tensor, kernel: Tuple[int, int], geometry:
     return patches, scaled
 
 
+# Channels-last form of the patch GEMM (groups == 1, batch > 1): the patch matrix is built as
+# B*H_out*W_out rows of (kh*kw*C_in) from shifted windows of the padded NHWC input, so every copy and
+# scaling runs over dense, contiguous channel vectors (the NCHW form needs permuted, short-strided
+# copies). The output is a channels_last tensor (the NHWC GEMM result viewed as NCHW).
+def _nhwc_padded(x: Tensor, phi: Optional[Tensor], geometry: Geometry) -> Tensor:
+    """phi * x as B x (H+2p) x (W+2p) x C_in (zero border), in one pass when not compiling."""
+    _, padding, _, _ = geometry
+    ph, pw = padding
+    batch, channels, height, width = x.shape
+    nhwc = x.permute(0, 2, 3, 1)
+    scale = phi.view(batch, 1, 1, channels) if phi is not None else None
+    if torch.compiler.is_compiling() or not (ph or pw):
+        u = nhwc * scale if scale is not None else nhwc
+        return F.pad(u, (0, 0, pw, pw, ph, ph)) if (ph or pw) else u.contiguous()
+    padded = x.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
+    inner = padded[:, ph : ph + height, pw : pw + width]
+    if scale is not None:
+        torch.mul(nhwc, scale, out=inner)
+    else:
+        inner.copy_(nhwc)
+    return padded
+
+
+def _nhwc_windows(padded: Tensor, kernel: Tuple[int, int], out_hw: Tuple[int, int], geometry: Geometry):
+    """The kh*kw shifted (strided, dilated) windows of the padded NHWC input, each B x H_out x W_out x C."""
+    stride, _, dilation, _ = geometry
+    (sh, sw), (dh, dw), (ho, wo) = stride, dilation, out_hw
+    return [padded[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+            for i in range(kernel[0]) for j in range(kernel[1])]
+
+
+def _nhwc_patches(padded: Tensor, psi: Optional[Tensor], kernel: Tuple[int, int], out_hw: Tuple[int, int],
+                  geometry: Geometry) -> Tensor:
+    """B x H_out x W_out x kk x C patches, each window scaled by psi_b[j] (when given)."""
+    batch, channels = padded.shape[0], padded.shape[-1]
+    windows = _nhwc_windows(padded, kernel, out_hw, geometry)
+    kk = len(windows)
+    if torch.compiler.is_compiling():
+        patches = torch.stack(windows, dim=3)
+        return patches * psi.view(batch, 1, 1, kk, 1) if psi is not None else patches
+    patches = padded.new_empty(batch, out_hw[0], out_hw[1], kk, channels)
+    for j, window in enumerate(windows):
+        if psi is not None:
+            torch.mul(window, psi[:, j].view(batch, 1, 1, 1), out=patches[:, :, :, j])
+        else:
+            patches[:, :, :, j].copy_(window)
+    return patches
+
+
+def _nhwc_weight(weight: Tensor) -> Tensor:
+    """C_out x (kh*kw*C_in): the weight in the NHWC patch order (kernel position major)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def _gemm_nhwc_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Optional[Tensor],
+                       gamma: Optional[Tensor], geometry: Geometry) -> Tensor:
+    batch = x.shape[0]
+    cout, _, kh, kw = weight.shape
+    ho, wo = _out_hw(x.shape[2], x.shape[3], (kh, kw), geometry)
+    patches = _nhwc_patches(_nhwc_padded(x, phi, geometry), psi, (kh, kw), (ho, wo), geometry)
+    z = torch.mm(patches.view(batch * ho * wo, -1), _nhwc_weight(weight).t())  # B*L x C_out
+    y = z.view(batch, ho, wo, cout)
+    if gamma is not None:
+        scale = gamma.view(batch, 1, 1, cout)
+        y = y * scale if torch.compiler.is_compiling() else y.mul_(scale)
+    return y.permute(0, 3, 1, 2)
+
+
+def _gemm_nhwc_backward(saved: Tuple[Optional[Tensor], ...], needs: Tuple[bool, ...], geometry: Geometry,
+                        grad_y: Tensor):
+    x, weight, phi, psi, gamma, y = saved
+    assert x is not None and weight is not None and y is not None
+    padding = geometry[1]
+    need_x, need_w, need_phi, need_psi, need_gamma = needs[:5]
+    batch, channels, height, width = x.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = grad_y.shape[-2:]
+    grad_nhwc = grad_y.permute(0, 2, 3, 1)
+    grad_z = (grad_nhwc * gamma.view(batch, 1, 1, cout) if gamma is not None else grad_nhwc).reshape(-1, cout)
+    grad_x = grad_w = grad_phi = grad_psi = grad_gamma = None
+    if need_gamma and gamma is not None:
+        dot = (grad_nhwc * y.permute(0, 2, 3, 1)).sum(dim=(1, 2))
+        grad_gamma = torch.where(gamma != 0, dot / torch.where(gamma != 0, gamma, torch.ones_like(gamma)),
+                                 torch.zeros_like(dot))
+    patches = None
+    if need_w or need_psi:
+        patches = _nhwc_patches(_nhwc_padded(x, phi, geometry), None, (kh, kw), (ho, wo), geometry)
+    grad_patches = None
+    if need_x or need_phi or need_psi:
+        grad_patches = torch.mm(grad_z, _nhwc_weight(weight)).view(batch, ho, wo, kh * kw, channels)
+        if need_psi and psi is not None:
+            assert patches is not None
+            grad_psi = (grad_patches * patches).sum(dim=(1, 2, 4))
+    if need_w:
+        assert patches is not None
+        if psi is not None:
+            patches = patches.mul_(psi.view(batch, 1, 1, kh * kw, 1))
+        grad_w = torch.mm(grad_z.t(), patches.view(batch * ho * wo, -1))
+        grad_w = grad_w.view(cout, kh, kw, channels).permute(0, 3, 1, 2).contiguous()
+    if need_x or need_phi:
+        assert grad_patches is not None
+        if psi is not None:
+            grad_patches = grad_patches.mul_(psi.view(batch, 1, 1, kh * kw, 1))
+        ph, pw = padding
+        grad_padded = x.new_zeros(batch, height + 2 * ph, width + 2 * pw, channels)
+        for j, window in enumerate(_nhwc_windows(grad_padded, (kh, kw), (ho, wo), geometry)):
+            window.add_(grad_patches[:, :, :, j])
+        grad_u = grad_padded[:, ph : ph + height, pw : pw + width]  # d/d(phi * x), NHWC
+        if need_phi and phi is not None:
+            grad_phi = (grad_u * x.permute(0, 2, 3, 1)).sum(dim=(1, 2))
+        if need_x:
+            grad_x = (grad_u * phi.view(batch, 1, 1, channels) if phi is not None else grad_u).permute(0, 3, 1, 2)
+    return grad_x, grad_w, grad_phi, grad_psi, grad_gamma, None
+
+
 def _gemm_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Optional[Tensor], gamma: Optional[Tensor],
                   geometry: Geometry) -> Tensor:
     groups = geometry[3]
+    if groups == 1 and x.shape[0] > 1:
+        return _gemm_nhwc_forward(x, weight, phi, psi, gamma, geometry)
     batch, _, height, width = x.shape
     cout, cin_g, kh, kw = weight.shape
     ho, wo = _out_hw(height, width, (kh, kw), geometry)
@@ -369,6 +488,8 @@ class _PatchGemmScaledConv(torch.autograd.Function):
         x, weight, phi, psi, gamma, y = ctx.saved_tensors
         geometry = ctx.geometry
         stride, padding, dilation, groups = geometry
+        if groups == 1 and x.shape[0] > 1:
+            return _gemm_nhwc_backward((x, weight, phi, psi, gamma, y), ctx.needs_input_grad, geometry, grad_y)
         need_x, need_w, need_phi, need_psi, need_gamma = ctx.needs_input_grad[:5]
         batch, channels, height, width = x.shape
         cout, cin_g, kh, kw = weight.shape

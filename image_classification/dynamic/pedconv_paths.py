@@ -60,6 +60,7 @@ __all__ = [
     "PathSpec",
     "PATH_REGISTRY",
     "GROUPED_MAX_WEIGHT_RATIO",
+    "SAMPLE_LOOP_MIN_MACS",
     "MATERIALIZE_MAX_WEIGHT_RATIO",
     "register_path",
     "path_names",
@@ -105,8 +106,11 @@ PATH_REGISTRY: Dict[str, PathSpec] = {}
 #: ``fold`` with k x k kernels: the grouped per-sample kernel B x C_out x C_in/g x kk is offered to the
 #: autotuner (and chosen by the heuristic) while ``C_out * kk <= ratio * H_out * W_out``, i.e. while the
 #: per-sample kernel of one sample stays within ``ratio`` output maps of one channel; beyond it (e.g.
-#: ResNet-18's 512-channel 7x7 stage) the per-sample kernels cost more than the convolution.
-GROUPED_MAX_WEIGHT_RATIO = 16
+#: ResNet-18's 512-channel 7x7 stage, 64 channels at 7x7) the grouped conv costs 5-25x nn.Conv2d.
+GROUPED_MAX_WEIGHT_RATIO = 4
+#: per-sample multiply-adds from which ``sample_loop`` is the heuristic's choice at batch > 1 (e.g. 128
+#: channels at 28x28: 116M; CIFAR widths, 16-64 channels: 1.8M, where per-sample convs are too small)
+SAMPLE_LOOP_MIN_MACS = 16_000_000
 #: ``materialize`` is offered while the per-sample weights are at most this many times the layer's
 #: input plus output (``never materialize a per-sample weight where a cheaper equivalent exists``).
 MATERIALIZE_MAX_WEIGHT_RATIO = 1.0
@@ -373,10 +377,11 @@ def heuristic_path(layer: PEDConv2d, shape: Shape, grad: bool) -> str:
     (C_in/g == 1): ``materialize`` (the per-sample weight is tiny). 1x1 kernels or no psi:
     ``materialize`` (one batched matmul) while the per-sample weights are no larger than the
     activations, else ``fold`` (a dense conv plus channel scalings). k x k kernels at batch 1: ``fold``
-    (a dense conv with ``W * (phi (x) psi)``) while ``C_out <= H_out * W_out``, else ``patch_gemm``; at
-    batch > 1 by output size ``L = H_out * W_out``: ``fold`` for ``L >= 1024`` (the grouped conv is
-    efficient on large maps), ``sample_loop`` for ``64 <= L < 1024``, ``patch_gemm`` below (e.g. 7x7).
-    Rank > 1 with more than one component folds into ``materialize`` at batch 1.
+    (a dense conv with ``W * (phi (x) psi)``) while ``C_out <= H_out * W_out``, else ``patch_gemm``. At
+    batch > 1: layers with at least ``SAMPLE_LOOP_MIN_MACS`` multiply-adds per sample run
+    ``sample_loop`` (dense per-sample convs are efficient) on maps of 8x8 and more, ``patch_gemm`` on
+    smaller ones; narrower layers ``fold`` while its grouped kernel fits, else ``patch_gemm``. Rank > 1
+    with more than one component folds into ``materialize`` at batch 1.
     """
     batch = shape[0]
     single = layer.rank == 1 or len(layer.components) == 1
@@ -391,6 +396,6 @@ def heuristic_path(layer: PEDConv2d, shape: Shape, grad: bool) -> str:
             return "materialize"
         return "fold" if _grouped_fits(layer, shape) else "patch_gemm"
     ho, wo = layer.output_size(shape[2], shape[3])
-    if ho * wo >= 1024:
-        return "fold" if _grouped_fits(layer, shape) else "sample_loop"
-    return "sample_loop" if ho * wo >= 64 else "patch_gemm"
+    if layer.weight.numel() * ho * wo >= SAMPLE_LOOP_MIN_MACS:
+        return "sample_loop" if ho * wo >= 64 else "patch_gemm"
+    return "fold" if _grouped_fits(layer, shape) else "patch_gemm"

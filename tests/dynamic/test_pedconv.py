@@ -379,7 +379,9 @@ def test_heuristic_path_choice():
     dense = PEDConv2d(16, 16, 3, padding=1)
     assert choose(dense, 1, 8) == "fold" and choose(dense, 1, 3) == "patch_gemm"  # C_out > H_out * W_out
     assert choose(PEDConv2d(16, 16, 1), 1, 2) == "materialize"
-    assert choose(dense, 4, 32) == "fold" and choose(dense, 4, 16) == "sample_loop" and choose(dense, 4, 7) == "patch_gemm"
+    assert choose(dense, 4, 32) == "fold" and choose(dense, 4, 5) == "patch_gemm"  # narrow: by grouped size
+    wide = PEDConv2d(128, 128, 3, padding=1)  # 116M multiply-adds per sample at 28x28
+    assert choose(wide, 4, 28) == "sample_loop" and choose(wide, 4, 7) == "patch_gemm"
     assert choose(PEDConv2d(16, 16, 3, groups=16), 4, 8) == "materialize"
     assert choose(PEDConv2d(16, 16, 1), 4, 8) == "materialize"
     assert choose(PEDConv2d(256, 256, 1), 32, 2) == "fold"  # per-sample weights larger than the activations

@@ -19,6 +19,7 @@ GEOMETRIES = [
     # in, out, kernel, stride, padding, dilation, groups
     (8, 12, (3, 3), (1, 1), (1, 1), (1, 1), 1),
     (8, 12, (3, 3), (2, 2), (1, 1), (2, 2), 2),
+    (5, 7, (3, 3), (2, 1), (2, 1), (2, 1), 1),  # groups 1: the channels-last patch GEMM at batch > 1
     (8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 8),  # depthwise
     (4, 8, (3, 3), (2, 2), (0, 0), (1, 1), 4),  # depthwise with channel multiplier
     (6, 9, (1, 1), (2, 2), (0, 0), (1, 1), 3),
