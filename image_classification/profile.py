@@ -4,7 +4,8 @@ Usage::
 
     python -m image_classification.profile --arch resnet18 --conv pedconv [--image-size 224]
         [--placement paper] [--num-classes 1000] [--in-chans 3] [--json]
-        [--latency [--threads 2 --images 200 --warmup 20 --train-batch 32 --train-steps 8]]
+        [--latency [--threads 2 --images 200 --warmup 20 --train-batch 32 --train-steps 8]
+                   [--compile] [--no-autotune] [--print-paths] [--no-rss]]
         [--table pedconv|dcd|odconv|all|dense]
 
 Counts follow :mod:`image_classification.flops` (deploy parameters exclude PEDConv's training-only
@@ -14,14 +15,19 @@ batch-1 inference latency (median over ``--images`` single images after ``--warm
 pedconv_appendix.md B), the median time of a batch-32 training step (forward, loss incl. info-max
 term, backward, SGD step), and the training memory (parameters + gradients + momentum + every
 tensor saved for backward, deduplicated by storage; on CPU the allocator exposes no peak counter,
-and this sum is the dominant, deterministic part of the peak). ``--table`` prints the papers'
-tables (REFERENCE.md) next to this project's counts, one row per (arch, operator, placement).
+and this sum is the dominant, deterministic part of the peak) and the peak RSS of a training step of each
+model, measured in a spawned process (Linux). PEDConv ``path=auto`` layers are autotuned before timing
+(``--no-autotune``: the shape heuristic); the path of every layer is in the JSON (``paths``) and printed
+with ``--print-paths``. ``--compile`` times both models under ``torch.compile`` (inductor, static
+shapes; batch-1 inference also with inductor freezing). ``--table`` prints the papers' tables next to
+this project's counts, one row per (arch, operator, placement).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dynamic import autotune
 from .dynamic.base import infomax_loss
 from .flops import count_macs, count_params
 from .models import ARCHS, build_model, list_archs
@@ -55,8 +62,8 @@ def _rows(table: str, source: str, arch: str, entries: Sequence[tuple]) -> List[
     return [PaperRow(table, source, arch, *e) for e in entries]
 
 
-#: The papers' parameter/MAC figures (ImageNet, 224 px, 1000 classes), from shared/REFERENCE.md and
-#: the papers' tables; ``placement`` is the one this project uses for the row (docs/counts.md).
+#: The papers' parameter/MAC figures (ImageNet, 224 px, 1000 classes), from the papers' tables;
+#: ``placement`` is the one this project uses for the row (docs/counts.md).
 PAPER_ROWS: List[PaperRow] = [
     *_rows("pedconv", "PEDConv T1", "resnet18", [("static", "paper", 11.7, 1810), ("pedconv", "paper", 11.9, 1830),
                                                  ("dcd", "paper", 14.0, 1830), ("dyconv", "paper", 42.7, 1850)]),
@@ -186,10 +193,12 @@ def training_memory(model: nn.Module, batch: torch.Tensor, target: torch.Tensor)
     return sum(seen.values()) + 3 * param_bytes
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+def _train_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                module: Optional[nn.Module] = None) -> float:
+    """One SGD step (loss incl. 1e-3 x info-max term); ``model`` may be a compiled ``module``. Seconds."""
     start = time.perf_counter()
     loss = F.cross_entropy(model(x), y)
-    extra = infomax_loss(model)
+    extra = infomax_loss(module if module is not None else model)
     if extra is not None:
         loss = loss + 1e-3 * extra
     opt.zero_grad(set_to_none=True)
@@ -220,44 +229,173 @@ def calibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> No
     model.eval()
 
 
+def _rss_bytes() -> Optional[int]:
+    """Current resident set size (Linux /proc), or None."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0: /proc/self/clear_refs = 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _rss_worker(job: Dict[str, Any]) -> Optional[float]:
+    """In a fresh process: peak RSS above the post-import baseline over one training step (bytes).
+
+    The model, its gradients, SGD momentum and everything the step allocates count; a first step
+    creates the lazily allocated state, the peak is taken over the second.
+    """
+    from .dynamic import autotune
+
+    torch.set_num_threads(job["threads"])
+    autotune.CACHE.load_state_dict(job["cache"])
+    autotune.set_autotune(False)  # the parent's choices (or the heuristic): no timing in here
+    base = _rss_bytes()
+    torch.manual_seed(job["seed"])
+    model = build_model(job["arch"], job["conv"], job["placement"], num_classes=job["num_classes"],
+                        in_chans=job["in_chans"]).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    gen = torch.Generator().manual_seed(job["seed"])
+    x = torch.randn(job["batch"], job["in_chans"], job["image_size"], job["image_size"], generator=gen)
+    y = torch.randint(0, job["num_classes"], (job["batch"],), generator=gen)
+    _train_step(model, opt, x, y)
+    if base is None or not _reset_peak_rss():
+        return None
+    _train_step(model, opt, x, y)
+    peak = _peak_rss_bytes()
+    return None if peak is None else float(peak - base)
+
+
+def peak_rss_training(arch: str, conv: str, placement: str, image_size: int, num_classes: int, in_chans: int,
+                      batch: int, threads: int, seed: int = 0) -> Optional[float]:
+    """Peak RSS (bytes above the interpreter's baseline) of a training step, measured in a spawned process
+    so that no other model's freed memory is reused; None where /proc is unavailable. The process
+    uses this process's tuned PEDConv paths."""
+    import multiprocessing
+
+    from .dynamic import autotune
+
+    job = {"arch": arch, "conv": conv, "placement": placement, "image_size": image_size,
+           "num_classes": num_classes, "in_chans": in_chans, "batch": batch, "threads": threads, "seed": seed,
+           "cache": autotune.CACHE.state_dict()}
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_rss_worker, (job,))
+    except (OSError, RuntimeError):  # pragma: no cover - no process spawning here
+        return None
+
+
+def _compiled(model: nn.Module, backend: str = "inductor", freezing: bool = False) -> nn.Module:
+    """``torch.compile`` (static shapes); with ``freezing`` inductor's inference graphs fold the weights."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    if not freezing:
+        return compiled
+
+    class _Frozen(nn.Module):  # compiles (on its first call) with inductor's freezing switched on
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = compiled
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with inductor_config.patch(freezing=True):
+                return self.inner(x)
+
+    return _Frozen()
+
+
+def _time_inference(runners: Dict[str, Any], xs: Sequence[torch.Tensor], warmup: int, grad_context) -> Dict[str, float]:
+    """Median ms per batch-1 inference of each runner, interleaved (alternating order)."""
+    times: Dict[str, List[float]] = {k: [] for k in runners}
+    with grad_context():
+        for i, x in enumerate(xs):
+            order = list(runners) if i % 2 == 0 else list(runners)[::-1]
+            for key in order:
+                start = time.perf_counter()
+                runners[key](x)
+                if i >= warmup:
+                    times[key].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: int = 224, num_classes: int = 1000,
                     in_chans: int = 3, threads: int = 2, images: int = 200, warmup: int = 20, train_batch: int = 32,
-                    train_steps: int = 8, train_warmup: int = 2, seed: int = 0) -> Dict[str, Any]:
-    """Interleaved CPU measurements of ``conv`` vs the static model built the same way (ratios)."""
+                    train_steps: int = 8, train_warmup: int = 2, seed: int = 0, compile: bool = False,
+                    peak_rss: bool = False, compile_backend: str = "inductor") -> Dict[str, Any]:
+    """Interleaved CPU measurements of ``conv`` vs the static model built the same way (ratios).
+
+    PEDConv ``path=auto`` layers are tuned first (for batch 1 and ``train_batch``) unless tuning is off;
+    ``result["paths"]`` lists the path of every dynamic layer per input shape. ``compile``: both models run
+    ``torch.compile``-d (inductor, static shapes) - batch-1 inference without and with inductor freezing
+    (``infer_ratio`` / ``infer_ratio_frozen``) and the training step; the memory figures stay eager.
+    ``peak_rss``: also the peak RSS of a training step of each model, each in a spawned process.
+    """
+    from .dynamic.autotune import prepare_model
+    from .dynamic.pedconv import path_report, reset_path_report
+
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     models = {"static": build_model(arch, "static", "paper", num_classes=num_classes, in_chans=in_chans),
               "dynamic": build_model(arch, conv, placement, num_classes=num_classes, in_chans=in_chans)}
     gen = torch.Generator().manual_seed(seed)
     result: Dict[str, Any] = {"threads": threads, "images": images, "warmup": warmup, "train_batch": train_batch,
-                              "train_steps": train_steps}
-    times: Dict[str, List[float]] = {k: [] for k in models}
+                              "train_steps": train_steps, "compile": compile}
     calibration = [torch.randn(8, in_chans, image_size, image_size, generator=gen) for _ in range(2)]
     for m in models.values():
         calibrate_batchnorm(m, calibration)
-    with torch.inference_mode():
-        for i in range(warmup + images):
-            x = torch.randn(1, in_chans, image_size, image_size, generator=gen)
-            order = list(models) if i % 2 == 0 else list(models)[::-1]
-            for key in order:
-                start = time.perf_counter()
-                models[key](x)
-                if i >= warmup:
-                    times[key].append(time.perf_counter() - start)
+    reset_path_report(models["dynamic"])  # the calibration forwards are not part of the measurement
+    prepare_model(models["dynamic"], train_shape=(train_batch, in_chans, image_size, image_size),
+                  eval_shape=(1, in_chans, image_size, image_size))
+    xs = [torch.randn(1, in_chans, image_size, image_size, generator=gen) for _ in range(warmup + images)]
+    if compile:
+        torch._dynamo.reset()
+        infer = _time_inference({k: _compiled(m, compile_backend) for k, m in models.items()}, xs, warmup,
+                                torch.no_grad)
+        torch._dynamo.reset()
+        frozen = _time_inference({k: _compiled(m, compile_backend, freezing=True) for k, m in models.items()}, xs,
+                                 warmup, torch.no_grad)
+        torch._dynamo.reset()
+        for key in models:
+            result[f"infer_ms_{key}_frozen"] = frozen[key]
+        result["infer_ratio_frozen"] = frozen["dynamic"] / frozen["static"]
+    else:
+        infer = _time_inference(models, xs, warmup, torch.inference_mode)
     for key in models:
-        result[f"infer_ms_{key}"] = 1e3 * statistics.median(times[key])
+        result[f"infer_ms_{key}"] = infer[key]
     result["infer_ratio"] = result["infer_ms_dynamic"] / result["infer_ms_static"]
 
     x = torch.randn(train_batch, in_chans, image_size, image_size, generator=gen)
     y = torch.randint(0, num_classes, (train_batch,), generator=gen)
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
+    runners = {k: (_compiled(m, compile_backend) if compile else m) for k, m in models.items()}
     steps: Dict[str, List[float]] = {k: [] for k in models}
     for m in models.values():
         m.train()
     for i in range(train_warmup + train_steps):
         order = list(models) if i % 2 == 0 else list(models)[::-1]
         for key in order:
-            t = _train_step(models[key], opts[key], x, y)
+            t = _train_step(runners[key], opts[key], x, y, models[key])
             if i >= train_warmup:
                 steps[key].append(t)
     for key in models:
@@ -265,6 +403,14 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
         result[f"train_mem_mb_{key}"] = training_memory(models[key], x, y) / 2**20
     result["train_ratio"] = result["train_ms_dynamic"] / result["train_ms_static"]
     result["memory_ratio"] = result["train_mem_mb_dynamic"] / result["train_mem_mb_static"]
+    if peak_rss:
+        for key, spec in (("static", "static"), ("dynamic", conv)):
+            rss = peak_rss_training(arch, spec, "paper" if key == "static" else placement, image_size, num_classes,
+                                    in_chans, train_batch, threads, seed)
+            result[f"rss_mb_{key}"] = None if rss is None else rss / 2**20
+        if result["rss_mb_static"] and result["rss_mb_dynamic"] is not None:
+            result["rss_ratio"] = result["rss_mb_dynamic"] / result["rss_mb_static"]
+    result["paths"] = path_report(models["dynamic"])
     return result
 
 
@@ -285,6 +431,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--compile", action="store_true",
+                   help="with --latency: torch.compile both models (inductor; batch-1 also with freezing)")
+    p.add_argument("--no-autotune", dest="autotune", action="store_false",
+                   help="PEDConv path=auto: the shape heuristic instead of timing the paths of every layer")
+    p.add_argument("--print-paths", action="store_true",
+                   help="with --latency: print the path of every PEDConv layer (always in --json)")
+    p.add_argument("--no-rss", dest="rss", action="store_false",
+                   help="with --latency: skip the peak-RSS measurement (two spawned processes)")
     p.add_argument("--table", choices=("pedconv", "dcd", "odconv", "all", "dense"),
                    help="papers' count tables vs this project's (dense: detection/segmentation, Tables 2-3)")
     return p
@@ -329,12 +483,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             base = profile_model(args.arch, "static", "paper", report["image_size"], args.num_classes, args.in_chans)
             report["static_params_deploy"], report["static_macs"] = base["params_deploy"], base["macs"]
         if args.latency:
+            autotune.set_autotune(None if args.autotune else False)
             report["latency"] = measure_latency(
                 args.arch, args.conv, args.placement, report["image_size"], args.num_classes, args.in_chans,
                 threads=args.threads, images=args.images, warmup=args.warmup, train_batch=args.train_batch,
-                train_steps=args.train_steps)
+                train_steps=args.train_steps, compile=args.compile, peak_rss=args.rss)
+            report["latency"]["autotune"] = autotune.autotune_enabled()
     except ValueError as exc:
         parser.error(str(exc))
+    finally:
+        autotune.set_autotune(None)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -354,7 +512,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  training step b{lat['train_batch']}  {lat['train_ms_dynamic']:.1f} ms vs static "
               f"{lat['train_ms_static']:.1f} ms  ratio {lat['train_ratio']:.3f}")
         print(f"  training memory    {lat['train_mem_mb_dynamic']:.0f} MB vs static {lat['train_mem_mb_static']:.0f} MB"
-              f"  ratio {lat['memory_ratio']:.3f}")
+              f"  ratio {lat['memory_ratio']:.3f}  (parameters, gradients, momentum, saved tensors)")
+        if lat.get("rss_ratio") is not None:
+            print(f"  peak RSS (step)    {lat['rss_mb_dynamic']:.0f} MB vs static {lat['rss_mb_static']:.0f} MB"
+                  f"  ratio {lat['rss_ratio']:.3f}")
+        if lat.get("compile"):
+            print(f"  compiled batch-1 with inductor freezing  {lat['infer_ms_dynamic_frozen']:.2f} ms vs static "
+                  f"{lat['infer_ms_static_frozen']:.2f} ms  ratio {lat['infer_ratio_frozen']:.3f}")
+        print(f"  execution          {'torch.compile (inductor)' if lat.get('compile') else 'eager'}, PEDConv paths "
+              f"{'autotuned' if lat.get('autotune') else 'by heuristic'}")
+        if args.print_paths:
+            from .dynamic.pedconv import format_path_report
+
+            print(format_path_report(lat["paths"]))
     return 0
 
 

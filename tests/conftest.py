@@ -1,14 +1,18 @@
 """Session-wide test set-up.
 
-Without CUDA, the fused Triton PEDConv kernels (image_classification/dynamic/triton_pedconv.py) are
-tested in Triton's interpreter, which must be switched on before triton is first imported (Triton
-decorates its own standard-library functions at import time). So it is set here, before any test
-module is collected. CPU code paths never import triton, and with CUDA nothing is changed.
+- PEDConv's path autotuner is off (``path=auto`` uses its deterministic shape heuristic). Set in the
+  environment, so that ``main.py`` subprocesses inherit it; tests of the autotuner switch it on explicitly
+  (``autotune.set_autotune(True)``, or ``PEDCONV_AUTOTUNE=1`` for a subprocess).
+- Without CUDA, the fused Triton PEDConv kernels (image_classification/dynamic/triton_pedconv.py) are
+  tested in Triton's interpreter, which must be switched on before triton is first imported (Triton
+  decorates its own standard-library functions at import time). So it is set here, before any test
+  module is collected. CPU code paths never import triton, and with CUDA nothing is changed.
 """
 
 import os
 
 import torch
 
+os.environ.setdefault("PEDCONV_AUTOTUNE", "0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

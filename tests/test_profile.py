@@ -52,3 +52,31 @@ def test_bad_input_exits_2_with_one_line(argv: list, match: str, capsys: pytest.
         profile.main(argv)
     assert info.value.code == 2
     assert match in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_latency_reports_paths_and_peak_rss_tiny() -> None:
+    res = profile.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+                                  warmup=1, train_batch=4, train_steps=1, train_warmup=0, peak_rss=True)
+    layers = {r["layer"] for r in res["paths"]}
+    assert len(layers) == 18 and {r["mode"] for r in res["paths"]} == {"train", "eval"}
+    assert {r["input"].split("x")[0] for r in res["paths"]} == {"1", "4"}
+    assert all(r["source"] == "heuristic" for r in res["paths"])  # the suite runs with tuning off
+    if res["rss_mb_static"] is not None:  # Linux
+        assert res["rss_mb_static"] > 0 and res["rss_mb_dynamic"] > 0 and res["rss_ratio"] > 0
+
+
+def test_latency_compiled_tiny() -> None:
+    """--compile plumbing (aot_eager here: inductor's C++ builds are for real runs): both models compiled,
+    the frozen batch-1 figures present."""
+    res = profile.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+                                  warmup=1, train_batch=4, train_steps=1, train_warmup=1, compile=True,
+                                  compile_backend="aot_eager")
+    assert res["compile"] and res["infer_ratio"] > 0 and res["infer_ratio_frozen"] > 0 and res["train_ratio"] > 0
+
+
+def test_cli_prints_paths(capsys: pytest.CaptureFixture) -> None:
+    assert profile.main(["--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "10", "--image-size", "16",
+                         "--latency", "--threads", "1", "--images", "1", "--warmup", "0", "--train-batch", "2",
+                         "--train-steps", "1", "--print-paths", "--no-rss", "--no-autotune"]) == 0
+    out = capsys.readouterr().out
+    assert "PEDConv paths by heuristic" in out and "layer1.0.conv1" in out and "heuristic" in out

@@ -2,8 +2,13 @@
 
 Usage::
 
-    python -m image_classification.dynamic.benchmark [--ops pedconv,dcd,...] [--shapes r18-64,...]
-        [--batch-sizes 1,32] [--threads 2] [--repeats 3] [--device cpu|cuda|auto] [--json]
+    python -m image_classification.dynamic.benchmark [--ops pedconv,dcd,pedconv:path=patch_gemm,...]
+        [--shapes r18-3x3-64@56,...] [--batch-sizes 1,32] [--threads 2] [--repeats 3]
+        [--device cpu|cuda|auto] [--compile] [--no-autotune] [--json]
+
+``--ops`` takes operator specs (``pedconv:path=fold`` times one PEDConv path; plain ``pedconv`` uses
+``path=auto``, whose choice per batch size is reported in the ``paths`` column). ``--compile`` times
+``torch.compile(fullgraph=True)`` of every module, nn.Conv2d included (both sides compiled alike).
 
 For every layer shape, batch size and operator it reports, as ratios to a plain ``nn.Conv2d`` of
 the same geometry measured in the same run:
@@ -11,11 +16,12 @@ the same geometry measured in the same run:
 * ``fwd``: time of an inference forward (``eval()``, ``torch.no_grad()``);
 * ``train``: time of a training forward + backward (input gradient included, as inside a
   network);
-* ``mem``: memory of a training step. On CUDA: peak allocated memory during forward + backward above
-  what was allocated before. On CPU (where allocator statistics are not available): the bytes of
-  the distinct non-parameter tensors autograd saves for backward
-  (``torch.autograd.graph.saved_tensors_hooks``), i.e. what a training step keeps alive per layer
-  between forward and backward - the dominant term of activation memory.
+* ``mem``: memory of a training step of the layer followed by a BatchNorm, as inside the networks (a
+  layer output saved for backward is then shared with BatchNorm's saved input). On CUDA: peak
+  allocated memory during forward + backward above what was allocated before. On CPU (where
+  allocator statistics are not available): the bytes of the distinct non-parameter tensors autograd
+  saves for backward (``torch.autograd.graph.saved_tensors_hooks``), i.e. what a training step keeps
+  alive per layer between forward and backward - the dominant term of activation memory.
 
 Measurements are interleaved (every repeat times the static conv and each operator in turn) so
 that drifts in machine load hit all of them alike; each sample averages enough back-to-back calls
@@ -35,7 +41,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import build_conv, list_operators
+from . import build_conv, list_operators, parse_spec
+from .autotune import set_autotune
 
 __all__ = ["LayerShape", "SHAPES", "DEFAULT_SHAPES", "run_benchmark", "main"]
 
@@ -59,13 +66,20 @@ SHAPES: Dict[str, LayerShape] = {
     s.name: s
     for s in (
         LayerShape("r18-3x3-64@56", 64, 64, 3, 1, 1, 1, 56, "ResNet-18 layer1 3x3"),
+        LayerShape("r18-3x3-128@28", 128, 128, 3, 1, 1, 1, 28, "ResNet-18 layer2 3x3"),
         LayerShape("r18-3x3-256@14", 256, 256, 3, 1, 1, 1, 14, "ResNet-18 layer3 3x3"),
+        LayerShape("r18-3x3-512@7", 512, 512, 3, 1, 1, 1, 7, "ResNet-18 layer4 3x3"),
+        LayerShape("r18-3x3s2-64-128@56", 64, 128, 3, 2, 1, 1, 56, "ResNet-18 layer2 first 3x3 (stride 2)"),
         LayerShape("r50-1x1-64-256@56", 64, 256, 1, 1, 0, 1, 56, "ResNet-50 layer1 1x1 expansion"),
+        LayerShape("r50-1x1-256-64@56", 256, 64, 1, 1, 0, 1, 56, "ResNet-50 layer1 1x1 reduction"),
+        LayerShape("r50-1x1-2048-512@7", 2048, 512, 1, 1, 0, 1, 7, "ResNet-50 layer4 1x1 reduction"),
+        LayerShape("mbv2-1x1-24-144@56", 24, 144, 1, 1, 0, 1, 56, "MobileNetV2 1x1 expansion"),
+        LayerShape("mbv2-1x1-144-24@56", 144, 24, 1, 1, 0, 1, 56, "MobileNetV2 1x1 projection"),
         LayerShape("mbv2-dw3x3-144@28", 144, 144, 3, 1, 1, 144, 28, "MobileNetV2 depthwise 3x3"),
         LayerShape("tiny", 16, 16, 3, 1, 1, 1, 8, "tiny shape for tests"),
     )
 }
-DEFAULT_SHAPES = ("r18-3x3-64@56", "r18-3x3-256@14", "r50-1x1-64-256@56", "mbv2-dw3x3-144@28")
+DEFAULT_SHAPES = ("r18-3x3-64@56", "r18-3x3-256@14", "r18-3x3-512@7", "r50-1x1-64-256@56", "mbv2-dw3x3-144@28")
 
 
 @dataclass
@@ -78,6 +92,7 @@ class Row:
     mem_ratio: Optional[float] = None
     static_fwd_ms: Optional[float] = None
     static_train_ms: Optional[float] = None
+    paths: str = ""  # PEDConv path=auto: the path chosen for inference / training at this batch size
     note: str = ""
 
 
@@ -86,7 +101,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fwd_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _fwd_fn(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad():
             module(x)
@@ -94,11 +109,12 @@ def _fwd_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _train_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _train_fn(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              params: Sequence[nn.Parameter]) -> Callable[[], None]:
     xg = x.detach().clone().requires_grad_(True)
 
     def run() -> None:
-        for p in module.parameters():
+        for p in params:
             p.grad = None
         xg.grad = None
         out = module(xg)
@@ -142,8 +158,12 @@ def _measure(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: 
 
 
 def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """Bytes of a training step: CUDA peak above baseline, or distinct saved-for-backward tensors on CPU."""
+    """Bytes of a training step of ``module`` + BatchNorm: CUDA peak above baseline, or distinct
+    saved-for-backward tensors on CPU."""
     xg = x.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        channels = module(x[:1]).shape[1]
+    module = nn.Sequential(module, nn.BatchNorm2d(channels)).to(x.device).train()
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -167,6 +187,19 @@ def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device) -> f
     return float(sum(seen.values()))
 
 
+def _auto_paths(module: nn.Module, batch: int) -> str:
+    """``eval:PATH train:PATH`` for a PEDConv with ``path=auto`` at ``batch`` (empty for others)."""
+    log = getattr(module, "_path_log", None)
+    if not log or getattr(module, "path", None) != "auto":
+        return ""
+    seen = {grad: entry["path"] for (shape, grad), entry in log.items() if shape[0] == batch}
+    return " ".join(f"{'train' if grad else 'eval'}:{seen[grad]}" for grad in (False, True) if grad in seen)
+
+
+def _compiled(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.compile(module, fullgraph=True, dynamic=False)
+
+
 def run_benchmark(
     ops: Sequence[str],
     shapes: Sequence[str] = DEFAULT_SHAPES,
@@ -176,8 +209,12 @@ def run_benchmark(
     device: str = "cpu",
     log: Optional[Callable[[str], None]] = None,
     target_s: float = 0.02,
+    compile: bool = False,
 ) -> List[Row]:
-    """Measure every (shape, batch, op) and return the rows (ratios to nn.Conv2d in the same run)."""
+    """Measure every (shape, batch, op) and return the rows (ratios to nn.Conv2d in the same run).
+
+    ``ops`` are operator specs; ``compile`` times ``torch.compile(fullgraph=True)`` of every module.
+    """
     dev = torch.device(device)
     rows: List[Row] = []
     for shape_name in shapes:
@@ -198,11 +235,14 @@ def run_benchmark(
                 log(f"  {shape_name} batch {batch} ...")
             x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=dev)
             candidates = {"static": static, **modules}
-            fwd = {name: _fwd_fn(m.eval(), x) for name, m in candidates.items()}
-            times_fwd = _measure(fwd, dev, repeats, warmup, target_s)
+            callables = {name: (_compiled(m) if compile else m) for name, m in candidates.items()}
+            for m in candidates.values():
+                m.eval()
+            fwd = {name: _fwd_fn(callables[name], x) for name in candidates}
+            times_fwd = _measure(fwd, dev, repeats, max(warmup, 1) if compile else warmup, target_s)
             for m in candidates.values():
                 m.train()
-            train = {name: _train_fn(m, x) for name, m in candidates.items()}
+            train = {name: _train_fn(callables[name], x, list(candidates[name].parameters())) for name in candidates}
             times_train = _measure(train, dev, repeats, warmup, target_s)
             mem = {name: _train_memory(m, x, dev) for name, m in candidates.items()}
             base_fwd = times_fwd["static"]
@@ -218,6 +258,7 @@ def run_benchmark(
                     mem_ratio=mem[op] / mem["static"] if mem["static"] else None,
                     static_fwd_ms=1e3 * base_fwd,
                     static_train_ms=1e3 * base_train,
+                    paths=_auto_paths(modules[op], batch),
                 ))
             for m in candidates.values():
                 for p in m.parameters():
@@ -226,7 +267,9 @@ def run_benchmark(
 
 
 def format_table(rows: Sequence[Row], memory_kind: str) -> str:
-    header = f"{'shape':<20} {'batch':>5} {'operator':<18} {'fwd x':>7} {'train x':>8} {'mem x':>6}  static fwd/train ms"
+    width = max([18, *(len(r.op) for r in rows)])
+    header = (f"{'shape':<20} {'batch':>5} {'operator':<{width}} {'fwd x':>7} {'train x':>8} {'mem x':>6}  "
+              f"static fwd/train ms  paths (auto)")
     lines = [header, "-" * len(header)]
     last = None
     for r in rows:
@@ -235,12 +278,13 @@ def format_table(rows: Sequence[Row], memory_kind: str) -> str:
             lines.append("")
         last = key
         if r.note:
-            lines.append(f"{r.shape:<20} {r.batch:>5} {r.op:<18} {r.note}")
+            lines.append(f"{r.shape:<20} {r.batch:>5} {r.op:<{width}} {r.note}")
             continue
         mem = f"{r.mem_ratio:6.2f}" if r.mem_ratio is not None else f"{'-':>6}"
+        static = f"{r.static_fwd_ms:.2f} / {r.static_train_ms:.2f}"
         lines.append(
-            f"{r.shape:<20} {r.batch:>5} {r.op:<18} {r.fwd_ratio:7.2f} {r.train_ratio:8.2f} {mem}  "
-            f"{r.static_fwd_ms:.2f} / {r.static_train_ms:.2f}"
+            f"{r.shape:<20} {r.batch:>5} {r.op:<{width}} {r.fwd_ratio:7.2f} {r.train_ratio:8.2f} {mem}  "
+            f"{static:<19}  {r.paths}".rstrip()
         )
     lines.append("")
     lines.append(f"ratios to nn.Conv2d in the same run (min over interleaved repeats); mem = {memory_kind}")
@@ -263,7 +307,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Time and memory of each dynamic operator as a ratio to nn.Conv2d.",
     )
     parser.add_argument("--ops", default=None,
-                        help="comma-separated operator names (default: every registered operator but static)")
+                        help="comma-separated operator specs, e.g. pedconv,pedconv:path=patch_gemm,dcd (default: "
+                        "every registered operator but static)")
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                         help=f"comma-separated layer shapes among: {', '.join(SHAPES)}")
     parser.add_argument("--batch-sizes", type=_csv_ints, default=[1, 32])
@@ -271,13 +316,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--compile", action="store_true",
+                        help="time torch.compile(fullgraph=True) of every module, nn.Conv2d included")
+    parser.add_argument("--no-autotune", dest="autotune", action="store_false",
+                        help="PEDConv path=auto uses its shape heuristic instead of timing the paths")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = parser.parse_args(argv)
     available = [op for op in list_operators() if op != "static"]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else available
-    unknown = [o for o in ops if o not in list_operators()]
+    unknown = [o for o in ops if o.split(":", 1)[0].strip().lower() not in list_operators()]
     if unknown or not ops:
         parser.error(f"unknown operator(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(available)}")
+    for op in ops:
+        try:
+            parse_spec(op)
+        except ValueError as exc:
+            parser.error(f"--ops {op}: {exc}")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     bad = [s for s in shapes if s not in SHAPES]
     if bad or not shapes:
@@ -295,16 +349,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.autotune:
+        set_autotune(False)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    rows = run_benchmark(args.ops, args.shapes, args.batch_sizes, args.repeats, args.warmup, args.device, log)
+    try:
+        rows = run_benchmark(args.ops, args.shapes, args.batch_sizes, args.repeats, args.warmup, args.device, log,
+                             compile=args.compile)
+    finally:
+        if not args.autotune:
+            set_autotune(None)
     memory_kind = ("CUDA peak allocated during forward+backward" if args.device == "cuda"
                    else "bytes of non-parameter tensors saved for backward (training step)")
     if args.json:
         print(json.dumps({"device": args.device, "threads": args.threads, "repeats": args.repeats,
+                          "compile": args.compile, "autotune": args.autotune,
                           "torch": torch.__version__, "memory": memory_kind,
                           "rows": [asdict(r) for r in rows]}, indent=1))
     else:
-        print(f"device={args.device} threads={args.threads} repeats={args.repeats} torch={torch.__version__}")
+        print(f"device={args.device} threads={args.threads} repeats={args.repeats} compile={args.compile} "
+              f"autotune={args.autotune} torch={torch.__version__}")
         print(format_table(rows, memory_kind))
     return 0
 

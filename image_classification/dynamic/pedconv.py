@@ -13,29 +13,21 @@ component, sampled in training with the reparameterization trick (Eq. 5) and squ
 Evaluation uses the mean. A training-only decoder reconstructs the (detached) pooled context from the
 sampled pre-sigmoid components; its MSE is the info-max term of Eq. 6.
 
-Execution paths (``path`` option; every path equals ``reference`` to float32 rounding):
+The generator is fused at run time: the heads of a conv (and of every conv sharing a generator) run
+as ONE ``F.linear`` over their concatenated weights, the noise and the sigmoid act on that one
+output, and the sampled pre-sigmoid vector is, as it is, the info-max decoder's input. The parameters
+keep their per-head modules and names (``generator.heads.<i>.fc_{phi,gamma,psi}[_logvar]``), so
+checkpoints and the authors' layout load unchanged.
 
-* ``reference``   - per sample, ``F.conv2d`` with :meth:`PEDConv2d.dynamic_weight` (the plain formula).
-* ``materialize`` - the per-sample effective weights B x C_out x C_in/g x k x k, one grouped conv with
-  ``groups = B * groups`` (the authors' design; a single dense conv at batch 1).
-* ``fold``        - uses ``conv(x, W*(gamma o phi o psi)) = gamma * conv(phi * x, W * psi)``: gamma and
-  phi scale activations, only ``W * psi_b`` is per sample (one grouped conv; a single dense conv at
-  batch 1). Rank R sums R such terms. Additive: ``conv(x, W_base)`` plus the low-rank term.
-* ``factored``    - gamma and phi on activations and psi applied as k*k shifted 1x1 convolutions
-  weighted per sample: no per-sample weight at all. For 1x1 kernels this is a dense conv plus channel
-  scalings. Additive: ``conv(x, W_base)`` plus the low-rank term, which reduces to a per-sample
-  depthwise k x k conv on ``groups`` channel sums (never a C_out x C_in weight).
-* ``unfold``      - gamma and phi on activations, the k*k patches (``F.unfold``) scaled by psi per sample,
-  then one matmul with W_base (no per-sample weight). Additive: as ``factored``.
-* ``auto`` (default) chooses by shape (measured on CPU with ResNet-18 shapes, see ``_choose_path``):
-  depthwise-like layers (C_in/groups == 1) -> ``materialize`` (the per-sample weight is tiny);
-  batch 1 -> ``fold`` (``materialize`` for rank > 1 or additive: everything folds into one dense conv),
-  but ``unfold`` for k x k kernels with more output channels than output pixels (scaling the k*k patches
-  moves less memory than scaling W: ResNet-18 batch-1 inference 1.28x static instead of 1.42x);
-  batch > 1: additive or 1x1 kernels -> ``factored``; k x k kernels -> ``fold`` (``materialize`` for
-  rank > 1) while the per-sample kernel is at most ``GROUPED_MAX_WEIGHT_RATIO`` times the size of one
-  output channel map (``C_out * k * k <= ratio * H_out * W_out``: the grouped conv's weight traffic stays
-  comparable to its activations), ``unfold`` beyond (e.g. ResNet-18's 512-channel 7x7 stage).
+Execution paths (``path`` option; every path equals ``reference`` to float rounding) are the entries
+of :data:`.pedconv_paths.PATH_REGISTRY`: ``reference``, ``materialize``, ``fold``, ``patch_gemm``
+(single-GEMM patches), ``factored`` and ``unfold`` (see :mod:`.pedconv_paths`; the fast ones are lean
+custom autograd Functions, :mod:`.pedconv_kernels`). ``auto`` (default) times the applicable paths on
+the first use of every (layer geometry, input shape, dtype, device, backward-or-not) and keeps the
+fastest (:mod:`.autotune`); with tuning off it uses :func:`.pedconv_paths.heuristic_path`. The
+choice is made in Python before any tensor work and, under ``torch.compile``, at trace time as a
+constant (no guard, no recompilation when other shapes are tuned later). :func:`path_report` lists
+the path every layer used for every input shape it has seen.
 
 Parameter names (for profilers and checkpoints): ``weight`` (W_base), ``bias`` (static bias added after
 the conv, optional), ``generator.*`` (deploy-time generator: ``generator.proj`` for bilinear context,
@@ -46,8 +38,10 @@ the conv, optional), ``generator.*`` (deploy-time generator: ``generator.proj`` 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import weakref
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -55,7 +49,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import autotune
 from .base import DynamicConv2d
+from .pedconv_kernels import _compute_dtype
+from .pedconv_paths import (
+    GROUPED_MAX_WEIGHT_RATIO,
+    PATH_REGISTRY,
+    Factors,
+    candidate_paths,
+    effective_weight,
+    heuristic_path,
+    path_names,
+)
 from .registry import Option, register_operator
 
 __all__ = [
@@ -66,20 +71,19 @@ __all__ = [
     "GROUPED_MAX_WEIGHT_RATIO",
     "share_generator",
     "convert_authors_state_dict",
+    "path_report",
+    "format_path_report",
+    "has_auto_paths",
+    "reset_path_report",
 ]
 
 #: the CP components, in the order the info-max decoder concatenates them (the authors' order).
 COMPONENTS: Tuple[str, ...] = ("phi", "gamma", "psi")
-PATHS: Tuple[str, ...] = ("auto", "reference", "materialize", "fold", "factored", "unfold")
+#: ``auto`` and every registered execution path (:data:`.pedconv_paths.PATH_REGISTRY`).
+PATHS: Tuple[str, ...] = path_names()
 #: floor of the generator bottleneck ``max(C_in // r, MIN_HIDDEN)``; every ResNet-18/50 dynamic conv
 #: has C_in >= 64, so the paper's C_in/16 is used unchanged there (11.92M parameters).
 MIN_HIDDEN = 4
-#: batch > 1, k x k kernels: the grouped per-sample kernel (``fold``/``materialize``) is used while
-#: ``C_out * kh * kw <= GROUPED_MAX_WEIGHT_RATIO * H_out * W_out``, else ``unfold``. Measured on the
-#: 2-core CPU, train step at batch 32 (ratio to nn.Conv2d): 256 ch @ 14x14 (ratio 11.8) fold 2.8 vs
-#: unfold 3.0; 512 ch @ 7x7 (ratio 94) fold 7.6 vs unfold 3.8; CIFAR ResNet-20 at 28 px, batch 128,
-#: whole train step: all-fold 2.3x static vs unfold on the 14x14/7x7 stages 2.7x.
-GROUPED_MAX_WEIGHT_RATIO = 16
 _INIT_STD = 0.01
 
 _OPTIONS = {
@@ -100,10 +104,16 @@ _OPTIONS = {
     ),
     "noise_std": Option(float, 0.1, "std of the fixed training noise on the pre-sigmoid components", minimum=0.0),
     "infomax": Option(bool, True, "build the training-only info-max decoder (Eq. 6)"),
-    "path": Option(str, "auto", "execution path (all exact): " + "/".join(PATHS), choices=PATHS),
+    "path": Option(str, "auto", "execution path (all exact; auto = autotuned): " + "/".join(PATHS), choices=PATHS),
 }
 
 Components = Dict[str, Optional[Tensor]]
+
+# Layers by token, for the autotuner's trace-time look-up (weak: layers are never kept alive by it).
+_LAYERS: weakref.WeakValueDictionary[int, PEDConv2d] = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
 
 
 def _normal_linear(layer: nn.Linear, bias_value: float = 0.0) -> None:
@@ -112,7 +122,11 @@ def _normal_linear(layer: nn.Linear, bias_value: float = 0.0) -> None:
 
 
 class _Heads(nn.Module):
-    """The component heads of one dynamic conv: Linear(hidden -> R * dim) per present component."""
+    """The component heads of one dynamic conv: Linear(hidden -> R * dim) per present component.
+
+    The Linears hold the parameters (and their state-dict names); :class:`_Generator` runs all heads
+    of all its convs as one fused ``F.linear`` (:meth:`linears` gives them in the fused order).
+    """
 
     def __init__(self, hidden: int, dims: Mapping[str, int], rank: int, learned: bool, noise_std: float) -> None:
         super().__init__()
@@ -134,7 +148,13 @@ class _Heads(nn.Module):
     def total_dim(self) -> int:
         return self.rank * sum(self.dims.values())
 
+    def linears(self, logvar: bool = False) -> Tuple[nn.Linear, ...]:
+        """The mean (or log-variance) heads in the decoder's component order (phi, gamma, psi)."""
+        suffix = "_logvar" if logvar else ""
+        return tuple(getattr(self, f"fc_{name}{suffix}") for name in self.dims)
+
     def forward(self, hidden: Tensor) -> Dict[str, Tuple[Tensor, Optional[Tensor]]]:
+        """Per-component (mean, log-variance) pre-sigmoid outputs, unfused (for inspection)."""
         out: Dict[str, Tuple[Tensor, Optional[Tensor]]] = {}
         for name in self.dims:
             mean = getattr(self, f"fc_{name}")(hidden)
@@ -144,7 +164,7 @@ class _Heads(nn.Module):
 
 
 class _Generator(nn.Module):
-    """Context pooling -> Linear(C -> hidden) -> ReLU -> heads (Eq. 7); ``heads[i]`` serves conv i."""
+    """Context pooling -> Linear(C -> hidden) -> ReLU -> fused heads (Eq. 7); ``heads[i]`` serves conv i."""
 
     def __init__(self, in_channels: int, hidden: int, context: str) -> None:
         super().__init__()
@@ -160,6 +180,13 @@ class _Generator(nn.Module):
         self.fc_share = nn.Linear(self.context_dim, hidden)
         _normal_linear(self.fc_share)
         self.heads = nn.ModuleList()
+        # inference-only cache of the concatenated head weights: logvar flag -> (stamp, weight, bias)
+        self._fused_cache: Dict[bool, Tuple[Any, Tensor, Tensor]] = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fused_cache"] = {}
+        return state
 
     def pool(self, x: Tensor) -> Tensor:
         """The context vector: GAP (B x C_in) or bilinear pooling (B x d*d)."""
@@ -170,10 +197,63 @@ class _Generator(nn.Module):
         second = torch.sign(second) * torch.sqrt(second.abs() + 1e-6)  # signed square root
         return F.normalize(second.flatten(1), dim=1)  # l2 normalization
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, List[Dict[str, Tuple[Tensor, Optional[Tensor]]]]]:
-        context = self.pool(x)
-        hidden = F.relu(self.fc_share(context))
-        return context, [heads(hidden) for heads in self.heads]
+    @property
+    def total_dim(self) -> int:
+        """Length of the fused head output: every conv's components, conv-major, phi/gamma/psi order."""
+        return sum(heads.total_dim for heads in self.heads)
+
+    def _fused(self, logvar: bool) -> Tuple[Tensor, Tensor]:
+        """All heads' (mean or log-variance) weights and biases concatenated in the fused order.
+
+        Outside autograd (inference, eager) the concatenation is cached until a parameter changes
+        (in-place updates bump its version; replacing one changes its identity).
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            linears = [lin for heads in self.heads for lin in heads.linears(logvar)]
+            if len(linears) == 1:
+                return linears[0].weight, linears[0].bias
+            return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
+        linears = [lin for heads in self.heads for lin in heads.linears(logvar)]
+        weights = [lin.weight for lin in linears]
+        biases = [lin.bias for lin in linears]
+        try:
+            stamp = tuple((id(p), p._version) for p in (*weights, *biases))
+        except RuntimeError:  # parameters created under inference_mode track no version: no cache
+            stamp = None
+        cached = self._fused_cache.get(logvar)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        bias = torch.cat(biases) if len(biases) > 1 else biases[0]
+        if stamp is not None:
+            self._fused_cache[logvar] = (stamp, weight, bias)
+        return weight, bias
+
+    def forward(self, x: Tensor, noise_std: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+        """(context, sampled pre-sigmoid components B x total_dim) for input ``x``.
+
+        ``noise_std`` None: no noise (the mean, evaluation); a float: Eq. 5 noise with that std, or with
+        the learned log-variance heads when they exist.
+        """
+        context = x.mean(dim=(2, 3)) if self.context == "gap" else self.pool(x)
+        share = self.fc_share
+        hidden = F.relu(F.linear(context, share.weight, share.bias))
+        weight, bias = self._fused(False)
+        learned = noise_std is not None and self.heads[0].learned
+        if learned:
+            lv_weight, lv_bias = self._fused(True)
+            mean, logvar = F.linear(hidden, torch.cat([weight, lv_weight]), torch.cat([bias, lv_bias])).chunk(2, dim=1)
+            return context, torch.addcmul(mean, torch.exp(0.5 * logvar), torch.randn_like(mean))
+        mean = F.linear(hidden, weight, bias)
+        if noise_std is None or noise_std == 0:
+            return context, mean
+        return context, torch.add(mean, torch.randn_like(mean), alpha=noise_std)
+
+    def macs(self, input_shape: Sequence[int]) -> int:
+        """Multiply-adds of an evaluation forward (``fc_share`` and the mean heads; pooling not counted)."""
+        batch = int(input_shape[0])
+        hidden = self.fc_share.out_features
+        return batch * (self.context_dim * hidden + hidden * self.total_dim)
 
 
 class _BaseWeightInfomaxConv2d(DynamicConv2d):
@@ -189,6 +269,7 @@ class _BaseWeightInfomaxConv2d(DynamicConv2d):
         state["_infomax"] = None
         if "_shared_cache" in state:
             state["_shared_cache"] = None
+        state.pop("_layout_memo", None)  # refers to this module and its followers
         return state
 
     @torch.no_grad()
@@ -265,8 +346,10 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         for key, value in (("rank", rank), ("reduction", reduction), ("context", context), ("reparam", reparam),
-                           ("sampling", sampling), ("noise_std", noise_std), ("path", path)):
+                           ("sampling", sampling), ("noise_std", noise_std)):
             _OPTIONS[key].check("pedconv", key, value)
+        if path != "auto" and path not in PATH_REGISTRY:
+            raise ValueError(f"pedconv: invalid path {path!r}; choose from {'/'.join(path_names())}")
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise ValueError(f"PEDConv2d: rank must be an integer >= 1, got {rank!r}")
         if isinstance(components, str):
@@ -300,8 +383,20 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
         self._infomax: Optional[Tensor] = None
         self._followers: List[PEDConv2d] = []  # plain list: not registered as submodules
         self._is_follower = False
-        self._shared_cache: Optional[Components] = None
+        self._shared_cache: Optional[Factors] = None
+        self._register()
 
+    def _register(self) -> None:
+        """A fresh token for the autotuner's layer look-up and an empty path log."""
+        self._token = next(_TOKENS)
+        _LAYERS[self._token] = self
+        #: (input shape, backward follows) -> {"path", "source", "times_ms"}: what forward used
+        self._path_log: Dict[Tuple[Tuple[int, ...], bool], Dict[str, Any]] = {}
+        self._path_memo: Dict[Any, Tuple[Any, str]] = {}  # eager look-ups, see _select_path
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register()  # a copy (deepcopy, EMA, unpickling) is a layer of its own
 
     # ----------------------------------------------------------------------------------- construction
     def component_dims(self) -> Dict[str, int]:
@@ -334,59 +429,64 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"PEDConv2d expects input B x {self.in_channels} x H x W, got {tuple(x.shape)}")
 
-    def _sample(self, x: Tensor, record: bool) -> Components:
+    def _sample(self, x: Tensor, record: bool) -> Factors:
         """Post-sigmoid components (None for left-out ones), each B x R x dim.
 
         Training with ``sampling != 'none'`` draws the Eq. 5 noise on the pre-sigmoid values. With
         ``record`` the info-max term is stored and followers of a shared generator get their components.
         """
         if self._is_follower:
-            comps = self._shared_cache
-            if comps is None:
+            cached = self._shared_cache
+            if cached is None:
                 raise RuntimeError("PEDConv2d shares the generator of an earlier conv: run that conv first")
             if record:
                 self._shared_cache = None
-            return comps
+            return cached
         assert self.generator is not None
-        context, outputs = self.generator(x)
         noisy = self.training and self.sampling != "none"
-        batch = x.shape[0]
-        per_conv: List[Dict[str, Tensor]] = []
-        for head_out in outputs:
-            pre: Dict[str, Tensor] = {}
-            for name, (mean, logvar) in head_out.items():
-                if noisy:
-                    std = torch.exp(0.5 * logvar) if logvar is not None else self.noise_std
-                    mean = mean + std * torch.randn_like(mean)
-                pre[name] = mean
-            per_conv.append(pre)
+        context, pre = self.generator(x, self.noise_std if noisy else None)
         if record:
             if self.training and self.infomax_decoder is not None:
-                code = torch.cat([pre[name] for pre in per_conv for name in COMPONENTS if name in pre], dim=1)
-                self._infomax = F.mse_loss(self.infomax_decoder(code), context.detach())
+                # the fused output is already the decoder's input: conv-major, (phi, gamma, psi) order
+                self._infomax = F.mse_loss(self.infomax_decoder(pre), context.detach())
             else:
                 self._infomax = None
-        post = []
-        for pre, conv in zip(per_conv, [self] + self._followers):
-            comps: Components = {name: None for name in COMPONENTS}
-            for name, value in pre.items():
-                comps[name] = torch.sigmoid(value).view(batch, conv.rank, -1)
-            post.append(comps)
-        if record:
-            for follower, comps in zip(self._followers, post[1:]):
-                follower._shared_cache = comps
-        return post[0]
+        post = torch.sigmoid(pre)
+        batch = x.shape[0]
+        convs, widths, slots = self._factor_layout()
+        parts = post.split(widths, dim=1) if len(widths) > 1 else (post,)
+        result: Optional[Factors] = None
+        for i, conv in enumerate(convs):
+            comps: List[Optional[Tensor]] = [None, None, None]  # gamma, phi, psi
+            for part, (conv_index, slot, rank, dim) in zip(parts, slots):
+                if conv_index == i:
+                    comps[slot] = part.view(batch, rank, dim)
+            factors = Factors(comps[0], comps[1], comps[2])
+            if result is None:
+                result = factors
+            elif record:
+                conv._shared_cache = factors
+        assert result is not None
+        return result
 
-    def _full(self, comps: Components, batch: int, like: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        dims = {"gamma": self.out_channels, "phi": self.in_channels // self.groups,
-                "psi": self.kernel_size[0] * self.kernel_size[1]}
-        out = []
-        for name in ("gamma", "phi", "psi"):
-            value = comps[name]
-            if value is None:
-                value = like.new_ones(batch, self.rank, dims[name])
-            out.append(value)
-        return out[0], out[1], out[2]
+    def _factor_layout(self) -> Tuple[List[PEDConv2d], List[int], List[Tuple[int, int, int, int]]]:
+        """(convs: this one then its followers, widths of the fused output's pieces, and per piece
+        (conv index, slot 0/1/2 for gamma/phi/psi, rank, dim)); memoised per number of followers."""
+        assert self.generator is not None
+        memo = self.__dict__.get("_layout_memo")
+        if memo is not None and memo[0] == len(self._followers) and not torch.compiler.is_compiling():
+            return memo[1]
+        convs = [self, *self._followers]
+        widths: List[int] = []
+        slots: List[Tuple[int, int, int, int]] = []
+        for i, heads in enumerate(self.generator.heads):
+            for name, dim in heads.dims.items():
+                widths.append(heads.rank * dim)
+                slots.append((i, ("gamma", "phi", "psi").index(name), heads.rank, dim))
+        layout = (convs, widths, slots)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_layout_memo"] = (len(self._followers), layout)
+        return layout
 
     def factors(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(gamma, phi, psi), each B x R x dim: the post-sigmoid values a forward on ``x`` would use.
@@ -396,156 +496,165 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
         shares an earlier conv's generator returns the components cached by that conv's last forward.
         """
         self._check_input(x)
-        return self._full(self._sample(x, record=False), x.shape[0], x)
-
-    def _effective_weight(self, gamma: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
-        batch = gamma.shape[0]
-        cp = torch.einsum("brt,brs,brk->btsk", gamma, phi, psi)
-        cp = cp.reshape(batch, *self.weight.shape)
-        return self.weight * cp if self.reparam == "multiplicative" else self.weight + cp
+        return self._sample(x, record=False).full(self, x)
 
     def dynamic_weight(self, x: Tensor) -> Tensor:
         """Per-sample effective weight B x C_out x C_in/g x kh x kw (Eq. 2 / Appendix E), for inspection."""
-        return self._effective_weight(*self.factors(x))
+        return effective_weight(self, self.weight, *self.factors(x))
 
     # -------------------------------------------------------------------------------------- execution
-    def _choose_path(self, x: Tensor) -> str:
-        """``auto``: measured on a 2-core CPU with ResNet-18 3x3 shapes (forward, ratio to nn.Conv2d).
+    def _tuning_key(self, x: Tensor, grad: bool) -> Tuple[Any, ...]:
+        """Everything a path's speed depends on; no rank- or device-index-specific part (DDP ranks agree)."""
+        compute = _compute_dtype(x)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return (
+            "pedconv", self.in_channels, self.out_channels, tuple(self.kernel_size), tuple(self.stride),
+            tuple(self.padding), tuple(self.dilation), self.groups, self.rank, "+".join(self.components), self.reparam,
+            tuple(int(s) for s in x.shape), _DTYPE_NAMES.get(x.dtype, "other"),
+            _DTYPE_NAMES.get(compute, "other") if compute is not None else "-", x.device.type, channels_last, grad,
+        )
 
-        batch 1: ``fold`` 0.95-1.3x (``materialize`` up to 1.9x at 512 ch, ``factored`` 3x);
-        batch 32: 56x56/28x28 maps: ``fold``/``materialize`` 0.9-1.7x vs ``factored`` 3-11x and ``unfold``
-        4-7x forward, 1.1-1.5x vs 2.6-19x forward+backward; 14x14/7x7 maps with 256/512 channels:
-        ``unfold`` 2.3-4.0x forward and 2.8-3.8x forward+backward vs grouped ``fold`` 3.4-16x / 2.7-7.6x
-        and ``factored`` 1.7-7.8x / 6.5-9.4x (a shared, loaded machine: ratios are indicative).
+    def _select_path(self, x: Tensor) -> str:
+        """The path of this forward: ``self.path``, or for ``auto`` the tuned/cached/heuristic choice.
+
+        Eager calls memoise the choice per (input shape, dtype, layout, autocast, backward) against the
+        autotuner's generation counter; under torch.compile the choice is a trace-time constant.
         """
-        if self.path != "auto":
-            return self.path
-        batch = x.shape[0]
-        kh, kw = self.kernel_size
-        single = self.rank == 1 or len(self.components) == 1
-        if self.in_channels // self.groups == 1:
-            return "materialize"
-        ho, wo = self.output_size(x.shape[2], x.shape[3])
-        if batch == 1:
-            if not (single and self.reparam == "multiplicative"):
-                return "materialize"
-            # W * psi costs C_out * C_in/g * k*k; the psi-scaled patches C_in/g * k*k * H_out * W_out
-            return "unfold" if kh * kw > 1 and self.out_channels > ho * wo else "fold"
-        if self.reparam == "additive" or kh * kw == 1:
-            return "factored"
-        if self.out_channels * kh * kw <= GROUPED_MAX_WEIGHT_RATIO * ho * wo:
-            return "fold" if single else "materialize"
-        return "unfold"
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if torch.compiler.is_compiling():
+            return _resolve_path(self._token, self.path, self._tuning_key(x, grad))
+        memo_key = (x.shape, x.dtype, x.device, x.stride(), grad, torch.is_autocast_enabled(x.device.type), self.path)
+        hit = self._path_memo.get(memo_key)
+        stamp = (autotune.generation(), autotune.autotune_enabled())
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        path = _resolve_path(self._token, self.path, self._tuning_key(x, grad))
+        self._path_memo[memo_key] = (stamp, path)
+        return path
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        comps = self._sample(x, record=True)
-        path = self._choose_path(x)
-        if path in ("reference", "materialize"):
-            weights = self._effective_weight(*self._full(comps, x.shape[0], x))
-            out = self._run_reference(x, weights) if path == "reference" else self._run_materialized(x, weights)
-        elif self.reparam == "additive":
-            out = F.conv2d(x, self.weight, None, groups=self.groups, **self.conv_kwargs())
-            out = out + self._lowrank_term(x, *self._full(comps, x.shape[0], x))
-        else:
-            out = self._run_factored(x, comps, mode=path)
+        factors = self._sample(x, record=True)
+        out = PATH_REGISTRY[self._select_path(x)].run(self, x, self.weight, factors)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
 
-    def _run_reference(self, x: Tensor, weights: Tensor) -> Tensor:
-        outs = [
-            F.conv2d(x[b : b + 1], weights[b], None, groups=self.groups, **self.conv_kwargs())
-            for b in range(x.shape[0])
-        ]
-        return torch.cat(outs, dim=0)
 
-    def _run_materialized(self, x: Tensor, weights: Tensor) -> Tensor:
-        batch, channels, height, width = x.shape
-        if batch == 1:
-            return F.conv2d(x, weights[0], None, groups=self.groups, **self.conv_kwargs())
-        out = F.conv2d(
-            x.reshape(1, batch * channels, height, width), weights.reshape(-1, *weights.shape[2:]), None,
-            groups=batch * self.groups, **self.conv_kwargs(),
-        )
-        return out.view(batch, self.out_channels, out.shape[-2], out.shape[-1])
+# ----------------------------------------------------------------------------------- path selection
+_KEY_SHAPE, _KEY_DTYPE, _KEY_DEVICE, _KEY_CHANNELS_LAST, _KEY_GRAD = 11, 12, 14, 15, 16
+#: name of the nn.Conv2d timing the autotuner records next to the paths (never chosen)
+STATIC_REFERENCE = "static"
 
-    def _run_factored(self, x: Tensor, comps: Components, mode: str) -> Tensor:
-        """Multiplicative: sum_r gamma_r * conv(phi_r * x, W * psi_r) without any C_out x C_in per-sample weight."""
-        batch = x.shape[0]
-        gamma, phi, psi = comps["gamma"], comps["phi"], comps["psi"]
-        rank = self.rank
-        if len(self.components) == 1 and rank > 1:
-            # a single present component: sum_r W * c_r = W * (sum_r c_r), one term
-            gamma, phi, psi = (None if c is None else c.sum(dim=1, keepdim=True) for c in (gamma, phi, psi))
-            rank = 1
-        out: Optional[Tensor] = None
-        for r in range(rank):
-            u = x
-            if phi is not None:
-                u = x * phi[:, r].repeat(1, self.groups).view(batch, -1, 1, 1)
-            y = self._psi_conv(u, None if psi is None else psi[:, r], mode)
-            if gamma is not None:
-                y = y * gamma[:, r].view(batch, -1, 1, 1)
-            out = y if out is None else out + y
-        assert out is not None
-        return out
 
-    def _psi_conv(self, u: Tensor, psi: Optional[Tensor], mode: str) -> Tensor:
-        """Per-sample ``conv(u_b, W * psi_b)``; psi is B x kh*kw or None (all ones).
+def _timing_candidates(layer: PEDConv2d, key: Tuple[Any, ...], names: Sequence[str]):
+    """Timing closures of ``names`` on random tensors of the key's shapes (no state of ``layer`` is touched)."""
+    shape, grad = key[_KEY_SHAPE], key[_KEY_GRAD]
+    dtype = {v: k for k, v in _DTYPE_NAMES.items()}.get(key[_KEY_DTYPE], layer.weight.dtype)
+    device = layer.weight.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    fmt = torch.channels_last if key[_KEY_CHANNELS_LAST] else torch.contiguous_format
+    x = torch.randn(shape, generator=gen, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    weight = torch.randn(layer.weight.shape, generator=gen, dtype=dtype, device=device) * 0.1
+    dims = layer.component_dims()
+    comps = {name: 0.25 + 0.5 * torch.rand(shape[0], layer.rank, dim, generator=gen, dtype=dtype, device=device)
+             for name, dim in dims.items()}
+    leaves = [x, weight, *comps.values()]
+    if grad:
+        for t in leaves:
+            t.requires_grad_(True)
+    factors = Factors(comps.get("gamma"), comps.get("phi"), comps.get("psi"))
+    ho, wo = layer.output_size(shape[2], shape[3])
+    grad_out = torch.randn(shape[0], layer.out_channels, ho, wo, generator=gen, dtype=dtype, device=device)
 
-        ``fold``: grouped conv with the per-sample kernel W * psi_b; ``factored``: k*k shifted 1x1 convs
-        weighted by psi; ``unfold``: the k*k patches scaled by psi, then one matmul with W_base.
-        """
-        kwargs = self.conv_kwargs()
-        if psi is None:
-            return F.conv2d(u, self.weight, None, groups=self.groups, **kwargs)
-        batch = u.shape[0]
-        kh, kw = self.kernel_size
-        if kh * kw == 1:
-            return F.conv2d(u, self.weight, None, groups=self.groups, **kwargs) * psi.view(batch, 1, 1, 1)
-        if mode == "unfold":
-            ho, wo = self.output_size(u.shape[2], u.shape[3])
-            groups = self.groups
-            patches = F.unfold(u, self.kernel_size, self.dilation, self.padding, self.stride)
-            patches = patches.view(batch, groups, -1, kh * kw, ho * wo) * psi.view(batch, 1, 1, kh * kw, 1)
-            weight = self.weight.reshape(groups, self.out_channels // groups, -1)
-            y = torch.matmul(weight, patches.view(batch, groups, weight.shape[-1], ho * wo))
-            return y.view(batch, self.out_channels, ho, wo)
-        if mode != "factored":
-            if batch == 1:
-                return F.conv2d(u, self.weight * psi.view(1, 1, kh, kw), None, groups=self.groups, **kwargs)
-            weights = self.weight.unsqueeze(0) * psi.view(batch, 1, 1, kh, kw)
-            return self._run_materialized(u, weights)
-        # k*k shifted 1x1 convolutions, each weighted by its psi value per sample
-        ho, wo = self.output_size(u.shape[2], u.shape[3])
-        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
-        padded = F.pad(u, (pw, pw, ph, ph)) if ph or pw else u
-        out: Optional[Tensor] = None
-        for i in range(kh):
-            for j in range(kw):
-                window = padded[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
-                y = F.conv2d(window, self.weight[:, :, i : i + 1, j : j + 1], None, groups=self.groups)
-                y = y * psi[:, i * kw + j].view(batch, 1, 1, 1)
-                out = y if out is None else out + y
-        assert out is not None
-        return out
+    def make(name: str):
+        if name == STATIC_REFERENCE:  # nn.Conv2d of the same geometry: the report's yardstick
+            def run(layer: PEDConv2d, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
+                return F.conv2d(x, weight, None, groups=layer.groups, **layer.conv_kwargs())
+        else:
+            run = PATH_REGISTRY[name].run
+        if grad:
+            return lambda: torch.autograd.grad(run(layer, x, weight, factors), leaves, grad_out, allow_unused=True)
 
-    def _lowrank_term(self, x: Tensor, gamma: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
-        """``conv(x, sum_r gamma_r (x) phi_r (x) psi_r)`` (Appendix E) via channel sums and a depthwise psi conv."""
-        batch, _, height, width = x.shape
-        groups, rank = self.groups, self.rank
-        kh, kw = self.kernel_size
-        cin_g, cout_g = self.in_channels // groups, self.out_channels // groups
-        z = torch.einsum("bgshw,brs->brghw", x.reshape(batch, groups, cin_g, height, width), phi)
-        kernel = psi.reshape(batch * rank, 1, 1, kh, kw).expand(batch * rank, groups, 1, kh, kw)
-        y = F.conv2d(
-            z.reshape(1, batch * rank * groups, height, width), kernel.reshape(-1, 1, kh, kw), None,
-            groups=batch * rank * groups, **self.conv_kwargs(),
-        )
-        y = y.view(batch, rank, groups, y.shape[-2], y.shape[-1])
-        out = torch.einsum("brghw,brgo->bgohw", y, gamma.view(batch, rank, groups, cout_g))
-        return out.reshape(batch, self.out_channels, y.shape[-2], y.shape[-1])
+        def infer() -> None:
+            with torch.no_grad():
+                run(layer, x, weight, factors)
+
+        return infer
+
+    return {name: make(name) for name in [*names, STATIC_REFERENCE]}
+
+
+@torch._dynamo.assume_constant_result
+def _resolve_path(token: int, path: str, key: Tuple[Any, ...]) -> str:
+    """Path for one forward of layer ``token``; under torch.compile it runs once, at trace time.
+
+    Records the choice in the layer's path log (:func:`path_report`).
+    """
+    layer = _LAYERS.get(token)
+    shape, grad = key[_KEY_SHAPE], key[_KEY_GRAD]
+    times: Dict[str, float] = {}
+    if path != "auto":
+        chosen, source = path, "explicit"
+    elif layer is None:  # pragma: no cover - a token outlives its layer only in odd pickling set-ups
+        return "reference"
+    else:
+        names = candidate_paths(layer, shape, grad)
+        fallback = heuristic_path(layer, shape, grad)
+        device = torch.device(key[_KEY_DEVICE]) if key[_KEY_DEVICE] != "cuda" else layer.weight.device
+        chosen, source = autotune.choose(key, lambda: _timing_candidates(layer, key, names), device, fallback,
+                                         references=(STATIC_REFERENCE,))
+        cached = autotune.CACHE.get(key)
+        times = dict(cached.times_ms) if cached is not None else {}
+    if layer is not None:
+        layer._path_log[(shape, grad)] = {"path": chosen, "source": source, "times_ms": times}
+    return chosen
+
+
+def has_auto_paths(model: nn.Module) -> bool:
+    """Whether ``model`` has a PEDConv layer with ``path=auto`` (one the autotuner serves)."""
+    return any(isinstance(m, PEDConv2d) and m.path == "auto" for m in model.modules())
+
+
+def reset_path_report(model: nn.Module) -> None:
+    """Forget the paths logged so far by the PEDConv layers of ``model`` (the autotuner cache stays)."""
+    for module in model.modules():
+        if isinstance(module, PEDConv2d):
+            module._path_log.clear()
+            module._path_memo.clear()
+
+
+def path_report(model: nn.Module) -> List[Dict[str, Any]]:
+    """One row per (PEDConv layer, input shape, forward-only or forward+backward) seen so far.
+
+    Row keys: ``layer`` (module name), ``input`` (B x C x H x W), ``mode`` (``train`` when a backward
+    followed, else ``eval``), ``path``, ``source`` (tuned / broadcast / loaded / only (one path
+    applies) / heuristic / explicit) and ``times_ms`` (the autotuner's measurements, ms per call, when it timed the key).
+    """
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, PEDConv2d):
+            for (shape, grad), entry in module._path_log.items():
+                rows.append({"layer": name or type(module).__name__, "input": "x".join(str(s) for s in shape),
+                             "mode": "train" if grad else "eval", **entry})
+    return rows
+
+
+def format_path_report(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows of :func:`path_report` as a text table: times in ms (the chosen path marked with *), the
+    chosen path's time as a multiple of nn.Conv2d's (``static``, timed alongside by the autotuner)."""
+    if not rows:
+        return "no PEDConv layer has run yet"
+    head = f"{'layer':34} {'input':18} {'mode':5} {'path':12} {'source':10} {'x static':>8}  timings (ms)"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        times = r.get("times_ms", {})
+        timings = "  ".join(f"{'*' if k == r['path'] else ''}{k} {v:.2f}" for k, v in sorted(
+            times.items(), key=lambda kv: kv[1]))
+        ratio = f"{times[r['path']] / times[STATIC_REFERENCE]:8.2f}" if (
+            r["path"] in times and times.get(STATIC_REFERENCE)) else f"{'-':>8}"
+        lines.append(f"{r['layer']:34} {r['input']:18} {r['mode']:5} {r['path']:12} {r['source']:10} {ratio}  {timings}")
+    return "\n".join(lines)
 
 
 def share_generator(convs: Sequence[PEDConv2d]) -> None:

@@ -7,6 +7,7 @@ so a bad input (``DataError``, ``CheckpointError``, ``ValueError``) leaves nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import numbers
 import os
@@ -26,7 +27,8 @@ from .engine import Components, LoopConfig
 from .optim import build_optimizer, build_scheduler, optimizer_name
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_components",
-           "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags"]
+           "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",
+           "tune_paths"]
 
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -131,7 +133,28 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
     model = model.to(env.device)
     if args.memory_format == "nhwc":
         model = model.to(memory_format=torch.channels_last)
+    tune_paths(args, model, loaders, env)
     return model
+
+
+def tune_paths(args: argparse.Namespace, model: nn.Module, loaders: Loaders, env: DistEnv) -> None:
+    """PEDConv ``path=auto``: time every layer's exact paths for the train and validation batch shapes now
+    (not inside the first timed steps or a compiled trace) and adopt rank 0's choices on every DDP rank."""
+    from image_classification.dynamic import autotune
+    from image_classification.dynamic.pedconv import has_auto_paths
+
+    autotune.set_autotune(None)  # PEDCONV_AUTOTUNE=0 in the environment switches it off too
+    autotune.set_autotune(bool(getattr(args, "autotune", True)) and not args.deterministic
+                          and autotune.autotune_enabled())
+    if not has_auto_paths(model):
+        return
+    size = (loaders.in_chans, loaders.image_size, loaders.image_size)
+    amp = torch.autocast(env.device.type, dtype=_AMP_DTYPES[args.amp_dtype]) if args.amp else None
+    with amp if amp is not None else contextlib.nullcontext():
+        autotune.prepare_model(model, None if args.evaluate else (args.batch_size, *size),
+                               (args.val_batch_size or args.batch_size, *size), env.device,
+                               channels_last=args.memory_format == "nhwc")
+    autotune.broadcast_cache()
 
 
 def loop_config(args: argparse.Namespace, env: DistEnv) -> LoopConfig:
@@ -182,6 +205,12 @@ def build_components(args: argparse.Namespace, model: nn.Module, loaders: Loader
         from torchvision.transforms import v2
 
         mixup = v2.MixUp(alpha=args.mixup, num_classes=num_classes)
+    if getattr(args, "compile", False):
+        # in place (nn.Module.compile): state_dict keys stay plain; the EMA copy (made above) gets its own
+        backend = getattr(args, "compile_backend", "inductor")
+        model.compile(backend=backend, dynamic=False)
+        if ema is not None:
+            ema.module.compile(backend=backend, dynamic=False)
     wrapped = model
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None

@@ -198,7 +198,19 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None,
                        help=f"random seed in [0, {MAX_SEED}] (default: random, shared by all processes and recorded "
                        "in the raport)")
-    group.add_argument("--deterministic", action="store_true", help="deterministic cuDNN algorithms")
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic cuDNN algorithms; implies --no-autotune")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (training and evaluation; static shapes, checkpoints keep "
+                       "the plain parameter names)")
+    group.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                       help="torch.compile backend for --compile (default: inductor; aot_eager isolates compiler "
+                       "problems)")
+    group.add_argument("--no-autotune", dest="autotune", action="store_false",
+                       help="PEDConv path=auto: use the deterministic shape heuristic instead of timing the exact "
+                       "paths of every layer once (also off with --deterministic or PEDCONV_AUTOTUNE=0)")
+    group.add_argument("--print-paths", action="store_true",
+                       help="print the execution path every PEDConv layer uses (after the first epoch / evaluation)")
     group.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                        help=argparse.SUPPRESS)
 
@@ -538,6 +550,17 @@ def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"DATA is required for --data-backend {args.data_backend} (the directory with train/ and val/)")
 
 
+def _validate_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not getattr(args, "compile", False):
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if args.compile_backend not in backends:
+        parser.error(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend; valid: "
+                     f"{', '.join(backends)}")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) with ``--config`` support, then validate everything."""
     parser = build_parser()
@@ -550,5 +573,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     _validate_numbers(parser, args)
     _validate_recipe_options(parser, args, argv)
     _validate_paths(parser, args)
+    _validate_compile(parser, args)
     return args
 

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from image_classification.data import DataError
-from image_classification.dynamic import set_epoch
+from image_classification.dynamic import autotune, set_epoch
 
 from . import build
 from .adversarial import attack_metadata, build_attacks, perturbation_checkpoint, validate_under_attack
@@ -108,6 +108,7 @@ class _Run:
     raport: RaportWriter = field(default_factory=lambda: RaportWriter(None))
     last: Dict[str, float] = field(default_factory=dict)
     lock: Optional[WorkspaceLock] = None
+    paths_printed: bool = False
 
 
 class UsageError(ValueError):
@@ -317,6 +318,18 @@ def _sync_models(run: _Run) -> None:
     sync_buffers(run.comp.module)
     if run.comp.ema is not None:
         sync_buffers(run.comp.ema.module)
+    autotune.broadcast_cache()  # PEDConv paths tuned since the last sync: rank 0's choice everywhere
+
+
+def _print_paths(run: _Run) -> None:
+    """``--print-paths``: the path of every PEDConv layer per input shape, once per invocation."""
+    if not getattr(run.args, "print_paths", False) or run.paths_printed or not run.env.is_main:
+        return
+    from image_classification.dynamic.pedconv import format_path_report, path_report
+
+    print("PEDConv execution paths (path=auto: tuned or heuristic per input shape):\n"
+          + format_path_report(path_report(run.comp.module)), flush=True)
+    run.paths_printed = True
 
 
 def _validate_all(run: _Run, epoch: int) -> Dict[str, float]:
@@ -339,6 +352,7 @@ def _evaluate(run: _Run) -> int:
     metrics.update(robust)
     run.raport.log((run.state.epoch,), metrics)
     run.raport.log((), metrics)
+    _print_paths(run)
     if run.env.is_main:
         print(f"evaluation: top1 {metrics['val.top1']:.3f}  top5 {metrics['val.top5']:.3f}  "
               f"loss {metrics['val.loss']:.4f}  ({int(metrics['val.samples'])} images)", flush=True)
@@ -479,6 +493,7 @@ def _end_epoch(run: _Run, epoch: int, train_metrics: Dict[str, float]) -> None:
         is_best = _validate_epoch(run, epoch, record)
     run.raport.log((epoch,), record)
     run.last = record
+    _print_paths(run)
     _save(run, epoch + 1, 0, is_best)
 
 
@@ -536,6 +551,10 @@ def _summary(run: _Run) -> None:
     if run.state.best_prec1 >= 0:
         data["summary.best_top1"] = run.state.best_prec1
     run.raport.log((), data)
+    if getattr(run.args, "compile", False) and run.env.is_main:
+        from torch._dynamo.utils import counters
+
+        print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled", flush=True)
     if run.env.is_main or run.env.distributed:
         rank = f"[rank {run.env.rank}] " if run.env.distributed else ""
         print(f"{rank}finished: {run.state.epoch}/{run.args.epochs} epochs"

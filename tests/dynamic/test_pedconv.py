@@ -18,6 +18,7 @@ from image_classification.dynamic.pedconv import (
     convert_authors_state_dict,
     share_generator,
 )
+from image_classification.dynamic.pedconv_paths import heuristic_path
 
 FAST_PATHS = [p for p in PATHS if p not in ("auto", "reference")]
 
@@ -100,13 +101,15 @@ def test_reference_is_eq3_written_out():
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
-@pytest.mark.parametrize("reparam", ["multiplicative", "additive"])
-def test_gradcheck_float64(path, reparam):
+@pytest.mark.parametrize("reparam,rank", [("multiplicative", 1), ("multiplicative", 2), ("additive", 2)])
+def test_gradcheck_float64(path, reparam, rank):
     torch.manual_seed(2)
-    module = randomize(PEDConv2d(4, 4, 3, stride=2, padding=1, groups=2, rank=2, reparam=reparam,
+    module = randomize(PEDConv2d(4, 4, 3, stride=2, padding=1, groups=2, rank=rank, reparam=reparam,
                                  sampling="none", path=path)).double()
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
-    params = [module.weight, module.generator.fc_share.weight, module.generator.heads[0].fc_psi.weight]
+    heads = module.generator.heads[0]
+    params = [module.weight, module.generator.fc_share.weight, heads.fc_psi.weight, heads.fc_phi.weight,
+              heads.fc_gamma.bias]
     assert torch.autograd.gradcheck(lambda inp, *_: module(inp), (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
@@ -190,8 +193,10 @@ def test_infomax_positive_in_training_absent_in_eval_and_target_detached():
     torch.manual_seed(8)
     module(x)
     torch.manual_seed(8)
-    _, outputs = module.generator(x)
-    code = torch.cat([outputs[0][n][0] + 0.1 * torch.randn_like(outputs[0][n][0]) for n in ("phi", "gamma", "psi")], 1)
+    hidden = F.relu(module.generator.fc_share(x.mean(dim=(2, 3))))
+    heads = module.generator.heads[0]
+    mean = torch.cat([heads.fc_phi(hidden), heads.fc_gamma(hidden), heads.fc_psi(hidden)], 1)
+    code = mean + 0.1 * torch.randn_like(mean)  # one draw for the fused [phi; gamma; psi] vector
     via_generator = F.mse_loss(module.infomax_decoder(code), context_const)
     torch.testing.assert_close(module.infomax_term(), via_generator)
     gx_layer = torch.autograd.grad(module.infomax_term(), x)[0]
@@ -366,18 +371,60 @@ def test_bad_arguments(call, match):
         call()
 
 
-def test_auto_path_choice():
-    def choose(module: PEDConv2d, batch: int, size: int) -> str:
-        return module._choose_path(torch.empty(batch, module.in_channels, size, size))
+def test_heuristic_path_choice():
+    """With tuning off (the test suite's setting) auto is the deterministic shape heuristic."""
+    def choose(module: PEDConv2d, batch: int, size: int, grad: bool = True) -> str:
+        return heuristic_path(module, (batch, module.in_channels, size, size), grad)
 
     dense = PEDConv2d(16, 16, 3, padding=1)
-    assert choose(dense.eval(), 1, 8) == "fold" and choose(dense, 1, 3) == "unfold"
-    assert choose(PEDConv2d(16, 16, 1), 1, 2) == "fold"
-    assert choose(dense, 4, 16) == "fold" and choose(dense, 4, 3) == "fold"
-    wide = PEDConv2d(16, 256, 3, padding=1)
-    assert choose(wide, 4, 14) == "fold" and choose(wide, 4, 7) == "unfold"
+    assert choose(dense, 1, 8) == "fold" and choose(dense, 1, 3) == "patch_gemm"  # C_out > H_out * W_out
+    assert choose(PEDConv2d(16, 16, 1), 1, 2) == "materialize"
+    assert choose(dense, 4, 32) == "fold" and choose(dense, 4, 5) == "patch_gemm"  # narrow: by grouped size
+    wide = PEDConv2d(128, 128, 3, padding=1)  # 116M multiply-adds per sample at 28x28
+    assert choose(wide, 4, 28) == "sample_loop" and choose(wide, 4, 7) == "patch_gemm"
     assert choose(PEDConv2d(16, 16, 3, groups=16), 4, 8) == "materialize"
-    assert choose(PEDConv2d(16, 16, 1), 4, 8) == "factored"
-    assert choose(PEDConv2d(16, 16, 3, reparam="additive"), 4, 32) == "factored"
+    assert choose(PEDConv2d(16, 16, 1), 4, 8) == "materialize"
+    assert choose(PEDConv2d(256, 256, 1), 32, 2) == "fold"  # per-sample weights larger than the activations
+    assert choose(PEDConv2d(16, 16, 3, reparam="additive"), 4, 32) == "fold"
+    assert choose(PEDConv2d(16, 16, 3, reparam="additive"), 1, 32) == "materialize"
     assert choose(PEDConv2d(16, 16, 3, rank=2), 1, 8) == "materialize"
-    assert choose(PEDConv2d(16, 16, 3, path="reference"), 4, 8) == "reference"
+    assert choose(PEDConv2d(16, 16, 3, rank=2, components=("psi",)), 1, 8) == "fold"
+    module = PEDConv2d(16, 16, 3, padding=1)
+    module(torch.randn(2, 16, 8, 8))
+    assert module._path_log[((2, 16, 8, 8), True)]["path"] == choose(module, 2, 8)
+    assert module._path_log[((2, 16, 8, 8), True)]["source"] == "heuristic"
+    explicit = PEDConv2d(16, 16, 3, padding=1, path="reference")
+    explicit(torch.randn(2, 16, 8, 8))
+    assert explicit._path_log[((2, 16, 8, 8), True)] == {"path": "reference", "source": "explicit", "times_ms": {}}
+
+
+def test_fused_generator_keeps_state_dict_names():
+    module = PEDConv2d(16, 8, 3, bias=False, sampling="learned")
+    assert sorted(module.state_dict()) == sorted(
+        ["weight", "generator.fc_share.weight", "generator.fc_share.bias"]
+        + [f"generator.heads.0.fc_{n}{s}.{p}" for n in ("phi", "gamma", "psi") for s in ("", "_logvar")
+           for p in ("weight", "bias")]
+        + [f"infomax_decoder.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")])
+
+
+@pytest.mark.parametrize("sampling", ["fixed", "learned"])
+def test_fused_generator_equals_per_head_formula(sampling):
+    """One fused Linear + one noise draw == the per-head Linears of Eq. 7 with Eq. 5 noise (same stream)."""
+    torch.manual_seed(13)
+    module = randomize(PEDConv2d(16, 8, 3, padding=1, sampling=sampling, noise_std=0.2, rank=2)).train()
+    x = torch.randn(3, 16, 5, 5)
+    torch.manual_seed(14)
+    gamma, phi, psi = module.factors(x)
+    heads = module.generator.heads[0]
+    hidden = F.relu(module.generator.fc_share(x.mean(dim=(2, 3))))
+    mean = torch.cat([heads.fc_phi(hidden), heads.fc_gamma(hidden), heads.fc_psi(hidden)], 1)
+    torch.manual_seed(14)
+    if sampling == "learned":
+        logvar = torch.cat([heads.fc_phi_logvar(hidden), heads.fc_gamma_logvar(hidden), heads.fc_psi_logvar(hidden)], 1)
+        pre = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    else:
+        pre = mean + 0.2 * torch.randn_like(mean)
+    post = torch.sigmoid(pre)
+    torch.testing.assert_close(phi, post[:, :32].view(3, 2, 16))
+    torch.testing.assert_close(gamma, post[:, 32:48].view(3, 2, 8))
+    torch.testing.assert_close(psi, post[:, 48:].view(3, 2, 9))

@@ -1,0 +1,226 @@
+"""The path autotuner: cache keys and sources, the on/off switches, DDP broadcast, model preparation, and
+PEDConv's use of it (every choice exact, the path report). Timings are faked where a choice is asserted."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from image_classification.dynamic import autotune
+from image_classification.dynamic.pedconv import PEDConv2d, format_path_report, has_auto_paths, path_report
+from image_classification.dynamic.pedconv_paths import PATH_REGISTRY, candidate_paths, heuristic_path
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """Tuning on, an empty cache, and deterministic fake timings: the path named ``fastest`` wins."""
+    autotune.CACHE.clear()
+    autotune.set_autotune(True)
+    state = {"fastest": None, "calls": 0}
+
+    def fake_measure(candidates, device, **_):
+        state["calls"] += 1
+        for fn in candidates.values():  # every candidate really runs once
+            fn()
+        names = list(candidates)
+        winner = state["fastest"] if state["fastest"] in names else names[-1]
+        return {name: (1.0 if name == winner else 2.0 + i) for i, name in enumerate(names)}
+
+    monkeypatch.setattr(autotune, "measure", fake_measure)
+    yield state
+    autotune.set_autotune(None)
+    autotune.CACHE.clear()
+
+
+def test_switches(monkeypatch):
+    autotune.set_autotune(None)
+    monkeypatch.setenv(autotune.ENV_VAR, "0")
+    assert not autotune.autotune_enabled()
+    monkeypatch.setenv(autotune.ENV_VAR, "1")
+    assert autotune.autotune_enabled()
+    autotune.set_autotune(False)
+    assert not autotune.autotune_enabled()
+    autotune.set_autotune(None)
+
+
+def test_choose_caches_and_falls_back(tuning):
+    built = []
+
+    def candidates():
+        built.append(1)
+        return {"a": lambda: None, "b": lambda: None}
+
+    tuning["fastest"] = "a"
+    assert autotune.choose(("k", 1), candidates, torch.device("cpu"), "b") == ("a", "tuned")
+    assert autotune.choose(("k", 1), candidates, torch.device("cpu"), "b") == ("a", "tuned")
+    assert len(built) == 1 and tuning["calls"] == 1
+    autotune.set_autotune(False)
+    assert autotune.choose(("k", 2), candidates, torch.device("cpu"), "b") == ("b", "heuristic")
+    assert autotune.choose(("k", 1), candidates, torch.device("cpu"), "b") == ("a", "tuned")  # cached stays
+    autotune.set_autotune(True)
+    assert autotune.choose(("k", 3), lambda: {"one": lambda: None}, torch.device("cpu"), "b") == ("one", "only")
+    assert autotune.choose(("k", 4), lambda: {}, torch.device("cpu"), "b") == ("b", "heuristic")
+
+
+def test_cache_state_round_trip(tuning):
+    tuning["fastest"] = "a"
+    autotune.choose(("k",), lambda: {"a": lambda: None, "b": lambda: None}, torch.device("cpu"), "b")
+    state = autotune.CACHE.state_dict()
+    autotune.CACHE.clear()
+    autotune.CACHE.load_state_dict(state, source="broadcast")
+    entry = autotune.CACHE.get(("k",))
+    assert entry.winner == "a" and entry.source == "broadcast" and set(entry.times_ms) == {"a", "b"}
+    assert autotune.broadcast_cache() == 0  # no process group: nothing to do
+
+
+def test_measure_returns_min_per_candidate_and_drops_slow_ones():
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        torch.randn(256, 256) @ torch.randn(256, 256)
+
+    times = autotune.measure({"fast": fast, "slow": slow}, torch.device("cpu"), rounds=3, max_rounds=6, budget_s=10.0)
+    assert set(times) == {"fast", "slow"} and all(v >= 0 for v in times.values())
+    assert calls["fast"] == 1 + 6  # warm-up + every round
+    assert 1 + 3 <= calls["slow"] <= 1 + 6
+
+
+def randomized(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "generator" in name:
+                p.normal_(0.0, 0.3)
+    return module
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_every_candidate_choice_gives_the_same_result(tuning, grad):
+    """Whatever the autotuner picks, forward and gradients equal path=reference."""
+    torch.manual_seed(0)
+    layer = randomized(PEDConv2d(8, 12, 3, padding=1, groups=2, sampling="none", bias=False)).train()
+    x = torch.randn(3, 8, 6, 6, requires_grad=True)
+    layer.path = "reference"
+    expected = layer(x)
+    ref_grads = torch.autograd.grad(expected.square().sum(), [x, *layer.parameters()], allow_unused=True)
+    layer.path = "auto"
+    names = candidate_paths(layer, tuple(x.shape), grad)
+    assert len(names) >= 3 and "reference" not in names
+    for name in names:
+        autotune.CACHE.clear()
+        tuning["fastest"] = name
+        with torch.set_grad_enabled(grad):
+            out = layer(x)
+        entry = layer._path_log[(tuple(x.shape), grad)]
+        assert (entry["path"], entry["source"], entry["times_ms"][name]) == (name, "tuned", 1.0)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        if grad:
+            grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()], allow_unused=True)
+            for g, r in zip(grads, ref_grads):
+                if r is not None:
+                    torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_training_candidates_are_lean_and_inference_adds_the_rest():
+    layer = PEDConv2d(16, 16, 3, padding=1)
+    train = candidate_paths(layer, (4, 16, 8, 8), True)
+    infer = candidate_paths(layer, (4, 16, 8, 8), False)
+    assert all(PATH_REGISTRY[p].lean for p in train)
+    assert set(train) < set(infer) and {"unfold", "factored"} <= set(infer)
+    additive = PEDConv2d(16, 16, 3, padding=1, reparam="additive")
+    assert set(candidate_paths(additive, (4, 16, 16, 16), True)) == {"materialize", "fold"}
+
+
+def test_path_report_and_sources(tuning):
+    torch.manual_seed(1)
+    model = nn.Sequential(PEDConv2d(4, 8, 3, padding=1), nn.ReLU(), PEDConv2d(8, 8, 1, path="fold"))
+    assert has_auto_paths(model)
+    tuning["fastest"] = "patch_gemm"
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 4, 5, 5))
+    rows = path_report(model)
+    assert [(r["layer"], r["input"], r["mode"], r["path"], r["source"]) for r in rows] == [
+        ("0", "2x4x5x5", "eval", "patch_gemm", "tuned"), ("2", "2x8x5x5", "eval", "fold", "explicit")]
+    text = format_path_report(rows)
+    assert "*patch_gemm 1.00" in text and "explicit" in text
+    autotune.set_autotune(False)
+    with torch.no_grad():
+        model(torch.randn(1, 4, 5, 5))
+    row = [r for r in path_report(model) if r["input"] == "1x4x5x5"][0]
+    assert row["source"] == "heuristic" and row["path"] == heuristic_path(model[0], (1, 4, 5, 5), False)
+    assert format_path_report([]) == "no PEDConv layer has run yet"
+    assert not has_auto_paths(nn.Sequential(PEDConv2d(4, 8, 3, path="fold")))
+
+
+def test_copies_are_separate_layers():
+    layer = PEDConv2d(4, 8, 3, padding=1)
+    clone = copy.deepcopy(layer)
+    assert clone._token != layer._token and clone._path_log == {}
+    clone(torch.randn(1, 4, 5, 5))
+    assert layer._path_log == {} and len(clone._path_log) == 1
+
+
+def test_prepare_model_tunes_train_and_eval_keys_without_side_effects(tuning):
+    torch.manual_seed(2)
+    model = nn.Sequential(PEDConv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), PEDConv2d(8, 8, 3, padding=1))
+    model.train()
+    stats = copy.deepcopy(model[1].state_dict())
+    rng = torch.get_rng_state()
+    autotune.prepare_model(model, train_shape=(4, 4, 6, 6), eval_shape=(2, 4, 6, 6))
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    for key, value in model[1].state_dict().items():
+        assert torch.equal(value, stats[key]), key
+    seen = {(r["layer"], r["input"], r["mode"]) for r in path_report(model)}
+    assert seen == {("0", "4x4x6x6", "train"), ("0", "2x4x6x6", "eval"), ("3", "4x8x6x6", "train"),
+                    ("3", "2x8x6x6", "eval")}
+    assert len(autotune.CACHE) == 4
+    calls = tuning["calls"]
+    model(torch.randn(4, 4, 6, 6, requires_grad=True)).sum().backward()  # a real step reuses the cache
+    assert tuning["calls"] == calls
+    autotune.set_autotune(False)
+    autotune.CACHE.clear()
+    autotune.prepare_model(model, train_shape=(4, 4, 6, 6))
+    assert len(autotune.CACHE) == 0  # tuning off: nothing to prepare
+
+
+def _broadcast_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        autotune.CACHE.clear()
+        autotune.CACHE.put(("shared",), autotune.TuneResult("fold" if rank == 0 else "patch_gemm", {"fold": 1.0}))
+        if rank == 1:
+            autotune.CACHE.put(("own",), autotune.TuneResult("materialize"))
+        received = autotune.broadcast_cache()
+        entry = autotune.CACHE.get(("shared",))
+        queue.put((rank, received, entry.winner, entry.source, autotune.CACHE.get(("own",)) is not None))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_broadcast_cache_gives_every_rank_rank0s_choices():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_broadcast_worker, args=(rank, 2, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [(0, 1, "fold", "tuned", False), (1, 1, "fold", "broadcast", True)]
