@@ -56,7 +56,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from .dynamic.base import DynamicConv2d
 from .dynamic.registry import OPERATORS
-from .models._stem import set_module
+from .models.module_utils import set_module
 
 __all__ = ["FALLBACK_FOLDERS", "FoldReport", "batchnorm_affine", "fold_batchnorm"]
 

@@ -8,7 +8,7 @@ Usage::
                    [--compile] [--no-autotune] [--print-paths] [--no-rss]]
         [--table pedconv|dcd|odconv|all|dense]
 
-Counts follow :mod:`image_classification.flops` (deploy parameters exclude PEDConv's training-only
+Counts follow :mod:`image_classification.macs` (deploy parameters exclude PEDConv's training-only
 info-max decoder; MACs per the papers' convention). ``--latency`` measures, in one run and
 interleaved with the static model built the same way (same arch, classes, channels, init):
 batch-1 inference latency (median over ``--images`` single images after ``--warmup``;
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .dynamic import autotune
 from .dynamic.base import infomax_loss
-from .flops import count_macs, count_params
+from .macs import count_macs, count_params
 from .models import ARCHS, build_model, list_archs
 
 __all__ = ["PAPER_ROWS", "PaperRow", "main", "measure_latency", "profile_model", "table_rows", "training_memory"]

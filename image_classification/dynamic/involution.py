@@ -112,6 +112,23 @@ class Involution2d(DynamicConv2d):
             y = y + self.bias[:, None, None]
         return y
 
+    def macs(self, input_shape: Tuple[int, ...]) -> int:
+        """MACs of what the module runs, per output position of the H' x W' map (Eq. 3-4):
+
+        ``C C/r`` (W_0, 1x1) + ``C/r K^2 G`` (W_1, 1x1) + ``C K^2`` (each channel's K^2 taps times its
+        group's kernel) [+ ``C_in/g C_out`` (the 1x1 projection when ``out_channels != in_channels``)],
+        times ``B H' W'``. No dense K x K convolution runs; BatchNorm, ReLU and the pooling of the
+        generating map are not counted (as in the papers).
+        """
+        batch, _, height, width = (int(s) for s in input_shape)
+        out_h, out_w = self.output_size(height, width)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        mid = self.reduce.out_channels
+        per_position = self.in_channels * mid + mid * self.span.out_channels + self.in_channels * taps
+        if self.proj is not None:
+            per_position += (self.in_channels // self.groups) * self.out_channels
+        return batch * out_h * out_w * per_position
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, group_channels={self.group_channels}, groups_of_kernels={self.num_groups}, "
                 f"reduction={self.reduction}, projection={self.proj is not None}")
