@@ -83,6 +83,11 @@ class CondConv2d(KernelMixtureConv2d):
         state["_block_routing"] = None
         return state
 
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Refused (ValueError): the sigmoid routing weights do not sum to 1, so a BatchNorm's shift cannot
+        become expert biases."""
+        raise ValueError("sigmoid routing weights do not sum to 1, so the BN shift cannot become expert biases")
+
     def attention_macs(self) -> int:
         """``C_in K`` for the layer's own routing FC; 0 with ``routing=block`` (the block's FC is counted there)."""
         return 0 if self.routing is None else self.routing.in_features * self.routing.out_features

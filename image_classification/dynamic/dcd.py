@@ -118,7 +118,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import DynamicConv2d
-from .protocol import ForeignLayout
+from .protocol import ExportRoute, ForeignLayout, PerSampleUnfoldConv2d
 from .registry import ConvSpec, Option, register_operator
 
 __all__ = [
@@ -634,6 +634,23 @@ class DCDConv2d(DynamicConv2d):
         # y is a fresh tensor no backward saved (conv and the Lambda product save their inputs only)
         y.reshape(b * nb, ob, hw).baddbmm_(p.to(y.dtype), z.reshape(b * nb, L, hw).to(y.dtype))
         return y
+
+    @torch.no_grad()
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold a following per-output-channel affine map (an eval-mode BatchNorm), exactly (DCD, ICLR 2021,
+        Eq. 6-9): ``scale (Lambda W0 + P Phi Q^T [R]) = Lambda (scale W0) + (scale P) Phi Q^T [R]`` and
+        ``bias' = scale bias + shift`` (a bias is created when absent)."""
+        self.weight.mul_(scale.to(self.weight).view(-1, 1, 1, 1))
+        if getattr(self, "P", None) is not None:
+            self.P.mul_(scale.to(self.P).view(-1, *([1] * (self.P.dim() - 1))))
+        bias = shift if self.bias is None else self.bias * scale + shift
+        self.bias = nn.Parameter(bias.detach().to(self.weight).clone())
+
+    def export_route(self) -> ExportRoute:
+        """Export: the ``branch`` path; depthwise layers through :class:`~.protocol.PerSampleUnfoldConv2d`."""
+        if self.form == "depthwise":
+            return ExportRoute(adapter=PerSampleUnfoldConv2d, label="unfold (per-sample weight)")
+        return ExportRoute(path="branch", label="branch")
 
     def synthesis_macs(self) -> int:
         """MACs of synthesising the per-sample dynamic residual ``P Phi Q^T`` (DCD, ICLR 2021, Eq. 6-8).

@@ -96,6 +96,16 @@ class DyConv2d(KernelMixtureConv2d):
     def set_epoch(self, epoch: int) -> None:
         self.temperature.fill_(self.schedule(epoch, self.initial_temperature, self.anneal_epochs))
 
+    @torch.no_grad()
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold a following per-output-channel affine map (an eval-mode BatchNorm), exactly:
+        ``scale sum_k pi_k W_k + shift = sum_k pi_k (scale W_k) + sum_k pi_k shift`` as the softmax weights
+        sum to 1, so ``W_k *= scale`` and ``b_k = scale b_k + shift`` (biases created when absent)."""
+        scale, shift = scale.to(self.weight), shift.to(self.weight)
+        self.weight.mul_(scale.view(1, -1, 1, 1, 1))
+        bias = shift.expand(self.num_kernels, -1) if self.bias is None else self.bias * scale + shift
+        self.bias = nn.Parameter(bias.detach().clone())
+
     def attention_macs(self) -> int:
         """``C_in h + h K`` (the two attention FCs on the pooled input)."""
         return self.in_channels * self.hidden + self.hidden * self.num_kernels

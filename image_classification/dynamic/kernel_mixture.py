@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import DynamicConv2d
+from .protocol import ExportRoute, PerSampleUnfoldConv2d
 
 __all__ = ["KernelMixtureConv2d"]
 
@@ -79,6 +80,10 @@ class KernelMixtureConv2d(DynamicConv2d):
     def attention_macs(self) -> int:
         """MACs of one sample's mixture coefficients (subclasses: their attention / routing FCs)."""
         return 0
+
+    def export_route(self) -> ExportRoute:
+        """Export through :class:`~.protocol.PerSampleUnfoldConv2d` (the fast path groups over the batch)."""
+        return ExportRoute(adapter=PerSampleUnfoldConv2d, label="unfold (per-sample weight)")
 
     def macs(self, input_shape: Tuple[int, ...]) -> int:
         """``B (H_out W_out C_out C_in/g k^2 + K C_out C_in/g k^2 + attention)``: the one convolution with

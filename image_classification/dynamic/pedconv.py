@@ -70,7 +70,7 @@ from .pedconv_paths import (
     heuristic_path,
     path_names,
 )
-from .protocol import ForeignLayout
+from .protocol import ExportRoute, ForeignLayout
 from .registry import Option, register_operator
 
 __all__ = [
@@ -347,6 +347,13 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
     def share_generators(cls, convs: Sequence[nn.Module]) -> None:
         """Placement ``+share``: :func:`share_generator` (Appendix D, Table 2)."""
         share_generator(convs)  # type: ignore[arg-type]
+
+    def export_route(self) -> ExportRoute:
+        """Export: the ``factored`` path (the batch stays a plain axis); the additive form is refused."""
+        if self.reparam != "multiplicative":
+            return ExportRoute(refuse="additive reparameterization: its low-rank term runs a grouped conv with "
+                                      "groups = batch (no dynamic-batch path)")
+        return ExportRoute(path="factored", label="factored")
 
     def macs(self, input_shape: Sequence[int]) -> int:
         """``B (H_out W_out C_out C_in/g k^2 + generator + 2 R C_out C_in/g k^2)`` (PEDConv, BMVC 2021,

@@ -27,6 +27,10 @@ hook                           asked by / default
                                ``nn.Linear`` (default: the operator as a 1x1 conv, :class:`LinearAsConv`).
 ``foreign_layouts``            checkpoint loading: state-dict layouts of other code bases (the authors'
                                releases) that this operator loads, as :class:`ForeignLayout` entries.
+``fold_output_affine(s, t)``   BatchNorm folding (optional method): fold a following per-channel
+                               affine map exactly, or raise ValueError(reason).
+``export_route()``             ONNX/TorchScript export: how the layer runs with a dynamic batch axis
+                               (:class:`ExportRoute`); default: refused.
 =============================  =====================================================================
 """
 
@@ -38,10 +42,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Mapping, Option
 import torch
 import torch.nn as nn
 
+from .functional import per_sample_conv2d
+
 if TYPE_CHECKING:  # pragma: no cover
     from .registry import ConvSpec
 
-__all__ = ["ForeignLayout", "LinearAsConv", "OperatorProtocol"]
+__all__ = ["ExportRoute", "ForeignLayout", "LinearAsConv", "OperatorProtocol", "PerSampleUnfoldConv2d"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,36 @@ class ForeignLayout:
     foreign_arch: Callable[[str], bool] = lambda arch: False
 
 
+class PerSampleUnfoldConv2d(nn.Module):
+    """Runs an operator's per-sample weight (``dynamic_weight(x)``) by unfold + batched matmul.
+
+    The generic dynamic-batch export route for operators whose own fast path is a grouped conv over the
+    batch (kernel mixtures, DCD's depthwise form). The wrapped operator keeps its parameters (``op.*``);
+    the bias is ``op.dynamic_bias(x)`` where the operator has one (per sample), else ``op.bias``.
+    """
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self.op
+        weight = op.dynamic_weight(x)
+        bias_fn = getattr(op, "dynamic_bias", None)
+        bias = bias_fn(x) if callable(bias_fn) else getattr(op, "bias", None)
+        return per_sample_conv2d(x, weight, bias, op.stride, op.padding, op.dilation, op.groups, method="unfold")
+
+
+@dataclass(frozen=True)
+class ExportRoute:
+    """How one layer exports: set its ``path``, wrap it in an ``adapter``, keep it, or ``refuse`` (reason)."""
+
+    path: Optional[str] = None
+    adapter: Optional[Callable[[nn.Module], nn.Module]] = None
+    refuse: Optional[str] = None
+    label: str = "as trained"
+
+
 class LinearAsConv(nn.Module):
     """A classifier ``nn.Linear`` run as a dynamic 1x1 conv on a 1x1 map (DCD 'CLS' for any operator)."""
 
@@ -89,6 +125,10 @@ class OperatorProtocol:
     foreign_layouts: ClassVar[Tuple[ForeignLayout, ...]] = ()
     #: whether placement ``+share`` applies (:meth:`share_generators`)
     shares_generator: ClassVar[bool] = False
+
+    def export_route(self) -> ExportRoute:
+        """Export with a dynamic batch axis: how this layer runs there (default: refused)."""
+        return ExportRoute(refuse=f"operator {type(self).__name__} declares no export path (no export_route method)")
 
     def synthesis_macs(self) -> int:
         """MACs of building the per-sample weight from generated factors (generic MAC count only)."""

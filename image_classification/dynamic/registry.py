@@ -28,6 +28,7 @@ __all__ = [
     "operator_class",
     "find_foreign_layout",
     "implied_spec",
+    "operator_name",
     "parse_spec",
     "list_operators",
     "build_conv",
@@ -134,6 +135,14 @@ def find_foreign_layout(state_dict: Mapping[str, Any]) -> Optional[ForeignLayout
             if layout.detect(state_dict):
                 return layout
     return None
+
+
+def operator_name(module: nn.Module) -> str:
+    """The registered name of ``module``'s operator class (its class name when it is not registered)."""
+    for name, entry in OPERATORS.items():
+        if type(module) is entry.cls:
+            return name
+    return type(module).__name__
 
 
 def implied_spec(state_dict: Mapping[str, Any]) -> Optional[str]:

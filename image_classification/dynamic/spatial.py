@@ -39,6 +39,7 @@ from .pedconv_common import (
     normal_init,
     ordered_components,
 )
+from .protocol import ExportRoute
 from .registry import register_operator
 
 __all__ = ["SpatialPEDConv2d"]
@@ -111,6 +112,10 @@ class SpatialPEDConv2d(BaseWeightInfomaxConv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rank={self.rank}, hidden={self.hidden}, "
                 f"components={'+'.join(self.components)}, sampling={self.sampling}")
+
+    def export_route(self) -> ExportRoute:
+        """Export as trained (unfold, per-location factors: no grouped conv over the batch)."""
+        return ExportRoute(label="unfold (as trained)")
 
     def macs(self, input_shape: Tuple[int, ...]) -> int:
         """``B (R H_out W_out C_out C_in/g k^2 + H_out W_out (C_in h + h R sum(dims)))``: the R unfolded
