@@ -351,8 +351,8 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     (``infer_ratio`` / ``infer_ratio_frozen``) and the training step; the memory figures stay eager.
     ``peak_rss``: also the peak RSS of a training step of each model, each in a spawned process.
     """
+    from .dynamic import path_report, reset_path_report
     from .dynamic.autotune import prepare_model
-    from .dynamic.pedconv import path_report, reset_path_report
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -522,7 +522,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  execution          {'torch.compile (inductor)' if lat.get('compile') else 'eager'}, PEDConv paths "
               f"{'autotuned' if lat.get('autotune') else 'by heuristic'}")
         if args.print_paths:
-            from .dynamic.pedconv import format_path_report
+            from .dynamic import format_path_report
 
             print(format_path_report(lat["paths"]))
     return 0

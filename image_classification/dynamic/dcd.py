@@ -118,7 +118,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import DynamicConv2d
-from .protocol import ExportRoute, ForeignLayout, PerSampleUnfoldConv2d
+from .protocol import ExportRoute, ForeignLayout, OperatorProtocol, PerSampleUnfoldConv2d
 from .registry import ConvSpec, Option, register_operator
 
 __all__ = [
@@ -646,6 +646,10 @@ class DCDConv2d(DynamicConv2d):
         bias = shift if self.bias is None else self.bias * scale + shift
         self.bias = nn.Parameter(bias.detach().to(self.weight).clone())
 
+    def analysis_coefficients(self, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """``Lambda`` (B x C_out) and ``Phi`` (B x L^2 ...), the present ones (DCD, ICLR 2021, Eq. 6)."""
+        return _coefficient_table(*self.coefficients(x))
+
     def export_route(self) -> ExportRoute:
         """Export: the ``branch`` path; depthwise layers through :class:`~.protocol.PerSampleUnfoldConv2d`."""
         if self.form == "depthwise":
@@ -689,7 +693,16 @@ class DCDConv2d(DynamicConv2d):
         return ", ".join(parts)
 
 
-class DCDLinear(nn.Module):
+def _coefficient_table(lam: Optional[torch.Tensor], phi: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    if lam is not None:
+        out["lambda"] = lam.reshape(lam.shape[0], -1)
+    if phi is not None:
+        out["Phi"] = phi.reshape(phi.shape[0], -1)
+    return out
+
+
+class DCDLinear(nn.Module, OperatorProtocol):
     """Dynamic classifier ('CLS' in DCD Table 3b): a drop-in for nn.Linear, Eq. 6 on a 1x1 input.
 
     ``y = Lambda(x) * (W0 x) + b + P Phi(x) Q^T x`` with the dynamic branch FC(in -> s) -> ReLU ->
@@ -836,6 +849,10 @@ class DCDLinear(nn.Module):
         if self.linear.bias is not None:
             y = y + self.linear.bias
         return y
+
+    def analysis_coefficients(self, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """``Lambda`` and ``Phi`` of the dynamic classifier for ``x``, the present ones."""
+        return _coefficient_table(*self.coefficients(x))
 
     def macs(self, input_shape: Sequence[int]) -> int:
         """``rows (in out + L^2 + every other Linear's in out)``: ``W0 x``, the ``L x L`` fusion ``Phi (Q^T x)``

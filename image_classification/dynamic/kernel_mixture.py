@@ -10,7 +10,7 @@ convolution with ``groups = B * groups``; at batch 1 that is a plain convolution
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -80,6 +80,11 @@ class KernelMixtureConv2d(DynamicConv2d):
     def attention_macs(self) -> int:
         """MACs of one sample's mixture coefficients (subclasses: their attention / routing FCs)."""
         return 0
+
+    def analysis_coefficients(self, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """The mixture coefficients ``pi`` (B x K)."""
+        pi = self.attention(x)
+        return {"pi": pi.reshape(pi.shape[0], -1)}
 
     def export_route(self) -> ExportRoute:
         """Export through :class:`~.protocol.PerSampleUnfoldConv2d` (the fast path groups over the batch)."""

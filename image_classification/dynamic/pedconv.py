@@ -85,6 +85,7 @@ __all__ = [
     "AUTHORS_MARKER",
     "pedconv_layer_macs",
     "pedconv_layer_params",
+    "pedconv_weight_sums",
     "path_report",
     "format_path_report",
     "has_auto_paths",
@@ -347,6 +348,10 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
     def share_generators(cls, convs: Sequence[nn.Module]) -> None:
         """Placement ``+share``: :func:`share_generator` (Appendix D, Table 2)."""
         share_generator(convs)  # type: ignore[arg-type]
+
+    def weight_moments(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Weight-variation moments from the factors: :func:`pedconv_weight_sums`."""
+        return pedconv_weight_sums(self, x)
 
     def export_route(self) -> ExportRoute:
         """Export: the ``factored`` path (the batch stays a plain axis); the additive form is refused."""
@@ -754,6 +759,45 @@ def pedconv_layer_params(c_in: int, c_out: int, k: int, groups: int = 1, hidden:
     hidden = hidden or max(MIN_HIDDEN, c_in // reduction)
     heads = rank * (c_out + c_in // groups + k * k)
     return c_out * (c_in // groups) * k * k + c_in * hidden + hidden + hidden * heads + heads
+
+
+def _cp_products(a: Tensor, b: Tensor, c: Tensor, square: bool) -> Tensor:
+    """``sum_b c_b`` (or ``sum_b c_b^2``) of the rank-R CP tensors ``c_b = sum_r a_br o b_br o c_br``."""
+    if not square:
+        return torch.einsum("bro,bri,brt->oit", a, b, c)
+    # c_b^2 = sum_{r,s} (a_r a_s) o (b_r b_s) o (c_r c_s)
+    aa = a[:, :, None] * a[:, None]
+    bb = b[:, :, None] * b[:, None]
+    cc = c[:, :, None] * c[:, None]
+    return torch.einsum("brso,brsi,brst->oit", aa, bb, cc)
+
+
+def pedconv_weight_sums(module: PEDConv2d, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(sum_b W(x_b), sum_b W(x_b)^2, per-sample ||W(x_b)||_F) of a PEDConv layer from its factors, in float64,
+    without materialising the B per-sample weights (the CP products are summed over the batch first)."""
+    gamma, phi, psi = (f.double() for f in module.factors(x))  # B x R x dim each
+    weight = module.weight.detach().double()
+    shape = weight.shape
+    w = weight.reshape(shape[0], shape[1], -1)  # O x I x T
+    s1 = _cp_products(gamma, phi, psi, square=False)
+    s2 = _cp_products(gamma, phi, psi, square=True)
+    batch = x.shape[0]
+    # per-sample sum_oit w^2 c_b^2 (multiplicative) through the same pair expansion, one sample at a time
+    norms = []
+    for i in range(batch):
+        g, p, k = gamma[i:i + 1], phi[i:i + 1], psi[i:i + 1]
+        c1 = _cp_products(g, p, k, square=False)
+        c2 = _cp_products(g, p, k, square=True)
+        if module.reparam == "multiplicative":
+            norms.append(float((w * w * c2).sum()))
+        else:
+            norms.append(float((w * w + 2 * w * c1 + c2).sum()))
+    norms_t = torch.tensor(norms, dtype=torch.float64).clamp_min(0).sqrt()
+    if module.reparam == "multiplicative":
+        total, squares = w * s1, w * w * s2
+    else:
+        total, squares = batch * w + s1, batch * w * w + 2 * w * s1 + s2
+    return total.reshape(shape), squares.reshape(shape), norms_t
 
 
 def _is_authors_layout(state_dict: Mapping[str, Any]) -> bool:

@@ -131,6 +131,19 @@ class BaseWeightInfomaxConv2d(DynamicConv2d):
         if bias is not None and self.bias is not None:
             self.bias.copy_(bias)
 
+    def analysis_coefficients(self, x: Tensor) -> Optional[Dict[str, Tensor]]:
+        """The present components gamma/phi/psi for ``x`` (left-out ones are constant and omitted), each
+        samples x (R dim); the spatial variant's per-location components count as (B H W) samples."""
+        gamma, phi, psi = self.factors(x)
+        out = {}
+        for comp, value in (("gamma", gamma), ("phi", phi), ("psi", psi)):
+            if comp not in self.components:
+                continue
+            if value.dim() == 5:  # spatial: B x R x dim x H x W -> (B*H*W) x (R*dim)
+                value = value.permute(0, 3, 4, 1, 2).reshape(-1, value.shape[1] * value.shape[2])
+            out[comp] = value.reshape(value.shape[0], -1)
+        return out
+
     def remove_infomax_decoder(self) -> None:
         """Drop the training-only decoder (deployment); the info-max term is absent afterwards."""
         self.infomax_decoder = None

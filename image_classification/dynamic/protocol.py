@@ -31,6 +31,11 @@ hook                           asked by / default
                                affine map exactly, or raise ValueError(reason).
 ``export_route()``             ONNX/TorchScript export: how the layer runs with a dynamic batch axis
                                (:class:`ExportRoute`); default: refused.
+``analysis_coefficients(x)``   coefficient analysis: the generated coefficients per sample, by name
+                               (samples x entries); default None (nothing to analyse).
+``per_sample_weight`` /        weight-variation analysis: whether ``dynamic_weight(x)`` is one weight
+``weight_moments(x)``          per sample, and optionally its moments computed without materialising
+                               it (default None: the analysis sums ``dynamic_weight`` itself).
 =============================  =====================================================================
 """
 
@@ -125,6 +130,17 @@ class OperatorProtocol:
     foreign_layouts: ClassVar[Tuple[ForeignLayout, ...]] = ()
     #: whether placement ``+share`` applies (:meth:`share_generators`)
     shares_generator: ClassVar[bool] = False
+    #: whether ``dynamic_weight(x)`` (when defined) is one B x C_out x C_in/g x kh x kw weight per sample
+    per_sample_weight: ClassVar[bool] = True
+
+    def analysis_coefficients(self, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """The coefficients generated for input ``x``, each samples x entries, by name; None: none to analyse."""
+        return None
+
+    def weight_moments(self, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(sum_b W(x_b), sum_b W(x_b)^2, per-sample ||W(x_b)||_F)`` in float64 without materialising the
+        batch of weights, or None (the analysis then sums ``dynamic_weight`` chunk by chunk)."""
+        return None
 
     def export_route(self) -> ExportRoute:
         """Export with a dynamic batch axis: how this layer runs there (default: refused)."""

@@ -113,6 +113,9 @@ class SpatialPEDConv2d(BaseWeightInfomaxConv2d):
         return (super().extra_repr() + f", rank={self.rank}, hidden={self.hidden}, "
                 f"components={'+'.join(self.components)}, sampling={self.sampling}")
 
+    #: dynamic_weight is per location (B x C_out x C_in/g x kh x kw x H_out x W_out)
+    per_sample_weight = False
+
     def export_route(self) -> ExportRoute:
         """Export as trained (unfold, per-location factors: no grouped conv over the batch)."""
         return ExportRoute(label="unfold (as trained)")
