@@ -9,9 +9,7 @@ output filters and a bias:
 * ``nn.Conv2d`` (and the registry's ``static``): :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`.
 * an operator with a ``fold_output_affine(scale, shift)`` method folds the map itself, exactly, or raises
   ``ValueError(reason)`` without changing anything (then the pair is left as it is, with the reason in
-  the report). ODConv and PEDConv / spatial PEDConv own that method.
-* operators written before that method existed are folded here by the same rules, until they own it
-  (:data:`FALLBACK_FOLDERS`).
+  the report). Every registered dynamic operator owns that method; one without it is left unfolded.
 
 Which operators fold exactly (and why):
 
@@ -52,13 +50,13 @@ import torch
 import torch.fx
 import torch.nn as nn
 from torch import Tensor
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .dynamic.base import DynamicConv2d
-from .dynamic.registry import OPERATORS
-from .models._stem import set_module
+from .dynamic.registry import operator_name
+from .models.module_utils import set_module
 
-__all__ = ["FALLBACK_FOLDERS", "FoldReport", "batchnorm_affine", "fold_batchnorm"]
+__all__ = ["FoldReport", "batchnorm_affine", "fold_batchnorm"]
 
 
 @dataclass
@@ -97,78 +95,22 @@ def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tenso
     return scale.detach(), shift.detach()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Fallbacks for operators that do not own fold_output_affine yet (issue 10 moves them into the operators)
-# ---------------------------------------------------------------------------------------------------
-def _as_parameter(value: Tensor) -> nn.Parameter:
-    return nn.Parameter(value.detach().clone())
-
-
-def _fold_dcd(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """DCD Eq. 6-9: ``scale (Lambda W0 + P Phi Q^T [R]) = Lambda (scale W0) + (scale P) Phi Q^T [R]``."""
-    module.weight.mul_(scale.view(-1, 1, 1, 1))
-    if getattr(module, "P", None) is not None:
-        module.P.mul_(scale.view(-1, *([1] * (module.P.dim() - 1))))
-    module.bias = _as_parameter(shift if module.bias is None else module.bias * scale + shift)
-
-
-def _fold_dyconv(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """DY-Conv: ``scale sum_k pi_k W_k + shift = sum_k pi_k (scale W_k) + sum_k pi_k (shift)`` as sum_k pi_k = 1."""
-    module.weight.mul_(scale.view(1, -1, 1, 1, 1))
-    k = module.weight.shape[0]
-    bias = shift.expand(k, -1) if module.bias is None else module.bias * scale + shift
-    module.bias = _as_parameter(bias)
-
-
-def _refuse_condconv(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    raise ValueError("sigmoid routing weights do not sum to 1, so the BN shift cannot become expert biases")
-
-
-def _fold_involution(module: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    proj = getattr(module, "proj", None)
-    if proj is None:
-        raise ValueError("involution without projection: each output channel comes from a kernel shared by its "
-                         "channel group and from the input that generates the kernels")
-    weight, bias = fuse_conv_bn_weights(proj.weight, proj.bias, torch.zeros_like(scale), torch.ones_like(scale), 0.0,
-                                        scale, shift)
-    proj.weight = weight
-    proj.bias = bias
-
-
-#: operator name -> folder, for operators without their own ``fold_output_affine``
-FALLBACK_FOLDERS: Dict[str, Callable[[nn.Module, Tensor, Tensor], None]] = {
-    "dcd": _fold_dcd,
-    "dyconv": _fold_dyconv,
-    "condconv": _refuse_condconv,
-    "involution": _fold_involution,
-}
-
-
-def _operator_name(module: nn.Module) -> str:
-    for name, entry in OPERATORS.items():
-        if type(module) is entry.cls:
-            return name
-    return type(module).__name__
-
-
 def _folder(module: nn.Module) -> Optional[Callable[[Tensor, Tensor], None]]:
     own = getattr(module, "fold_output_affine", None)
-    if callable(own):
-        return own
-    fallback = FALLBACK_FOLDERS.get(_operator_name(module))
-    if fallback is None:
-        return None
-    return lambda scale, shift: fallback(module, scale, shift)
+    return own if callable(own) else None
 
 
 # ---------------------------------------------------------------------------------------------------
 # Finding conv -> BN pairs from the data flow
 # ---------------------------------------------------------------------------------------------------
+_OPERATOR_PACKAGE = DynamicConv2d.__module__.rpartition(".")[0]  # image_classification.dynamic
+
+
 class _LeafTracer(torch.fx.Tracer):
     """Dynamic operators (and anything defined in this package's operator/model wrappers) are leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, DynamicConv2d) or type(m).__name__ in ("LinearAsConv", "DCDLinear"):
+        if isinstance(m, DynamicConv2d) or type(m).__module__.startswith(_OPERATOR_PACKAGE):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -228,13 +170,13 @@ def fold_batchnorm(model: nn.Module) -> FoldReport:
             else:
                 folder = _folder(conv)
                 if folder is None:
-                    raise ValueError(f"operator {_operator_name(conv)} has no fold_output_affine method")
+                    raise ValueError(f"operator {operator_name(conv)} has no fold_output_affine method")
                 folder(scale, shift)
         except ValueError as exc:
             report.skipped.append((label, str(exc)))
             continue
         set_module(model, bn_name, nn.Identity())
-        report.folded.append(f"{label} ({_operator_name(conv) if isinstance(conv, DynamicConv2d) else 'static'})")
+        report.folded.append(f"{label} ({operator_name(conv) if isinstance(conv, DynamicConv2d) else 'static'})")
     for module in list(model.modules()):
         inner = getattr(module, "fold_inner_batchnorm", None)
         if callable(inner) and isinstance(module, DynamicConv2d):

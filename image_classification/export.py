@@ -40,9 +40,9 @@ odconv          ``factored`` (n = 1),  attention Gemm, Sigmoid/Softmax; Mul (a_c
                 ``unfold`` (n > 1)     1x1 Conv per tap, Mul (a_s); k>1: MatMul (mixture), Unfold, MatMul
 =============== ====================== ===================================================================
 
-An operator decides its own export path when it has a ``prepare_export()`` method (ODConv does; it
-raises ``ValueError(reason)`` to refuse); the others are handled by :data:`FALLBACK_ROUTES` until they
-own one. ``--exporter``: ``dynamo`` is ``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension
+Every operator decides its own export path: its ``export_route()`` hook
+(:class:`~image_classification.dynamic.protocol.ExportRoute`: a path to set, an adapter to wrap it in such
+as :class:`PerSampleUnfoldConv2d`, or a reason to refuse). ``--exporter``: ``dynamo`` is ``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension
 (torch >= 2.5 and onnxscript), ``torchscript`` the TorchScript-based exporter with ``dynamic_axes``;
 ``auto`` takes ``dynamo`` where it is available and the TorchScript-based one otherwise.
 """
@@ -67,11 +67,10 @@ import torch.nn as nn
 
 from .bn_folding import FoldReport, fold_batchnorm
 from .dynamic.base import DynamicConv2d
-from .dynamic.functional import per_sample_conv2d
-from .dynamic.registry import OPERATORS
+from .dynamic.protocol import PerSampleUnfoldConv2d
+from .dynamic.registry import operator_name
 
 __all__ = [
-    "FALLBACK_ROUTES",
     "FORMATS",
     "ExportError",
     "ExportPlan",
@@ -101,71 +100,6 @@ def _one_line(text: object, limit: int = 300) -> str:
 # ------------------------------------------------------------------------------------------------
 # Export paths
 # ------------------------------------------------------------------------------------------------
-class PerSampleUnfoldConv2d(nn.Module):
-    """Runs an operator's per-sample weight (``dynamic_weight(x)``) by unfold + batched matmul.
-
-    The generic dynamic-batch route for operators whose own fast path is a grouped conv over the batch
-    (kernel mixtures, DCD's depthwise form). The wrapped operator keeps its parameters (``op.*``); the
-    bias is ``op.dynamic_bias(x)`` where the operator has one (per sample), else ``op.bias``.
-    """
-
-    def __init__(self, op: nn.Module) -> None:
-        super().__init__()
-        self.op = op
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = self.op
-        weight = op.dynamic_weight(x)
-        bias_fn = getattr(op, "dynamic_bias", None)
-        bias = bias_fn(x) if callable(bias_fn) else getattr(op, "bias", None)
-        return per_sample_conv2d(x, weight, bias, op.stride, op.padding, op.dilation, op.groups, method="unfold")
-
-
-@dataclass(frozen=True)
-class Route:
-    """How one operator exports: set its ``path``, wrap it in an adapter, keep it, or refuse (reason)."""
-
-    path: Optional[str] = None
-    adapter: Optional[Callable[[nn.Module], nn.Module]] = None
-    refuse: Optional[str] = None
-    label: str = "as trained"
-
-
-def _pedconv_route(module: nn.Module) -> Route:
-    if getattr(module, "reparam", "multiplicative") != "multiplicative":
-        return Route(refuse="additive reparameterization: its low-rank term runs a grouped conv with "
-                            "groups = batch (no dynamic-batch path)")
-    return Route(path="factored", label="factored")
-
-
-def _dcd_route(module: nn.Module) -> Route:
-    if getattr(module, "form", "") == "depthwise":
-        return Route(adapter=PerSampleUnfoldConv2d, label="unfold (per-sample weight)")
-    return Route(path="branch", label="branch")
-
-
-def _mixture_route(module: nn.Module) -> Route:
-    return Route(adapter=PerSampleUnfoldConv2d, label="unfold (per-sample weight)")
-
-
-#: operator name -> route, for operators without their own ``prepare_export`` (moved into them by issue 10)
-FALLBACK_ROUTES: Dict[str, Callable[[nn.Module], Route]] = {
-    "pedconv": _pedconv_route,
-    "pedconv_spatial": lambda m: Route(label="unfold (as trained)"),
-    "dcd": _dcd_route,
-    "dyconv": _mixture_route,
-    "condconv": _mixture_route,
-    "involution": lambda m: Route(label="unfold (as trained)"),
-}
-
-
-def _operator_name(module: nn.Module) -> str:
-    for name, entry in OPERATORS.items():
-        if type(module) is entry.cls:
-            return name
-    return type(module).__name__
-
-
 @dataclass
 class ExportPlan:
     """Per dynamic layer: its name, operator and the path the export uses."""
@@ -197,20 +131,8 @@ def prepare_for_export(model: nn.Module) -> Tuple[nn.Module, ExportPlan]:
     for name, module in list(export_model_.named_modules()):
         if not isinstance(module, DynamicConv2d):
             continue
-        op = _operator_name(module)
-        own = getattr(module, "prepare_export", None)
-        try:
-            if callable(own):
-                own()
-                route = Route(label=str(getattr(module, "path", "own path")))
-            else:
-                factory = FALLBACK_ROUTES.get(op)
-                if factory is None:
-                    raise ValueError(f"operator {op} declares no export path (no prepare_export method)")
-                route = factory(module)
-        except ValueError as exc:
-            refused.append(f"layer {name} ({op}): {exc}")
-            continue
+        op = operator_name(module)
+        route = module.export_route()
         if route.refuse:
             refused.append(f"layer {name} ({op}): {route.refuse}")
             continue
@@ -326,7 +248,7 @@ def export_model(model: nn.Module, path: str | Path, fmt: str = "onnx", image_si
         if fixed_batch < 1:
             raise ExportError(f"fixed batch size must be >= 1, got {fixed_batch}")
         prepared = copy.deepcopy(model).eval()
-        plan = ExportPlan([(name, _operator_name(m), f"{getattr(m, 'path', 'own')} at batch {fixed_batch}")
+        plan = ExportPlan([(name, operator_name(m), f"{getattr(m, 'path', 'own')} at batch {fixed_batch}")
                            for name, m in prepared.named_modules() if isinstance(m, DynamicConv2d)])
     param = next(prepared.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import DATASETS, DataConfig, DataError
+from .dynamic.registry import implied_spec
 from .training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
 __all__ = [
@@ -34,8 +35,6 @@ __all__ = [
     "preprocess_images",
     "strip_training_parts",
 ]
-
-_AUTHORS_MARKER = ".attn.fc_share."
 
 
 @dataclass
@@ -108,7 +107,7 @@ def load_inference_model(
     if not arch:
         raise CheckpointError(f"checkpoint {checkpoint} records no architecture; give it (--arch)")
     if conv is None:
-        conv = data.get("conv") or ("pedconv" if any(_AUTHORS_MARKER in k for k in state_dict) else "static")
+        conv = data.get("conv") or implied_spec(state_dict) or "static"
     placement = placement or data.get("placement") or "paper"
     dataset = dataset or args.get("dataset") or "imagenet"
     if dataset not in DATASETS:

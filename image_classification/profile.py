@@ -8,7 +8,7 @@ Usage::
                    [--compile] [--no-autotune] [--print-paths] [--no-rss]]
         [--table pedconv|dcd|odconv|all|dense]
 
-Counts follow :mod:`image_classification.flops` (deploy parameters exclude PEDConv's training-only
+Counts follow :mod:`image_classification.macs` (deploy parameters exclude PEDConv's training-only
 info-max decoder; MACs per the papers' convention). ``--latency`` measures, in one run and
 interleaved with the static model built the same way (same arch, classes, channels, init):
 batch-1 inference latency (median over ``--images`` single images after ``--warmup``;
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .dynamic import autotune
 from .dynamic.base import infomax_loss
-from .flops import count_macs, count_params
+from .macs import count_macs, count_params
 from .models import ARCHS, build_model, list_archs
 
 __all__ = ["PAPER_ROWS", "PaperRow", "main", "measure_latency", "profile_model", "table_rows", "training_memory"]
@@ -351,8 +351,8 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     (``infer_ratio`` / ``infer_ratio_frozen``) and the training step; the memory figures stay eager.
     ``peak_rss``: also the peak RSS of a training step of each model, each in a spawned process.
     """
+    from .dynamic import path_report, reset_path_report
     from .dynamic.autotune import prepare_model
-    from .dynamic.pedconv import path_report, reset_path_report
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -522,7 +522,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  execution          {'torch.compile (inductor)' if lat.get('compile') else 'eager'}, PEDConv paths "
               f"{'autotuned' if lat.get('autotune') else 'by heuristic'}")
         if args.print_paths:
-            from .dynamic.pedconv import format_path_report
+            from .dynamic import format_path_report
 
             print(format_path_report(lat["paths"]))
     return 0

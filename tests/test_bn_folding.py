@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from image_classification.bn_folding import FALLBACK_FOLDERS, batchnorm_affine, fold_batchnorm
+from image_classification.bn_folding import batchnorm_affine, fold_batchnorm
+from image_classification.dynamic import OPERATORS, DynamicConv2d, list_operators
 from image_classification.models import build_model, convert_model
 
 FOLDED = ["static", "pedconv", "pedconv:rank=2,components=gamma+psi", "pedconv_spatial", "dcd", "dcd:mode=joint",
@@ -155,4 +156,6 @@ def test_errors_and_untraceable_models() -> None:
     bn = nn.BatchNorm2d(3).eval()
     scale, shift = batchnorm_affine(bn)
     torch.testing.assert_close(bn(torch.ones(1, 3, 1, 1)).flatten(), scale + shift)
-    assert set(FALLBACK_FOLDERS) == {"dcd", "dyconv", "condconv", "involution"}
+    for name in list_operators():  # every dynamic operator decides its own folding
+        cls = OPERATORS[name].cls
+        assert not issubclass(cls, DynamicConv2d) or callable(getattr(cls, "fold_output_affine", None)), name

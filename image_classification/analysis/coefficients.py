@@ -97,48 +97,22 @@ class CoefficientStats:
 
 
 def layer_coefficients(module: nn.Module, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
-    """The dynamic coefficients ``module`` generates for input ``x``, each as samples x entries; None when
-    ``module`` is not a dynamic operator with inspectable coefficients."""
-    from image_classification.dynamic.pedconv import PEDConv2d
-
-    name = type(module).__name__
-    if isinstance(module, PEDConv2d) or name == "SpatialPEDConv2d":
-        gamma, phi, psi = module.factors(x)
-        out = {}
-        for comp, value in (("gamma", gamma), ("phi", phi), ("psi", psi)):
-            if comp not in getattr(module, "components", (comp,)):
-                continue  # left-out components are constant ones
-            if value.dim() == 5:  # spatial: B x R x dim x H x W -> (B*H*W) x (R*dim)
-                value = value.permute(0, 3, 4, 1, 2).reshape(-1, value.shape[1] * value.shape[2])
-            out[comp] = value.reshape(value.shape[0], -1)
-        return out
-    if callable(getattr(module, "coefficients", None)):  # DCD conv / linear: (Lambda, Phi)
-        lam, phi = module.coefficients(x)
-        out = {}
-        if lam is not None:
-            out["lambda"] = lam.reshape(lam.shape[0], -1)
-        if phi is not None:
-            out["Phi"] = phi.reshape(phi.shape[0], -1)
-        return out
-    if callable(getattr(module, "attention", None)) and hasattr(module, "num_kernels"):  # DY-Conv, CondConv
-        pi = module.attention(x)
-        return {"pi": pi.reshape(pi.shape[0], -1)}
-    return None
+    """The dynamic coefficients ``module`` generates for input ``x``, each as samples x entries (the
+    operator's ``analysis_coefficients`` hook); None when ``module`` has none to inspect."""
+    hook = getattr(module, "analysis_coefficients", None)
+    return hook(x) if callable(hook) else None
 
 
 def _operator(module: nn.Module) -> str:
-    from image_classification.dynamic.registry import OPERATORS
+    from image_classification.dynamic.registry import operator_name
 
-    for op, entry in OPERATORS.items():
-        if type(module) is entry.cls:
-            return op
-    return type(module).__name__
+    return operator_name(module)
 
 
 def collect_coefficients(model: nn.Module, batches, hist_images: int = 256,
                          device: str = "cpu") -> Dict[str, CoefficientStats]:
     """Run ``model`` (eval) over ``batches`` of ``(images, targets)`` and gather per-layer statistics."""
-    from image_classification.dynamic.base import DynamicConv2d
+    from image_classification.dynamic.protocol import OperatorProtocol
 
     stats: Dict[str, CoefficientStats] = {}
     handles = []
@@ -165,7 +139,7 @@ def collect_coefficients(model: nn.Module, batches, hist_images: int = 256,
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, DynamicConv2d) or type(module).__name__ == "DCDLinear":
+        if isinstance(module, OperatorProtocol):
             handles.append(module.register_forward_pre_hook(hook_for(name)))
     if not handles:
         raise AnalysisError(f"{type(model).__name__} has no dynamic layer: nothing to analyse")

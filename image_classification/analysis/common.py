@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from image_classification.data import DATASETS, DataConfig, DataError, build_loaders
+from image_classification.dynamic.registry import implied_spec
 from image_classification.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
 __all__ = ["LoadedModel", "add_data_flags", "load_classifier", "validation_batches", "write_csv", "save_figure",
@@ -61,7 +62,7 @@ def load_classifier(path: str, arch: Optional[str] = None, device: str = "cpu") 
         raise AnalysisError(f"checkpoint {path} records no arch; give --arch")
     conv = checkpoint.get("conv")
     if conv is None:
-        conv = "pedconv" if any(".attn.fc_share." in str(k) for k in state) else "static"
+        conv = implied_spec(state) or "static"
     placement = str(checkpoint.get("placement") or "paper")
     num_classes = checkpoint.get("num_classes")
     if num_classes is None:

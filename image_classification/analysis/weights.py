@@ -44,7 +44,7 @@ from .common import (
     write_csv,
 )
 
-__all__ = ["WeightMoments", "pedconv_weight_sums", "collect_weight_variation", "main"]
+__all__ = ["WeightMoments", "collect_weight_variation", "main"]
 
 PROG = "python -m image_classification.analysis.weights"
 CHUNK = 4  # samples per dynamic_weight() call for operators without a factored path
@@ -78,44 +78,6 @@ class WeightMoments:
                 "norm_cv": float(norms.std(unbiased=False) / norms.mean()) if float(norms.mean()) > 0 else float("nan")}
 
 
-def _cp_products(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, square: bool) -> torch.Tensor:
-    """``sum_b c_b`` (or ``sum_b c_b^2``) of the rank-R CP tensors ``c_b = sum_r a_br o b_br o c_br``."""
-    if not square:
-        return torch.einsum("bro,bri,brt->oit", a, b, c)
-    # c_b^2 = sum_{r,s} (a_r a_s) o (b_r b_s) o (c_r c_s)
-    aa = a[:, :, None] * a[:, None]
-    bb = b[:, :, None] * b[:, None]
-    cc = c[:, :, None] * c[:, None]
-    return torch.einsum("brso,brsi,brst->oit", aa, bb, cc)
-
-
-def pedconv_weight_sums(module: nn.Module, x: torch.Tensor):
-    """(sum_b W(x_b), sum_b W(x_b)^2, per-sample ||W(x_b)||_F) of a PEDConv layer from its factors."""
-    gamma, phi, psi = (f.double() for f in module.factors(x))  # B x R x dim each
-    weight = module.weight.detach().double()
-    shape = weight.shape
-    w = weight.reshape(shape[0], shape[1], -1)  # O x I x T
-    s1 = _cp_products(gamma, phi, psi, square=False)
-    s2 = _cp_products(gamma, phi, psi, square=True)
-    batch = x.shape[0]
-    # per-sample sum_oit w^2 c_b^2 (multiplicative) through the same pair expansion, one sample at a time
-    norms = []
-    for i in range(batch):
-        g, p, k = gamma[i:i + 1], phi[i:i + 1], psi[i:i + 1]
-        c1 = _cp_products(g, p, k, square=False)
-        c2 = _cp_products(g, p, k, square=True)
-        if module.reparam == "multiplicative":
-            norms.append(float((w * w * c2).sum()))
-        else:
-            norms.append(float((w * w + 2 * w * c1 + c2).sum()))
-    norms_t = torch.tensor(norms, dtype=torch.float64).clamp_min(0).sqrt()
-    if module.reparam == "multiplicative":
-        total, squares = w * s1, w * w * s2
-    else:
-        total, squares = batch * w + s1, batch * w * w + 2 * w * s1 + s2
-    return total.reshape(shape), squares.reshape(shape), norms_t
-
-
 def _generic_sums(module: nn.Module, x: torch.Tensor):
     total = squares = None
     norms = []
@@ -135,18 +97,14 @@ def _operator(module: nn.Module) -> str:
 
 def collect_weight_variation(model: nn.Module, batches, device: str = "cpu") -> Dict[str, WeightMoments]:
     """Run ``model`` (eval) over ``batches`` and gather the per-layer weight moments."""
-    from image_classification.dynamic.pedconv import PEDConv2d
-
     moments: Dict[str, WeightMoments] = {}
     handles = []
 
     def hook_for(layer: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0]
-            if isinstance(module, PEDConv2d):
-                total, squares, norms = pedconv_weight_sums(module, x)
-            else:
-                total, squares, norms = _generic_sums(module, x)
+            own = module.weight_moments(x) if callable(getattr(module, "weight_moments", None)) else None
+            total, squares, norms = own if own is not None else _generic_sums(module, x)
             entry = moments.setdefault(layer, WeightMoments(_operator(module), tuple(total.shape)))
             entry.add(total, squares, norms)
         return hook
@@ -154,8 +112,8 @@ def collect_weight_variation(model: nn.Module, batches, device: str = "cpu") -> 
     for name, module in model.named_modules():
         if not name or not callable(getattr(module, "dynamic_weight", None)):
             continue
-        if type(module).__name__ == "SpatialPEDConv2d":
-            continue  # per-location weights: the coefficient tool covers it
+        if not getattr(module, "per_sample_weight", True):
+            continue  # e.g. per-location weights (spatial PEDConv): the coefficient tool covers them
         handles.append(module.register_forward_pre_hook(hook_for(name)))
     if not handles:
         raise AnalysisError(f"{type(model).__name__} has no dynamic layer with a per-sample weight")

@@ -21,7 +21,7 @@ import torch.nn as nn
 from image_classification.dynamic.base import DynamicConv2d
 from image_classification.dynamic.registry import conv_from_static, parse_spec
 from image_classification.models import build_model, convert_model
-from image_classification.models._stem import set_module
+from image_classification.models.module_utils import set_module
 from image_classification.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
 __all__ = ["RESNET_TRUNKS", "ResNetTrunk", "build_resnet_trunk", "convert_parts", "dilate_stage", "stage_channels"]

@@ -51,7 +51,7 @@ def build_dense_model(model: str, conv: str) -> Any:
 
 def dense_table_rows(macs: bool = True, rows: Optional[Sequence[DenseRow]] = None) -> List[Dict[str, Any]]:
     """Paper rows with this project's parameters (and MACs when ``macs``) and the differences."""
-    from image_classification.flops import count_macs, count_params
+    from image_classification.macs import count_macs, count_params
 
     out = []
     for row in rows if rows is not None else DENSE_ROWS:

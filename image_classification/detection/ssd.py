@@ -142,7 +142,7 @@ class _DetectorFeatures(nn.Module):
 def detector_macs(model: SSD, size: int = 300) -> int:
     """Multiply-adds of one ``size`` x ``size`` image through the backbone and heads (papers' convention;
     the transform, box decoding and NMS are not counted)."""
-    from image_classification.flops import count_macs
+    from image_classification.macs import count_macs
 
     return count_macs(_DetectorFeatures(model), size).total
 

@@ -8,10 +8,12 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
+from .protocol import OperatorProtocol
+
 __all__ = ["DynamicConv2d", "infomax_loss", "set_epoch", "dynamic_modules"]
 
 
-class DynamicConv2d(nn.Module):
+class DynamicConv2d(nn.Module, OperatorProtocol):
     """Base class of the dynamic operators: holds and validates nn.Conv2d's geometry.
 
     Subclasses implement ``forward``. Two optional hooks are called by the trainer through the
@@ -19,6 +21,9 @@ class DynamicConv2d(nn.Module):
 
     * ``infomax_term()`` -> the info-max loss of the last training forward (or None);
     * ``set_epoch(epoch)`` -> per-epoch schedules (DY-Conv's softmax temperature).
+
+    The hooks the rest of the project asks of an operator (MACs, BatchNorm gamma, placement,
+    classifier, foreign checkpoint layouts) come from :class:`~.protocol.OperatorProtocol`.
     """
 
     def __init__(
@@ -62,6 +67,14 @@ class DynamicConv2d(nn.Module):
         for size, k, s, p, d in zip((height, width), self.kernel_size, self.stride, self.padding, self.dilation):
             out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
         return out[0], out[1]
+
+    def static_macs(self, input_shape: Tuple[int, ...]) -> int:
+        """MACs of nn.Conv2d of this geometry on an input of ``input_shape`` (B x C x H x W):
+        ``B H_out W_out C_out (C_in / groups) k_h k_w``."""
+        batch, _, height, width = (int(s) for s in input_shape)
+        out_h, out_w = self.output_size(height, width)
+        kh, kw = self.kernel_size
+        return batch * out_h * out_w * self.out_channels * (self.in_channels // self.groups) * kh * kw
 
     def conv_kwargs(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)

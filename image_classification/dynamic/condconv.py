@@ -22,7 +22,7 @@ layer (``routing=conv``) or per block (``routing=block``, ``C_in`` of the block 
 ``deep+inblock``), EfficientNet-B0 has 13.31M parameters: the CondConv row of PEDConv Table 1
 (13.3M; K = 8 gives 24.01M).
 
-Execution (shared with DY-Conv, :class:`~.dyconv.KernelMixtureConv2d`): the experts are combined
+Execution (shared with DY-Conv, :class:`~.kernel_mixture.KernelMixtureConv2d`): the experts are combined
 per sample once, then one grouped convolution with ``groups = B * groups`` runs (a plain conv at batch
 1) - the report's Eq. 6 observation that combining kernels first is cheaper than K convolutions.
 """
@@ -34,8 +34,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .dyconv import KernelMixtureConv2d
-from .registry import Option, register_operator
+from .kernel_mixture import KernelMixtureConv2d
+from .registry import ConvSpec, Option, register_operator
 
 __all__ = ["CondConv2d", "BlockRouting", "ROUTINGS", "share_block_routing"]
 
@@ -82,6 +82,34 @@ class CondConv2d(KernelMixtureConv2d):
         state = self.__dict__.copy()
         state["_block_routing"] = None
         return state
+
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Refused (ValueError): the sigmoid routing weights do not sum to 1, so a BatchNorm's shift cannot
+        become expert biases."""
+        raise ValueError("sigmoid routing weights do not sum to 1, so the BN shift cannot become expert biases")
+
+    def attention_macs(self) -> int:
+        """``C_in K`` for the layer's own routing FC; 0 with ``routing=block`` (the block's FC is counted there)."""
+        return 0 if self.routing is None else self.routing.in_features * self.routing.out_features
+
+    @classmethod
+    def after_conversion(cls, spec: ConvSpec, model: nn.Module, converted: Sequence[str],
+                         sites: Sequence[Any]) -> None:
+        """``routing=block``: one routing function per block for the converted convs in it
+        (:func:`share_block_routing`, fed with the block input)."""
+        if spec.options.get("routing") != "block":
+            return
+        chosen = set(converted)
+        by_block: Dict[str, Dict[str, CondConv2d]] = {}
+        width: Dict[str, int] = {}
+        for site in sites:  # registration order: a block's first conv reads the block input
+            width.setdefault(site.block, site.in_channels)
+            if site.name in chosen and site.block != site.name:
+                conv = model.get_submodule(site.name)
+                if isinstance(conv, CondConv2d):
+                    by_block.setdefault(site.block, {})[site.name[len(site.block) + 1:]] = conv
+        for block, convs in by_block.items():
+            share_block_routing(model.get_submodule(block), convs, width[block])
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         if self.routing is not None:

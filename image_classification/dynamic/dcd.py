@@ -109,15 +109,17 @@ Every path equals the per-sample reference ``F.conv2d(x_b, W(x)_b)`` with
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import DynamicConv2d
-from .registry import Option, register_operator
+from .protocol import ExportRoute, ForeignLayout, OperatorProtocol, PerSampleUnfoldConv2d
+from .registry import ConvSpec, Option, register_operator
 
 __all__ = [
     "DCDConv2d",
@@ -126,6 +128,7 @@ __all__ = [
     "released_sizes",
     "convert_released_state_dict",
     "is_released_state_dict",
+    "RELEASED_LAYOUT",
     "PATHS",
     "SIZINGS",
     "VARIANTS",
@@ -632,6 +635,53 @@ class DCDConv2d(DynamicConv2d):
         y.reshape(b * nb, ob, hw).baddbmm_(p.to(y.dtype), z.reshape(b * nb, L, hw).to(y.dtype))
         return y
 
+    @torch.no_grad()
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold a following per-output-channel affine map (an eval-mode BatchNorm), exactly (DCD, ICLR 2021,
+        Eq. 6-9): ``scale (Lambda W0 + P Phi Q^T [R]) = Lambda (scale W0) + (scale P) Phi Q^T [R]`` and
+        ``bias' = scale bias + shift`` (a bias is created when absent)."""
+        self.weight.mul_(scale.to(self.weight).view(-1, 1, 1, 1))
+        if getattr(self, "P", None) is not None:
+            self.P.mul_(scale.to(self.P).view(-1, *([1] * (self.P.dim() - 1))))
+        bias = shift if self.bias is None else self.bias * scale + shift
+        self.bias = nn.Parameter(bias.detach().to(self.weight).clone())
+
+    def analysis_coefficients(self, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """``Lambda`` (B x C_out) and ``Phi`` (B x L^2 ...), the present ones (DCD, ICLR 2021, Eq. 6)."""
+        return _coefficient_table(*self.coefficients(x))
+
+    def export_route(self) -> ExportRoute:
+        """Export: the ``branch`` path; depthwise layers through :class:`~.protocol.PerSampleUnfoldConv2d`."""
+        if self.form == "depthwise":
+            return ExportRoute(adapter=PerSampleUnfoldConv2d, label="unfold (per-sample weight)")
+        return ExportRoute(path="branch", label="branch")
+
+    def synthesis_macs(self) -> int:
+        """MACs of synthesising the per-sample dynamic residual ``P Phi Q^T`` (DCD, ICLR 2021, Eq. 6-8).
+
+        Channel fusion: ``L^2 C_in + C_out L C_in / n_b`` (``n_b`` diagonal blocks, Eq. 7), times
+        ``L_k`` in the joint form (Eq. 8); depthwise form: the per-sample ``C x k^2`` weight ``C k^2
+        (Lambda) + C L_k^2 + C L_k k^2``. DCD Table 3b counts the residual's synthesis, not its application
+        to activations. The MAC counter adds the static conv of the geometry and the dynamic branch's
+        Linears (counted as they run).
+        """
+        lam, phi = self.use_lambda, self.use_phi
+        kh, kw = self.kernel_size
+        if self.form == "depthwise":
+            lk = self.latent_kernel
+            return self.out_channels * kh * kw * lam + phi * self.out_channels * (lk * lk + lk * kh * kw)
+        residual = self.latent * self.latent * self.in_channels + self.out_channels * self.latent * self.in_channels // self.num_blocks
+        if self.form == "joint":
+            residual *= self.latent_kernel
+        return residual * phi
+
+    @classmethod
+    def dynamic_classifier(cls, spec: ConvSpec, linear: nn.Linear) -> nn.Module:
+        """Placement ``+cls``: :class:`DCDLinear` (DCD's dynamic classifier, Table 3b 'CLS') with the spec's
+        options that apply to it."""
+        accepted = inspect.signature(DCDLinear.__init__).parameters
+        return DCDLinear.from_linear(linear, **{k: v for k, v in spec.options.items() if k in accepted})
+
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"form={self.form}", f"latent={self.latent}"]
         if self.latent_kernel:
@@ -643,7 +693,16 @@ class DCDConv2d(DynamicConv2d):
         return ", ".join(parts)
 
 
-class DCDLinear(nn.Module):
+def _coefficient_table(lam: Optional[torch.Tensor], phi: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    if lam is not None:
+        out["lambda"] = lam.reshape(lam.shape[0], -1)
+    if phi is not None:
+        out["Phi"] = phi.reshape(phi.shape[0], -1)
+    return out
+
+
+class DCDLinear(nn.Module, OperatorProtocol):
     """Dynamic classifier ('CLS' in DCD Table 3b): a drop-in for nn.Linear, Eq. 6 on a 1x1 input.
 
     ``y = Lambda(x) * (W0 x) + b + P Phi(x) Q^T x`` with the dynamic branch FC(in -> s) -> ReLU ->
@@ -791,6 +850,21 @@ class DCDLinear(nn.Module):
             y = y + self.linear.bias
         return y
 
+    def analysis_coefficients(self, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """``Lambda`` and ``Phi`` of the dynamic classifier for ``x``, the present ones."""
+        return _coefficient_table(*self.coefficients(x))
+
+    def macs(self, input_shape: Sequence[int]) -> int:
+        """``rows (in out + L^2 + every other Linear's in out)``: ``W0 x``, the ``L x L`` fusion ``Phi (Q^T x)``
+        and the dynamic branch, P and Q, each run once per row (``rows`` = all leading dims)."""
+        rows = 1
+        for size in input_shape[:-1]:
+            rows *= int(size)
+        branch = sum(m.in_features * m.out_features for name, m in self.named_children()
+                     if isinstance(m, nn.Linear) and name != "linear")
+        fusion = self.latent * self.latent if self.use_phi else 0
+        return rows * (self.in_features * self.out_features + fusion + branch)
+
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, latent={self.latent}, hidden={self.hidden}, "
                 f"lambda={self.use_lambda}, phi={self.use_phi}, variant={self.variant}")
@@ -913,3 +987,16 @@ def convert_released_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]
                              "(the release always has both Lambda and Phi heads)")
         converted[f"{target}.fc2.weight"] = torch.cat([pieces["fc_scale.weight"], pieces["fc_phi.weight"]], 0)
     return converted
+
+
+#: the DCD authors' release (``fc_scale``/``fc_phi`` ...), loaded through :func:`convert_released_state_dict`
+RELEASED_LAYOUT = ForeignLayout(
+    description="the DCD release's layout",
+    detect=is_released_state_dict,
+    convert=convert_released_state_dict,
+    accepts=lambda spec: spec.name == "dcd" and spec.options.get("variant") == "released",
+    mismatch=("{label} is in the DCD release's layout: build the model with --conv dcd:variant=released (not {conv}) "
+              "and --placement paper+cls (ResNet) or pointwise+inblock+cls (MobileNetV2)"),
+    foreign_arch=lambda arch: str(arch).endswith("_dcd"),  # the release's own names: resnet50_dcd, mobilenetv2_dcd
+)
+DCDConv2d.foreign_layouts = (RELEASED_LAYOUT,)  # set here: the converter is defined after the class

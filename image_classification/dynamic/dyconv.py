@@ -17,106 +17,22 @@ saved model evaluates with the temperature it was trained to.
 Parameters: ``K * (C_out * C_in/g * k^2 [+ C_out])`` kernels plus the attention
 ``C_in * h + h + h * K + K`` (``h`` the hidden width).
 
-:class:`KernelMixtureConv2d` is the shared execution: the K kernels (and biases) are aggregated per
-sample once (``B x K`` by ``K x numel`` matmul) and applied in a single grouped convolution with
-``groups = B * groups``; at batch 1 that is a plain convolution. CondConv reuses it with sigmoid
-routing.
+:class:`~.kernel_mixture.KernelMixtureConv2d` is the shared execution (CondConv reuses it with
+sigmoid routing).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import DynamicConv2d
+from .kernel_mixture import KernelMixtureConv2d
 from .registry import Option, register_operator
 
-__all__ = ["KernelMixtureConv2d", "DyConv2d"]
-
-
-class KernelMixtureConv2d(DynamicConv2d):
-    """A convolution whose weight is a per-sample mixture of ``num_kernels`` kernels (Eq. 1).
-
-    Subclasses implement :meth:`attention` (B x K mixture coefficients).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | Tuple[int, int],
-        stride: int | Tuple[int, int] = 1,
-        padding: int | Tuple[int, int] = 0,
-        dilation: int | Tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        num_kernels: int = 4,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        if not isinstance(num_kernels, int) or num_kernels < 1:
-            raise ValueError(f"{type(self).__name__}: the number of kernels k must be an integer >= 1, got {num_kernels!r}")
-        self.num_kernels = num_kernels
-        kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels // groups, kh, kw))
-        self.bias = nn.Parameter(torch.empty(num_kernels, out_channels)) if bias else None
-        self.reset_kernels()
-
-    def reset_kernels(self) -> None:
-        for k in range(self.num_kernels):
-            nn.init.kaiming_uniform_(self.weight.data[k], a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.weight[0, 0].numel())
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    def load_static_weight(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
-        """Copy a static conv's weight (and bias) into every kernel, exactly (no noise).
-
-        DY-Conv's softmax sums to 1, so the seeded layer starts equal to the static conv; CondConv's
-        sigmoid routing scales it by ``sum_k sigmoid(z_k)`` until the experts diverge.
-        """
-        if weight.shape != self.weight.shape[1:]:
-            raise ValueError(
-                f"{type(self).__name__}: static weight shape {tuple(weight.shape)} != {tuple(self.weight.shape[1:])}"
-            )
-        with torch.no_grad():
-            self.weight.copy_(weight.unsqueeze(0).expand_as(self.weight))
-            if self.bias is not None:
-                if bias is None:
-                    self.bias.zero_()
-                else:
-                    self.bias.copy_(bias.unsqueeze(0).expand_as(self.bias))
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def dynamic_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample aggregated weight ``sum_k pi_k(x) W_k`` (B x C_out x C_in/g x kh x kw)."""
-        pi = self.attention(x)
-        return (pi @ self.weight.reshape(self.num_kernels, -1)).reshape(x.shape[0], *self.weight.shape[1:])
-
-    def dynamic_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Per-sample aggregated bias (B x C_out), or None."""
-        return None if self.bias is None else self.attention(x) @ self.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: expected input B x {self.in_channels} x H x W, got {tuple(x.shape)}")
-        b = x.shape[0]
-        pi = self.attention(x)
-        w = pi @ self.weight.reshape(self.num_kernels, -1)
-        bias = None if self.bias is None else (pi @ self.bias).reshape(-1)
-        if b == 1:
-            return F.conv2d(x, w.reshape(self.weight.shape[1:]), bias, groups=self.groups, **self.conv_kwargs())
-        y = F.conv2d(x.reshape(1, b * self.in_channels, *x.shape[2:]), w.reshape(-1, *self.weight.shape[2:]), bias,
-                     groups=b * self.groups, **self.conv_kwargs())
-        return y.reshape(b, self.out_channels, *y.shape[2:])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.num_kernels}"
+__all__ = ["DyConv2d"]
 
 
 @register_operator(
@@ -179,6 +95,20 @@ class DyConv2d(KernelMixtureConv2d):
 
     def set_epoch(self, epoch: int) -> None:
         self.temperature.fill_(self.schedule(epoch, self.initial_temperature, self.anneal_epochs))
+
+    @torch.no_grad()
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold a following per-output-channel affine map (an eval-mode BatchNorm), exactly:
+        ``scale sum_k pi_k W_k + shift = sum_k pi_k (scale W_k) + sum_k pi_k shift`` as the softmax weights
+        sum to 1, so ``W_k *= scale`` and ``b_k = scale b_k + shift`` (biases created when absent)."""
+        scale, shift = scale.to(self.weight), shift.to(self.weight)
+        self.weight.mul_(scale.view(1, -1, 1, 1, 1))
+        bias = shift.expand(self.num_kernels, -1) if self.bias is None else self.bias * scale + shift
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def attention_macs(self) -> int:
+        """``C_in h + h K`` (the two attention FCs on the pooled input)."""
+        return self.in_channels * self.hidden + self.hidden * self.num_kernels
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         z = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))

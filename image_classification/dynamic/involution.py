@@ -29,8 +29,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .base import DynamicConv2d
+from .protocol import ExportRoute
 from .registry import Option, register_operator
 
 __all__ = ["Involution2d"]
@@ -111,6 +113,40 @@ class Involution2d(DynamicConv2d):
         if self.bias is not None:
             y = y + self.bias[:, None, None]
         return y
+
+    @torch.no_grad()
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold a following per-output-channel affine map into the 1x1 projection (exact); without a
+        projection it is refused (ValueError): each output channel then comes from a kernel shared by its
+        channel group and from the input that generates the kernels."""
+        if self.proj is None:
+            raise ValueError("involution without projection: each output channel comes from a kernel shared by its "
+                             "channel group and from the input that generates the kernels")
+        weight, bias = fuse_conv_bn_weights(self.proj.weight, self.proj.bias, torch.zeros_like(scale),
+                                            torch.ones_like(scale), 0.0, scale, shift)
+        self.proj.weight = weight
+        self.proj.bias = bias
+
+    def export_route(self) -> ExportRoute:
+        """Export as trained (per-pixel kernels through unfold: no grouped conv over the batch)."""
+        return ExportRoute(label="unfold (as trained)")
+
+    def macs(self, input_shape: Tuple[int, ...]) -> int:
+        """MACs of what the module runs, per output position of the H' x W' map (Eq. 3-4):
+
+        ``C C/r`` (W_0, 1x1) + ``C/r K^2 G`` (W_1, 1x1) + ``C K^2`` (each channel's K^2 taps times its
+        group's kernel) [+ ``C_in/g C_out`` (the 1x1 projection when ``out_channels != in_channels``)],
+        times ``B H' W'``. No dense K x K convolution runs; BatchNorm, ReLU and the pooling of the
+        generating map are not counted (as in the papers).
+        """
+        batch, _, height, width = (int(s) for s in input_shape)
+        out_h, out_w = self.output_size(height, width)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        mid = self.reduce.out_channels
+        per_position = self.in_channels * mid + mid * self.span.out_channels + self.in_channels * taps
+        if self.proj is not None:
+            per_position += (self.in_channels // self.groups) * self.out_channels
+        return batch * out_h * out_w * per_position
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, group_channels={self.group_channels}, groups_of_kernels={self.num_groups}, "

@@ -70,6 +70,7 @@ from torch import Tensor
 
 from .base import DynamicConv2d
 from .functional import per_sample_conv2d
+from .protocol import ExportRoute
 from .registry import Option, register_operator
 
 __all__ = ["ODConv2d", "ODAttentions", "PATHS", "MIN_ATTENTION_CHANNELS", "GROUPED_MAX_WEIGHT_RATIO"]
@@ -342,7 +343,7 @@ class ODConv2d(DynamicConv2d):
         """Multiply-adds for one input of ``input_shape`` (B x C x H x W), in PEDConv's convention.
 
         The static conv of this geometry, the attention branch (its FC and heads), and the synthesis of
-        the effective weight as :mod:`image_classification.flops` counts it for PEDConv: ``2 C_out C_in/g
+        the effective weight as :mod:`image_classification.macs` counts it for PEDConv: ``2 C_out C_in/g
         k^2`` for the rank-1 attention tensor ``a_f (x) a_c (x) a_s`` and its product with the kernel,
         plus ``n C_out C_in/g k^2`` for the kernel mixture when ``n > 1``. Activation scalings, BatchNorm
         and activations are not counted (as in the papers). ODConv's own MAdds (a counter it does not
@@ -359,6 +360,14 @@ class ODConv2d(DynamicConv2d):
         return int(batch) * (ho * wo * weight + attention + synthesis)
 
     # ------------------------------------------------------------------------------- deployment
+    def export_route(self) -> ExportRoute:
+        """Export: :meth:`prepare_export` picks the path (ValueError refuses)."""
+        try:
+            self.prepare_export()
+        except ValueError as exc:
+            return ExportRoute(refuse=str(exc))
+        return ExportRoute(label=str(self.path))
+
     def prepare_export(self) -> None:
         """Choose a path whose ops keep the batch a plain axis (dynamic-batch export): ``factored`` for
         ``n = 1`` (dense convs and channel scalings), ``unfold`` for ``n > 1`` (one batched matmul)."""

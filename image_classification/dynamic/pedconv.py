@@ -50,7 +50,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autotune
-from .base import DynamicConv2d
+from .pedconv_common import (
+    COMPONENTS,
+    CP_OPTIONS,
+    MIN_HIDDEN,
+    SAMPLING_OPTIONS,
+    BaseWeightInfomaxConv2d,
+    logvar_init_bias,
+    normal_init,
+    ordered_components,
+)
 from .pedconv_kernels import _compute_dtype
 from .pedconv_paths import (
     GROUPED_MAX_WEIGHT_RATIO,
@@ -61,6 +70,7 @@ from .pedconv_paths import (
     heuristic_path,
     path_names,
 )
+from .protocol import ExportRoute, ForeignLayout
 from .registry import Option, register_operator
 
 __all__ = [
@@ -71,39 +81,28 @@ __all__ = [
     "GROUPED_MAX_WEIGHT_RATIO",
     "share_generator",
     "convert_authors_state_dict",
+    "AUTHORS_LAYOUT",
+    "AUTHORS_MARKER",
+    "pedconv_layer_macs",
+    "pedconv_layer_params",
+    "pedconv_weight_sums",
     "path_report",
     "format_path_report",
     "has_auto_paths",
     "reset_path_report",
 ]
 
-#: the CP components, in the order the info-max decoder concatenates them (the authors' order).
-COMPONENTS: Tuple[str, ...] = ("phi", "gamma", "psi")
 #: ``auto`` and every registered execution path (:data:`.pedconv_paths.PATH_REGISTRY`).
 PATHS: Tuple[str, ...] = path_names()
-#: floor of the generator bottleneck ``max(C_in // r, MIN_HIDDEN)``; every ResNet-18/50 dynamic conv
-#: has C_in >= 64, so the paper's C_in/16 is used unchanged there (11.92M parameters).
-MIN_HIDDEN = 4
-_INIT_STD = 0.01
 
 _OPTIONS = {
-    "rank": Option(int, 1, "CP decomposition rank R (Table 5b)", minimum=1),
-    "reduction": Option(int, 16, "generator bottleneck max(C_in // r, 4) (Appendix D: 16 or 4)", minimum=1),
-    "components": Option(
-        "set", ("gamma", "phi", "psi"), "dynamic components; left-out ones are fixed to 1 (Table 5a)",
-        choices=("gamma", "phi", "psi"),
-    ),
+    **CP_OPTIONS,
     "context": Option(str, "gap", "generator context pooling (Appendix Table 2)", choices=("gap", "bilinear")),
     "reparam": Option(
         str, "multiplicative", "W_base * CP (Eq. 2) or W_base + CP (Appendix E)",
         choices=("multiplicative", "additive"),
     ),
-    "sampling": Option(
-        str, "fixed", "Eq. 5 noise in training: fixed std, learned log-variance, or none",
-        choices=("fixed", "learned", "none"),
-    ),
-    "noise_std": Option(float, 0.1, "std of the fixed training noise on the pre-sigmoid components", minimum=0.0),
-    "infomax": Option(bool, True, "build the training-only info-max decoder (Eq. 6)"),
+    **SAMPLING_OPTIONS,
     "path": Option(str, "auto", "execution path (all exact; auto = autotuned): " + "/".join(PATHS), choices=PATHS),
 }
 
@@ -114,11 +113,6 @@ _LAYERS: weakref.WeakValueDictionary[int, PEDConv2d] = weakref.WeakValueDictiona
 _TOKENS = itertools.count()
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
-
-
-def _normal_linear(layer: nn.Linear, bias_value: float = 0.0) -> None:
-    nn.init.normal_(layer.weight, 0.0, _INIT_STD)
-    nn.init.constant_(layer.bias, bias_value)
 
 
 class _Heads(nn.Module):
@@ -133,15 +127,15 @@ class _Heads(nn.Module):
         self.rank = rank
         self.dims = {name: dims[name] for name in COMPONENTS if name in dims}
         self.learned = learned
-        logvar_bias = 2.0 * math.log(noise_std) if noise_std > 0 else -20.0
+        logvar_bias = logvar_init_bias(noise_std)
         for name, dim in self.dims.items():
             head = nn.Linear(hidden, rank * dim)
-            _normal_linear(head)
+            normal_init(head)
             self.add_module(f"fc_{name}", head)
             if learned:
                 # starts at the fixed-noise std, so 'learned' begins where 'fixed' stays
                 logvar = nn.Linear(hidden, rank * dim)
-                _normal_linear(logvar, logvar_bias)
+                normal_init(logvar, logvar_bias)
                 self.add_module(f"fc_{name}_logvar", logvar)
 
     @property
@@ -178,7 +172,7 @@ class _Generator(nn.Module):
         else:
             self.context_dim = in_channels
         self.fc_share = nn.Linear(self.context_dim, hidden)
-        _normal_linear(self.fc_share)
+        normal_init(self.fc_share)
         self.heads = nn.ModuleList()
         # inference-only cache of the concatenated head weights: logvar flag -> (stamp, weight, bias)
         self._fused_cache: Dict[bool, Tuple[Any, Tensor, Tensor]] = {}
@@ -256,73 +250,18 @@ class _Generator(nn.Module):
         return batch * (self.context_dim * hidden + hidden * self.total_dim)
 
 
-class _BaseWeightInfomaxConv2d(DynamicConv2d):
-    """What PEDConv and spatial PEDConv share: a static base weight ``W_base`` (``weight``, optional
-    static ``bias``) and the training-only info-max term of the last forward (``_infomax``)."""
-
-    _infomax: Optional[Tensor] = None
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # the last info-max term (and a shared generator's cached components) are graph tensors of the
-        # last forward: leave them out so deepcopy (EMA models) and pickling work after training steps
-        state = self.__dict__.copy()
-        state["_infomax"] = None
-        if "_shared_cache" in state:
-            state["_shared_cache"] = None
-        state.pop("_layout_memo", None)  # refers to this module and its followers
-        return state
-
-    @torch.no_grad()
-    def load_static_weight(self, weight: Tensor, bias: Optional[Tensor] = None) -> None:
-        """Use a static conv's weight as W_base (and its bias as the static bias)."""
-        if tuple(weight.shape) != tuple(self.weight.shape):
-            raise ValueError(
-                f"{type(self).__name__}.load_static_weight: weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}"
-            )
-        self.weight.copy_(weight)
-        if bias is not None and self.bias is not None:
-            self.bias.copy_(bias)
-
-    def remove_infomax_decoder(self) -> None:
-        """Drop the training-only decoder (deployment); the info-max term is absent afterwards."""
-        self.infomax_decoder = None
-        self._infomax = None
-
-    def infomax_term(self) -> Optional[Tensor]:
-        """Info-max MSE (Eq. 6) of the last training forward; None after an eval forward."""
-        return self._infomax
-
-    @torch.no_grad()
-    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
-        """Fold a following per-output-channel affine map ``scale * y + shift`` (an eval-mode BatchNorm).
-
-        Exact for the multiplicative form (Eq. 2). Output channel o of the layer is
-        ``y_o = sum_r gamma_r,o * conv(phi_r * x, W_base[o] * psi_r)_o`` (+ bias_o): every term is linear
-        in ``W_base[o]`` and ``gamma`` multiplies per output channel, so ``scale_o`` commutes with it:
-        ``scale_o * y_o = sum_r gamma_r,o * conv(phi_r * x, (scale_o W_base[o]) * psi_r)_o + scale_o bias_o``.
-        The generator reads the layer's input, not ``W_base``, so the factors are unchanged. Hence
-        ``W_base[o] *= scale_o`` and ``bias' = scale * bias + shift`` (a bias is created when absent). The
-        spatial variant (per-location gamma, phi, psi) folds the same way. The additive form
-        ``W_base + sum_r gamma_r (x) phi_r (x) psi_r`` does not: scaling the CP term would need
-        ``scale * gamma`` outside the sigmoid's range, so it raises ValueError and nothing changes.
-        """
-        if getattr(self, "reparam", "multiplicative") != "multiplicative":
-            raise ValueError("additive reparameterization: the BN scale would multiply the sigmoid factor gamma")
-        if tuple(scale.shape) != (self.out_channels,) or tuple(shift.shape) != (self.out_channels,):
-            raise ValueError(f"{type(self).__name__}.fold_output_affine: scale/shift need {self.out_channels} entries")
-        scale, shift = scale.to(self.weight), shift.to(self.weight)
-        self.weight.mul_(scale.view(-1, *([1] * (self.weight.dim() - 1))))
-        bias = shift if self.bias is None else self.bias * scale + shift
-        self.bias = nn.Parameter(bias.clone())
-
-
 @register_operator("pedconv", options=_OPTIONS, help="PEDConv: CP-decomposed dynamic convolution (Hou & Kung 2021)")
-class PEDConv2d(_BaseWeightInfomaxConv2d):
+class PEDConv2d(BaseWeightInfomaxConv2d):
     """PEDConv (Eq. 1-7): ``W(x) = W_base * sum_r gamma_r (x) phi_r (x) psi_r`` with a sampled generator.
 
     Drop-in for :class:`torch.nn.Conv2d` (same constructor arguments and output shape) with the spec
     options of ``pedconv`` as keywords. ``bias=True`` adds a static bias after the dynamic conv.
     """
+
+    #: the authors' release initialises every BatchNorm gamma to 0.5 (build_model's bn_gamma="auto")
+    default_bn_gamma = 0.5
+    #: placement '+share': one generator per residual block (Appendix D, Table 2)
+    shares_generator = True
 
     def __init__(
         self,
@@ -352,14 +291,9 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
             raise ValueError(f"pedconv: invalid path {path!r}; choose from {'/'.join(path_names())}")
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise ValueError(f"PEDConv2d: rank must be an integer >= 1, got {rank!r}")
-        if isinstance(components, str):
-            components = tuple(part for part in components.split("+") if part)
-        bad = [c for c in components if c not in COMPONENTS]
-        if bad or not components:
-            raise ValueError(f"PEDConv2d: components must be a non-empty subset of gamma/phi/psi, got {components!r}")
         self.rank = rank
         self.reduction = reduction
-        self.components = tuple(c for c in ("gamma", "phi", "psi") if c in components)
+        self.components = ordered_components("PEDConv2d", components)
         self.context = context
         self.reparam = reparam
         self.sampling = sampling
@@ -367,14 +301,7 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
         self.path = path
         self.hidden = max(in_channels // reduction, MIN_HIDDEN)
 
-        kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        if bias:
-            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_channels))
-        else:
-            self.register_parameter("bias", None)
-
+        self._make_base_weight(bias)
         self.generator: Optional[_Generator] = _Generator(in_channels, self.hidden, context)
         self.generator.heads.append(self._make_heads(self.hidden))
         self.infomax_decoder: Optional[nn.Sequential] = None
@@ -413,9 +340,35 @@ class PEDConv2d(_BaseWeightInfomaxConv2d):
         decoder = nn.Sequential(
             nn.Linear(in_dim, self.hidden), nn.ReLU(inplace=True), nn.Linear(self.hidden, self.generator.context_dim)
         )
-        _normal_linear(decoder[0])
-        _normal_linear(decoder[2])
+        normal_init(decoder[0])
+        normal_init(decoder[2])
         return decoder
+
+    @classmethod
+    def share_generators(cls, convs: Sequence[nn.Module]) -> None:
+        """Placement ``+share``: :func:`share_generator` (Appendix D, Table 2)."""
+        share_generator(convs)  # type: ignore[arg-type]
+
+    def weight_moments(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Weight-variation moments from the factors: :func:`pedconv_weight_sums`."""
+        return pedconv_weight_sums(self, x)
+
+    def export_route(self) -> ExportRoute:
+        """Export: the ``factored`` path (the batch stays a plain axis); the additive form is refused."""
+        if self.reparam != "multiplicative":
+            return ExportRoute(refuse="additive reparameterization: its low-rank term runs a grouped conv with "
+                                      "groups = batch (no dynamic-batch path)")
+        return ExportRoute(path="factored", label="factored")
+
+    def macs(self, input_shape: Sequence[int]) -> int:
+        """``B (H_out W_out C_out C_in/g k^2 + generator + 2 R C_out C_in/g k^2)`` (PEDConv, BMVC 2021,
+        Sec. 3, complexity analysis): the convolution with the per-sample weight, the generator
+        (``fc_share`` and the mean heads of every conv it serves, :meth:`_Generator.macs`; none for a conv
+        that uses a shared generator) and the rank-R scaling of the weight (this reproduces the paper's
+        rank 4/8 rows, Table 5b). Pooling, the sigmoid and the training-only decoder are not counted."""
+        generator = self.generator.macs(input_shape) if self.generator is not None else 0
+        scaling = int(input_shape[0]) * 2 * self.rank * self.weight.numel()
+        return self.static_macs(tuple(input_shape)) + generator + scaling
 
     def extra_repr(self) -> str:
         return (
@@ -698,6 +651,8 @@ def share_generator(convs: Sequence[PEDConv2d]) -> None:
         leader.infomax_decoder = leader._make_decoder(total).to(device=ref.device, dtype=ref.dtype)
 
 
+#: a key fragment only the authors' PEDConv layout has
+AUTHORS_MARKER = ".attn.fc_share."
 _AUTHORS_KEYS = (
     (re.compile(r"(^|\.)attn\.fc_share\."), r"\1generator.fc_share."),
     (re.compile(r"(^|\.)attn\.fc_inp\."), r"\1generator.heads.0.fc_phi."),
@@ -782,3 +737,81 @@ def convert_authors_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
                     start += size
             converted[key] = torch.cat(pieces, 1)
     return converted
+
+
+def pedconv_layer_macs(c_in: int, c_out: int, k: int, out_hw: Sequence[int], groups: int = 1, hidden: int = 0,
+                       rank: int = 1, reduction: int = 16) -> int:
+    """PEDConv, BMVC 2021, Sec. 3 complexity: ``HW C_out C_in k^2 + (2C_in + C_out + k^2) C_in/r + 2R C_out C_in k^2``.
+
+    ``C_in / g`` replaces ``C_in`` in the conv, the input-side head and the scaling for grouped
+    convs; ``hidden`` (default ``C_in // r``) is the generator bottleneck; rank R multiplies heads
+    and scaling.
+    """
+    hidden = hidden or max(MIN_HIDDEN, c_in // reduction)
+    cin_g = c_in // groups
+    generator = c_in * hidden + hidden * rank * (c_out + cin_g + k * k)
+    return int(out_hw[0]) * int(out_hw[1]) * c_out * cin_g * k * k + generator + 2 * rank * c_out * cin_g * k * k
+
+
+def pedconv_layer_params(c_in: int, c_out: int, k: int, groups: int = 1, hidden: int = 0, rank: int = 1,
+                         reduction: int = 16) -> int:
+    """Deploy parameters of one PEDConv layer (no conv bias): base weight + generator with biases."""
+    hidden = hidden or max(MIN_HIDDEN, c_in // reduction)
+    heads = rank * (c_out + c_in // groups + k * k)
+    return c_out * (c_in // groups) * k * k + c_in * hidden + hidden + hidden * heads + heads
+
+
+def _cp_products(a: Tensor, b: Tensor, c: Tensor, square: bool) -> Tensor:
+    """``sum_b c_b`` (or ``sum_b c_b^2``) of the rank-R CP tensors ``c_b = sum_r a_br o b_br o c_br``."""
+    if not square:
+        return torch.einsum("bro,bri,brt->oit", a, b, c)
+    # c_b^2 = sum_{r,s} (a_r a_s) o (b_r b_s) o (c_r c_s)
+    aa = a[:, :, None] * a[:, None]
+    bb = b[:, :, None] * b[:, None]
+    cc = c[:, :, None] * c[:, None]
+    return torch.einsum("brso,brsi,brst->oit", aa, bb, cc)
+
+
+def pedconv_weight_sums(module: PEDConv2d, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(sum_b W(x_b), sum_b W(x_b)^2, per-sample ||W(x_b)||_F) of a PEDConv layer from its factors, in float64,
+    without materialising the B per-sample weights (the CP products are summed over the batch first)."""
+    gamma, phi, psi = (f.double() for f in module.factors(x))  # B x R x dim each
+    weight = module.weight.detach().double()
+    shape = weight.shape
+    w = weight.reshape(shape[0], shape[1], -1)  # O x I x T
+    s1 = _cp_products(gamma, phi, psi, square=False)
+    s2 = _cp_products(gamma, phi, psi, square=True)
+    batch = x.shape[0]
+    # per-sample sum_oit w^2 c_b^2 (multiplicative) through the same pair expansion, one sample at a time
+    norms = []
+    for i in range(batch):
+        g, p, k = gamma[i:i + 1], phi[i:i + 1], psi[i:i + 1]
+        c1 = _cp_products(g, p, k, square=False)
+        c2 = _cp_products(g, p, k, square=True)
+        if module.reparam == "multiplicative":
+            norms.append(float((w * w * c2).sum()))
+        else:
+            norms.append(float((w * w + 2 * w * c1 + c2).sum()))
+    norms_t = torch.tensor(norms, dtype=torch.float64).clamp_min(0).sqrt()
+    if module.reparam == "multiplicative":
+        total, squares = w * s1, w * w * s2
+    else:
+        total, squares = batch * w + s1, batch * w * w + 2 * w * s1 + s2
+    return total.reshape(shape), squares.reshape(shape), norms_t
+
+
+def _is_authors_layout(state_dict: Mapping[str, Any]) -> bool:
+    inner = state_dict.get("state_dict")
+    return any(AUTHORS_MARKER in str(key) for key in (inner if isinstance(inner, Mapping) else state_dict))
+
+
+#: the authors' PEDConv release (``P.attn.fc_share`` ...), loaded through :func:`convert_authors_state_dict`
+AUTHORS_LAYOUT = ForeignLayout(
+    description="the authors' PEDConv layout",
+    detect=_is_authors_layout,
+    convert=convert_authors_state_dict,
+    accepts=lambda spec: spec.name == "pedconv",
+    mismatch="{label} is in the authors' PEDConv layout (operator pedconv), model is operator {conv}",
+    implied_spec="pedconv",  # the authors' README evaluates their checkpoints without naming the operator
+)
+PEDConv2d.foreign_layouts = (AUTHORS_LAYOUT,)  # set here: the converter is defined after the class

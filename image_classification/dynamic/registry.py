@@ -17,11 +17,18 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import torch.nn as nn
 
+from .protocol import ForeignLayout, OperatorProtocol
+
 __all__ = [
     "Option",
     "ConvSpec",
     "OPERATORS",
     "register_operator",
+    "unregister_operator",
+    "operator_class",
+    "find_foreign_layout",
+    "implied_spec",
+    "operator_name",
     "parse_spec",
     "list_operators",
     "build_conv",
@@ -86,19 +93,62 @@ OPERATORS: Dict[str, _Entry] = {}
 def register_operator(
     name: str, options: Optional[Mapping[str, Option]] = None, help: str = ""
 ) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
-    """Class decorator: register ``cls`` under ``name`` with its declared spec options."""
+    """Class decorator: register ``cls`` under ``name`` with its declared spec options.
+
+    ``cls`` must be an ``nn.Module`` deriving from :class:`~.protocol.OperatorProtocol` (dynamic
+    operators do through :class:`~.base.DynamicConv2d`): its hooks are all the rest of the project
+    knows about it.
+    """
 
     def decorate(cls: Type[nn.Module]) -> Type[nn.Module]:
         if name in OPERATORS:
             raise ValueError(f"operator {name!r} is already registered")
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module) and issubclass(cls, OperatorProtocol)):
+            raise TypeError(f"operator {name!r}: {cls!r} must be an nn.Module deriving from OperatorProtocol "
+                            "(e.g. a DynamicConv2d)")
         OPERATORS[name] = _Entry(cls, dict(options or {}), help or (cls.__doc__ or "").strip().split("\n")[0])
         return cls
 
     return decorate
 
 
+def unregister_operator(name: str) -> None:
+    """Remove operator ``name`` from the registry (tests that register a temporary operator)."""
+    if name not in OPERATORS:
+        raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(list_operators())}")
+    del OPERATORS[name]
+
+
 def list_operators() -> Sequence[str]:
     return sorted(OPERATORS)
+
+
+def operator_class(spec: str | ConvSpec) -> Type[nn.Module]:
+    """The registered class of the operator named by ``spec`` (its hooks: :mod:`.protocol`)."""
+    return OPERATORS[parse_spec(spec).name].cls
+
+
+def find_foreign_layout(state_dict: Mapping[str, Any]) -> Optional[ForeignLayout]:
+    """The :class:`~.protocol.ForeignLayout` of a registered operator that ``state_dict`` is in, or None."""
+    for name in list_operators():
+        for layout in getattr(OPERATORS[name].cls, "foreign_layouts", ()):
+            if layout.detect(state_dict):
+                return layout
+    return None
+
+
+def operator_name(module: nn.Module) -> str:
+    """The registered name of ``module``'s operator class (its class name when it is not registered)."""
+    for name, entry in OPERATORS.items():
+        if type(module) is entry.cls:
+            return name
+    return type(module).__name__
+
+
+def implied_spec(state_dict: Mapping[str, Any]) -> Optional[str]:
+    """The operator spec a state dict in a foreign layout implies when its checkpoint names none, or None."""
+    layout = find_foreign_layout(state_dict)
+    return None if layout is None else layout.implied_spec
 
 
 @dataclass(frozen=True)

@@ -29,40 +29,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .pedconv import COMPONENTS, MIN_HIDDEN, _BaseWeightInfomaxConv2d
-from .registry import Option, register_operator
+from .pedconv_common import (
+    COMPONENTS,
+    CP_OPTIONS,
+    MIN_HIDDEN,
+    SAMPLING_OPTIONS,
+    BaseWeightInfomaxConv2d,
+    logvar_init_bias,
+    normal_init,
+    ordered_components,
+)
+from .protocol import ExportRoute
+from .registry import register_operator
 
 __all__ = ["SpatialPEDConv2d"]
 
-_INIT_STD = 0.01
-
-_OPTIONS = {
-    "rank": Option(int, 1, "CP decomposition rank R", minimum=1),
-    "reduction": Option(int, 16, "per-pixel generator bottleneck max(C_in // r, 4)", minimum=1),
-    "components": Option(
-        "set", ("gamma", "phi", "psi"), "dynamic components; left-out ones are fixed to 1",
-        choices=("gamma", "phi", "psi"),
-    ),
-    "sampling": Option(
-        str, "fixed", "Eq. 5 noise in training: fixed std, learned log-variance, or none",
-        choices=("fixed", "learned", "none"),
-    ),
-    "noise_std": Option(float, 0.1, "std of the fixed training noise on the pre-sigmoid components", minimum=0.0),
-    "infomax": Option(bool, True, "build the training-only per-location info-max decoder"),
-}
+_OPTIONS = {**CP_OPTIONS, **SAMPLING_OPTIONS}
 
 
 def _conv1x1(in_ch: int, out_ch: int, bias_value: float = 0.0) -> nn.Conv2d:
     conv = nn.Conv2d(in_ch, out_ch, 1)
-    nn.init.normal_(conv.weight, 0.0, _INIT_STD)
-    nn.init.constant_(conv.bias, bias_value)
+    normal_init(conv, bias_value)
     return conv
 
 
 @register_operator(
     "pedconv_spatial", options=_OPTIONS, help="spatial-dynamic PEDConv (per-pixel CP components, section 4.6)"
 )
-class SpatialPEDConv2d(_BaseWeightInfomaxConv2d):
+class SpatialPEDConv2d(BaseWeightInfomaxConv2d):
     """Spatial-dynamic PEDConv: per-location CP components from a 1x1-conv bottleneck generator.
 
     Drop-in for :class:`torch.nn.Conv2d` (meant for depthwise 3x3 convs, any ``groups`` works).
@@ -90,29 +84,18 @@ class SpatialPEDConv2d(_BaseWeightInfomaxConv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         for key, value in (("rank", rank), ("reduction", reduction), ("sampling", sampling), ("noise_std", noise_std)):
             _OPTIONS[key].check("pedconv_spatial", key, value)
-        if isinstance(components, str):
-            components = tuple(part for part in components.split("+") if part)
-        if not components or any(c not in COMPONENTS for c in components):
-            raise ValueError(
-                f"SpatialPEDConv2d: components must be a non-empty subset of gamma/phi/psi, got {components!r}"
-            )
         self.rank = rank
-        self.components = tuple(c for c in ("gamma", "phi", "psi") if c in components)
+        self.components = ordered_components("SpatialPEDConv2d", components)
         self.sampling = sampling
         self.noise_std = float(noise_std)
         self.hidden = max(in_channels // reduction, MIN_HIDDEN)
         kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        if bias:
-            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_channels))
-        else:
-            self.register_parameter("bias", None)
+        self._make_base_weight(bias)
         dims = {"gamma": out_channels, "phi": in_channels // groups, "psi": kh * kw}
         self.dims = {name: dims[name] for name in COMPONENTS if name in self.components}
         self.generator = nn.Module()
         self.generator.fc_share = _conv1x1(in_channels, self.hidden)
-        logvar_bias = 2.0 * torch.log(torch.tensor(max(self.noise_std, 1e-9))).item()
+        logvar_bias = logvar_init_bias(self.noise_std)
         for name, dim in self.dims.items():
             self.generator.add_module(f"fc_{name}", _conv1x1(self.hidden, rank * dim))
             if sampling == "learned":
@@ -129,6 +112,23 @@ class SpatialPEDConv2d(_BaseWeightInfomaxConv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", rank={self.rank}, hidden={self.hidden}, "
                 f"components={'+'.join(self.components)}, sampling={self.sampling}")
+
+    #: dynamic_weight is per location (B x C_out x C_in/g x kh x kw x H_out x W_out)
+    per_sample_weight = False
+
+    def export_route(self) -> ExportRoute:
+        """Export as trained (unfold, per-location factors: no grouped conv over the batch)."""
+        return ExportRoute(label="unfold (as trained)")
+
+    def macs(self, input_shape: Tuple[int, ...]) -> int:
+        """``B (R H_out W_out C_out C_in/g k^2 + H_out W_out (C_in h + h R sum(dims)))``: the R unfolded
+        matmuls with W_base (one per rank, see :meth:`forward`) and the per-location generator
+        (``fc_share`` and the mean heads, 1x1 convs); the element-wise scalings by phi, psi and gamma
+        are not counted (as in the papers)."""
+        batch, _, height, width = (int(s) for s in input_shape)
+        out_h, out_w = self.output_size(height, width)
+        generator = self.in_channels * self.hidden + self.hidden * self.rank * sum(self.dims.values())
+        return self.rank * self.static_macs(input_shape) + batch * out_h * out_w * generator
 
     def _centres(self, x: Tensor) -> Tensor:
         """Channel vectors at the centre of every output location's window: B x C_in x H_out x W_out."""

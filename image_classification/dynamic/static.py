@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch.nn as nn
 
+from .protocol import OperatorProtocol
 from .registry import register_operator
 
 __all__ = ["StaticConv2d"]
 
 
 @register_operator("static", help="plain nn.Conv2d (the baseline)")
-class StaticConv2d(nn.Conv2d):
+class StaticConv2d(nn.Conv2d, OperatorProtocol):
     """A plain :class:`torch.nn.Conv2d`; building it through the registry keeps one code path."""
+
+    def macs(self, input_shape: Tuple[int, ...]) -> int:
+        """``B H_out W_out C_out (C_in / groups) k_h k_w`` (the papers' count of a convolution)."""
+        batch, _, height, width = (int(s) for s in input_shape)
+        out = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
+            (height, width), self.kernel_size, self.stride, self.padding, self.dilation)]
+        kh, kw = self.kernel_size
+        return batch * out[0] * out[1] * self.out_channels * (self.in_channels // self.groups) * kh * kw
 
     def load_static_weight(self, weight, bias=None) -> None:
         self.weight.data.copy_(weight)

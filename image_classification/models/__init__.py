@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dynamic.registry import ConvSpec, parse_spec
+from ..dynamic.registry import ConvSpec, operator_class, parse_spec
 from . import cifar_resnet, efficientnet, mobilenet, resnet
 from .convert import (
     PLACEMENT_TOKENS,
@@ -100,9 +100,9 @@ def build_model(
     """Build ``arch`` with ``num_classes`` outputs and ``in_chans`` input channels, initialise it with
     ``init`` (:mod:`.init`), then make the convs chosen by ``placement`` the operator ``conv``.
 
-    ``bn_gamma``: initial BatchNorm gamma; ``"auto"`` = 0.5 when the operator is ``pedconv`` (the
-    authors' release sets every BN gamma to 0.5, REFERENCE.md) and the init scheme's value
-    otherwise; a number forces it; None keeps the init scheme's value.
+    ``bn_gamma``: initial BatchNorm gamma; ``"auto"`` = the operator's ``default_bn_gamma`` (0.5 for
+    ``pedconv``, whose authors' release sets every BN gamma to 0.5) or, when that is None, the init
+    scheme's value; a number forces it; None keeps the init scheme's value.
     Extra keywords go to the architecture (``width_mult=`` for MobileNets, ``dropout=``,
     ``zero_init_residual=`` for ResNets ...). Bad names raise ValueError listing the valid ones.
     ``dropout``: dropout probability before the classifier for every arch (None keeps the arch's own,
@@ -120,7 +120,7 @@ def build_model(
         raise ValueError(f"bad keyword for arch {arch!r}: {exc}") from None
     init_weights(model, init)
     if bn_gamma == "auto":
-        bn_gamma = 0.5 if spec.name == "pedconv" else None
+        bn_gamma = operator_class(spec).default_bn_gamma
     if bn_gamma is not None:
         if isinstance(bn_gamma, bool) or not isinstance(bn_gamma, (int, float)):
             raise ValueError(f"bn_gamma must be a number, 'auto' or None, got {bn_gamma!r}")

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
 
-from ._stem import check_positive_int
+from .module_utils import check_positive_int
 
 __all__ = ["CifarResNet", "PadShortcut", "cifar_resnet20", "cifar_resnet56"]
 

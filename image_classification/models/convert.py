@@ -24,18 +24,18 @@ A placement is a ``+``-joined set of tokens (order irrelevant, case-insensitive)
                             CondConv paper's EfficientNet placement)
     stem, shortcut, se      also convert the stem conv / the shortcut convs / the SE convs
     cls                     also make the classifier (the last nn.Linear) dynamic (DCD 'CLS'):
-                            DCD uses ``DCDLinear`` when the operator package provides it, any
-                            other operator runs the classifier as a 1x1 conv on a 1x1 map
-    share                   PEDConv only: convs of one residual block share one generator
-                            (pedconv_appendix.md Table 2, partial sharing)
+                            the operator's ``dynamic_classifier`` hook (DCD: ``DCDLinear``; by
+                            default the classifier runs as the operator on a 1x1 conv of a 1x1 map)
+    share                   operators with ``shares_generator`` (PEDConv): the convs of one residual
+                            block share one generator (PEDConv, BMVC 2021, Appendix D, Table 2)
 
 Examples: ``paper``, ``pointwise``, ``depthwise``, ``pointwise+depthwise``, ``deep``, ``all+se``,
 ``pointwise+cls``, ``paper+share``, ``none+cls``, ``deep+inblock``.
 
-Operator-specific conversion: an operator class may define ``site_options(options, conv, block)``
-returning per-conv option overrides (or None to leave that conv static); DCD's released variant
-uses it to pick the sizing rule of the enclosing block (:meth:`DCDConv2d.site_options`). CondConv
-with ``routing=block`` gets one routing function per block (:func:`share_block_routing`).
+Operator-specific conversion goes through the operator's hooks (:mod:`image_classification.dynamic.protocol`):
+``site_options(options, conv, block)`` returns per-conv option overrides (or None to leave that conv
+static; DCD's released variant picks the sizing rule of the enclosing block), ``after_conversion``
+runs once after the replacement (CondConv's ``routing=block``: one routing function per block).
 
 Convs are classified by structure, so the same conversion works on any torchvision CNN (a
 detection backbone, a user ``nn.Sequential``): the stem is the first ``nn.Conv2d`` in registration
@@ -46,16 +46,15 @@ order, shortcut convs live under a module named ``downsample`` or ``shortcut``, 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from ..dynamic.base import DynamicConv2d
-from ..dynamic.registry import OPERATORS, ConvSpec, conv_from_static, parse_spec
-from ._stem import set_module
+from ..dynamic.protocol import LinearAsConv
+from ..dynamic.registry import OPERATORS, ConvSpec, conv_from_static, list_operators, parse_spec
+from .module_utils import set_module
 
 __all__ = [
     "PLACEMENT_TOKENS",
@@ -230,19 +229,6 @@ def select_convs(model: nn.Module, placement: str | Placement = "paper") -> List
     return [s.name for s in sites if s.name in chosen]
 
 
-class LinearAsConv(nn.Module):
-    """A classifier ``nn.Linear`` run as a dynamic 1x1 conv on a 1x1 map (DCD 'CLS' for any operator)."""
-
-    def __init__(self, conv: nn.Module) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        out = self.conv(x.reshape(-1, x.shape[-1], 1, 1))
-        return out.reshape(*lead, out.shape[1])
-
-
 def _last_linear(model: nn.Module) -> Tuple[str, nn.Linear]:
     found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     if not found:
@@ -250,28 +236,8 @@ def _last_linear(model: nn.Module) -> Tuple[str, nn.Linear]:
     return found[-1]
 
 
-def _dynamic_classifier(spec: ConvSpec, linear: nn.Linear) -> nn.Module:
-    if spec.name == "dcd":
-        try:
-            from ..dynamic.dcd import DCDLinear  # type: ignore[attr-defined]
-        except ImportError:  # an older operator package: fall back to the 1x1-conv form below
-            DCDLinear = None  # noqa: N806
-        if DCDLinear is not None:
-            accepted = inspect.signature(DCDLinear.__init__).parameters
-            options = {k: v for k, v in spec.options.items() if k in accepted}
-            return DCDLinear.from_linear(linear, **options)
-    conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None)
-    conv.weight.data.copy_(linear.weight.detach().reshape_as(conv.weight))
-    if linear.bias is not None:
-        conv.bias.data.copy_(linear.bias.detach())
-    return LinearAsConv(conv_from_static(spec, conv.to(linear.weight.device, linear.weight.dtype)))
-
-
-def _share_generators(model: nn.Module, names: List[str], sites: List[ConvSite]) -> int:
-    try:
-        from ..dynamic.pedconv import share_generator  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError("placement '+share' needs share_generator() in image_classification.dynamic.pedconv") from None
+def _share_generators(cls: type, model: nn.Module, names: List[str], sites: List[ConvSite]) -> int:
+    """Placement ``+share``: the operator's ``share_generators`` for the converted convs of each block."""
     block_of = {s.name: s.block for s in sites}
     groups: Dict[str, List[nn.Module]] = {}
     for name in names:
@@ -279,35 +245,15 @@ def _share_generators(model: nn.Module, names: List[str], sites: List[ConvSite])
     shared = 0
     for convs in groups.values():
         if len(convs) > 1:
-            share_generator(convs)
+            cls.share_generators(convs)
             shared += 1
     return shared
 
 
-def _share_block_routing(model: nn.Module, names: List[str], sites: List[ConvSite]) -> int:
-    """CondConv ``routing=block``: one routing function per block, for the converted convs in it."""
-    from ..dynamic.condconv import CondConv2d, share_block_routing
-
-    by_block: Dict[str, Dict[str, nn.Module]] = {}
-    width: Dict[str, int] = {}
-    for site in sites:  # registration order: a block's first conv reads the block input
-        width.setdefault(site.block, site.in_channels)
-        if site.name in names and site.block != site.name:
-            conv = model.get_submodule(site.name)
-            if isinstance(conv, CondConv2d):
-                by_block.setdefault(site.block, {})[site.name[len(site.block) + 1:]] = conv
-    for block, convs in by_block.items():
-        share_block_routing(model.get_submodule(block), convs, width[block])
-    return len(by_block)
-
-
 def _site_overrides(spec: ConvSpec, model: nn.Module, site: ConvSite) -> Optional[Dict[str, Any]]:
     """Per-conv option overrides from the operator's ``site_options`` hook (None: keep the conv static)."""
-    hook = getattr(OPERATORS[spec.name].cls, "site_options", None)
-    if hook is None:
-        return {}
     block = model.get_submodule(site.block) if site.block != site.name else None
-    return hook(spec.options, model.get_submodule(site.name), block)
+    return OPERATORS[spec.name].cls.site_options(spec.options, model.get_submodule(site.name), block)
 
 
 def convert_model(
@@ -321,8 +267,10 @@ def convert_model(
     """
     spec = parse_spec(conv)
     pl = parse_placement(placement)
-    if "share" in pl.extras and spec.name != "pedconv":
-        raise ValueError(f"placement '+share' applies to pedconv only, not {spec.name!r}")
+    cls = OPERATORS[spec.name].cls
+    if "share" in pl.extras and not cls.shares_generator:
+        sharing = ", ".join(name for name in list_operators() if OPERATORS[name].cls.shares_generator)
+        raise ValueError(f"placement '+share' applies to {sharing or 'no registered operator'} only, not {spec.name!r}")
     sites = conv_sites(model)
     names = select_convs(model, pl)
     if spec.is_static:
@@ -333,16 +281,15 @@ def convert_model(
     names = [name for name in names if overrides[name] is not None]
     for name in names:
         set_module(model, name, conv_from_static(spec, model.get_submodule(name), **overrides[name]))
-    if spec.name == "condconv" and spec.options.get("routing") == "block":
-        _share_block_routing(model, names, sites)
+    cls.after_conversion(spec, model, list(names), sites)
     if "cls" in pl.extras:
         cls_name, linear = _last_linear(model)
-        classifier = _dynamic_classifier(spec, linear)
+        classifier = cls.dynamic_classifier(spec, linear)
         for hook in linear._forward_pre_hooks.values():  # e.g. the dropout of set_classifier_dropout
             classifier.register_forward_pre_hook(hook)
         set_module(model, cls_name, classifier)
         names = names + [cls_name]
     if "share" in pl.extras:
-        _share_generators(model, [n for n in names if n in {s.name for s in sites}], sites)
+        _share_generators(cls, model, [n for n in names if n in {s.name for s in sites}], sites)
     model.dynamic_convs = list(names)
     return model

@@ -6,7 +6,7 @@ from typing import Any
 
 from torchvision.models import efficientnet as tv
 
-from ._stem import check_positive_int, set_in_chans
+from .module_utils import check_positive_int, set_in_chans
 
 __all__ = ["efficientnet_b0"]
 

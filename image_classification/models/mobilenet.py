@@ -14,7 +14,7 @@ import torch.nn as nn
 from torchvision.models import mobilenetv2 as tv
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ._stem import check_positive_int, set_in_chans
+from .module_utils import check_positive_int, set_in_chans
 
 __all__ = ["DepthwiseSeparable", "MobileNetV1", "mobilenet_v1", "mobilenet_v2"]
 

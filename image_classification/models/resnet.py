@@ -13,7 +13,7 @@ from typing import Any
 import torch.nn as nn
 from torchvision.models import resnet as tv
 
-from ._stem import check_positive_int, set_in_chans
+from .module_utils import check_positive_int, set_in_chans
 
 __all__ = ["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet18_small"]
 

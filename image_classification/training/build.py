@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from image_classification.data import DataConfig, Loaders, build_loaders
+from image_classification.dynamic.registry import implied_spec
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .distributed import DistEnv, broadcast_int
@@ -72,16 +73,17 @@ def resolve_resume(args: argparse.Namespace) -> Tuple[Optional[str], Optional[Di
 def infer_conv(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> str:
     """``--conv``/``--dynamic`` when given, else the checkpoint's operator, else ``static``.
 
-    The authors' PEDConv checkpoints carry no operator field; their ``.attn.`` keys identify them (their
-    README evaluates them without ``--dynamic``).
+    A checkpoint without an operator field may be in a foreign layout that implies one (the authors'
+    PEDConv checkpoints: their README evaluates them without ``--dynamic``).
     """
     if args.conv is not None:
         return args.conv
     if checkpoint is not None:
         if checkpoint.get("conv"):
             return str(checkpoint["conv"])
-        if any(".attn.fc_share." in key for key in checkpoint.get("state_dict", {})):
-            return "pedconv"
+        implied = implied_spec(checkpoint.get("state_dict", {}))
+        if implied is not None:
+            return implied
     return "static"
 
 
@@ -140,8 +142,7 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
 def tune_paths(args: argparse.Namespace, model: nn.Module, loaders: Loaders, env: DistEnv) -> None:
     """PEDConv ``path=auto``: time every layer's exact paths for the train and validation batch shapes now
     (not inside the first timed steps or a compiled trace) and adopt rank 0's choices on every DDP rank."""
-    from image_classification.dynamic import autotune
-    from image_classification.dynamic.pedconv import has_auto_paths
+    from image_classification.dynamic import autotune, has_auto_paths
 
     autotune.set_autotune(None)  # PEDCONV_AUTOTUNE=0 in the environment switches it off too
     autotune.set_autotune(bool(getattr(args, "autotune", True)) and not args.deterministic

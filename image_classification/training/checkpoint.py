@@ -38,6 +38,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from image_classification.dynamic.protocol import ForeignLayout
+from image_classification.dynamic.registry import find_foreign_layout, parse_spec
+
 try:  # numpy is optional: torch runs without it
     import numpy as np
 except ImportError:  # pragma: no cover - exercised only where numpy is absent
@@ -60,8 +63,6 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 BEST_FILENAME = "model_best.pth.tar"
-_AUTHORS_MARKER = ".attn.fc_share."
-_DCD_RELEASED_MARKER = ".fc_scale.weight"  # liyunsheng13/dcd's conv_dy/DYModule/DYCls (fc_scale: Lambda)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 5
 
@@ -593,15 +594,17 @@ def _canonical_conv(spec: Optional[str]) -> Optional[str]:
         return None
     text = str(spec).strip()
     try:
-        from image_classification.dynamic.registry import parse_spec
-
         return str(parse_spec(text))
-    except Exception:  # unknown operator or registry unavailable: compare the text as written
+    except ValueError:  # unknown operator: compare the text as written
         return text
 
 
-def _operator_name(spec: Optional[str]) -> Optional[str]:
-    return None if spec is None else str(spec).split(":", 1)[0].strip().lower()
+def _accepts(layout: ForeignLayout, conv: str) -> bool:
+    """Whether a model of operator ``conv`` takes weights converted from ``layout`` (unparsable: no)."""
+    try:
+        return bool(layout.accepts(parse_spec(conv)))
+    except ValueError:
+        return False
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -670,9 +673,9 @@ def load_model_weights(
     Accepted: this project's checkpoints (``arch``/``conv`` fields checked against
     ``expected_arch``/``expected_conv`` when both sides give them), raw state dicts,
     ``AveragedModel`` (EMA) states, state dicts with ``module.`` (DDP) or ``_orig_mod.``
-    (torch.compile) prefixes, and the authors' released PEDConv layout (detected by its
-    ``.attn.fc_share.`` keys, converted by ``image_classification.dynamic.pedconv.
-    convert_authors_state_dict``). A DDP/DataParallel/compiled/AveragedModel ``model`` is loaded
+    (torch.compile) prefixes, and the state-dict layouts of other code bases that the operators
+    declare (``foreign_layouts``: the authors' PEDConv release, the DCD release), detected and
+    converted by the operator's :class:`~image_classification.dynamic.protocol.ForeignLayout`. A DDP/DataParallel/compiled/AveragedModel ``model`` is loaded
     through its inner module. Keys and shapes are checked before anything is copied, so on a
     :class:`CheckpointError` (listing up to five offending keys per kind, with counts) the model is
     unchanged. ``strict=False`` tolerates missing/unexpected keys but never shape mismatches.
@@ -693,8 +696,9 @@ def load_model_weights(
 
     found_arch = checkpoint.get("arch")
     found_conv = checkpoint.get("conv")
-    if str(found_arch).endswith("_dcd") and any(str(k).endswith(_DCD_RELEASED_MARKER) for k in checkpoint["state_dict"]):
-        found_arch = None  # the DCD release's own arch names (resnet50_dcd, mobilenetv2_dcd); keys/shapes are checked
+    source_layout = find_foreign_layout(checkpoint["state_dict"])
+    if found_arch is not None and source_layout is not None and source_layout.foreign_arch(str(found_arch)):
+        found_arch = None  # another code base's own arch name (the DCD release's resnet50_dcd); keys/shapes are checked
     arch_differs = (
         expected_arch is not None and found_arch is not None and str(found_arch).strip() != str(expected_arch).strip()
     )
@@ -715,33 +719,14 @@ def load_model_weights(
     model_keys = list(target.state_dict().keys())
     state_dict = _strip_prefixes(checkpoint["state_dict"], model_keys)
 
-    if any(_AUTHORS_MARKER in key for key in state_dict):
-        if expected_conv is not None and _operator_name(expected_conv) != "pedconv":
-            raise CheckpointError(
-                f"{label} is in the authors' PEDConv layout (operator pedconv), model is operator {expected_conv}"
-            )
+    layout = find_foreign_layout(state_dict)  # the operators' foreign layouts (the authors' releases)
+    if layout is not None:
+        if expected_conv is not None and not _accepts(layout, expected_conv):
+            raise CheckpointError(layout.mismatch.format(label=label, conv=expected_conv))
         try:
-            from image_classification.dynamic.pedconv import convert_authors_state_dict
-        except ImportError as exc:
-            raise CheckpointError(
-                f"{label} is in the authors' PEDConv layout but its converter is unavailable ({_one_line(exc)})"
-            ) from None
-        try:
-            state_dict = dict(convert_authors_state_dict(state_dict))
+            state_dict = dict(layout.convert(state_dict))
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{label}: cannot convert the authors' PEDConv layout: {_one_line(exc)}") from None
-
-    if any(key.endswith(_DCD_RELEASED_MARKER) for key in state_dict):  # the DCD authors' release
-        try:
-            from image_classification.dynamic.dcd import convert_released_state_dict
-
-            state_dict = convert_released_state_dict(state_dict)
-        except (ImportError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{label}: cannot convert the DCD release's layout: {_one_line(exc)}") from None
-        if expected_conv is not None and "variant=released" not in str(_canonical_conv(expected_conv)):
-            raise CheckpointError(f"{label} is in the DCD release's layout: build the model with --conv "
-                                  f"dcd:variant=released (not {expected_conv}) and --placement paper+cls (ResNet) "
-                                  "or pointwise+inblock+cls (MobileNetV2)")
+            raise CheckpointError(f"{label}: cannot convert {layout.description}: {_one_line(exc)}") from None
 
     _check_keys(label, state_dict, target, strict)
     try:

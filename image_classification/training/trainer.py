@@ -325,7 +325,7 @@ def _print_paths(run: _Run) -> None:
     """``--print-paths``: the path of every PEDConv layer per input shape, once per invocation."""
     if not getattr(run.args, "print_paths", False) or run.paths_printed or not run.env.is_main:
         return
-    from image_classification.dynamic.pedconv import format_path_report, path_report
+    from image_classification.dynamic import format_path_report, path_report
 
     print("PEDConv execution paths (path=auto: tuned or heuristic per input shape):\n"
           + format_path_report(path_report(run.comp.module)), flush=True)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from image_classification.analysis import weights
-from image_classification.analysis.weights import WeightMoments, _generic_sums, pedconv_weight_sums
-from image_classification.dynamic.pedconv import PEDConv2d
+from image_classification.analysis.weights import WeightMoments, _generic_sums
+from image_classification.dynamic.pedconv import PEDConv2d, pedconv_weight_sums
 
 SYNTHETIC = ["--data-backend", "synthetic", "--dataset", "fashion-mnist", "-j", "0"]
 

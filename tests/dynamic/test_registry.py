@@ -8,9 +8,6 @@ import torch.nn as nn
 
 from image_classification.dynamic import (
     ConvSpec,
-    DynamicConv2d,
-    StaticConv2d,
-    build_conv,
     conv_from_static,
     list_operators,
     parse_spec,
@@ -59,17 +56,6 @@ def test_unknown_operator_and_option_list_valid_names():
         from image_classification.dynamic import Option
 
         Option(bool, True).parse("x", "flag", "maybe")
-
-
-@pytest.mark.parametrize("name", PEERS)
-def test_build_conv_is_a_drop_in(name):
-    torch.manual_seed(0)
-    kwargs = {"group_channels": 4} if name == "involution" else {}
-    m = build_conv(name, 8, 16, 3, stride=2, padding=1, bias=True, **kwargs)
-    ref = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-    x = torch.randn(2, 8, 7, 7)
-    assert m(x).shape == ref(x).shape
-    assert isinstance(m, StaticConv2d if name == "static" else DynamicConv2d)
 
 
 @pytest.mark.parametrize("name", ["static", "dcd", "dyconv", "condconv"])

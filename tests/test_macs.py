@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from image_classification.dynamic import build_conv
-from image_classification.flops import count_macs, count_params, pedconv_layer_macs
+from image_classification.dynamic.pedconv import pedconv_layer_macs
+from image_classification.macs import count_macs, count_params
 
 
 def test_static_conv_linear_depthwise_by_hand() -> None:
@@ -41,11 +42,3 @@ def test_deploy_params_exclude_the_infomax_decoder() -> None:
     assert decoder > 0 and counts.training - counts.deploy == decoder
     assert counts.deploy == 64 * 64 * 9 + 64 * 4 + 4 + 4 * (64 + 64 + 9) + (64 + 64 + 9)
 
-
-def test_kernel_mixture_aggregation_is_counted() -> None:
-    conv = build_conv("dyconv", 16, 16, 3, padding=1, bias=False)
-    total = count_macs(nn.Sequential(conv), 8, in_chans=16).total
-    static = 8 * 8 * 16 * 16 * 9
-    attention = sum(m.in_features * m.out_features for m in conv.modules() if isinstance(m, nn.Linear))
-    attention += sum(m.weight.numel() for m in conv.modules() if isinstance(m, nn.Conv2d))
-    assert total == static + 4 * 16 * 16 * 9 + attention
