@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m image_classification.profile --arch resnet18 --conv pedconv [--image-size 224]
+    python -m image_classification.profiler --arch resnet18 --conv pedconv [--image-size 224]
         [--placement paper] [--num-classes 1000] [--in-chans 3] [--json]
         [--latency [--threads 2 --images 200 --warmup 20 --train-batch 32 --train-steps 8]
                    [--compile] [--no-autotune] [--print-paths] [--no-rss]]
@@ -416,7 +416,7 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
 
 # --------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m image_classification.profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m image_classification.profiler", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", help=f"architecture ({', '.join(list_archs())})")
     p.add_argument("--conv", default="static", help="operator spec, e.g. pedconv, pedconv:rank=4, dcd, static")
     p.add_argument("--placement", default="paper", help="placement (paper, all, pointwise, depthwise, shallow, "
