@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from image_classification import profiler
 
@@ -80,3 +81,34 @@ def test_cli_prints_paths(capsys: pytest.CaptureFixture) -> None:
                          "--train-steps", "1", "--print-paths", "--no-rss", "--no-autotune"]) == 0
     out = capsys.readouterr().out
     assert "PEDConv paths by heuristic" in out and "layer1.0.conv1" in out and "heuristic" in out
+
+
+def test_latency_with_amp_channels_last_reports_throughput_tiny() -> None:
+    res = profiler.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+                                  warmup=1, train_batch=4, train_steps=2, train_warmup=0, amp="bf16",
+                                  channels_last=True)
+    assert res["device"] == "cpu" and res["amp"] == "bf16" and res["channels_last"]
+    for key in ("static", "dynamic"):
+        assert res[f"train_img_s_{key}"] == pytest.approx(4e3 / res[f"train_ms_{key}"], rel=1e-6)
+    assert res["throughput_ratio"] == pytest.approx(1 / res["train_ratio"], rel=1e-6)
+    assert "train_peak_mb_static" not in res  # CUDA only
+
+
+def test_cuda_device_without_cuda_exits_2(capsys: pytest.CaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(SystemExit) as info:
+        profiler.main(["--arch", "resnet18", "--latency", "--device", "cuda"])
+    assert info.value.code == 2
+    assert "--device cuda given but CUDA is not available" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_cuda_latency_amp_channels_last(amp: str, capsys: pytest.CaptureFixture) -> None:
+    assert profiler.main(["--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "10", "--image-size", "32",
+                          "--latency", "--device", "cuda", "--amp", amp, "--channels-last", "--images", "5",
+                          "--warmup", "2", "--train-batch", "16", "--train-steps", "3", "--json"]) == 0
+    lat = json.loads(capsys.readouterr().out)["latency"]
+    assert lat["device"] == "cuda" and lat["amp"] == amp
+    assert lat["throughput_ratio"] > 0 and lat["peak_memory_ratio"] > 0 and lat["train_peak_mb_dynamic"] > 0
