@@ -42,6 +42,7 @@ import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -52,7 +53,15 @@ from .dynamic import autotune
 from .dynamic.base import infomax_loss
 from .flops import count_macs, count_params
 from .models import ARCHS, build_model, list_archs
-from .timing import AMP_DTYPES, autocast_context, memory_format, resolve_device, synchronize, time_calls
+from .timing import (
+    AMP_DTYPES,
+    autocast_context,
+    memory_format,
+    resolve_device,
+    synchronize,
+    time_calls,
+    write_json_atomic,
+)
 
 __all__ = ["PAPER_ROWS", "PaperRow", "main", "measure_latency", "profile_model", "table_rows", "training_memory"]
 
@@ -490,6 +499,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out-json", type=Path, default=None,
+                   help="also write the JSON report to this file (atomically; its directory must exist)")
     p.add_argument("--latency", action="store_true", help="latency/training-step/memory ratios vs static")
     p.add_argument("--device", default="cpu", help="with --latency: cpu (default), cuda[:N] (CUDA-event timing) "
                    "or auto")
@@ -538,6 +549,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.out_json is not None and not args.out_json.parent.is_dir():
+        parser.error(f"--out-json {args.out_json}: directory {args.out_json.parent} does not exist")
     if args.table == "dense":  # SSD300 / PSPNet / UperNet (image_classification/dense/counts.py)
         from .dense.counts import dense_table_rows, format_dense_table
 
@@ -568,6 +581,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(exc))
     finally:
         autotune.set_autotune(None)
+    if args.out_json is not None:
+        write_json_atomic(args.out_json, report)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

@@ -44,12 +44,21 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..timing import AMP_DTYPES, autocast_context, memory_format, resolve_device, synchronize, time_calls
+from ..timing import (
+    AMP_DTYPES,
+    autocast_context,
+    memory_format,
+    resolve_device,
+    synchronize,
+    time_calls,
+    write_json_atomic,
+)
 from . import build_conv, list_operators, parse_spec
 from .autotune import set_autotune
 from .pedconv_paths import PATH_REGISTRY
@@ -367,7 +376,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
                         help="PEDConv path=auto uses its shape heuristic instead of timing the paths")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    parser.add_argument("--out-json", type=Path, default=None,
+                        help="also write the JSON report to this file (atomically; its directory must exist)")
     args = parser.parse_args(argv)
+    if args.out_json is not None and not args.out_json.parent.is_dir():
+        parser.error(f"--out-json {args.out_json}: directory {args.out_json.parent} does not exist")
     available = [op for op in list_operators() if op != "static"]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else available
     if args.all_paths:
@@ -413,12 +426,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             set_autotune(None)
     memory_kind = ("CUDA peak allocated during forward+backward" if args.device == "cuda"
                    else "bytes of non-parameter tensors saved for backward (training step)")
+    report = {"device": args.device, "device_name": _device_name(args.device), "threads": args.threads,
+              "repeats": args.repeats, "compile": args.compile, "autotune": args.autotune,
+              "amp": args.amp, "channels_last": args.channels_last,
+              "torch": torch.__version__, "memory": memory_kind,
+              "rows": [asdict(r) for r in rows]}
+    if args.out_json is not None:
+        write_json_atomic(args.out_json, report)
     if args.json:
-        print(json.dumps({"device": args.device, "device_name": _device_name(args.device), "threads": args.threads,
-                          "repeats": args.repeats, "compile": args.compile, "autotune": args.autotune,
-                          "amp": args.amp, "channels_last": args.channels_last,
-                          "torch": torch.__version__, "memory": memory_kind,
-                          "rows": [asdict(r) for r in rows]}, indent=1))
+        print(json.dumps(report, indent=1))
     else:
         print(f"device={args.device} ({_device_name(args.device)}) threads={args.threads} repeats={args.repeats} "
               f"compile={args.compile} autotune={args.autotune} amp={args.amp} channels_last={args.channels_last} "
