@@ -25,6 +25,10 @@ On a GPU, tile sizes are autotuned per layer shape (``triton.autotune``; ``autot
 fixed heuristic tile instead). The backward adds float32 partial sums with atomics (grad-W_base
 split-K, grad-phi, grad-psi), so it is not bitwise deterministic:
 ``torch.use_deterministic_algorithms(True)`` makes it raise (or warn with ``warn_only``).
+
+Forward and backward are ``torch.library`` custom operators with fake implementations, so that
+``torch.compile(fullgraph=True)`` traces callers without a graph break. PEDConv2d runs it as its
+``triton`` path (:func:`run_path`, :func:`path_applicable`; registered in :mod:`.pedconv_paths`).
 """
 
 from __future__ import annotations
