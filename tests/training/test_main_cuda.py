@@ -43,7 +43,6 @@ def test_amp_nhwc_train_evaluate(e2e: SimpleNamespace, jpeg_folder: Path, tmp_pa
     checkpoint = load_checkpoint(ws / "checkpoint.pth.tar")
     assert checkpoint["epoch"] == 2
     assert (checkpoint["scaler"] is not None) == (amp_dtype == "fp16")
-    assert all(t.device.type == "cpu" for t in checkpoint["state_dict"].values())  # loadable anywhere
     logged = _val_top1(ws)
     assert len(logged) == 2
     _ok(e2e.run([str(jpeg_folder), *_gpu(e2e, ["--conv", "pedconv", "--amp", "--amp-dtype", amp_dtype,
