@@ -83,7 +83,7 @@ def collect(out: Path) -> Dict[str, Any]:
     bench = _read_json(out / "benchmark.json")
     if isinstance(bench, dict):
         summary["benchmark_setup"] = {k: bench.get(k) for k in ("device", "device_name", "amp", "channels_last",
-                                                                  "compile", "autotune", "torch")}
+                                                                  "compile", "autotune", "torch", "complete")}
         for row in bench.get("rows", []):
             entry = dict(row)
             fused = row.get("op") in ("pedconv:path=triton", "pedconv")
@@ -143,7 +143,8 @@ def format_markdown(summary: Dict[str, Any]) -> str:
     if setup:
         lines += [f"device {setup.get('device_name') or setup.get('device')}, amp {setup.get('amp')}, "
                   f"channels_last {setup.get('channels_last')}, torch {setup.get('torch')}; target for the fused path "
-                  f"and path=auto: train <= {LAYER_TRAIN_TARGET}", ""]
+                  f"and path=auto: train <= {LAYER_TRAIN_TARGET}"
+                  + ("" if setup.get("complete", True) else " (INCOMPLETE: the stage was cut short)"), ""]
     lines += ["| shape | batch | operator | fwd x | train x | mem x | img/s | paths | target met | note |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["layers"]:

@@ -16,7 +16,10 @@
 #
 # Environment: PYTHON (interpreter; default .venv/bin/python, else python3), NETS (profiler architectures,
 # default "resnet18 resnet50 mobilenet_v2_x1.0"), CONVS (profiler operators, default "pedconv"), BATCH (64),
-# and per-stage limits in seconds: T_PYTEST (230), T_TRITON (100), T_BENCH (90), T_NET (50 per network).
+# per-stage limits in seconds: T_PYTEST (180), T_TRITON (80), T_BENCH (100), T_NET (40 per network), and
+# PEDCONV_TRITON_TILES (default here: small = 3 candidate tiles per kernel, a third of the Triton compilations
+# of a new layer shape; full = every tile; heuristic = no Triton autotuning). Defaults total ~8 minutes; a
+# stage cut short keeps what it wrote (the benchmark rewrites its JSON after every layer shape).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR}
@@ -25,6 +28,7 @@ if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
 NETS=${NETS:-resnet18 resnet50 mobilenet_v2_x1.0}
 CONVS=${CONVS:-pedconv}
 BATCH=${BATCH:-64}
+export PEDCONV_TRITON_TILES=${PEDCONV_TRITON_TILES:-small}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 : >"$OUT_DIR/stages.tsv"
@@ -57,20 +61,20 @@ stage() {
     return 0
 }
 
-stage pytest-cuda "${T_PYTEST:-230}" "$OUT_DIR/pytest.log" \
+stage pytest-cuda "${T_PYTEST:-180}" "$OUT_DIR/pytest.log" \
     "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml "$OUT_DIR/pytest.xml" tests
-stage triton-check "${T_TRITON:-100}" "$OUT_DIR/triton_check.log" \
+stage triton-check "${T_TRITON:-80}" "$OUT_DIR/triton_check.log" \
     "$PY" -m image_classification.dynamic.triton_pedconv_check --out "$OUT_DIR/triton" --batch "$BATCH" \
-    --dtype fp16 --memory-format nhwc --budget-s "$(( ${T_TRITON:-100} - 25 ))"
+    --dtype fp16 --memory-format nhwc --budget-s "$(( ${T_TRITON:-80} - 20 ))"
 SHAPES=r18-3x3-64@56,r18-3x3-128@28,r18-3x3-256@14,r18-3x3-512@7,r18-3x3s2-64-128@56,r50-1x1-64-256@56,r50-1x1-256-64@56,r50-1x1-2048-512@7
-stage benchmark "${T_BENCH:-90}" "$OUT_DIR/benchmark.log" \
+stage benchmark "${T_BENCH:-100}" "$OUT_DIR/benchmark.log" \
     "$PY" -m image_classification.dynamic.benchmark --device cuda --amp fp16 --channels-last --batch-sizes "$BATCH" \
     --shapes "$SHAPES" --ops pedconv,dcd,dyconv,condconv,odconv --all-paths --repeats 3 --json \
     --out-json "$OUT_DIR/benchmark.json"
 for net in $NETS; do
     for conv in $CONVS; do
         tag=$(echo "${net}_${conv}" | tr ':=,' '___')
-        stage "profiler-$tag" "${T_NET:-50}" "$OUT_DIR/profiler_$tag.log" \
+        stage "profiler-$tag" "${T_NET:-40}" "$OUT_DIR/profiler_$tag.log" \
             "$PY" -m image_classification.profiler --arch "$net" --conv "$conv" --latency --device cuda --amp fp16 \
             --channels-last --train-batch "$BATCH" --train-steps 10 --images 50 --warmup 10 --json \
             --out-json "$OUT_DIR/profiler_$tag.json"

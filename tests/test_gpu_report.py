@@ -32,6 +32,7 @@ def test_summary_from_benchmark_and_profiler_outputs(tmp_path: Path, capsys: pyt
     assert gpu_report.main([str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [s["rc"] for s in summary["stages"]] == [0, 124]
+    assert summary["benchmark_setup"]["complete"] is True and "INCOMPLETE" not in (out / "summary.md").read_text()
     assert summary["pytest"] == "12 passed, 1 skipped in 200.1s"
     layers = {r["op"]: r for r in summary["layers"]}
     assert set(layers) == {"pedconv", "dcd"} and layers["pedconv"]["target"] == gpu_report.LAYER_TRAIN_TARGET

@@ -229,13 +229,15 @@ def run_benchmark(
     compile: bool = False,
     amp: str = "none",
     channels_last: bool = False,
+    on_progress: Optional[Callable[[List[Row]], None]] = None,
 ) -> List[Row]:
     """Measure every (shape, batch, op) and return the rows (ratios to nn.Conv2d in the same run).
 
     ``ops`` are operator specs; ``compile`` times ``torch.compile(fullgraph=True)`` of every module;
     ``amp`` (none/fp16/bf16) runs all modules under autocast; ``channels_last`` converts modules and inputs.
     An operator whose first forward on a shape raises ValueError (e.g. a path that does not apply on this
-    device) is reported as skipped with the message.
+    device) is reported as skipped with the message. ``on_progress(rows)`` is called with the rows so far
+    after every (shape, batch) (the CLI rewrites ``--out-json`` then, so a run cut short keeps its rows).
     """
     dev = resolve_device(device) if isinstance(device, str) else device
     fmt = memory_format(channels_last)
@@ -298,6 +300,8 @@ def run_benchmark(
             for m in candidates.values():
                 for p in m.parameters():
                     p.grad = None
+            if on_progress is not None:
+                on_progress(list(rows))
     return rows
 
 
@@ -418,19 +422,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.autotune:
         set_autotune(False)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    memory_kind = ("CUDA peak allocated during forward+backward" if args.device == "cuda"
+                   else "bytes of non-parameter tensors saved for backward (training step)")
+
+    def report_of(rows: List[Row], complete: bool) -> Dict[str, object]:
+        return {"device": args.device, "device_name": _device_name(args.device), "threads": args.threads,
+                "repeats": args.repeats, "compile": args.compile, "autotune": args.autotune,
+                "amp": args.amp, "channels_last": args.channels_last,
+                "torch": torch.__version__, "memory": memory_kind, "complete": complete,
+                "rows": [asdict(r) for r in rows]}
+
+    def progress(rows: List[Row]) -> None:
+        if args.out_json is not None:
+            write_json_atomic(args.out_json, report_of(rows, False))
+
     try:
         rows = run_benchmark(args.ops, args.shapes, args.batch_sizes, args.repeats, args.warmup, args.device, log,
-                             compile=args.compile, amp=args.amp, channels_last=args.channels_last)
+                             compile=args.compile, amp=args.amp, channels_last=args.channels_last,
+                             on_progress=progress)
     finally:
         if not args.autotune:
             set_autotune(None)
-    memory_kind = ("CUDA peak allocated during forward+backward" if args.device == "cuda"
-                   else "bytes of non-parameter tensors saved for backward (training step)")
-    report = {"device": args.device, "device_name": _device_name(args.device), "threads": args.threads,
-              "repeats": args.repeats, "compile": args.compile, "autotune": args.autotune,
-              "amp": args.amp, "channels_last": args.channels_last,
-              "torch": torch.__version__, "memory": memory_kind,
-              "rows": [asdict(r) for r in rows]}
+    report = report_of(rows, True)
     if args.out_json is not None:
         write_json_atomic(args.out_json, report)
     if args.json:

@@ -50,6 +50,7 @@ __all__ = [
     "unavailable_reason",
     "triton_version",
     "path_unsupported_reason",
+    "tile_mode",
     "path_applicable",
     "run_path",
 ]
@@ -247,13 +248,27 @@ AUTOTUNE_TILES: Tuple[Tuple[int, int, int, int, int], ...] = (
 )
 #: autotuner timing per candidate (milliseconds of warm-up and of repetitions, ``triton.testing.do_bench``)
 AUTOTUNE_BENCH_MS = (5, 25)
+#: environment variable choosing the tiles of the ``triton`` PEDConv path: ``full`` (default: every tile of
+#: AUTOTUNE_TILES is a candidate), ``small`` (the first 3: a third of the compilations per new layer shape)
+#: or ``heuristic`` (no tuning, the fixed heuristic tile; no benchmarking on first use)
+TILES_ENV = "PEDCONV_TRITON_TILES"
+_TILE_MODES = ("full", "small", "heuristic")
+
+
+def tile_mode() -> str:
+    """The ``PEDCONV_TRITON_TILES`` setting (ValueError naming the variable when it is not a known mode)."""
+    mode = os.environ.get(TILES_ENV, "full").strip().lower() or "full"
+    if mode not in _TILE_MODES:
+        raise ValueError(f"{TILES_ENV}={mode!r}: expected one of {', '.join(_TILE_MODES)}")
+    return mode
 
 
 def _gemm_configs() -> List[Any]:
     import triton
 
+    tiles = AUTOTUNE_TILES[:3] if tile_mode() == "small" else AUTOTUNE_TILES
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for m, n, k, s, w in AUTOTUNE_TILES]
+            for m, n, k, s, w in tiles]
 
 
 def _autotune(configs: List[Any], key: List[str], prune: Optional[Callable[..., List[Any]]] = None) -> Any:
@@ -702,11 +717,12 @@ def run_path(layer: Any, x: Tensor, weight: Tensor, factors: Any) -> Tensor:
     if len(layer.components) == 1 and rank > 1:  # a single component: sum_r W * c_r = W * sum_r c_r
         gamma, phi, psi = (None if c is None else c.sum(dim=1, keepdim=True) for c in (gamma, phi, psi))
         rank = 1
+    autotune = tile_mode() != "heuristic"
     out: Optional[Tensor] = None
     for r in range(rank):
         terms = [None if c is None else c.select(1, r) for c in (gamma, phi, psi)]
         y = pedconv_conv2d_triton(x, weight, *terms, stride=tuple(layer.stride), padding=tuple(layer.padding),
-                                  dilation=tuple(layer.dilation))
+                                  dilation=tuple(layer.dilation), autotune=autotune)
         out = y if out is None else out + y
     assert out is not None
     return out

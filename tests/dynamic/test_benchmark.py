@@ -102,3 +102,9 @@ def test_cuda_benchmark_fp16_channels_last_every_path(capsys):
     rows = {(r["shape"], r["op"], r["batch"]): r for r in report["rows"]}
     triton = rows[("r18-3x3-64@56", "pedconv:path=triton", 8)]
     assert triton["note"] == "" and triton["train_ratio"] > 0 and triton["mem_ratio"] > 0
+
+
+def test_progress_callback_after_every_shape_and_batch():
+    seen = []
+    rows = benchmark.run_benchmark(["dcd"], ["tiny"], (1, 2), repeats=1, warmup=0, on_progress=seen.append)
+    assert [len(r) for r in seen] == [1, 2] and seen[-1] == rows

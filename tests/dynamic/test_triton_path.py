@@ -223,3 +223,33 @@ def test_cuda_inductor_compile_with_autocast_and_channels_last(dtype: torch.dtyp
         if w is not None:
             scale = max(1.0, w.abs().max().item())
             torch.testing.assert_close(g / scale, w / scale, rtol=3e-2, atol=3e-2)
+
+
+def test_tile_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(triton_pedconv.TILES_ENV, raising=False)
+    assert triton_pedconv.tile_mode() == "full"
+    assert len(triton_pedconv._gemm_configs()) == len(triton_pedconv.AUTOTUNE_TILES)
+    monkeypatch.setenv(triton_pedconv.TILES_ENV, "Small")
+    assert triton_pedconv.tile_mode() == "small" and len(triton_pedconv._gemm_configs()) == 3
+    monkeypatch.setenv(triton_pedconv.TILES_ENV, "fast")
+    with pytest.raises(ValueError, match="PEDCONV_TRITON_TILES='fast': expected one of full, small, heuristic"):
+        triton_pedconv.tile_mode()
+
+
+def test_heuristic_tile_mode_turns_kernel_autotuning_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: List[bool] = []
+    original = triton_pedconv.pedconv_conv2d_triton
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["autotune"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_pedconv, "pedconv_conv2d_triton", spy)
+    layer = PEDConv2d(4, 4, 3, padding=1, path="triton").to(DEVICE).eval()
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        monkeypatch.setenv(triton_pedconv.TILES_ENV, "heuristic")
+        layer(x)
+        monkeypatch.setenv(triton_pedconv.TILES_ENV, "full")
+        layer(x)
+    assert seen == [False, True]
