@@ -20,6 +20,8 @@
 # PEDCONV_TRITON_TILES (default here: small = 3 candidate tiles per kernel, a third of the Triton compilations
 # of a new layer shape; full = every tile; heuristic = no Triton autotuning). Defaults total ~8 minutes; a
 # stage cut short keeps what it wrote (the benchmark rewrites its JSON after every layer shape).
+# DALI_WHEELS=DIR: on a machine without a package registry, install nvidia-dali-cuda120 from the wheels in DIR
+# (pip --no-index) when DALI is not importable, so that the dali-gpu test runs instead of being skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:?usage: bash scripts/gpu_checks.sh OUT_DIR}
@@ -39,6 +41,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1 || true
+if [ -n "${DALI_WHEELS:-}" ] && ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --find-links "$DALI_WHEELS" nvidia-dali-cuda120 >"$OUT_DIR/dali_install.log" 2>&1 \
+        || echo "gpu_checks.sh: note: installing DALI from $DALI_WHEELS failed (see dali_install.log)" >&2
+fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))
 try:
     import triton; print('triton', triton.__version__)
