@@ -6,7 +6,7 @@ Usage::
 
 Reads what the script leaves in ``OUT_DIR`` (any part may be missing when a stage failed or ran out of
 time; the summary says so): ``stages.tsv`` (stage, exit status, seconds), ``pytest.log`` (the cuda-marked
-tests), ``benchmark.json`` (``python -m image_classification.dynamic.benchmark --json``: per-layer ratios
+tests), ``pytest_triton.log`` (the Triton test files compiled on the GPU), ``benchmark.json`` (``python -m image_classification.dynamic.benchmark --json``: per-layer ratios
 to nn.Conv2d), ``profiler_*.json`` (``python -m image_classification.profiler --latency --json``: whole
 networks vs static) and ``triton/triton_pedconv_check.json`` (the kernel check). The targets of issue 12
 are checked where their figures exist: per layer, train step of the Triton path (or of ``path=auto``)
@@ -52,9 +52,9 @@ def _stages(out: Path) -> List[Dict[str, Any]]:
     return rows
 
 
-def _pytest_summary(out: Path) -> Optional[str]:
+def _pytest_summary(out: Path, name: str = "pytest.log") -> Optional[str]:
     try:
-        lines = (out / "pytest.log").read_text().splitlines()
+        lines = (out / name).read_text().splitlines()
     except OSError:
         return None
     pattern = re.compile(r"\d+ (passed|failed|skipped|error)")
@@ -78,7 +78,8 @@ def _path_counts(paths: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
 
 def collect(out: Path) -> Dict[str, Any]:
     """Everything the summary shows, as plain data (also written as summary.json)."""
-    summary: Dict[str, Any] = {"stages": _stages(out), "pytest": _pytest_summary(out), "layers": [],
+    summary: Dict[str, Any] = {"stages": _stages(out), "pytest": _pytest_summary(out),
+                               "pytest_triton": _pytest_summary(out, "pytest_triton.log"), "layers": [],
                                "networks": [], "triton_check": None}
     bench = _read_json(out / "benchmark.json")
     if isinstance(bench, dict):
@@ -137,7 +138,8 @@ def format_markdown(summary: Dict[str, Any]) -> str:
         lines.append(f"| {s['stage']} | {s['rc']} | {s['seconds']:.0f} |")
     if not summary["stages"]:
         lines.append("| (no stages.tsv) | - | - |")
-    lines += ["", f"cuda-marked tests: {summary['pytest'] or 'no pytest.log'}", ""]
+    lines += ["", f"cuda-marked tests: {summary['pytest'] or 'no pytest.log'}",
+              f"Triton test files (compiled): {summary['pytest_triton'] or 'no pytest_triton.log'}", ""]
     setup = summary.get("benchmark_setup")
     lines += ["## Per layer (ratio to nn.Conv2d, same run)", ""]
     if setup:

@@ -6,6 +6,7 @@
 # Stages (each under its own time limit; a failed or timed-out stage is recorded and the next one runs):
 #   1. pytest -m cuda       the cuda-marked tests (Triton path, benchmark/profiler on CUDA, main.py end to end:
 #                           AMP fp16/bf16, nhwc, --compile, EMA, resume, NCCL DDP, dali-gpu)  -> pytest.log
+#      pytest (Triton)      tests/dynamic/test_triton_{pedconv,path}.py compiled on the GPU    -> pytest_triton.log
 #   2. triton check         exactness of the fused kernel on the GPU, then the ResNet-18/50 PEDConv layers at
 #                           batch 64 fp16 channels_last vs cuDNN                              -> triton/
 #   3. per-layer benchmark  R18/R50 shapes, batch 64, fp16, channels_last, every operator and every PEDConv path,
@@ -16,7 +17,8 @@
 #
 # Environment: PYTHON (interpreter; default .venv/bin/python, else python3), NETS (profiler architectures,
 # default "resnet18 resnet50 mobilenet_v2_x1.0"), CONVS (profiler operators, default "pedconv"), BATCH (64),
-# per-stage limits in seconds: T_PYTEST (180), T_TRITON (80), T_BENCH (100), T_NET (40 per network), and
+# per-stage limits in seconds: T_PYTEST (150), T_PYTEST_TRITON (90), T_TRITON (80), T_BENCH (90), T_NET (35 per
+# network), and
 # PEDCONV_TRITON_TILES (default here: small = 3 candidate tiles per kernel, a third of the Triton compilations
 # of a new layer shape; full = every tile; heuristic = no Triton autotuning). Defaults total ~8 minutes; a
 # stage cut short keeps what it wrote (the benchmark rewrites its JSON after every layer shape).
@@ -67,20 +69,23 @@ stage() {
     return 0
 }
 
-stage pytest-cuda "${T_PYTEST:-180}" "$OUT_DIR/pytest.log" \
+stage pytest-cuda "${T_PYTEST:-150}" "$OUT_DIR/pytest.log" \
     "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml "$OUT_DIR/pytest.xml" tests
+stage pytest-triton "${T_PYTEST_TRITON:-90}" "$OUT_DIR/pytest_triton.log" \
+    "$PY" -m pytest -q -p no:cacheprovider --junitxml "$OUT_DIR/pytest_triton.xml" \
+    tests/dynamic/test_triton_pedconv.py tests/dynamic/test_triton_path.py
 stage triton-check "${T_TRITON:-80}" "$OUT_DIR/triton_check.log" \
     "$PY" -m image_classification.dynamic.triton_pedconv_check --out "$OUT_DIR/triton" --batch "$BATCH" \
     --dtype fp16 --memory-format nhwc --budget-s "$(( ${T_TRITON:-80} - 20 ))"
 SHAPES=r18-3x3-64@56,r18-3x3-128@28,r18-3x3-256@14,r18-3x3-512@7,r18-3x3s2-64-128@56,r50-1x1-64-256@56,r50-1x1-256-64@56,r50-1x1-2048-512@7
-stage benchmark "${T_BENCH:-100}" "$OUT_DIR/benchmark.log" \
+stage benchmark "${T_BENCH:-90}" "$OUT_DIR/benchmark.log" \
     "$PY" -m image_classification.dynamic.benchmark --device cuda --amp fp16 --channels-last --batch-sizes "$BATCH" \
     --shapes "$SHAPES" --ops pedconv,dcd,dyconv,condconv,odconv --all-paths --repeats 3 --json \
     --out-json "$OUT_DIR/benchmark.json"
 for net in $NETS; do
     for conv in $CONVS; do
         tag=$(echo "${net}_${conv}" | tr ':=,' '___')
-        stage "profiler-$tag" "${T_NET:-40}" "$OUT_DIR/profiler_$tag.log" \
+        stage "profiler-$tag" "${T_NET:-35}" "$OUT_DIR/profiler_$tag.log" \
             "$PY" -m image_classification.profiler --arch "$net" --conv "$conv" --latency --device cuda --amp fp16 \
             --channels-last --train-batch "$BATCH" --train-steps 10 --images 50 --warmup 10 --json \
             --out-json "$OUT_DIR/profiler_$tag.json"
