@@ -4,7 +4,7 @@
 Trains CIFAR ResNet-20 (configs/fashion_mnist/<op>.yaml: every conv but the stem replaced by the
 operator) with ``python main.py`` once per (operator, seed), then measures each model's deploy
 parameters, multiply-adds and batch-1 CPU inference latency against the static model (interleaved in
-one process, :func:`image_classification.profile.measure_latency`) and writes
+one process, :func:`image_classification.profiler.measure_latency`) and writes
 
 * ``<out>/<name>.md``: test top-1 mean +- std over the seeds, parameters, MACs, training img/s,
   latency and its ratio to static, per-seed results and the exact command;
@@ -225,7 +225,7 @@ def load_run(workspace: Path, op: str, seed: int) -> RunResult:
 def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
     """Deploy params and MACs of the op's model at 28x28x1, 10 classes; batch-1 latency vs static."""
     from image_classification.dynamic import parse_spec
-    from image_classification.profile import measure_latency, profile_model
+    from image_classification.profiler import measure_latency, profile_model
 
     recipe = read_recipe(op)
     arch, conv, placement = recipe["arch"], recipe["conv"], recipe.get("placement", "paper")
@@ -395,7 +395,7 @@ def write_report(
         "± is the sample standard deviation over the seeds. Parameters are deploy parameters (PEDConv's",
         "training-only info-max decoder excluded); MACs per image at 28x28. Train img/s: main.py's epoch",
         "throughput. Latency: median batch-1 CPU inference, measured interleaved with the static model in one",
-        "process (`image_classification.profile.measure_latency`), so the ratios are the comparable figures.",
+        "process (`image_classification.profiler.measure_latency`), so the ratios are the comparable figures.",
         "",
         f"Command: `{command}`",
         "",

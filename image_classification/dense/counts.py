@@ -1,6 +1,6 @@
 """The papers' detection and segmentation counts next to this project's (PEDConv Tables 2 and 3).
 
-``python -m image_classification.profile --table dense`` prints them (``--json`` for JSON). Parameters are
+``python -m image_classification.profiler --table dense`` prints them (``--json`` for JSON). Parameters are
 deploy parameters (PEDConv's training-only info-max decoders excluded; PSPNet's deep-supervision head
 included, as the paper's 51.5M needs it); MACs are multiply-adds of one image through backbone and heads
 (detection at 300 x 300; segmentation at 512 x 512, ADE20K's usual crop: the paper does not state its size,

@@ -4,18 +4,27 @@ Usage::
 
     python -m image_classification.dynamic.benchmark [--ops pedconv,dcd,pedconv:path=patch_gemm,...]
         [--shapes r18-3x3-64@56,...] [--batch-sizes 1,32] [--threads 2] [--repeats 3]
-        [--device cpu|cuda|auto] [--compile] [--no-autotune] [--json]
+        [--device cpu|cuda|auto] [--amp none|fp16|bf16] [--channels-last] [--all-paths]
+        [--compile] [--no-autotune] [--json]
 
 ``--ops`` takes operator specs (``pedconv:path=fold`` times one PEDConv path; plain ``pedconv`` uses
 ``path=auto``, whose choice per batch size is reported in the ``paths`` column). ``--compile`` times
 ``torch.compile(fullgraph=True)`` of every module, nn.Conv2d included (both sides compiled alike).
+``--all-paths`` adds ``pedconv:path=NAME`` for every registered PEDConv path but ``reference``; a path that
+cannot run a shape on this device (e.g. ``triton`` off CUDA) is skipped with its one-line reason.
+
+``--device cuda`` times on the GPU with CUDA events (:func:`image_classification.timing.time_calls`:
+synchronise, record, run, record, wait for the end event), after the same warm-up calls as on the CPU;
+``--amp fp16|bf16`` runs every module under ``torch.autocast`` (the static conv included) and
+``--channels-last`` gives modules and inputs the channels_last memory format (the fast layout of
+tensor-core convolutions). ``--device cuda`` without CUDA is a one-line error.
 
 For every layer shape, batch size and operator it reports, as ratios to a plain ``nn.Conv2d`` of
 the same geometry measured in the same run:
 
 * ``fwd``: time of an inference forward (``eval()``, ``torch.no_grad()``);
 * ``train``: time of a training forward + backward (input gradient included, as inside a
-  network);
+  network), also as training throughput (``img/s`` = batch / train time, the operator's and nn.Conv2d's);
 * ``mem``: memory of a training step of the layer followed by a BatchNorm, as inside the networks (a
   layer output saved for backward is then shared with BatchNorm's saved input). On CUDA: peak
   allocated memory during forward + backward above what was allocated before. On CPU (where
@@ -34,15 +43,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..timing import (
+    AMP_DTYPES,
+    autocast_context,
+    memory_format,
+    resolve_device,
+    synchronize,
+    time_calls,
+    write_json_atomic,
+)
 from . import build_conv, list_operators, parse_spec
 from .autotune import set_autotune
+from .pedconv_paths import PATH_REGISTRY
 
 __all__ = ["LayerShape", "SHAPES", "DEFAULT_SHAPES", "run_benchmark", "main"]
 
@@ -92,45 +111,41 @@ class Row:
     mem_ratio: Optional[float] = None
     static_fwd_ms: Optional[float] = None
     static_train_ms: Optional[float] = None
+    train_img_s: Optional[float] = None  # training throughput of the operator (batch / train time)
+    static_train_img_s: Optional[float] = None
     paths: str = ""  # PEDConv path=auto: the path chosen for inference / training at this batch size
     note: str = ""
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+_sync = synchronize
 
 
-def _fwd_fn(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+def _fwd_fn(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, amp: str = "none") -> Callable[[], None]:
     def run() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(x.device, amp):
             module(x)
 
     return run
 
 
 def _train_fn(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-              params: Sequence[nn.Parameter]) -> Callable[[], None]:
+              params: Sequence[nn.Parameter], amp: str = "none") -> Callable[[], None]:
     xg = x.detach().clone().requires_grad_(True)
 
     def run() -> None:
         for p in params:
             p.grad = None
         xg.grad = None
-        out = module(xg)
+        with autocast_context(x.device, amp):
+            out = module(xg)
         out.backward(torch.ones_like(out))
 
     return run
 
 
 def _timed(fn: Callable[[], None], device: torch.device, number: int = 1) -> float:
-    """Seconds per call of ``fn`` averaged over ``number`` back-to-back calls."""
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / number
+    """Seconds per call of ``fn`` averaged over ``number`` back-to-back calls (CUDA events on a GPU)."""
+    return time_calls(fn, device, number)
 
 
 def _calibrate(fns: Dict[str, Callable[[], None]], device: torch.device, target_s: float) -> int:
@@ -157,18 +172,20 @@ def _measure(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: 
     return {name: min(values) for name, values in samples.items()}
 
 
-def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device, amp: str = "none") -> float:
     """Bytes of a training step of ``module`` + BatchNorm: CUDA peak above baseline, or distinct
     saved-for-backward tensors on CPU."""
     xg = x.detach().clone().requires_grad_(True)
     with torch.no_grad():
         channels = module(x[:1]).shape[1]
-    module = nn.Sequential(module, nn.BatchNorm2d(channels)).to(x.device).train()
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    module = nn.Sequential(module, nn.BatchNorm2d(channels)).to(x.device, memory_format=fmt).train()
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        out = module(xg)
+        with autocast_context(device, amp):
+            out = module(xg)
         out.backward(torch.ones_like(out))
         _sync(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
@@ -181,7 +198,7 @@ def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device) -> f
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(device, amp):
         out = module(xg)
     out.backward(torch.ones_like(out))
     return float(sum(seen.values()))
@@ -210,46 +227,64 @@ def run_benchmark(
     log: Optional[Callable[[str], None]] = None,
     target_s: float = 0.02,
     compile: bool = False,
+    amp: str = "none",
+    channels_last: bool = False,
+    on_progress: Optional[Callable[[List[Row]], None]] = None,
 ) -> List[Row]:
     """Measure every (shape, batch, op) and return the rows (ratios to nn.Conv2d in the same run).
 
-    ``ops`` are operator specs; ``compile`` times ``torch.compile(fullgraph=True)`` of every module.
+    ``ops`` are operator specs; ``compile`` times ``torch.compile(fullgraph=True)`` of every module;
+    ``amp`` (none/fp16/bf16) runs all modules under autocast; ``channels_last`` converts modules and inputs.
+    An operator whose first forward on a shape raises ValueError (e.g. a path that does not apply on this
+    device) is reported as skipped with the message. ``on_progress(rows)`` is called with the rows so far
+    after every (shape, batch) (the CLI rewrites ``--out-json`` then, so a run cut short keeps its rows).
     """
-    dev = torch.device(device)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    fmt = memory_format(channels_last)
     rows: List[Row] = []
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         geometry = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, bias=False)
         torch.manual_seed(0)
-        static = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, **geometry).to(dev)
+        static = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, **geometry).to(dev,
+                                                                                                  memory_format=fmt)
         modules: Dict[str, nn.Module] = {}
         notes: Dict[str, str] = {}
         for op in ops:
             try:
                 modules[op] = build_conv(op, shape.in_channels, shape.out_channels, shape.kernel_size,
-                                         **geometry).to(dev)
+                                         **geometry).to(dev, memory_format=fmt)
             except (ValueError, NotImplementedError) as exc:
                 notes[op] = f"skipped: {exc}"
         for batch in batch_sizes:
             if log:
                 log(f"  {shape_name} batch {batch} ...")
-            x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=dev)
-            candidates = {"static": static, **modules}
+            x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=dev).contiguous(memory_format=fmt)
+            runnable = {}
+            batch_notes = dict(notes)
+            for op, m in modules.items():
+                problem = _probe(m, x, amp)
+                if problem is None:
+                    runnable[op] = m
+                else:
+                    batch_notes[op] = f"skipped: {problem}"
+            candidates = {"static": static, **runnable}
             callables = {name: (_compiled(m) if compile else m) for name, m in candidates.items()}
             for m in candidates.values():
                 m.eval()
-            fwd = {name: _fwd_fn(callables[name], x) for name in candidates}
+            fwd = {name: _fwd_fn(callables[name], x, amp) for name in candidates}
             times_fwd = _measure(fwd, dev, repeats, max(warmup, 1) if compile else warmup, target_s)
             for m in candidates.values():
                 m.train()
-            train = {name: _train_fn(callables[name], x, list(candidates[name].parameters())) for name in candidates}
+            train = {name: _train_fn(callables[name], x, list(candidates[name].parameters()), amp)
+                     for name in candidates}
             times_train = _measure(train, dev, repeats, warmup, target_s)
-            mem = {name: _train_memory(m, x, dev) for name, m in candidates.items()}
+            mem = {name: _train_memory(m, x, dev, amp) for name, m in candidates.items()}
             base_fwd = times_fwd["static"]
             base_train = times_train["static"]
             for op in ops:
-                if op in notes:
-                    rows.append(Row(shape_name, op, batch, note=notes[op]))
+                if op in batch_notes:
+                    rows.append(Row(shape_name, op, batch, note=batch_notes[op]))
                     continue
                 rows.append(Row(
                     shape_name, op, batch,
@@ -258,18 +293,33 @@ def run_benchmark(
                     mem_ratio=mem[op] / mem["static"] if mem["static"] else None,
                     static_fwd_ms=1e3 * base_fwd,
                     static_train_ms=1e3 * base_train,
+                    train_img_s=batch / times_train[op],
+                    static_train_img_s=batch / base_train,
                     paths=_auto_paths(modules[op], batch),
                 ))
             for m in candidates.values():
                 for p in m.parameters():
                     p.grad = None
+            if on_progress is not None:
+                on_progress(list(rows))
     return rows
+
+
+def _probe(module: nn.Module, x: torch.Tensor, amp: str) -> Optional[str]:
+    """None when ``module`` runs on ``x`` (one inference forward), else the one-line reason it cannot."""
+    module.eval()
+    try:
+        with torch.no_grad(), autocast_context(x.device, amp):
+            module(x)
+    except (ValueError, NotImplementedError) as exc:
+        return str(exc).splitlines()[0]
+    return None
 
 
 def format_table(rows: Sequence[Row], memory_kind: str) -> str:
     width = max([18, *(len(r.op) for r in rows)])
-    header = (f"{'shape':<20} {'batch':>5} {'operator':<{width}} {'fwd x':>7} {'train x':>8} {'mem x':>6}  "
-              f"static fwd/train ms  paths (auto)")
+    header = (f"{'shape':<20} {'batch':>5} {'operator':<{width}} {'fwd x':>7} {'train x':>8} {'mem x':>6} "
+              f"{'img/s':>8}  static fwd/train ms  paths (auto)")
     lines = [header, "-" * len(header)]
     last = None
     for r in rows:
@@ -282,12 +332,14 @@ def format_table(rows: Sequence[Row], memory_kind: str) -> str:
             continue
         mem = f"{r.mem_ratio:6.2f}" if r.mem_ratio is not None else f"{'-':>6}"
         static = f"{r.static_fwd_ms:.2f} / {r.static_train_ms:.2f}"
+        img_s = f"{r.train_img_s:8.0f}" if r.train_img_s is not None else f"{'-':>8}"
         lines.append(
-            f"{r.shape:<20} {r.batch:>5} {r.op:<{width}} {r.fwd_ratio:7.2f} {r.train_ratio:8.2f} {mem}  "
+            f"{r.shape:<20} {r.batch:>5} {r.op:<{width}} {r.fwd_ratio:7.2f} {r.train_ratio:8.2f} {mem} {img_s}  "
             f"{static:<19}  {r.paths}".rstrip()
         )
     lines.append("")
-    lines.append(f"ratios to nn.Conv2d in the same run (min over interleaved repeats); mem = {memory_kind}")
+    lines.append(f"ratios to nn.Conv2d in the same run (min over interleaved repeats); img/s = training throughput "
+                 f"(batch / train time); mem = {memory_kind}")
     return "\n".join(lines)
 
 
@@ -315,15 +367,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="cpu (default), cuda (CUDA-event timing) or auto (cuda when available)")
+    parser.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES),
+                        help="run every module under torch.autocast with this dtype (default none)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="modules and inputs in the channels_last memory format")
+    parser.add_argument("--all-paths", action="store_true",
+                        help="also time pedconv:path=NAME for every registered PEDConv path but reference")
     parser.add_argument("--compile", action="store_true",
                         help="time torch.compile(fullgraph=True) of every module, nn.Conv2d included")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
                         help="PEDConv path=auto uses its shape heuristic instead of timing the paths")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    parser.add_argument("--out-json", type=Path, default=None,
+                        help="also write the JSON report to this file (atomically; its directory must exist)")
     args = parser.parse_args(argv)
+    if args.out_json is not None and not args.out_json.parent.is_dir():
+        parser.error(f"--out-json {args.out_json}: directory {args.out_json.parent} does not exist")
     available = [op for op in list_operators() if op != "static"]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else available
+    if args.all_paths:
+        ops += [f"pedconv:path={name}" for name in PATH_REGISTRY if name != "reference"
+                and f"pedconv:path={name}" not in ops]
     unknown = [o for o in ops if o.split(":", 1)[0].strip().lower() not in list_operators()]
     if unknown or not ops:
         parser.error(f"unknown operator(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(available)}")
@@ -338,12 +404,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"unknown shape(s) {', '.join(bad) or '(none given)'}; valid: {', '.join(SHAPES)}")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda given but CUDA is not available")
+    try:
+        args.device = resolve_device(args.device).type
+    except ValueError as exc:
+        parser.error(str(exc))
     args.ops, args.shapes = ops, shapes
     return args
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -352,22 +422,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.autotune:
         set_autotune(False)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    memory_kind = ("CUDA peak allocated during forward+backward" if args.device == "cuda"
+                   else "bytes of non-parameter tensors saved for backward (training step)")
+
+    def report_of(rows: List[Row], complete: bool) -> Dict[str, object]:
+        return {"device": args.device, "device_name": _device_name(args.device), "threads": args.threads,
+                "repeats": args.repeats, "compile": args.compile, "autotune": args.autotune,
+                "amp": args.amp, "channels_last": args.channels_last,
+                "torch": torch.__version__, "memory": memory_kind, "complete": complete,
+                "rows": [asdict(r) for r in rows]}
+
+    def progress(rows: List[Row]) -> None:
+        if args.out_json is not None:
+            write_json_atomic(args.out_json, report_of(rows, False))
+
     try:
         rows = run_benchmark(args.ops, args.shapes, args.batch_sizes, args.repeats, args.warmup, args.device, log,
-                             compile=args.compile)
+                             compile=args.compile, amp=args.amp, channels_last=args.channels_last,
+                             on_progress=progress)
     finally:
         if not args.autotune:
             set_autotune(None)
-    memory_kind = ("CUDA peak allocated during forward+backward" if args.device == "cuda"
-                   else "bytes of non-parameter tensors saved for backward (training step)")
+    report = report_of(rows, True)
+    if args.out_json is not None:
+        write_json_atomic(args.out_json, report)
     if args.json:
-        print(json.dumps({"device": args.device, "threads": args.threads, "repeats": args.repeats,
-                          "compile": args.compile, "autotune": args.autotune,
-                          "torch": torch.__version__, "memory": memory_kind,
-                          "rows": [asdict(r) for r in rows]}, indent=1))
+        print(json.dumps(report, indent=1))
     else:
-        print(f"device={args.device} threads={args.threads} repeats={args.repeats} compile={args.compile} "
-              f"autotune={args.autotune} torch={torch.__version__}")
+        print(f"device={args.device} ({_device_name(args.device)}) threads={args.threads} repeats={args.repeats} "
+              f"compile={args.compile} autotune={args.autotune} amp={args.amp} channels_last={args.channels_last} "
+              f"torch={torch.__version__}")
         print(format_table(rows, memory_kind))
     return 0
 

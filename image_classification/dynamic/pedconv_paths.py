@@ -35,6 +35,11 @@ Paths (see :mod:`.pedconv_kernels` for the lean Functions):
   (C_in/g*k*k) x (B*H_out*W_out) matrix, one matmul with W_base forward and one for grad-W. Lean.
 * ``factored``    - psi as k*k shifted 1x1 convolutions weighted per sample (autograd; inference only).
 * ``unfold``      - per-sample patch matmuls ``W_base @ patches_b`` (autograd; inference only).
+* ``triton``      - the fused Triton implicit GEMM (:mod:`.triton_pedconv`): each loaded input element
+  scaled by ``phi * psi`` on the fly, ``gamma`` in the epilogue; static-conv FLOPs and traffic. Lean.
+  ``auto`` offers it on CUDA only (rank 1, multiplicative, groups 1, fp32/fp16/bf16, not under
+  deterministic algorithms in training); ``path=triton`` elsewhere is a one-line error naming why,
+  except in Triton's interpreter (``TRITON_INTERPRET=1``), which runs it on the CPU (the tests).
 
 Rank R > 1 sums R rank-1 terms (``fold``, ``sample_loop``, ``patch_gemm``, ``factored``, ``unfold``) or folds all of them
 into the per-sample weight (``materialize``, ``reference``). The additive form (Appendix E) runs
@@ -51,6 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .pedconv_kernels import materialized_conv, scaled_conv
+from .triton_pedconv import path_applicable as _triton_applicable
+from .triton_pedconv import run_path as _run_triton
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pedconv import PEDConv2d
@@ -362,6 +369,10 @@ register_path(PathSpec("unfold", _activation_scaled(_psi_unfold_conv), "psi-scal
 register_path(PathSpec("patch_gemm", _run_patch_gemm,
                        "phi(x)psi-scaled patches of all samples as one matrix: one GEMM forward, one for grad-W",
                        applicable=_multiplicative, lean=True))
+# the fused Triton implicit GEMM (CUDA; rank 1, multiplicative, groups 1; see .triton_pedconv)
+register_path(PathSpec("triton", _run_triton,
+                       "fused Triton implicit GEMM gamma * conv(phi * x, W * psi), CUDA only (rank 1, groups 1)",
+                       applicable=_triton_applicable, lean=True))
 
 
 def candidate_paths(layer: PEDConv2d, shape: Shape, grad: bool) -> List[str]:

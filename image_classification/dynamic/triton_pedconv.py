@@ -25,6 +25,10 @@ On a GPU, tile sizes are autotuned per layer shape (``triton.autotune``; ``autot
 fixed heuristic tile instead). The backward adds float32 partial sums with atomics (grad-W_base
 split-K, grad-phi, grad-psi), so it is not bitwise deterministic:
 ``torch.use_deterministic_algorithms(True)`` makes it raise (or warn with ``warn_only``).
+
+Forward and backward are ``torch.library`` custom operators with fake implementations, so that
+``torch.compile(fullgraph=True)`` traces callers without a graph break. PEDConv2d runs it as its
+``triton`` path (:func:`run_path`, :func:`path_applicable`; registered in :mod:`.pedconv_paths`).
 """
 
 from __future__ import annotations
@@ -42,10 +46,13 @@ from torch import Tensor
 
 __all__ = [
     "pedconv_conv2d_triton",
-    "PEDConvTritonFunction",
     "is_available",
     "unavailable_reason",
     "triton_version",
+    "path_unsupported_reason",
+    "tile_mode",
+    "path_applicable",
+    "run_path",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -241,13 +248,27 @@ AUTOTUNE_TILES: Tuple[Tuple[int, int, int, int, int], ...] = (
 )
 #: autotuner timing per candidate (milliseconds of warm-up and of repetitions, ``triton.testing.do_bench``)
 AUTOTUNE_BENCH_MS = (5, 25)
+#: environment variable choosing the tiles of the ``triton`` PEDConv path: ``full`` (default: every tile of
+#: AUTOTUNE_TILES is a candidate), ``small`` (the first 3: a third of the compilations per new layer shape)
+#: or ``heuristic`` (no tuning, the fixed heuristic tile; no benchmarking on first use)
+TILES_ENV = "PEDCONV_TRITON_TILES"
+_TILE_MODES = ("full", "small", "heuristic")
+
+
+def tile_mode() -> str:
+    """The ``PEDCONV_TRITON_TILES`` setting (ValueError naming the variable when it is not a known mode)."""
+    mode = os.environ.get(TILES_ENV, "full").strip().lower() or "full"
+    if mode not in _TILE_MODES:
+        raise ValueError(f"{TILES_ENV}={mode!r}: expected one of {', '.join(_TILE_MODES)}")
+    return mode
 
 
 def _gemm_configs() -> List[Any]:
     import triton
 
+    tiles = AUTOTUNE_TILES[:3] if tile_mode() == "small" else AUTOTUNE_TILES
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for m, n, k, s, w in AUTOTUNE_TILES]
+            for m, n, k, s, w in tiles]
 
 
 def _autotune(configs: List[Any], key: List[str], prune: Optional[Callable[..., List[Any]]] = None) -> Any:
@@ -486,51 +507,111 @@ def _check_deterministic() -> None:
 
 
 # ------------------------------------------------------------------------------------------- autograd
-class PEDConvTritonFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused kernels. Inputs are canonical: x, W_base of one dtype, factors
-    ``B x C_out`` / ``B x C_in`` / ``B x kh*kw`` contiguous or None. Use :func:`pedconv_conv2d_triton`."""
+# The forward and the backward are custom operators (``torch.library.custom_op``) with fake (meta)
+# implementations, so that torch.compile traces them as opaque calls, ``fullgraph=True`` included:
+# Dynamo cannot trace the Triton launches themselves (autotuned kernels with pre-hooks).
+_OP_NAMESPACE = "pedconv_triton"
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor],
-                psi: Optional[Tensor], geo: _Geometry, autotune: bool) -> Tensor:
-        w = weight if weight.stride(1) == 1 else weight.contiguous(memory_format=torch.channels_last)
-        store_z = gamma is not None and ctx.needs_input_grad[2]
-        y, z = _forward(x, w, gamma, phi, psi, geo, store_z, autotune)
-        ctx.save_for_backward(x, w, gamma, phi, psi, z)
-        ctx.geo = geo
-        ctx.autotune = autotune
-        ctx.weight_dtype = weight.dtype
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, w, gamma, phi, psi, z = ctx.saved_tensors
-        geo, autotune = ctx.geo, ctx.autotune
-        need_x, need_w, need_gamma, need_phi, need_psi = ctx.needs_input_grad[:5]
-        need_phi = need_phi and phi is not None
-        need_psi = need_psi and psi is not None
-        need_gamma = need_gamma and gamma is not None
-        _check_deterministic()
-        gx = gw = ggamma = gphi = gpsi = None
-        if need_x or need_phi or need_psi:
-            gx, gphi, gpsi = _backward_input(grad, x, w, gamma, phi, psi, geo, need_x, need_phi, need_psi, autotune)
-        if need_w:
-            gw = _backward_weight(grad, x, w, gamma, phi, psi, geo, autotune).to(ctx.weight_dtype)
-        if need_gamma:
-            assert z is not None
-            ggamma = _grad_gamma(grad, z, autotune).to(gamma.dtype)
-        if gphi is not None:
-            gphi = gphi.to(phi.dtype)
-        if gpsi is not None:
-            gpsi = gpsi.to(psi.dtype)
-        return gx, gw, ggamma, gphi, gpsi, None, None
+def _op_forward(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor], psi: Optional[Tensor],
+                stride: List[int], padding: List[int], dilation: List[int], store_z: bool,
+                autotune: bool) -> Tuple[Tensor, Tensor]:
+    """(y, z): the output and, when ``store_z``, the pre-gamma output grad-gamma needs (else empty)."""
+    reason = unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(f"pedconv_conv2d_triton: {reason}")
+    geo = _geometry(x, weight, stride, padding, dilation)
+    w = weight if weight.stride(1) == 1 else weight.contiguous(memory_format=torch.channels_last)
+    y, z = _forward(x, w, gamma, phi, psi, geo, store_z, autotune)
+    return y, (z if z is not None else x.new_empty(0))
+
+
+def _fake_output(x: Tensor, weight: Tensor, geo_hw: Tuple[Any, Any]) -> Tensor:
+    return torch.empty((x.shape[0], weight.shape[0], geo_hw[0], geo_hw[1]), dtype=x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
+
+
+def _output_hw(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> Tuple[Any, Any]:
+    kh, kw = weight.shape[2], weight.shape[3]
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def _fake_forward(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor], psi: Optional[Tensor],
+                  stride: List[int], padding: List[int], dilation: List[int], store_z: bool,
+                  autotune: bool) -> Tuple[Tensor, Tensor]:
+    y = _fake_output(x, weight, _output_hw(x, weight, stride, padding, dilation))
+    return y, (torch.empty_like(y) if store_z else x.new_empty(0))
+
+
+def _op_backward(grad: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor],
+                 psi: Optional[Tensor], z: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                 need_x: bool, need_w: bool, need_gamma: bool, need_phi: bool, need_psi: bool,
+                 autotune: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x, W_base, gamma, phi, psi (an empty tensor where not needed)."""
+    _check_deterministic()
+    geo = _geometry(x, weight, stride, padding, dilation)
+    w = weight if weight.stride(1) == 1 else weight.contiguous(memory_format=torch.channels_last)
+    need_phi = need_phi and phi is not None
+    need_psi = need_psi and psi is not None
+    gx = gw = ggamma = gphi = gpsi = None
+    if need_x or need_phi or need_psi:
+        gx, gphi, gpsi = _backward_input(grad, x, w, gamma, phi, psi, geo, need_x, need_phi, need_psi, autotune)
+    if need_w:
+        gw = _backward_weight(grad, x, w, gamma, phi, psi, geo, autotune).to(weight.dtype)
+    if need_gamma and gamma is not None:
+        ggamma = _grad_gamma(grad, z, autotune).to(gamma.dtype)
+    if gphi is not None:
+        gphi = gphi.to(phi.dtype)
+    if gpsi is not None:
+        gpsi = gpsi.to(psi.dtype)
+    empty = x.new_empty(0)
+    return tuple(t if t is not None else empty.clone() for t in (gx, gw, ggamma, gphi, gpsi))  # type: ignore[return-value]
+
+
+def _fake_backward(grad: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor],
+                   psi: Optional[Tensor], z: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                   need_x: bool, need_w: bool, need_gamma: bool, need_phi: bool, need_psi: bool,
+                   autotune: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out_c, in_c, kh, kw = weight.shape
+    gx = torch.empty_like(x, memory_format=_memory_format(x)) if need_x else x.new_empty(0)
+    # grad-W_base is computed as C_out x kh x kw x C_in and handed back permuted (no copy)
+    gw = (torch.empty((out_c, kh, kw, in_c), dtype=weight.dtype, device=x.device).permute(0, 3, 1, 2)
+          if need_w else x.new_empty(0))
+    ggamma = gamma.new_empty(gamma.shape) if need_gamma and gamma is not None else x.new_empty(0)
+    gphi = phi.new_empty(phi.shape) if need_phi and phi is not None else x.new_empty(0)
+    gpsi = psi.new_empty(psi.shape) if need_psi and psi is not None else x.new_empty(0)
+    return gx, gw, ggamma, gphi, gpsi
+
+
+def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
+    x, weight, gamma, phi, psi, stride, padding, dilation, _store_z, autotune = inputs
+    ctx.save_for_backward(x, weight, gamma, phi, psi, output[1])
+    ctx.conv = (list(stride), list(padding), list(dilation), bool(autotune))
+
+
+def _autograd_backward(ctx: Any, grad: Tensor, _grad_z: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    x, weight, gamma, phi, psi, z = ctx.saved_tensors
+    stride, padding, dilation, autotune = ctx.conv
+    needs = tuple(bool(n) for n in ctx.needs_input_grad[:5])
+    grads = _BACKWARD_OP(grad, x, weight, gamma, phi, psi, z, stride, padding, dilation, *needs, autotune)
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None, None)
+
+
+def _register_ops() -> Tuple[Any, Any]:
+    forward = torch.library.custom_op(f"{_OP_NAMESPACE}::conv2d", mutates_args=())(_op_forward)
+    forward.register_fake(_fake_forward)
+    backward = torch.library.custom_op(f"{_OP_NAMESPACE}::conv2d_backward", mutates_args=())(_op_backward)
+    backward.register_fake(_fake_backward)
+    forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+    return forward, backward
+
+
+_FORWARD_OP, _BACKWARD_OP = _register_ops()
 
 
 # ---------------------------------------------------------------------------------------- public API
-# Dynamo cannot trace the Triton launches (it fails inside Triton's launcher): under torch.compile the
-# call runs eagerly, with a graph break around it.
-@torch.compiler.disable
 def pedconv_conv2d_triton(
     x: Tensor,
     weight: Tensor,
@@ -561,9 +642,10 @@ def pedconv_conv2d_triton(
     Returns:
         ``B x C_out x H_out x W_out`` in x's dtype and memory format. Differentiable in all five tensors.
     """
-    reason = unavailable_reason(x.device if isinstance(x, Tensor) else None)
-    if reason is not None:
-        raise RuntimeError(f"pedconv_conv2d_triton: {reason}")
+    if not torch.compiler.is_compiling():  # traced: the operator itself checks when it runs
+        reason = unavailable_reason(x.device if isinstance(x, Tensor) else None)
+        if reason is not None:
+            raise RuntimeError(f"pedconv_conv2d_triton: {reason}")
     geo = _geometry(x, weight, stride, padding, dilation)
     batch = int(x.shape[0])
     gamma = _check_factor("gamma", gamma, batch, int(weight.shape[0]), x, ((batch, int(weight.shape[0])),))
@@ -576,5 +658,71 @@ def pedconv_conv2d_triton(
         raise ValueError(f"pedconv_conv2d_triton: x must be float32/float16/bfloat16, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise ValueError(f"pedconv_conv2d_triton: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    _kernels()
-    return PEDConvTritonFunction.apply(x, weight, gamma, phi, psi, geo, bool(autotune))
+    store_z = gamma is not None and gamma.requires_grad and torch.is_grad_enabled()
+    y, _ = _FORWARD_OP(x, weight, gamma, phi, psi, [geo.sh, geo.sw], [geo.ph, geo.pw], [geo.dh, geo.dw], store_z,
+                       bool(autotune))
+    return y
+
+
+# ----------------------------------------------------------------------------------- PEDConv2d path
+# The ``triton`` entry of PEDConv's path registry (:mod:`.pedconv_paths`): ``pedconv:path=triton``.
+def path_unsupported_reason(layer: Any, dtype: torch.dtype, device: torch.device, grad: bool) -> Optional[str]:
+    """Why the ``triton`` path cannot run ``layer`` on an input of ``dtype`` on ``device`` (None: it can).
+
+    ``dtype`` is the compute dtype (the autocast dtype under autocast). Device: compiled kernels need
+    CUDA; Triton's interpreter (``TRITON_INTERPRET=1``) runs them anywhere. A backward under
+    ``torch.use_deterministic_algorithms(True)`` (``main.py --deterministic``) is refused: its float32
+    atomics add in an unspecified order.
+    """
+    if layer.reparam != "multiplicative":
+        return "it computes the multiplicative form only (this layer has reparam=additive)"
+    if layer.groups != 1:
+        return f"it supports groups = 1 only (this layer has groups = {layer.groups})"
+    if dtype not in _DTYPES:
+        return f"it supports float32/float16/bfloat16 only (the input computes in {dtype})"
+    if grad and torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+        return ("its backward adds float32 partial sums with atomics, which torch.use_deterministic_algorithms(True) "
+                "(--deterministic) forbids")
+    if torch.compiler.is_compiling():
+        return None  # traced: the operator checks the device when it runs
+    return unavailable_reason(device)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def path_applicable(layer: Any, shape: Tuple[int, ...], grad: bool) -> bool:
+    """Whether ``path=auto`` times the ``triton`` path: compiled kernels on a CUDA device (never the
+    interpreter), a single rank-1 term, and everything :func:`path_unsupported_reason` accepts."""
+    weight = layer.weight
+    if not weight.is_cuda or _interpreting():
+        return False
+    single_term = layer.rank == 1 or len(layer.components) == 1
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight.dtype
+    return single_term and path_unsupported_reason(layer, dtype, weight.device, grad) is None
+
+
+def run_path(layer: Any, x: Tensor, weight: Tensor, factors: Any) -> Tensor:
+    """``PathSpec.run`` of the ``triton`` path: ``sum_r gamma_r * conv(phi_r * x, W_base * psi_r)`` with the
+    fused kernel, one launch per rank-1 term (factors B x R x dim, None for a left-out component)."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    reason = path_unsupported_reason(layer, _compute_dtype(x), x.device, grad)
+    if reason is not None:
+        raise ValueError(f"pedconv: path=triton cannot run this layer: {reason}")
+    gamma, phi, psi = factors
+    rank = layer.rank
+    if len(layer.components) == 1 and rank > 1:  # a single component: sum_r W * c_r = W * sum_r c_r
+        gamma, phi, psi = (None if c is None else c.sum(dim=1, keepdim=True) for c in (gamma, phi, psi))
+        rank = 1
+    autotune = tile_mode() != "heuristic"
+    out: Optional[Tensor] = None
+    for r in range(rank):
+        terms = [None if c is None else c.select(1, r) for c in (gamma, phi, psi)]
+        y = pedconv_conv2d_triton(x, weight, *terms, stride=tuple(layer.stride), padding=tuple(layer.padding),
+                                  dilation=tuple(layer.dilation), autotune=autotune)
+        out = y if out is None else out + y
+    assert out is not None
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from image_classification import profile
+from image_classification import profiler as profile
 from image_classification.dense import counts
 from image_classification.detection import train as det_train
 from image_classification.segmentation import train as seg_train

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from image_classification.dynamic import benchmark
 
@@ -46,3 +47,64 @@ def test_bad_arguments_exit_with_a_message(capsys):
     assert "unknown shape(s) huge" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         benchmark.main(["--batch-sizes", "0"])
+
+
+def test_amp_channels_last_and_throughput_on_cpu(capsys):
+    code = benchmark.main(["--ops", "pedconv,dcd", "--shapes", "tiny", "--batch-sizes", "2", "--repeats", "1",
+                           "--warmup", "0", "--threads", "1", "--amp", "bf16", "--channels-last", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["amp"] == "bf16" and report["channels_last"] and report["device"] == "cpu"
+    for r in report["rows"]:
+        assert r["note"] == "" and r["train_ratio"] > 0
+        assert r["train_img_s"] == pytest.approx(2 / (r["train_ratio"] * r["static_train_ms"] / 1e3), rel=1e-6)
+        assert r["static_train_img_s"] == pytest.approx(2 / (r["static_train_ms"] / 1e3), rel=1e-6)
+
+
+def test_all_paths_skips_a_path_that_cannot_run_here(capsys, monkeypatch):
+    """--all-paths times every registered PEDConv path; off CUDA (interpreter off) triton is skipped with
+    its one-line reason, and the table carries the img/s column."""
+    from image_classification.dynamic import triton_pedconv
+    from image_classification.dynamic.pedconv_paths import PATH_REGISTRY
+
+    monkeypatch.setattr(triton_pedconv, "_interpreting", lambda: False)
+    args = benchmark.parse_args(["--ops", "pedconv", "--all-paths"])
+    assert args.ops == ["pedconv", *(f"pedconv:path={p}" for p in PATH_REGISTRY if p != "reference")]
+    benchmark.main(["--ops", "pedconv:path=fold,pedconv:path=triton", "--shapes", "tiny", "--batch-sizes", "1",
+                    "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "img/s" in out
+    [line] = [line for line in out.splitlines() if "pedconv:path=triton" in line]
+    assert "skipped: pedconv: path=triton cannot run this layer: device 'cpu' needs TRITON_INTERPRET=1" in line
+
+
+def test_cuda_device_without_cuda_is_a_one_line_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(SystemExit) as info:
+        benchmark.main(["--device", "cuda", "--shapes", "tiny"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--device cuda given but CUDA is not available "
+                                                                       f"(torch {torch.__version__})")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--amp", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_cuda_benchmark_fp16_channels_last_every_path(capsys):
+    code = benchmark.main(["--ops", "pedconv,dcd", "--all-paths", "--shapes", "tiny,r18-3x3-64@56",
+                           "--batch-sizes", "1,8", "--repeats", "2", "--device", "cuda", "--amp", "fp16",
+                           "--channels-last", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cuda" and report["amp"] == "fp16"
+    rows = {(r["shape"], r["op"], r["batch"]): r for r in report["rows"]}
+    triton = rows[("r18-3x3-64@56", "pedconv:path=triton", 8)]
+    assert triton["note"] == "" and triton["train_ratio"] > 0 and triton["mem_ratio"] > 0
+
+
+def test_progress_callback_after_every_shape_and_batch():
+    seen = []
+    rows = benchmark.run_benchmark(["dcd"], ["tiny"], (1, 2), repeats=1, warmup=0, on_progress=seen.append)
+    assert [len(r) for r in seen] == [1, 2] and seen[-1] == rows

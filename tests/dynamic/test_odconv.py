@@ -192,7 +192,7 @@ def test_counts_match_odconv_tables(arch, conv, params_m, macs_m):
 
 
 def test_profiler_table_and_placement() -> None:
-    from image_classification import profile
+    from image_classification import profiler as profile
     from image_classification.models import build_model
 
     rows = [r for r in profile.PAPER_ROWS if r.table == "odconv"]

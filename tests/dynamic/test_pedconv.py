@@ -20,7 +20,8 @@ from image_classification.dynamic.pedconv import (
 )
 from image_classification.dynamic.pedconv_paths import heuristic_path
 
-FAST_PATHS = [p for p in PATHS if p not in ("auto", "reference")]
+# triton: CUDA (or the Triton interpreter) only, rank 1 groups 1; tested in tests/dynamic/test_triton_path.py
+FAST_PATHS = [p for p in PATHS if p not in ("auto", "reference", "triton")]
 
 GEOMETRIES = [
     # in, out, kernel, stride, padding, dilation, groups

@@ -268,17 +268,26 @@ def test_availability_reports(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "TRITON_INTERPRET=1" in unavailable_reason("cpu")
 
 
-def test_torch_compile_runs_it_eagerly() -> None:
-    """Dynamo does not trace into the Triton launch (graph break), so a compiled caller still works."""
-    x, weight, gamma, phi, psi = (t.float().to(DEVICE) for t in make_inputs(2, 8, 8, (4, 4), (3, 3), seed=10))
-    x.requires_grad_()
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_compile_fullgraph_traces_the_custom_operators(channels_last: bool) -> None:
+    """Forward and backward are custom operators with fake implementations: ``fullgraph=True`` traces
+    them (no graph break) and the compiled result equals eager, gradients of every input included."""
+    torch._dynamo.reset()
+    x, weight, gamma, phi, psi = (t.float().to(DEVICE) for t in make_inputs(2, 8, 8, (5, 4), (3, 3), seed=10))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [t.requires_grad_() for t in (x, weight, gamma, phi, psi)]
 
-    def layer(inp: torch.Tensor) -> torch.Tensor:
-        return torch.relu(2 * pedconv_conv2d_triton(inp, weight, gamma, phi, psi, 1, 1, 1, autotune=False))
+    def layer(inp: torch.Tensor, w: torch.Tensor, g: torch.Tensor, p: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return torch.relu(2 * pedconv_conv2d_triton(inp, w, g, p, s, 2, 1, 1, autotune=False))
 
-    want = layer(x)
-    (want_grad,) = torch.autograd.grad(want.sum(), [x])
-    got = torch.compile(layer, backend="eager")(x)
-    (got_grad,) = torch.autograd.grad(got.sum(), [x])
+    want = layer(*leaves)
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=False)
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got.square().sum(), leaves)
     # the forward is deterministic; the backward's float32 atomics may add in another order on a GPU
-    assert torch.equal(got, want) and torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from image_classification import profile
+from image_classification import profiler
 
 
 def test_counts_json(capsys: pytest.CaptureFixture) -> None:
-    assert profile.main(["--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "10", "--json"]) == 0
+    assert profiler.main(["--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "10", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["image_size"] == 32 and report["dynamic_layers"] == 18
     assert report["params_training"] > report["params_deploy"] > report["static_params_deploy"]
@@ -18,21 +19,21 @@ def test_counts_json(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_text_output(capsys: pytest.CaptureFixture) -> None:
-    profile.main(["--arch", "mobilenet_v1_x0.25", "--conv", "pedconv", "--placement", "deep", "--image-size", "64"])
+    profiler.main(["--arch", "mobilenet_v1_x0.25", "--conv", "pedconv", "--placement", "deep", "--image-size", "64"])
     out = capsys.readouterr().out
     assert "params (deploy)" in out and "MACs" in out and "static baseline" in out
 
 
 def test_table_rows_compare_with_papers() -> None:
-    rows = [r for r in profile.PAPER_ROWS if r.arch == "mobilenet_v1_x1.0" and r.placement == "depthwise"]
-    [row] = profile.table_rows("pedconv", rows)
+    rows = [r for r in profiler.PAPER_ROWS if r.arch == "mobilenet_v1_x1.0" and r.placement == "depthwise"]
+    [row] = profiler.table_rows("pedconv", rows)
     assert row["params_m"] == 4.6 and abs(row["diff_params_m"]) <= 0.05 and abs(row["diff_macs_pct"]) <= 1
-    assert profile.table_rows("dcd", rows) == []
-    assert {r.table for r in profile.PAPER_ROWS} == {"pedconv", "dcd", "odconv"}
+    assert profiler.table_rows("dcd", rows) == []
+    assert {r.table for r in profiler.PAPER_ROWS} == {"pedconv", "dcd", "odconv"}
 
 
 def test_latency_measures_ratios_tiny() -> None:
-    res = profile.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=3,
+    res = profiler.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=3,
                                   warmup=1, train_batch=4, train_steps=1, train_warmup=0)
     for key in ("infer_ratio", "train_ratio", "memory_ratio"):
         assert res[key] > 0
@@ -49,13 +50,13 @@ def test_latency_measures_ratios_tiny() -> None:
 ])
 def test_bad_input_exits_2_with_one_line(argv: list, match: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
-        profile.main(argv)
+        profiler.main(argv)
     assert info.value.code == 2
     assert match in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_latency_reports_paths_and_peak_rss_tiny() -> None:
-    res = profile.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+    res = profiler.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
                                   warmup=1, train_batch=4, train_steps=1, train_warmup=0, peak_rss=True)
     layers = {r["layer"] for r in res["paths"]}
     assert len(layers) == 18 and {r["mode"] for r in res["paths"]} == {"train", "eval"}
@@ -68,15 +69,46 @@ def test_latency_reports_paths_and_peak_rss_tiny() -> None:
 def test_latency_compiled_tiny() -> None:
     """--compile plumbing (aot_eager here: inductor's C++ builds are for real runs): both models compiled,
     the frozen batch-1 figures present."""
-    res = profile.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+    res = profiler.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
                                   warmup=1, train_batch=4, train_steps=1, train_warmup=1, compile=True,
                                   compile_backend="aot_eager")
     assert res["compile"] and res["infer_ratio"] > 0 and res["infer_ratio_frozen"] > 0 and res["train_ratio"] > 0
 
 
 def test_cli_prints_paths(capsys: pytest.CaptureFixture) -> None:
-    assert profile.main(["--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "10", "--image-size", "16",
+    assert profiler.main(["--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "10", "--image-size", "16",
                          "--latency", "--threads", "1", "--images", "1", "--warmup", "0", "--train-batch", "2",
                          "--train-steps", "1", "--print-paths", "--no-rss", "--no-autotune"]) == 0
     out = capsys.readouterr().out
     assert "PEDConv paths by heuristic" in out and "layer1.0.conv1" in out and "heuristic" in out
+
+
+def test_latency_with_amp_channels_last_reports_throughput_tiny() -> None:
+    res = profiler.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+                                  warmup=1, train_batch=4, train_steps=2, train_warmup=0, amp="bf16",
+                                  channels_last=True)
+    assert res["device"] == "cpu" and res["amp"] == "bf16" and res["channels_last"]
+    for key in ("static", "dynamic"):
+        assert res[f"train_img_s_{key}"] == pytest.approx(4e3 / res[f"train_ms_{key}"], rel=1e-6)
+    assert res["throughput_ratio"] == pytest.approx(1 / res["train_ratio"], rel=1e-6)
+    assert "train_peak_mb_static" not in res  # CUDA only
+
+
+def test_cuda_device_without_cuda_exits_2(capsys: pytest.CaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(SystemExit) as info:
+        profiler.main(["--arch", "resnet18", "--latency", "--device", "cuda"])
+    assert info.value.code == 2
+    assert "--device cuda given but CUDA is not available" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_cuda_latency_amp_channels_last(amp: str, capsys: pytest.CaptureFixture) -> None:
+    assert profiler.main(["--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "10", "--image-size", "32",
+                          "--latency", "--device", "cuda", "--amp", amp, "--channels-last", "--images", "5",
+                          "--warmup", "2", "--train-batch", "16", "--train-steps", "3", "--json"]) == 0
+    lat = json.loads(capsys.readouterr().out)["latency"]
+    assert lat["device"] == "cuda" and lat["amp"] == amp
+    assert lat["throughput_ratio"] > 0 and lat["peak_memory_ratio"] > 0 and lat["train_peak_mb_dynamic"] > 0

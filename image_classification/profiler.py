@@ -1,11 +1,12 @@
-"""Profiler: parameters, multiply-adds and CPU latency of an (arch, operator, placement) triple.
+"""Profiler: parameters, multiply-adds and CPU/GPU latency of an (arch, operator, placement) triple.
 
 Usage::
 
-    python -m image_classification.profile --arch resnet18 --conv pedconv [--image-size 224]
+    python -m image_classification.profiler --arch resnet18 --conv pedconv [--image-size 224]
         [--placement paper] [--num-classes 1000] [--in-chans 3] [--json]
         [--latency [--threads 2 --images 200 --warmup 20 --train-batch 32 --train-steps 8]
-                   [--compile] [--no-autotune] [--print-paths] [--no-rss]]
+                   [--compile] [--no-autotune] [--print-paths] [--no-rss]
+                   [--device cpu|cuda|auto] [--amp none|fp16|bf16] [--channels-last]]
         [--table pedconv|dcd|odconv|all|dense]
 
 Counts follow :mod:`image_classification.macs` (deploy parameters exclude PEDConv's training-only
@@ -21,6 +22,16 @@ model, measured in a spawned process (Linux). PEDConv ``path=auto`` layers are a
 with ``--print-paths``. ``--compile`` times both models under ``torch.compile`` (inductor, static
 shapes; batch-1 inference also with inductor freezing). ``--table`` prints the papers' tables next to
 this project's counts, one row per (arch, operator, placement).
+
+``--device cuda`` runs the latency measurements on the GPU: every timed call is bracketed by CUDA events
+after a synchronisation (:func:`image_classification.timing.time_calls`), after the same warm-up;
+``--amp fp16|bf16`` runs both models under autocast (fp16 training steps with a GradScaler, as main.py),
+``--channels-last`` converts models and inputs to channels_last. On CUDA the report adds the peak
+allocated memory of a training step (``train_peak_mb_*``) and skips the peak RSS; on every device it
+gives the training throughput in images/s (``train_img_s_*``, ``throughput_ratio`` = dynamic / static).
+The module was called ``image_classification.profile`` before; it was renamed because a module named
+``profile`` shadows the standard library's (which ``cProfile`` imports) whenever the package directory
+is on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -30,8 +41,8 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -42,6 +53,15 @@ from .dynamic import autotune
 from .dynamic.base import infomax_loss
 from .macs import count_macs, count_params
 from .models import ARCHS, build_model, list_archs
+from .timing import (
+    AMP_DTYPES,
+    autocast_context,
+    memory_format,
+    resolve_device,
+    synchronize,
+    time_calls,
+    write_json_atomic,
+)
 
 __all__ = ["PAPER_ROWS", "PaperRow", "main", "measure_latency", "profile_model", "table_rows", "training_memory"]
 
@@ -171,7 +191,7 @@ def table_rows(which: str = "all", rows: Optional[Sequence[PaperRow]] = None) ->
 
 
 # ----------------------------------------------------------------------------------------- latency
-def training_memory(model: nn.Module, batch: torch.Tensor, target: torch.Tensor) -> int:
+def training_memory(model: nn.Module, batch: torch.Tensor, target: torch.Tensor, amp: str = "none") -> int:
     """Bytes of parameters + gradients + SGD momentum + tensors saved for backward (storage-deduplicated)."""
     seen: Dict[int, int] = {}
 
@@ -184,7 +204,7 @@ def training_memory(model: nn.Module, batch: torch.Tensor, target: torch.Tensor)
         return t
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(batch.device, amp):
         out = model(batch)
         loss = F.cross_entropy(out, target)
     loss.backward()
@@ -194,17 +214,33 @@ def training_memory(model: nn.Module, batch: torch.Tensor, target: torch.Tensor)
 
 
 def _train_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                module: Optional[nn.Module] = None) -> float:
-    """One SGD step (loss incl. 1e-3 x info-max term); ``model`` may be a compiled ``module``. Seconds."""
-    start = time.perf_counter()
-    loss = F.cross_entropy(model(x), y)
-    extra = infomax_loss(module if module is not None else model)
-    if extra is not None:
-        loss = loss + 1e-3 * extra
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - start
+                module: Optional[nn.Module] = None, amp: str = "none", scaler: Optional[Any] = None) -> float:
+    """One SGD step (loss incl. 1e-3 x info-max term); ``model`` may be a compiled ``module``. Seconds
+    (CUDA events on a GPU). ``amp``: autocast dtype; ``scaler``: a GradScaler (fp16)."""
+
+    def step() -> None:
+        with autocast_context(x.device, amp):
+            loss = F.cross_entropy(model(x), y)
+            extra = infomax_loss(module if module is not None else model)
+            if extra is not None:
+                loss = loss + 1e-3 * extra
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+
+    return time_calls(step, x.device)
+
+
+def _grad_scaler(device: torch.device, amp: str) -> Optional[Any]:
+    """A GradScaler for fp16 training on CUDA (as main.py --amp fp16), else None."""
+    if amp != "fp16" or device.type != "cuda":
+        return None
+    return torch.amp.GradScaler("cuda")
 
 
 def calibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
@@ -325,25 +361,30 @@ def _compiled(model: nn.Module, backend: str = "inductor", freezing: bool = Fals
     return _Frozen()
 
 
-def _time_inference(runners: Dict[str, Any], xs: Sequence[torch.Tensor], warmup: int, grad_context) -> Dict[str, float]:
-    """Median ms per batch-1 inference of each runner, interleaved (alternating order)."""
+def _time_inference(runners: Dict[str, Any], xs: Sequence[torch.Tensor], warmup: int, grad_context,
+                    amp: str = "none") -> Dict[str, float]:
+    """Median ms per batch-1 inference of each runner, interleaved (alternating order); CUDA events on a GPU."""
     times: Dict[str, List[float]] = {k: [] for k in runners}
-    with grad_context():
+    with grad_context(), autocast_context(xs[0].device, amp):
         for i, x in enumerate(xs):
             order = list(runners) if i % 2 == 0 else list(runners)[::-1]
             for key in order:
-                start = time.perf_counter()
-                runners[key](x)
+                elapsed = time_calls(lambda key=key, x=x: runners[key](x), x.device)
                 if i >= warmup:
-                    times[key].append(time.perf_counter() - start)
+                    times[key].append(elapsed)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: int = 224, num_classes: int = 1000,
                     in_chans: int = 3, threads: int = 2, images: int = 200, warmup: int = 20, train_batch: int = 32,
                     train_steps: int = 8, train_warmup: int = 2, seed: int = 0, compile: bool = False,
-                    peak_rss: bool = False, compile_backend: str = "inductor") -> Dict[str, Any]:
-    """Interleaved CPU measurements of ``conv`` vs the static model built the same way (ratios).
+                    peak_rss: bool = False, compile_backend: str = "inductor", device: str = "cpu",
+                    amp: str = "none", channels_last: bool = False) -> Dict[str, Any]:
+    """Interleaved measurements of ``conv`` vs the static model built the same way (ratios).
+
+    ``device`` cpu/cuda/auto (CUDA-event timing on a GPU), ``amp`` none/fp16/bf16 (autocast; fp16
+    training with a GradScaler), ``channels_last`` (models and inputs). On CUDA the peak allocated
+    memory of a training step is added (``train_peak_mb_*``) and ``peak_rss`` is ignored.
 
     PEDConv ``path=auto`` layers are tuned first (for batch 1 and ``train_batch``) unless tuning is off;
     ``result["paths"]`` lists the path of every dynamic layer per input shape. ``compile``: both models run
@@ -354,40 +395,54 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     from .dynamic import path_report, reset_path_report
     from .dynamic.autotune import prepare_model
 
+    dev = resolve_device(device)
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"--amp {amp!r}: expected one of {', '.join(AMP_DTYPES)}")
+    fmt = memory_format(channels_last)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     models = {"static": build_model(arch, "static", "paper", num_classes=num_classes, in_chans=in_chans),
               "dynamic": build_model(arch, conv, placement, num_classes=num_classes, in_chans=in_chans)}
+    for m in models.values():
+        m.to(dev, memory_format=fmt)
     gen = torch.Generator().manual_seed(seed)
+
+    def batch_of(n: int) -> torch.Tensor:
+        return torch.randn(n, in_chans, image_size, image_size, generator=gen).to(dev).contiguous(memory_format=fmt)
+
     result: Dict[str, Any] = {"threads": threads, "images": images, "warmup": warmup, "train_batch": train_batch,
-                              "train_steps": train_steps, "compile": compile}
-    calibration = [torch.randn(8, in_chans, image_size, image_size, generator=gen) for _ in range(2)]
+                              "train_steps": train_steps, "compile": compile, "device": dev.type,
+                              "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                              "amp": amp, "channels_last": channels_last}
+    calibration = [batch_of(8) for _ in range(2)]
     for m in models.values():
         calibrate_batchnorm(m, calibration)
     reset_path_report(models["dynamic"])  # the calibration forwards are not part of the measurement
-    prepare_model(models["dynamic"], train_shape=(train_batch, in_chans, image_size, image_size),
-                  eval_shape=(1, in_chans, image_size, image_size))
-    xs = [torch.randn(1, in_chans, image_size, image_size, generator=gen) for _ in range(warmup + images)]
+    with autocast_context(dev, amp):
+        prepare_model(models["dynamic"], train_shape=(train_batch, in_chans, image_size, image_size),
+                      eval_shape=(1, in_chans, image_size, image_size), device=dev, channels_last=channels_last)
+    xs = [batch_of(1) for _ in range(warmup + images)]
     if compile:
         torch._dynamo.reset()
         infer = _time_inference({k: _compiled(m, compile_backend) for k, m in models.items()}, xs, warmup,
-                                torch.no_grad)
+                                torch.no_grad, amp)
         torch._dynamo.reset()
         frozen = _time_inference({k: _compiled(m, compile_backend, freezing=True) for k, m in models.items()}, xs,
-                                 warmup, torch.no_grad)
+                                 warmup, torch.no_grad, amp)
         torch._dynamo.reset()
         for key in models:
             result[f"infer_ms_{key}_frozen"] = frozen[key]
         result["infer_ratio_frozen"] = frozen["dynamic"] / frozen["static"]
     else:
-        infer = _time_inference(models, xs, warmup, torch.inference_mode)
+        infer = _time_inference(models, xs, warmup, torch.inference_mode, amp)
     for key in models:
         result[f"infer_ms_{key}"] = infer[key]
     result["infer_ratio"] = result["infer_ms_dynamic"] / result["infer_ms_static"]
 
-    x = torch.randn(train_batch, in_chans, image_size, image_size, generator=gen)
-    y = torch.randint(0, num_classes, (train_batch,), generator=gen)
+    x = batch_of(train_batch)
+    y = torch.randint(0, num_classes, (train_batch,), generator=gen).to(dev)
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
+    scalers = {k: _grad_scaler(dev, amp) for k in models}
     runners = {k: (_compiled(m, compile_backend) if compile else m) for k, m in models.items()}
     steps: Dict[str, List[float]] = {k: [] for k in models}
     for m in models.values():
@@ -395,15 +450,22 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     for i in range(train_warmup + train_steps):
         order = list(models) if i % 2 == 0 else list(models)[::-1]
         for key in order:
-            t = _train_step(runners[key], opts[key], x, y, models[key])
+            t = _train_step(runners[key], opts[key], x, y, models[key], amp, scalers[key])
             if i >= train_warmup:
                 steps[key].append(t)
     for key in models:
         result[f"train_ms_{key}"] = 1e3 * statistics.median(steps[key])
-        result[f"train_mem_mb_{key}"] = training_memory(models[key], x, y) / 2**20
+        result[f"train_img_s_{key}"] = train_batch / statistics.median(steps[key])
+        result[f"train_mem_mb_{key}"] = training_memory(models[key], x, y, amp) / 2**20
+        if dev.type == "cuda":
+            result[f"train_peak_mb_{key}"] = _cuda_peak_training_bytes(models[key], opts[key], x, y, amp,
+                                                                       scalers[key]) / 2**20
     result["train_ratio"] = result["train_ms_dynamic"] / result["train_ms_static"]
+    result["throughput_ratio"] = result["train_img_s_dynamic"] / result["train_img_s_static"]
     result["memory_ratio"] = result["train_mem_mb_dynamic"] / result["train_mem_mb_static"]
-    if peak_rss:
+    if dev.type == "cuda":
+        result["peak_memory_ratio"] = result["train_peak_mb_dynamic"] / result["train_peak_mb_static"]
+    if peak_rss and dev.type == "cpu":
         for key, spec in (("static", "static"), ("dynamic", conv)):
             rss = peak_rss_training(arch, spec, "paper" if key == "static" else placement, image_size, num_classes,
                                     in_chans, train_batch, threads, seed)
@@ -414,9 +476,21 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     return result
 
 
+def _cuda_peak_training_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                              amp: str, scaler: Optional[Any]) -> float:
+    """Peak CUDA memory allocated during one eager training step, above what was allocated before it
+    (parameters and optimizer state, allocated by the earlier steps, are included in neither)."""
+    synchronize(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    base = torch.cuda.memory_allocated(x.device)
+    _train_step(model, opt, x, y, model, amp, scaler)
+    synchronize(x.device)
+    return float(torch.cuda.max_memory_allocated(x.device) - base)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m image_classification.profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m image_classification.profiler", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", help=f"architecture ({', '.join(list_archs())})")
     p.add_argument("--conv", default="static", help="operator spec, e.g. pedconv, pedconv:rank=4, dcd, static")
     p.add_argument("--placement", default="paper", help="placement (paper, all, pointwise, depthwise, shallow, "
@@ -425,7 +499,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--latency", action="store_true", help="CPU latency/training-step/memory ratios vs static")
+    p.add_argument("--out-json", type=Path, default=None,
+                   help="also write the JSON report to this file (atomically; its directory must exist)")
+    p.add_argument("--latency", action="store_true", help="latency/training-step/memory ratios vs static")
+    p.add_argument("--device", default="cpu", help="with --latency: cpu (default), cuda[:N] (CUDA-event timing) "
+                   "or auto")
+    p.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES),
+                   help="with --latency: autocast dtype of both models (fp16 training uses a GradScaler)")
+    p.add_argument("--channels-last", action="store_true", help="with --latency: channels_last models and inputs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=200, help="timed batch-1 inferences (paper: 5000)")
     p.add_argument("--warmup", type=int, default=20)
@@ -464,6 +545,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.out_json is not None and not args.out_json.parent.is_dir():
+        parser.error(f"--out-json {args.out_json}: directory {args.out_json.parent} does not exist")
     if args.table == "dense":  # SSD300 / PSPNet / UperNet (image_classification/dense/counts.py)
         from .dense.counts import dense_table_rows, format_dense_table
 
@@ -487,12 +574,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report["latency"] = measure_latency(
                 args.arch, args.conv, args.placement, report["image_size"], args.num_classes, args.in_chans,
                 threads=args.threads, images=args.images, warmup=args.warmup, train_batch=args.train_batch,
-                train_steps=args.train_steps, compile=args.compile, peak_rss=args.rss)
+                train_steps=args.train_steps, compile=args.compile, peak_rss=args.rss, device=args.device,
+                amp=args.amp, channels_last=args.channels_last)
             report["latency"]["autotune"] = autotune.autotune_enabled()
     except ValueError as exc:
         parser.error(str(exc))
     finally:
         autotune.set_autotune(None)
+    if args.out_json is not None:
+        write_json_atomic(args.out_json, report)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -507,10 +597,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{report['static_macs'] / 1e6:.1f}M MACs")
     lat = report.get("latency")
     if lat:
+        where = (f"{lat['device_name']}" if lat["device"] == "cuda" else f"{lat['threads']} threads")
+        print(f"  device             {lat['device']} ({where})  amp {lat['amp']}  "
+              f"{'channels_last' if lat['channels_last'] else 'NCHW'}")
         print(f"  batch-1 inference  {lat['infer_ms_dynamic']:.2f} ms vs static {lat['infer_ms_static']:.2f} ms"
-              f"  ratio {lat['infer_ratio']:.3f}  (median of {lat['images']}, {lat['threads']} threads)")
+              f"  ratio {lat['infer_ratio']:.3f}  (median of {lat['images']})")
         print(f"  training step b{lat['train_batch']}  {lat['train_ms_dynamic']:.1f} ms vs static "
               f"{lat['train_ms_static']:.1f} ms  ratio {lat['train_ratio']:.3f}")
+        print(f"  train throughput   {lat['train_img_s_dynamic']:.1f} img/s vs static {lat['train_img_s_static']:.1f} "
+              f"img/s  ratio {lat['throughput_ratio']:.3f}")
+        if lat.get("peak_memory_ratio") is not None:
+            print(f"  CUDA peak (step)   {lat['train_peak_mb_dynamic']:.0f} MB vs static "
+                  f"{lat['train_peak_mb_static']:.0f} MB  ratio {lat['peak_memory_ratio']:.3f}")
         print(f"  training memory    {lat['train_mem_mb_dynamic']:.0f} MB vs static {lat['train_mem_mb_static']:.0f} MB"
               f"  ratio {lat['memory_ratio']:.3f}  (parameters, gradients, momentum, saved tensors)")
         if lat.get("rss_ratio") is not None:
