@@ -16,3 +16,8 @@ import torch
 os.environ.setdefault("PEDCONV_AUTOTUNE", "0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--update-recipe-snapshot", action="store_true", default=False,
+                     help="rewrite tests/recipe_snapshot.json from the recipes under configs/ (tests/test_configs.py)")

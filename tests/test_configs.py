@@ -7,22 +7,28 @@ recipes of the quickstart (static, pedconv) also run one forward pass.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
+from typing import Any, Dict
 
 import pytest
 import torch
 import yaml
 
+from image_classification.detection import train as det_train
 from image_classification.dynamic import parse_spec
 from image_classification.models import build_model, list_archs, parse_placement
+from image_classification.segmentation import train as seg_train
 from image_classification.training.cli import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # detection/segmentation recipes (Tables 2-3) belong to their own scripts: tests/dense/test_recipes.py
 DENSE_TABLES = {"pedconv_table2", "pedconv_table3"}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in DENSE_TABLES)
+ALL_RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
+SNAPSHOT = Path(__file__).resolve().parent / "recipe_snapshot.json"
 CITATION = re.compile(r"(pedconv_paper|pedconv_appendix|pedconv_authors_readme|dcd_paper)\.md|Fashion-MNIST|"
                       r"ODConv \(Li et al\., ICLR 2022\), Table [12]|"
                       r"PEDConv \(Hou & Kung, BMVC 2021\), (Table|Sec\.|Fig\.) \d")
@@ -126,3 +132,38 @@ def test_command_line_overrides_recipe(tmp_path: Path) -> None:
     path = ROOT / "configs" / "pedconv_table1" / "resnet18_pedconv.yaml"
     args = parse_args(["/data", "--config", str(path), "--epochs", "3", "-b", "8", "--optimizer-batch-size", "8"])
     assert (args.epochs, args.batch_size, args.lr) == (3, 8, 0.512)
+
+
+def resolved_namespace(path: Path) -> Dict[str, Any]:
+    """Every argument of the run a recipe builds (its script's parser, validated), JSON-normalised; ``config``
+    (the file name itself) left out."""
+    parse = {"pedconv_table2": det_train.parse_args, "pedconv_table3": seg_train.parse_args}.get(
+        path.parent.name, parse_args)
+    args = vars(parse(["/data", "--config", str(path)]))
+    args.pop("config", None)
+    return json.loads(json.dumps(args, sort_keys=True))
+
+
+def test_resolved_recipes_match_snapshot(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every recipe still builds exactly the run recorded in tests/recipe_snapshot.json (the full argument
+    namespace). A deliberate change to a recipe is recorded with
+    ``pytest tests/test_configs.py --update-recipe-snapshot``. Flags added to a parser later are accepted when the
+    recipe leaves them at their default."""
+    monkeypatch.chdir(ROOT)  # recipes name workspaces relative to the repository root
+    current = {_id(p): resolved_namespace(p) for p in ALL_RECIPES}
+    if request.config.getoption("--update-recipe-snapshot"):
+        SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    recorded = json.loads(SNAPSHOT.read_text())
+    assert sorted(current) == sorted(recorded), "recipes added or removed: update the snapshot"
+    defaults = {"main": vars(build_parser().parse_args(["/data"])),
+                "pedconv_table2": vars(det_train.build_parser().parse_args(["/data"])),
+                "pedconv_table3": vars(seg_train.build_parser().parse_args(["/data"]))}
+    for name, args in current.items():
+        want = recorded[name]
+        changed = {k: (want.get(k), args.get(k)) for k in set(want) | set(args) if want.get(k, ...) != args.get(k, ...)}
+        parser_defaults = defaults.get(name.split("/")[0], defaults["main"])
+        new_flags_at_default = {k for k, (old, new) in changed.items()
+                                if k not in want and json.loads(json.dumps(parser_defaults.get(k))) == new}
+        for key in new_flags_at_default:
+            del changed[key]
+        assert not changed, f"{name}: resolved arguments changed (recorded, now): {changed}"
