@@ -21,17 +21,21 @@ from image_classification.detection import train as det_train
 from image_classification.dynamic import parse_spec
 from image_classification.models import build_model, list_archs, parse_placement
 from image_classification.segmentation import train as seg_train
-from image_classification.training.cli import build_parser, parse_args
+from image_classification.training.cli import build_parser, load_config, parse_args, read_recipe_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 # detection/segmentation recipes (Tables 2-3) belong to their own scripts: tests/dense/test_recipes.py
 DENSE_TABLES = {"pedconv_table2", "pedconv_table3"}
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in DENSE_TABLES)
-ALL_RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
+# configs/<folder>/_base.yaml holds what the recipes of its folder share (``base: _base.yaml``); not a run itself
+ALL_RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not p.name.startswith("_"))
+BASES = sorted((ROOT / "configs").rglob("_*.yaml"))
+CONFIGS = [p for p in ALL_RECIPES if p.parent.name not in DENSE_TABLES]
 SNAPSHOT = Path(__file__).resolve().parent / "recipe_snapshot.json"
-CITATION = re.compile(r"(pedconv_paper|pedconv_appendix|pedconv_authors_readme|dcd_paper)\.md|Fashion-MNIST|"
-                      r"ODConv \(Li et al\., ICLR 2022\), Table [12]|"
-                      r"PEDConv \(Hou & Kung, BMVC 2021\), (Table|Sec\.|Fig\.) \d")
+# first line of a recipe: "Title, Venue Year, Table N" (or Sec./Fig./the authors' released code), or this
+# project's own Fashion-MNIST study
+CITATION = re.compile(r"^# (PEDConv, BMVC 2021, (appendix Sec\. [A-F](-[A-F] \(|, ))?(Table \d|Sec\. \d|Fig\. \d|"
+                      r"the authors' released code \(PEDConv repository\))|DCD, ICLR 2021, Table \d|"
+                      r"ODConv, ICLR 2022, Table \d|Fashion-MNIST small-data study)")
 
 
 def _id(path: Path) -> str:
@@ -50,7 +54,15 @@ def test_every_paper_table_has_recipes() -> None:
         assert needed in names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=_id)
+def merged_recipe(path: Path) -> Dict[str, Any]:
+    """A recipe's keys as written (dashes), its ``base:`` chain applied."""
+    merged: Dict[str, Any] = {}
+    for recipe in read_recipe_chain(str(path), pytest.fail):
+        merged.update({str(key).replace("_", "-"): value for key, value in recipe.values.items()})
+    return merged
+
+
+@pytest.mark.parametrize("path", CONFIGS + [b for b in BASES if b.parent.name not in DENSE_TABLES], ids=_id)
 def test_recipe_has_citation_and_known_keys(path: Path) -> None:
     text = path.read_text()
     first = text.splitlines()[0]
@@ -58,16 +70,40 @@ def test_recipe_has_citation_and_known_keys(path: Path) -> None:
     content = yaml.safe_load(text)
     assert isinstance(content, dict) and content
     long_flags = {opt[2:] for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
-    assert set(content) <= long_flags, f"unknown keys: {set(content) - long_flags}"
+    assert set(content) - {"base"} <= long_flags, f"unknown keys: {set(content) - long_flags - {'base'}}"
+
+
+def test_one_base_per_folder_and_no_restated_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each configs/ folder has one _base.yaml that every recipe of it names; neither restates a value it would
+    get anyway (the base: main.py's default; a recipe: its base's or the default), except ``arch`` and ``conv``,
+    which every recipe states because they say what it is."""
+    monkeypatch.chdir(ROOT)
+    folders = sorted({p.parent for p in ALL_RECIPES})
+    assert sorted(b.parent for b in BASES) == folders and all(b.name == "_base.yaml" for b in BASES)
+    parsers = {"pedconv_table2": det_train.build_parser, "pedconv_table3": seg_train.build_parser}
+    for folder in folders:
+        parser = parsers.get(folder.name, build_parser)()
+        defaults = {a.dest: a.default for a in parser._actions}
+        flag_dest = {o[2:]: a.dest for a in parser._actions for o in a.option_strings if o.startswith("--")}
+        base = load_config(parser, str(folder / "_base.yaml"))
+        restated = sorted(k for k, v in base.items() if v == defaults[k])
+        assert not restated, f"{folder.name}/_base.yaml restates main.py's defaults: {restated}"
+        for path in sorted(folder.glob("[!_]*.yaml")):
+            chain = read_recipe_chain(str(path), pytest.fail)
+            assert [Path(f.path).name for f in chain] == ["_base.yaml", path.name], f"{_id(path)}: base: _base.yaml"
+            own = load_config(parser, str(path))  # with the base: compare each own key with what it would inherit
+            names = {flag_dest[str(key).replace("_", "-")] for key in chain[-1].values}
+            restated = sorted(d for d in names if d not in ("arch", "conv") and own[d] == base.get(d, defaults[d]))
+            assert not restated, f"{_id(path)} restates what it inherits: {restated}"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_id)
 def test_recipe_parses_and_builds(path: Path, tmp_path: Path) -> None:
     args = parse_args(["/data", "--config", str(path), "--workspace", str(tmp_path)])
-    content = yaml.safe_load(path.read_text())
+    content = merged_recipe(path)
     # the recipe's values reach the namespace (spot checks of the paper hyper-parameters)
     assert args.arch == content["arch"] and args.arch in list_archs()
-    assert args.lr == pytest.approx(float(content["lr"]))
+    assert args.lr == pytest.approx(float(content.get("lr", build_parser().get_default("lr"))))
     assert args.epochs == content["epochs"]
     assert str(parse_spec(args.conv)) == str(parse_spec(content["conv"]))
     parse_placement(args.placement)
