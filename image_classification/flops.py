@@ -11,7 +11,7 @@ MACs are counted per layer by forward hooks on one eval-mode forward at batch 1:
   plus every Conv2d/Linear it runs inside (its generator / dynamic branch, counted by the same
   hooks), plus the cost of applying the generated factors to the weight, per operator:
 
-  - ``pedconv`` (pedconv_paper.md, Complexity analysis):
+  - ``pedconv`` (PEDConv, BMVC 2021, Sec. 3, "Complexity analysis"):
     ``H W C_out C_in k^2 + (2 C_in + C_out + k^2) C_in / r + 2 C_out C_in k^2``; the middle term is
     the generator (counted by the hooks, ``C_in / g`` for the input-side head of grouped convs),
     the last one the weight scaling, ``2 R C_out C_in/g k^2`` for rank R (this reproduces the
@@ -83,7 +83,7 @@ def linear_macs(in_features: int, out_features: int, rows: int = 1) -> int:
 
 def pedconv_layer_macs(c_in: int, c_out: int, k: int, out_hw: Sequence[int], groups: int = 1, hidden: int = 0,
                        rank: int = 1, reduction: int = 16) -> int:
-    """pedconv_paper.md complexity: ``HW C_out C_in k^2 + (2C_in + C_out + k^2) C_in/r + 2R C_out C_in k^2``.
+    """PEDConv, BMVC 2021, Sec. 3 complexity: ``HW C_out C_in k^2 + (2C_in + C_out + k^2) C_in/r + 2R C_out C_in k^2``.
 
     ``C_in / g`` replaces ``C_in`` in the conv, the input-side head and the scaling for grouped
     convs; ``hidden`` (default ``C_in // r``) is the generator bottleneck; rank R multiplies heads

@@ -38,6 +38,42 @@ CITATION = re.compile(r"^# (PEDConv, BMVC 2021, (appendix Sec\. [A-F](-[A-F] \(|
                       r"ODConv, ICLR 2022, Table \d|Fashion-MNIST small-data study)")
 
 
+# Files that are not in this repository (the papers' text and notes about the authors' code kept next to it while
+# it was written): cite "PEDConv, BMVC 2021, Eq. 2; Table 5b", "DCD, ICLR 2021, Eq. 6" or "the authors' released code
+# (PEDConv repository)" instead. Built from parts so that this file does not name them itself.
+_ABSENT = ("REFERENCE", "pedconv_paper", "pedconv_appendix", "pedconv_authors_readme", "README_authors", "dcd_paper",
+           "condconv_involution_report")
+ABSENT_FILE = re.compile(r"\b(" + "|".join(_ABSENT) + r")\.md\b|\bshared" + "/" + r"(papers|REFERENCE)\b")
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg", ".json"}
+SKIPPED_DIRS = {"logs", "__pycache__", "build", "dist"}
+
+
+def _repository_text_files() -> list:
+    files = []
+    for path in ROOT.rglob("*"):
+        parts = path.relative_to(ROOT).parts
+        if any((p.startswith(".") and p != ".ci") or p in SKIPPED_DIRS or p.endswith(".egg-info") for p in parts[:-1]):
+            continue
+        if path.is_file() and (path.suffix in TEXT_SUFFIXES or path.name in ("Dockerfile", "run")):
+            files.append(path)
+    return files
+
+
+def test_no_file_cites_a_file_outside_the_repository() -> None:
+    files = _repository_text_files()
+    assert ROOT / "README.md" in files and ROOT / "configs" / "pedconv_table1" / "_base.yaml" in files
+    hits = [f"{path.relative_to(ROOT)}:{n}: {line.strip()[:100]}" for path in files
+            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if ABSENT_FILE.search(line)]
+    assert not hits, "cite the paper by short title, section, equation and table instead:\n" + "\n".join(hits)
+
+
+def test_docs_links_resolve() -> None:
+    """Every docs/... file that README.md and docs/ name exists."""
+    texts = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    named = {m for path in texts for m in re.findall(r"\bdocs/[\w./-]+\.(?:md|csv|png)", path.read_text())}
+    assert named and not sorted(n for n in named if not (ROOT / n).is_file())
+
+
 def _id(path: Path) -> str:
     return str(path.relative_to(ROOT / "configs"))
 

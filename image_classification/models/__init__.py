@@ -101,7 +101,7 @@ def build_model(
     ``init`` (:mod:`.init`), then make the convs chosen by ``placement`` the operator ``conv``.
 
     ``bn_gamma``: initial BatchNorm gamma; ``"auto"`` = 0.5 when the operator is ``pedconv`` (the
-    authors' release sets every BN gamma to 0.5, REFERENCE.md) and the init scheme's value
+    authors' released code (PEDConv repository) sets every BN gamma to 0.5) and the init scheme's value
     otherwise; a number forces it; None keeps the init scheme's value.
     Extra keywords go to the architecture (``width_mult=`` for MobileNets, ``dropout=``,
     ``zero_init_residual=`` for ResNets ...). Bad names raise ValueError listing the valid ones.
