@@ -4,8 +4,9 @@
 installs its values as parser defaults and parses the command line again, so explicit flags win over the
 recipe. A recipe may name a ``base:`` recipe (a path relative to its own directory) whose keys it inherits and
 overrides; bases chain, and a cycle or a missing base is an error naming the files (:func:`read_recipe_chain`,
-the one reader of recipe files, also used by the detection/segmentation scripts and the Fashion-MNIST study). Everything that can be checked before touching data or disk is checked here and reported like an
-argparse error: one line on stderr, exit status 2.
+the one reader of recipe files, also used by the detection/segmentation scripts and the Fashion-MNIST study).
+Everything that can be checked before touching data or disk is checked here and reported like an argparse
+error: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -394,14 +395,14 @@ def read_recipe_chain(path: str, error: Callable[[str], NoReturn]) -> List[Recip
     naming the files involved.
     """
     chain: List[RecipeFile] = []
-    seen: Dict[str, str] = {}  # real path -> path as reached
+    seen = set()  # real paths already read
     current, what = path, f"--config {path}"
     while True:
         real = os.path.realpath(current)
         if real in seen:
             cycle = " -> ".join([*(f.path for f in chain), current])
             error(f"--config {path}: base recipes form a cycle: {cycle}")
-        seen[real] = current
+        seen.add(real)
         content = _read_yaml_mapping(current, what, error)
         base = content.pop(RECIPE_BASE_KEY, None)
         chain.append(RecipeFile(current, content))
