@@ -13,7 +13,7 @@ Counts follow :mod:`image_classification.macs` (deploy parameters exclude PEDCon
 info-max decoder; MACs per the papers' convention). ``--latency`` measures, in one run and
 interleaved with the static model built the same way (same arch, classes, channels, init):
 batch-1 inference latency (median over ``--images`` single images after ``--warmup``;
-pedconv_appendix.md B), the median time of a batch-32 training step (forward, loss incl. info-max
+PEDConv appendix, Sec. B, Table 1), the median time of a batch-32 training step (forward, loss incl. info-max
 term, backward, SGD step), and the training memory (parameters + gradients + momentum + every
 tensor saved for backward, deduplicated by storage; on CPU the allocator exposes no peak counter,
 and this sum is the dominant, deterministic part of the peak) and the peak RSS of a training step of each

@@ -106,16 +106,18 @@ class OpSummary:
 # ----------------------------------------------------------------------------------------- runs
 def config_path(op: str) -> Path:
     path = CONFIG_DIR / f"{op}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    if not path.is_file() or op.startswith("_"):
+        known = sorted(p.stem for p in CONFIG_DIR.glob("[!_]*.yaml"))
         raise SystemExit(f"error: unknown operator recipe {op!r}; known: {', '.join(known)}")
     return path
 
 
 def read_recipe(op: str) -> Dict[str, Any]:
-    import yaml
+    """The op's recipe as main.py reads it (``base:`` applied): ``{dest: value}`` of the keys it sets."""
+    from image_classification.training.cli import build_parser as main_parser
+    from image_classification.training.cli import load_config
 
-    return yaml.safe_load(config_path(op).read_text())
+    return load_config(main_parser(), str(config_path(op)))
 
 
 def run_dir(logs: Path, op: str, seed: int) -> Path:
@@ -125,7 +127,7 @@ def run_dir(logs: Path, op: str, seed: int) -> Path:
 def _wanted(args: argparse.Namespace, op: str, seed: int) -> Dict[str, Any]:
     """The settings a finished run must have been made with to be reused (others are run again)."""
     return {"epochs": args.epochs, "seed": seed, "train_subset": args.train_subset, "val_subset": args.val_subset,
-            "precise_bn": int(read_recipe(op).get("precise-bn", 0))}
+            "precise_bn": int(read_recipe(op).get("precise_bn", 0))}
 
 
 def run_state(workspace: Path, wanted: Dict[str, Any]) -> str:
@@ -229,7 +231,7 @@ def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
 
     recipe = read_recipe(op)
     arch, conv, placement = recipe["arch"], recipe["conv"], recipe.get("placement", "paper")
-    size = int(recipe.get("image-size", 28))
+    size = int(recipe.get("image_size", 28))
     counts = profile_model(arch, conv, placement, size, num_classes=10, in_chans=1)
     prof = OpProfile(conv=conv, params=int(counts["params_deploy"]), macs=int(counts["macs"]))
     if latency:
@@ -475,8 +477,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not args.ops:
         parser.error("--ops is empty")
     for op in args.ops:
-        if not (CONFIG_DIR / f"{op}.yaml").is_file():
-            parser.error(f"unknown op {op!r}; choose from {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}")
+        if op.startswith("_") or not (CONFIG_DIR / f"{op}.yaml").is_file():
+            parser.error(f"unknown op {op!r}; choose from {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('[!_]*.yaml')))}")
     for name in ("epochs", "print_freq", "threads", "latency_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -29,7 +29,7 @@ run() {
 }
 
 raports=()
-for config in configs/pedconv_table4/*.yaml; do
+for config in configs/pedconv_table4/[!_]*.yaml; do  # _base.yaml is inherited, not run
   name=$(basename "$config" .yaml)
   if [ -n "$ONLY" ] && ! grep -qE -- "$ONLY" <<<"$name"; then continue; fi
   workspace=$LOGS/pedconv_table4/$name

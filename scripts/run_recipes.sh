@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every recipe (configs/<table>/*.yaml) of one paper table, one after the other, each on NGPUS GPUs
+# Run every recipe (configs/<table>/*.yaml but _base.yaml) of one paper table, one after the other, each on NGPUS GPUs
 # through multiproc.py, then collect the raports into logs/<table>/results.{md,csv}.
 #
 # Usage: bash scripts/run_recipes.sh <table> [--only REGEX] [extra main.py flags...]
@@ -51,7 +51,7 @@ run() {
 }
 
 shopt -s nullglob
-configs=("$CONFIG_DIR"/*.yaml)
+configs=("$CONFIG_DIR"/[!_]*.yaml)  # _base.yaml: what the recipes inherit, not a run
 [ ${#configs[@]} -gt 0 ] || { echo "error: no *.yaml recipes in $CONFIG_DIR" >&2; exit 2; }
 ran=0
 for config in "${configs[@]}"; do

@@ -28,3 +28,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--update-recipe-snapshot", action="store_true", default=False,
+                     help="rewrite tests/recipe_snapshot.json from the recipes under configs/ (tests/test_configs.py)")

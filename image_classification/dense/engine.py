@@ -41,6 +41,7 @@ from image_classification.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from image_classification.training.cli import load_config
 from image_classification.training.distributed import DistEnv, all_reduce_sum, barrier
 from image_classification.training.logger import Progress, RaportWriter
 from image_classification.training.optim import build_optimizer
@@ -146,35 +147,13 @@ def check_common_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def load_config_defaults(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> None:
-    """Install ``--config FILE.yaml`` values as parser defaults (flags on the command line still win)."""
+    """Install ``--config FILE.yaml`` values (its ``base:`` chain applied, read by main.py's recipe loader) as
+    parser defaults; flags on the command line still win."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    if not known.config:
-        return
-    import yaml
-
-    try:
-        with open(known.config) as handle:
-            values = yaml.safe_load(handle) or {}
-    except OSError as exc:
-        parser.error(f"cannot read --config {known.config}: {exc.strerror or exc}")
-    except yaml.YAMLError as exc:
-        parser.error(f"--config {known.config} is not valid YAML: {' '.join(str(exc).split())[:200]}")
-    if not isinstance(values, dict):
-        parser.error(f"--config {known.config} must hold a mapping of flag names to values")
-    dests = {a.dest: a for a in parser._actions}
-    for option in parser._actions:
-        for flag in option.option_strings:
-            if flag.startswith("--"):
-                dests.setdefault(flag[2:].replace("-", "_"), option)
-    defaults = {}
-    for key, value in values.items():
-        action = dests.get(str(key).replace("-", "_"))
-        if action is None or action.dest in ("help", "config"):
-            parser.error(f"--config {known.config}: unknown key {key!r}")
-        defaults[action.dest] = value
-    parser.set_defaults(**defaults)
+    if known.config:
+        parser.set_defaults(**load_config(parser, known.config))
 
 
 class TaskLoader:

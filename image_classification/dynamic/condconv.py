@@ -24,7 +24,8 @@ layer (``routing=conv``) or per block (``routing=block``, ``C_in`` of the block 
 
 Execution (shared with DY-Conv, :class:`~.kernel_mixture.KernelMixtureConv2d`): the experts are combined
 per sample once, then one grouped convolution with ``groups = B * groups`` runs (a plain conv at batch
-1) - the report's Eq. 6 observation that combining kernels first is cheaper than K convolutions.
+1) - combining the kernels first equals the mixture of K convolutions at the cost of one (CondConv, NeurIPS 2019,
+Sec. 2).
 """
 
 from __future__ import annotations

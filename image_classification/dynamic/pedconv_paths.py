@@ -382,7 +382,7 @@ def candidate_paths(layer: PEDConv2d, shape: Shape, grad: bool) -> List[str]:
 
 
 def heuristic_path(layer: PEDConv2d, shape: Shape, grad: bool) -> str:
-    """Deterministic choice when tuning is off (measured on a 2-core CPU; docs/performance.md).
+    """Deterministic choice when tuning is off (a shape rule from 2-core CPU timings; the paths: docs/performance.md).
 
     Additive: ``materialize`` at batch 1, else ``fold`` (the low-rank path). Depthwise-like layers
     (C_in/g == 1): ``materialize`` (the per-sample weight is tiny). 1x1 kernels or no psi:

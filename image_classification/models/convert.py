@@ -6,7 +6,7 @@ A placement is a ``+``-joined set of tokens (order irrelevant, case-insensitive)
 
     paper                   every conv except the stem, the shortcut (ResNet ``downsample``) convs
                             and squeeze-excitation convs; classifier static  (the default; the
-                            authors' release for ResNets, pedconv_paper.md Table 1)
+                            authors' release for ResNets, PEDConv, BMVC 2021, Table 1)
     all                     every conv except the stem (shortcut and SE convs included)
     none                    no conv (use with ``+cls`` for a dynamic classifier only)
     pointwise / depthwise / full
@@ -263,7 +263,8 @@ def convert_model(
 
     Each replaced conv goes through :func:`conv_from_static`, so its static weight becomes the
     operator's base weight. ``conv="static"`` leaves the model as it is (the placement is still
-    validated). The chosen names are recorded as ``model.dynamic_convs``.
+    validated, nothing is recorded). With a dynamic operator the replaced modules' names are recorded as
+    ``model.dynamic_convs``.
     """
     spec = parse_spec(conv)
     pl = parse_placement(placement)

@@ -2,8 +2,11 @@
 
 ``parse_args`` reads ``--config FILE.yaml`` first (keys are long flag names, with dashes or underscores),
 installs its values as parser defaults and parses the command line again, so explicit flags win over the
-recipe. Everything that can be checked before touching data or disk is checked here and reported like an
-argparse error: one line on stderr, exit status 2.
+recipe. A recipe may name a ``base:`` recipe (a path relative to its own directory) whose keys it inherits and
+overrides; bases chain, and a cycle or a missing base is an error naming the files (:func:`read_recipe_chain`,
+the one reader of recipe files, also used by the detection/segmentation scripts and the Fashion-MNIST study).
+Everything that can be checked before touching data or disk is checked here and reported like an argparse
+error: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import argparse
 import math
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from image_classification.data.augment import AUGMENTATIONS, INTERPOLATIONS
 
 from .distributed import env_world_size
 from .optim import LR_SCHEDULES, OPTIMIZERS
 
-__all__ = ["build_parser", "parse_args", "load_config", "resolve_conv", "DEFAULT_DYNAMIC_SPEC"]
+__all__ = ["build_parser", "parse_args", "load_config", "read_recipe_chain", "RecipeFile", "RECIPE_BASE_KEY",
+           "resolve_conv", "DEFAULT_DYNAMIC_SPEC"]
 
 DEFAULT_DYNAMIC_SPEC = "pedconv"
 MAX_SEED = 2**32 - 1
@@ -350,29 +355,78 @@ def _check_config_value(parser: argparse.ArgumentParser, key: str, action: argpa
     return value
 
 
-def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """Read a YAML recipe into ``{dest: value}``; unknown keys and bad values end in ``parser.error``."""
+RECIPE_BASE_KEY = "base"  # the recipe key naming the recipe it inherits from (not a flag of any parser)
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """One YAML file of a recipe chain: its path (as reached from the ``--config`` file) and its keys, ``base:``
+    left out."""
+
+    path: str
+    values: Dict[str, Any]
+
+
+def _read_yaml_mapping(path: str, what: str, error: Callable[[str], NoReturn]) -> Dict[Any, Any]:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as handle:
             content = yaml.safe_load(handle)
     except OSError as exc:
-        parser.error(f"cannot read --config {path}: {exc.strerror or exc}")
+        error(f"cannot read {what}: {exc.strerror or exc}")
     except UnicodeDecodeError as exc:
-        parser.error(f"cannot read --config {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                     f"{exc.start})")
+        error(f"cannot read {what}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})")
     except yaml.YAMLError as exc:
-        parser.error(f"--config {path} is not valid YAML: {' '.join(str(exc).split())}")
+        error(f"{what} is not valid YAML: {' '.join(str(exc).split())}")
     if content is None:
         return {}
     if not isinstance(content, dict):
-        parser.error(f"--config {path} must hold a mapping of flag names to values")
+        error(f"{what} must hold a mapping of flag names to values")
+    return content
+
+
+def read_recipe_chain(path: str, error: Callable[[str], NoReturn]) -> List[RecipeFile]:
+    """The recipe ``path`` and the recipes it inherits from through ``base:``, farthest base first, so that
+    applying them in order lets each file override its base (and the command line override them all).
+
+    ``base:`` is a path relative to the directory of the file that names it. A missing or unreadable base, a
+    ``base:`` that is not a file name, and a cycle end in ``error`` (e.g. ``parser.error``: one line, exit 2)
+    naming the files involved.
+    """
+    chain: List[RecipeFile] = []
+    seen = set()  # real paths already read
+    current, what = path, f"--config {path}"
+    while True:
+        real = os.path.realpath(current)
+        if real in seen:
+            cycle = " -> ".join([*(f.path for f in chain), current])
+            error(f"--config {path}: base recipes form a cycle: {cycle}")
+        seen.add(real)
+        content = _read_yaml_mapping(current, what, error)
+        base = content.pop(RECIPE_BASE_KEY, None)
+        chain.append(RecipeFile(current, content))
+        if base is None:
+            return list(reversed(chain))
+        if not isinstance(base, str) or not base.strip():
+            error(f"--config {path}: 'base' in {current} must be the file name of a recipe, got {base!r}")
+        following = os.path.normpath(os.path.join(os.path.dirname(current), base))
+        what = f"base recipe {following} (named by {current})"
+        current = following
+
+
+def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
+    """Read a YAML recipe (its ``base:`` chain applied) into ``{dest: value}``; unknown keys and bad values end
+    in ``parser.error``. Works for any parser whose options are long flags (main.py's and the dense scripts')."""
     names = _long_names(parser)
-    unknown = sorted(str(key) for key in content if str(key) not in names)
-    if unknown:
-        parser.error(f"unknown key(s) in --config {path}: {', '.join(unknown)}")
-    return {names[key].dest: _check_config_value(parser, key, names[key], value) for key, value in content.items()}
+    values: Dict[str, Any] = {}
+    for recipe in read_recipe_chain(path, parser.error):
+        unknown = sorted(str(key) for key in recipe.values if str(key) not in names)
+        if unknown:
+            parser.error(f"unknown key(s) in --config {recipe.path}: {', '.join(unknown)}")
+        for key, value in recipe.values.items():
+            values[names[key].dest] = _check_config_value(parser, key, names[key], value)
+    return values
 
 
 def resolve_conv(args: argparse.Namespace) -> Optional[str]:

@@ -2,7 +2,7 @@
 
 Training loss (per mini-batch): ``CE_ls(f(x_mix), y_mix) + lambda * sum_l MSE_l`` where ``CE_ls`` is
 cross-entropy with label smoothing on the mixup soft targets and the sum is the info-max term of every
-PEDConv layer (pedconv_paper.md Eq. 6, MSE form) returned by :func:`infomax_loss` for the last forward.
+PEDConv layer (PEDConv, BMVC 2021, Eq. 6, MSE form) returned by :func:`infomax_loss` for the last forward.
 With free adversarial training (``Components.adversary``) each optimizer step's mini-batches are replayed
 on perturbed images (:mod:`.adversarial`); the logged losses and top-1 are their averages over the replays.
 Validation is exact: per-rank sums of loss, correct top-1/top-5 and sample counts are all-reduced once.

@@ -1,6 +1,6 @@
 """Parameter and MAC counts at ImageNet 224 / 1000 classes equal the papers' figures.
 
-Targets (shared/REFERENCE.md, pedconv_paper.md Tables 1/5, appendix Table 2): deploy parameters
+Targets (PEDConv, BMVC 2021, Tables 1 and 5, appendix Sec. D, Table 2; DCD, ICLR 2021, Table 4): deploy parameters
 within +-0.05M of the printed figure, MACs within +-1%. Two rows are known gaps, kept as strict
 xfails (they fail loudly if the gap closes) and listed in docs/counts.md.
 """

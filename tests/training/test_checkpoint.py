@@ -345,7 +345,7 @@ def test_key_mismatch_lists_keys_and_counts() -> None:
 
 
 def _authors_pedconv_state(prefix: str, c_in: int, c_out: int, k: int, hidden: int, gen: torch.Generator) -> dict:
-    """A dynamic layer in the released layout (REFERENCE.md), filled with random values."""
+    """A dynamic layer in the layout of the authors' released code (PEDConv repository), random values."""
     shapes = {
         "weight": (c_out, c_in, k, k),
         "attn.fc_share.weight": (hidden, c_in), "attn.fc_share.bias": (hidden,),
