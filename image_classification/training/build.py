@@ -21,10 +21,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from image_classification.data import DataConfig, Loaders, build_loaders
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from .checkpoint_load import load_checkpoint
 from .distributed import DistEnv, broadcast_int
 from .engine import Components, LoopConfig
+from .errors import CheckpointError
 from .optim import build_optimizer, build_scheduler, optimizer_name
+from .weight_loading import load_model_weights
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_components",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",

@@ -27,17 +27,7 @@ from image_classification.dynamic import autotune, set_epoch
 
 from . import build
 from .adversarial import attack_metadata, build_attacks, perturbation_checkpoint, validate_under_attack
-from .checkpoint import (
-    CheckpointError,
-    GracefulShutdown,
-    WorkspaceLock,
-    check_workspace_writable,
-    existing_run_files,
-    remove_temporaries,
-    rng_state,
-    save_checkpoint,
-)
-from .checkpoint import set_rng_state as restore_rng
+from .checkpoint_save import remove_temporaries, save_checkpoint
 from .cli import parse_args
 from .distributed import (
     DistEnv,
@@ -57,9 +47,14 @@ from .engine import (
     train_one_epoch,
     validate,
 )
+from .errors import CheckpointError
 from .logger import Progress, RaportWriter
 from .peers import PeerMonitor, is_peer_failure
 from .precise_bn import recompute_bn_statistics
+from .random_state import rng_state
+from .random_state import set_rng_state as restore_rng
+from .shutdown import GracefulShutdown
+from .workspace import WorkspaceLock, check_workspace_writable, existing_run_files
 
 __all__ = ["main", "run"]
 
@@ -162,7 +157,7 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     build.seed_everything(args, env)
     pretrained = None
     if args.pretrained_weights is not None and resume is None:
-        from .checkpoint import load_checkpoint
+        from .checkpoint_load import load_checkpoint
 
         pretrained = load_checkpoint(args.pretrained_weights, trusted=args.trust_checkpoints)
     elif args.pretrained_weights is not None and env.is_main:
