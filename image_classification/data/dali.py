@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import DataConfig, DataError, Loaders, effective_drop_last, subset_indices
+from .config import DataConfig, DataError, Loaders
 from .imagefolder import check_same_classes, resolve_num_classes, scan_split
+from .sharding import effective_drop_last, subset_indices
 
 DALI_INSTALL_HINT = "pip install nvidia-dali-cuda120 (or the nvidia-dali-cuda1xx wheel matching your CUDA)"
 
