@@ -78,7 +78,7 @@ def test_truncated_last_line_is_tolerated_but_corruption_is_not(tmp_path: Path) 
     lines.insert(2, 'DLLL {"broken"')
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="raport.json:3"):
-        collect.read_records(path)
+        collect.read_raport(path)
 
 
 def test_collect_cli_writes_markdown_and_csv(tmp_path: Path) -> None:
