@@ -40,9 +40,9 @@ from .distributed import (
     sync_buffers,
 )
 from .engine import (
-    Components,
     LoopConfig,
     NonFiniteLossError,
+    TrainingSetup,
     check_finite_validation,
     train_one_epoch,
     validate,
@@ -94,7 +94,7 @@ class _Run:
     args: argparse.Namespace
     env: DistEnv
     loaders: Any
-    comp: Components
+    comp: TrainingSetup
     cfg: LoopConfig
     state: build.RunState
     conv: str
@@ -174,7 +174,7 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
             build.load_weights(model, checkpoint, args, conv, path)
     cfg = build.loop_config(args, env)
     try:
-        comp = build.build_components(args, model, loaders, env, cfg)
+        comp = build.build_training_setup(args, model, loaders, env, cfg)
     except ValueError as exc:
         raise UsageError(exc) from None
     if pretrained is not None and comp.ema is not None and pretrained.get("ema") is not None:
