@@ -24,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import shutil
 import subprocess
@@ -62,6 +63,7 @@ __all__ = [  # the reporting names are re-exported for callers of this script's 
 CONFIG_DIR = ROOT / "configs" / "fashion_mnist"
 DEFAULT_OPS = ("static", "pedconv", "pedconv_no_infomax", "dcd", "dyconv", "condconv", "involution", "odconv")
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
+_LOG = logging.getLogger("fashion_mnist_study")
 EXIT_DIVERGED = 3  # main.py's status for a run stopped by a NaN/inf loss
 
 
@@ -98,7 +100,8 @@ def run_state(workspace: Path, wanted: Dict[str, Any]) -> str:
     try:
         params = parameters(read_raport(raport))
         summary = summarize(raport)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        _LOG.warning("%s cannot be read (%s): the run is started again", raport, exc)
         return "stale"
     if any(params.get(key) != value for key, value in wanted.items()):
         return "stale"

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import errno
 import functools
+import logging
 import os
 import pickle
 import re
@@ -34,6 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where numpy is absent
 __all__ = ["BEST_FILENAME", "remove_temporaries", "save_checkpoint"]
 
 BEST_FILENAME = "model_best.pth.tar"
+_LOG = logging.getLogger(__name__)
 
 _SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
@@ -91,8 +93,8 @@ def _fsync_dir(directory: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:  # some file systems cannot fsync a directory; the rename itself is done
+        _LOG.debug("cannot fsync directory %s: %s", directory, exc.strerror or exc)
     finally:
         os.close(fd)
 

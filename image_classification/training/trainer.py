@@ -15,6 +15,7 @@ so that job schedulers see the run as interrupted rather than finished.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ from .shutdown import GracefulShutdown
 from .workspace import WorkspaceLock, check_workspace_writable, existing_run_files
 
 __all__ = ["main", "run"]
+
+_LOG = logging.getLogger(__name__)
 
 
 # exit statuses: 0 done, 2 bad input (one line, nothing lost), 3 the run diverged (non-finite loss), 1 a lost
@@ -142,7 +145,8 @@ def _is_training_raport(path: str) -> bool:
 
     try:
         records = read_raport(path)
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        _LOG.warning("cannot read the raport %s (%s); treating it as a training run's", path, exc)
         return True  # unreadable: do not replace it blindly
     params = next((r.get("data", {}) for r in records if r.get("step") == "PARAMETER"), {})
     return not params.get("evaluate", False)

@@ -76,3 +76,20 @@ def test_refused_probe_is_reported_by_main_argument_check(tmp_path: Path, monkey
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--data-backend", "synthetic", "--workspace", str(tmp_path / "ws")])
     assert exit_info.value.code == 2
+
+
+def test_unreachable_peer_store_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer monitor that cannot reach its store disables itself with a warning, never silently."""
+    import logging
+
+    from image_classification.training.peers import PeerMonitor
+
+    monitor = PeerMonitor(rank=0, world_size=2, host="127.0.0.1", port=1)
+
+    def unreachable() -> None:
+        raise RuntimeError("connection refused")
+
+    monitor._connect = unreachable
+    with caplog.at_level(logging.WARNING, logger="image_classification.training.peers"):
+        assert monitor.start() is monitor
+    assert "peer monitor disabled" in caplog.text and "connection refused" in caplog.text
