@@ -37,7 +37,7 @@ _LOG = logging.getLogger(__name__)
 _PEER_FAILURE_MARKERS = (
     "third_party/gloo", "connection closed by peer", "connection reset by peer", "broken pipe",
     "timed out waiting", "collective operation timeout", "ncclremoteerror", "nccl communicator was aborted",
-    "failed to recv", "failed to send",
+    "failed to recv", "failed to send", "timeout caused pair closure",
 )
 
 

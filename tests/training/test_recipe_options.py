@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _args(**overrides: object) -> SimpleNamespace:
     args = dict(arch="efficientnet_b0", placement="paper", num_classes=3, model_config="classic", dropout=None,
-                memory_format="nchw", drop_path=None, bn_momentum=None)
+                memory_format="nchw", drop_path=None, bn_momentum=None, deterministic=False)
     args.update(overrides)
     return SimpleNamespace(**args)
 
