@@ -24,83 +24,47 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
-import platform
+import logging
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collect_results import epoch_metrics, parameters, read_records, summarize  # noqa: E402
+from image_classification.reporting.fashion_mnist_study import (  # noqa: E402
+    DIVERGED_MARKER,
+    LABELS,
+    OpProfile,
+    OpSummary,
+    RunResult,
+    environment_line,
+    load_run,
+    per_seed_table,
+    plot_curves,
+    results_table,
+    summarize_ops,
+    write_csv,
+    write_report,
+)
+from image_classification.reporting.raport import loss_curve, parameters, read_raport  # noqa: E402
+from image_classification.reporting.run_summary import summarize  # noqa: E402
+
+__all__ = [  # the reporting names are re-exported for callers of this script's module
+    "DIVERGED_MARKER", "LABELS", "OpProfile", "OpSummary", "RunResult", "environment_line", "load_run",
+    "loss_curve", "main", "per_seed_table", "plot_curves", "results_table", "run_all", "summarize_ops",
+    "write_csv", "write_report",
+]
 
 CONFIG_DIR = ROOT / "configs" / "fashion_mnist"
 DEFAULT_OPS = ("static", "pedconv", "pedconv_no_infomax", "dcd", "dyconv", "condconv", "involution", "odconv")
-LABELS = {
-    "static": "static conv",
-    "pedconv": "PEDConv",
-    "pedconv_no_infomax": "PEDConv, info-max off",
-    "dcd": "DCD",
-    "dyconv": "DY-Conv (K=4)",
-    "condconv": "CondConv (K=8)",
-    "involution": "Involution",
-    "odconv": "ODConv (1 kernel)",
-}
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
-DIVERGED_MARKER = "diverged.txt"
+_LOG = logging.getLogger("fashion_mnist_study")
 EXIT_DIVERGED = 3  # main.py's status for a run stopped by a NaN/inf loss
-
-
-@dataclass
-class RunResult:
-    """One (operator, seed) training run, read back from its raport."""
-
-    op: str
-    seed: int
-    top1: float  # test top-1 after the last epoch (%)
-    best_top1: float
-    train_ips: Optional[float]
-    epoch_top1: Dict[int, float] = field(default_factory=dict)
-    loss_curve: List[Tuple[float, float]] = field(default_factory=list)  # (fractional epoch, train.loss)
-    seconds: Optional[float] = None
-    diverged: bool = False  # a non-finite training or test loss was logged
-
-
-@dataclass
-class OpProfile:
-    """Counts and CPU latency of one operator's model (latency fields None when not measured)."""
-
-    conv: str
-    params: int
-    macs: int
-    latency_ms: Optional[float] = None
-    latency_ratio: Optional[float] = None
-    train_step_ratio: Optional[float] = None
-
-
-@dataclass
-class OpSummary:
-    op: str
-    conv: str
-    n: int
-    top1_mean: float
-    top1_std: Optional[float]
-    params: int
-    macs: int
-    train_ips: Optional[float]
-    latency_ms: Optional[float]
-    latency_ratio: Optional[float]
-    train_step_ratio: Optional[float]
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -136,9 +100,10 @@ def run_state(workspace: Path, wanted: Dict[str, Any]) -> str:
     if not raport.is_file():
         return "new"
     try:
-        params = parameters(read_records(raport))
+        params = parameters(read_raport(raport))
         summary = summarize(raport)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        _LOG.warning("%s cannot be read (%s): the run is started again", raport, exc)
         return "stale"
     if any(params.get(key) != value for key, value in wanted.items()):
         return "stale"
@@ -190,39 +155,6 @@ def run_all(args: argparse.Namespace) -> None:
             (workspace / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
 
 
-def loss_curve(records: Sequence[Dict[str, Any]]) -> List[Tuple[float, float]]:
-    """``(epoch + iteration / iterations_in_epoch, train.loss)`` of every per-iteration record."""
-    points = []
-    for record in records:
-        step, data = record.get("step"), record.get("data", {})
-        if isinstance(step, list) and len(step) == 2 and "train.loss" in data:
-            points.append((int(step[0]), int(step[1]), float(data["train.loss"])))
-    length: Dict[int, int] = {}
-    for epoch, it, _ in points:
-        length[epoch] = max(length.get(epoch, 0), it)
-    return [(epoch + it / length[epoch], loss) for epoch, it, loss in points]
-
-
-def load_run(workspace: Path, op: str, seed: int) -> RunResult:
-    raport = workspace / "raport.json"
-    records = read_records(raport)
-    top1 = epoch_metrics(records, "val.top1")
-    stopped = (workspace / DIVERGED_MARKER).is_file()
-    if not top1 and not stopped:
-        raise SystemExit(f"error: {raport} holds no val.top1 record (did the run fail?)")
-    summary = summarize(raport)
-    seconds_file = workspace / "seconds.txt"
-    seconds = float(seconds_file.read_text()) if seconds_file.is_file() else None
-    curve = loss_curve(records)
-    losses = [record.get("data", {}).get(key) for record in records for key in ("train.loss", "val.loss")]
-    # a run stopped before its first test has no accuracy: NaN, shown as "diverged", never a number
-    return RunResult(op=op, seed=seed, top1=top1[max(top1)] if top1 else math.nan,
-                     best_top1=max(top1.values()) if top1 else math.nan,
-                     train_ips=summary.train_ips, epoch_top1=top1,
-                     loss_curve=curve, seconds=seconds,
-                     diverged=stopped or any(isinstance(loss, float) and not math.isfinite(loss) for loss in losses))
-
-
 # ------------------------------------------------------------------------------------ profiling
 def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
     """Deploy params and MACs of the op's model at 28x28x1, 10 classes; batch-1 latency vs static."""
@@ -248,197 +180,6 @@ def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
 
 
 # -------------------------------------------------------------------------------------- results
-def summarize_ops(results: Sequence[RunResult], profiles: Dict[str, OpProfile], ops: Sequence[str]) -> List[OpSummary]:
-    """One row per operator (in ``ops`` order): mean and sample std of the final test top-1 over seeds."""
-    rows = []
-    for op in ops:
-        runs = [r for r in results if r.op == op]
-        if not runs:
-            continue
-        accs = [r.top1 for r in runs]
-        ips = [r.train_ips for r in runs if r.train_ips is not None]
-        prof = profiles[op]
-        rows.append(OpSummary(
-            op=op, conv=prof.conv, n=len(runs), top1_mean=statistics.fmean(accs),
-            top1_std=statistics.stdev(accs) if len(accs) > 1 else None, params=prof.params, macs=prof.macs,
-            train_ips=statistics.fmean(ips) if ips else None, latency_ms=prof.latency_ms,
-            latency_ratio=prof.latency_ratio, train_step_ratio=prof.train_step_ratio,
-        ))
-    return rows
-
-
-def _f(value: Optional[float], fmt: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
-
-
-def results_table(rows: Sequence[OpSummary]) -> str:
-    """The markdown results table (one row per operator)."""
-    lines = [
-        "| operator | spec | test top-1 (%) | seeds | params | MACs | train img/s | batch-1 latency (ms) "
-        "| latency / static | train step / static |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        acc = f"{r.top1_mean:.2f}" + (f" ± {r.top1_std:.2f}" if r.top1_std is not None else "")
-        if not math.isfinite(r.top1_mean):  # a seed was stopped before its first test
-            acc = "diverged"
-        lines.append(
-            f"| {LABELS.get(r.op, r.op)} | `{r.conv}` | {acc} | {r.n} | {r.params / 1e6:.3f}M | {r.macs / 1e6:.1f}M "
-            f"| {_f(r.train_ips, '.0f')} | {_f(r.latency_ms, '.2f')} | {_f(r.latency_ratio, '.2f')} "
-            f"| {_f(r.train_step_ratio, '.2f')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def per_seed_table(results: Sequence[RunResult]) -> str:
-    lines = ["| operator | seed | final test top-1 (%) | best test top-1 (%) | train img/s | wall time (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        final = f"{r.top1:.2f}" if math.isfinite(r.top1) else "diverged"
-        best = f"{r.best_top1:.2f}" if math.isfinite(r.best_top1) else "diverged"
-        lines.append(f"| {LABELS.get(r.op, r.op)} | {r.seed} | {final} | {best} "
-                     f"| {_f(r.train_ips, '.0f')} | {_f(r.seconds, '.0f')} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: Sequence[OpSummary], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["operator", "spec", "seeds", "top1_mean", "top1_std", "params", "macs", "train_ips",
-                         "latency_ms", "latency_ratio", "train_step_ratio"])
-        for r in rows:
-            writer.writerow([r.op, r.conv, r.n, f"{r.top1_mean:.4f}", "" if r.top1_std is None else f"{r.top1_std:.4f}",
-                             r.params, r.macs, "" if r.train_ips is None else f"{r.train_ips:.2f}",
-                             "" if r.latency_ms is None else f"{r.latency_ms:.4f}",
-                             "" if r.latency_ratio is None else f"{r.latency_ratio:.4f}",
-                             "" if r.train_step_ratio is None else f"{r.train_step_ratio:.4f}"])
-
-
-def plot_curves(results: Sequence[RunResult], rows: Sequence[OpSummary], path: Path, title: str) -> None:
-    """PNG: training loss per logged iteration, test top-1 per epoch (mean over seeds), final top-1 bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ops = [r.op for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    colors = {op: plt.get_cmap("tab10")(i % 10) for i, op in enumerate(ops)}
-    for op in ops:
-        runs = [r for r in results if r.op == op]
-        length = min(len(r.loss_curve) for r in runs)
-        if length:
-            xs = [runs[0].loss_curve[i][0] for i in range(length)]
-            mean_loss = [statistics.fmean(r.loss_curve[i][1] for r in runs) for i in range(length)]
-            axes[0].plot(xs, mean_loss, marker="." if length < 30 else None, label=LABELS.get(op, op), color=colors[op])
-        epochs = sorted(set.intersection(*(set(r.epoch_top1) for r in runs)))
-        if epochs:
-            mean_acc = [statistics.fmean(r.epoch_top1[e] for r in runs) for e in epochs]
-            axes[1].plot([e + 1 for e in epochs], mean_acc, marker="o", label=LABELS.get(op, op), color=colors[op])
-    axes[0].set(xlabel="epoch", ylabel="training loss (window mean)",
-                title="training loss (mean over seeds)", yscale="log")
-    axes[1].set(xlabel="epoch", ylabel="test top-1 (%)", title="test top-1 (mean over seeds)")
-    axes[1].xaxis.get_major_locator().set_params(integer=True)
-    means = [r.top1_mean if math.isfinite(r.top1_mean) else 0.0 for r in rows]  # diverged: no bar
-    errs = [r.top1_std if r.top1_std is not None and math.isfinite(r.top1_std) else 0.0 for r in rows]
-    axes[2].bar(range(len(rows)), means, yerr=errs, color=[colors[op] for op in ops], capsize=4)
-    axes[2].set_xticks(range(len(rows)), [LABELS.get(op, op) for op in ops], rotation=30, ha="right")
-    shown = [(m, e) for m, e in zip(means, errs) if m > 0]
-    low = min(m - e for m, e in shown) if shown else 0.0
-    axes[2].set_ylim(max(0.0, low - 2.0), min(100.0, max(m + e for m, e in shown) + 1.0) if shown else 100)
-    axes[2].set(ylabel="final test top-1 (%)", title="final test top-1 (± std over seeds)")
-    for ax in axes[:2]:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def environment_line(threads: int) -> str:
-    import torch
-
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-            f"{threads} thread(s) for the latency measurement")
-
-
-def write_report(
-    results: Sequence[RunResult],
-    profiles: Dict[str, OpProfile],
-    ops: Sequence[str],
-    out: Path,
-    name: str,
-    command: str,
-    settings: str,
-    environment: str,
-    total_seconds: Optional[float] = None,
-    plot: bool = True,
-) -> List[OpSummary]:
-    """Write ``<out>/<name>.md`` (+ ``.csv`` and ``.png``) from run results; returns the summary rows."""
-    rows = summarize_ops(results, profiles, ops)
-    if not rows:
-        raise SystemExit("error: no finished runs to report")
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / f"{name}.csv")
-    if plot:
-        plot_curves(results, rows, out / f"{name}.png", f"Fashion-MNIST, CIFAR ResNet-20: {settings}")
-    static = next((r for r in rows if r.op == "static"), None)
-    best = max(rows, key=lambda r: r.top1_mean if math.isfinite(r.top1_mean) else -math.inf)
-    lines = [
-        "# Fashion-MNIST: PEDConv against static convolution and its peers",
-        "",
-        "CIFAR ResNet-20 (16/32/64 channels) on 28x28 grey Fashion-MNIST images; every convolution except the",
-        "stem is replaced by the operator (placement `paper`); the same recipe (configs/fashion_mnist/*.yaml:",
-        "SGD Nesterov 0.9, batch 128, lr 0.1 cosine, wd 5e-4) and the same seeds for every operator.",
-        f"Settings: {settings}. Test top-1 is measured on the Fashion-MNIST test set after the last epoch;",
-        "± is the sample standard deviation over the seeds. Parameters are deploy parameters (PEDConv's",
-        "training-only info-max decoder excluded); MACs per image at 28x28. Train img/s: main.py's epoch",
-        "throughput. Latency: median batch-1 CPU inference, measured interleaved with the static model in one",
-        "process (`image_classification.profiler.measure_latency`), so the ratios are the comparable figures.",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {environment}." + (f" Wall time: {total_seconds / 60:.1f} min (training runs + profiling)." if total_seconds else ""),
-        "",
-        "## Results",
-        "",
-        results_table(rows),
-        f"Highest mean test top-1: {LABELS.get(best.op, best.op)} ({best.top1_mean:.2f}%)"
-        + (f"; static conv: {static.top1_mean:.2f}%." if static and static is not best else "."),
-        "",
-        f"![learning curves]({name}.png)",
-        "",
-        "## Per run",
-        "",
-        per_seed_table(results),
-        "## What this does and does not say",
-        "",
-        "- It compares the operators on real data under one controlled recipe, on a CPU budget: a short",
-        "  schedule on small 28x28 images with a 0.27M-parameter network. Differences smaller than about two",
-        "  standard deviations over the seeds are not evidence either way.",
-        "- It says nothing direct about the ImageNet claims (PEDConv Table 1: +3.8 points on ResNet-18 over",
-        "  static conv at 120 epochs): the dynamic generators condition on global context that 28x28",
-        "  Fashion-MNIST items carry little of, and the schedule is far shorter than the papers'.",
-        *([
-            "- DY-Conv anneals its softmax temperature from 30 to 1 over 10 epochs (Chen et al.); in a shorter",
-            "  schedule it is trained and evaluated at a temperature above 1.",
-        ] if "dyconv" in ops else []),
-        *([
-            "- Runs that diverged under this recipe (a non-finite training or test loss: main.py stops such a run,",
-            "  exit status 3; lr 0.1 with no warmup): "
-            + ", ".join(f"{LABELS.get(r.op, r.op)} seed {r.seed}" for r in results if r.diverged)
-            + ". Their top-1 is the last test before they stopped (\"diverged\" when there was none).",
-        ] if any(r.diverged for r in results) else []),
-        "- Parameter and MAC counts are exact; the latency ratios are measurements on this machine's CPU.",
-        "",
-    ]
-    (out / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
-    return rows
-
-
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

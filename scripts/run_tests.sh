@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV=${VENV:-.venv}
 "$VENV/bin/ruff" check .
-"$VENV/bin/python" -m pytest -q "$@"
+# pytest-xdist: one worker per core, at most 4 (each holds torch in memory); PYTEST_WORKERS=0 runs serially.
+# Test modules stay whole on one worker (--dist loadscope): module-scoped fixtures are built once.
+cores=$(nproc 2>/dev/null || echo 1)
+"$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}" --dist loadscope "$@"

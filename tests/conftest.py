@@ -8,6 +8,9 @@
   tested in Triton's interpreter, which must be switched on before triton is first imported (Triton
   decorates its own standard-library functions at import time). So it is set here, before any test
   module is collected. CPU code paths never import triton, and with CUDA nothing is changed.
+- Under pytest-xdist (``scripts/run_tests.sh`` runs ``-n 2``), each worker gets its share of the CPU cores
+  for torch's intra-op threads (and for the ``main.py`` subprocesses it starts, via ``OMP_NUM_THREADS``),
+  so that the workers do not oversubscribe the machine.
 """
 
 import os
@@ -18,6 +21,12 @@ import torch
 os.environ.setdefault("PEDCONV_AUTOTUNE", "0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    _threads = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:

@@ -22,6 +22,7 @@ normalised with the ImageNet mean/std, int64 labels of shape ``(N,)``. dali-cpu 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -30,9 +31,11 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import DataConfig, DataError, Loaders, effective_drop_last, subset_indices
+from .config import DataConfig, DataError, Loaders
 from .imagefolder import check_same_classes, resolve_num_classes, scan_split
+from .sharding import effective_drop_last, subset_indices
 
+_LOG = logging.getLogger(__name__)
 DALI_INSTALL_HINT = "pip install nvidia-dali-cuda120 (or the nvidia-dali-cuda1xx wheel matching your CUDA)"
 
 
@@ -55,6 +58,7 @@ def find_bad_image(files: Sequence[str], budget_s: float = 30.0) -> Optional[str
     deadline = time.monotonic() + budget_s
     for path in files:
         if time.monotonic() > deadline:
+            _LOG.warning("gave up looking for the undecodable image after %g s (%d files)", budget_s, len(files))
             return None
         try:
             load_image(path)

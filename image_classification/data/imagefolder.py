@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
-from . import DataConfig, DataError, Loaders, effective_drop_last, subset_indices
 from .augment import torchvision_augmentation, torchvision_interpolation
+from .config import DataConfig, DataError, Loaders
+from .sharding import effective_drop_last, subset_indices
 
 IMG_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import DataConfig, DataError, Loaders, effective_drop_last, subset_indices
 from .augment import torch_interpolate_mode, torchvision_augmentation
+from .config import DataConfig, DataError, Loaders
+from .sharding import effective_drop_last, subset_indices
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

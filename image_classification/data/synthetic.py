@@ -10,7 +10,7 @@ from typing import Iterator, Tuple
 
 import torch
 
-from . import DataConfig, Loaders
+from .config import DataConfig, Loaders
 
 
 class SyntheticLoader:

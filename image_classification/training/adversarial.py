@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine import Components, LoopConfig, _forward_loss, _optimizer_step
+from .engine import LoopConfig, TrainingSetup, _forward_loss, _optimizer_step
 from .logger import Progress
 
 __all__ = ["PixelSpace", "FreeAdversarialTraining", "PGDAttack", "build_free_adversarial_training",
@@ -119,7 +119,7 @@ class FreeAdversarialTraining:
                              f"not fit the perturbation buffer {tuple(self.perturbation.shape)}")
         return self.perturbation[index, :n]
 
-    def train_group(self, comp: Components, cfg: LoopConfig, batches: Sequence[MicroBatch]
+    def train_group(self, comp: TrainingSetup, cfg: LoopConfig, batches: Sequence[MicroBatch]
                     ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], float]:
         """Replay the mini-batches of one optimizer step ``replays`` times (one optimizer step per replay).
 

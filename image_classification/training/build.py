@@ -22,12 +22,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from image_classification.data import DataConfig, Loaders, build_loaders
 from image_classification.dynamic.registry import implied_spec
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from .checkpoint_load import load_checkpoint
 from .distributed import DistEnv, broadcast_int
-from .engine import Components, LoopConfig
+from .engine import LoopConfig, TrainingSetup
+from .errors import CheckpointError
 from .optim import build_optimizer, build_scheduler, optimizer_name
+from .weight_loading import load_model_weights
 
-__all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_components",
+__all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_training_setup",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",
            "tune_paths"]
 
@@ -182,8 +184,8 @@ def _grad_scaler(args: argparse.Namespace, env: DistEnv) -> Optional[torch.amp.G
     return torch.amp.GradScaler(env.device.type, init_scale=init)
 
 
-def build_components(args: argparse.Namespace, model: nn.Module, loaders: Loaders, env: DistEnv,
-                     cfg: LoopConfig) -> Components:
+def build_training_setup(args: argparse.Namespace, model: nn.Module, loaders: Loaders, env: DistEnv,
+                         cfg: LoopConfig) -> TrainingSetup:
     """Optimizer, scheduler (per optimizer step), scaler, EMA, mixup and the DDP wrapper."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -217,7 +219,7 @@ def build_components(args: argparse.Namespace, model: nn.Module, loaders: Loader
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    return Components(wrapped, model, criterion, optimizer, scheduler, _grad_scaler(args, env), ema, mixup,
+    return TrainingSetup(wrapped, model, criterion, optimizer, scheduler, _grad_scaler(args, env), ema, mixup,
                       adversary)
 
 
@@ -231,7 +233,7 @@ class RunState:
     pending_validation: bool = False  # the checkpoint was written before its epoch was validated
 
 
-def restore_training_state(comp: Components, checkpoint: Dict[str, Any], env: DistEnv,
+def restore_training_state(comp: TrainingSetup, checkpoint: Dict[str, Any], env: DistEnv,
                            accumulation: int = 1, training: bool = True) -> RunState:
     """Optimizer, scheduler, scaler and EMA from a ``--resume`` checkpoint (weights are loaded already).
 

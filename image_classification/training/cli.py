@@ -22,6 +22,7 @@ from image_classification.data.augment import AUGMENTATIONS, INTERPOLATIONS
 
 from .distributed import env_world_size
 from .optim import LR_SCHEDULES, OPTIMIZERS
+from .workspace import directory_write_problem, nearest_existing_directory
 
 __all__ = ["build_parser", "parse_args", "load_config", "read_recipe_chain", "RecipeFile", "RECIPE_BASE_KEY",
            "resolve_conv", "DEFAULT_DYNAMIC_SPEC"]
@@ -438,16 +439,6 @@ def resolve_conv(args: argparse.Namespace) -> Optional[str]:
     return args.conv
 
 
-def _nearest_existing(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
-
-
 def _validate_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from image_classification.dynamic import parse_spec
     from image_classification.models import list_archs
@@ -583,8 +574,8 @@ def _validate_recipe_options(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    existing = _nearest_existing(args.workspace)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    existing = nearest_existing_directory(args.workspace)
+    if directory_write_problem(existing) is not None:
         parser.error(f"--workspace {args.workspace} is not writable ({existing} is not a writable directory)")
     for flag, path in (("--pretrained-weights", args.pretrained_weights), ("--resume", args.resume)):
         if path is not None and path != "auto" and not os.path.isfile(path):
@@ -597,8 +588,8 @@ def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     raport = args.raport_file if os.path.isabs(args.raport_file) else os.path.join(args.workspace, args.raport_file)
     if not args.raport_file or os.path.isdir(raport):
         parser.error(f"--raport-file {args.raport_file!r} is a directory, not a file name")
-    existing = _nearest_existing(os.path.dirname(os.path.abspath(raport)))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    existing = nearest_existing_directory(os.path.dirname(os.path.abspath(raport)))
+    if directory_write_problem(existing) is not None:
         parser.error(f"--raport-file {args.raport_file}: cannot be created ({existing} is not a writable directory)")
     if args.data is None and args.data_backend != "synthetic" and args.dataset == "imagenet":
         parser.error(f"DATA is required for --data-backend {args.data_backend} (the directory with train/ and val/)")

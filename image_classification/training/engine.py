@@ -3,7 +3,7 @@
 Training loss (per mini-batch): ``CE_ls(f(x_mix), y_mix) + lambda * sum_l MSE_l`` where ``CE_ls`` is
 cross-entropy with label smoothing on the mixup soft targets and the sum is the info-max term of every
 PEDConv layer (PEDConv, BMVC 2021, Eq. 6, MSE form) returned by :func:`infomax_loss` for the last forward.
-With free adversarial training (``Components.adversary``) each optimizer step's mini-batches are replayed
+With free adversarial training (``TrainingSetup.adversary``) each optimizer step's mini-batches are replayed
 on perturbed images (:mod:`.adversarial`); the logged losses and top-1 are their averages over the replays.
 Validation is exact: per-rank sums of loss, correct top-1/top-5 and sample counts are all-reduced once.
 """
@@ -24,7 +24,7 @@ from image_classification.dynamic import infomax_loss
 from .distributed import all_reduce_sum, any_rank, is_active
 from .logger import Progress, RaportWriter
 
-__all__ = ["Components", "LoopConfig", "EpochResult", "NonFiniteLossError", "train_one_epoch", "validate",
+__all__ = ["TrainingSetup", "LoopConfig", "EpochResult", "NonFiniteLossError", "train_one_epoch", "validate",
            "check_finite_validation"]
 
 
@@ -32,8 +32,9 @@ _STOP_CHECK_EVERY = 5  # optimizer steps between stop-flag checks under DDP
 
 
 @dataclass
-class Components:
-    """What a training step touches. ``model`` runs the forward (maybe DDP), ``module`` is unwrapped."""
+class TrainingSetup:
+    """The objects a training step works on: network, loss, optimizer, LR schedule, AMP grad scaler, EMA copy,
+    mixup and the adversary. ``model`` runs the forward (maybe DDP), ``module`` is unwrapped."""
 
     model: nn.Module
     module: nn.Module
@@ -144,7 +145,7 @@ class _Window:
         return metrics
 
 
-def _forward_loss(comp: Components, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor):
+def _forward_loss(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor):
     soft = target
     if comp.mixup is not None:
         images, soft = comp.mixup(images, target)
@@ -158,7 +159,7 @@ def _forward_loss(comp: Components, cfg: LoopConfig, images: torch.Tensor, targe
     return loss, task, infomax, correct
 
 
-def _optimizer_step(comp: Components) -> None:
+def _optimizer_step(comp: TrainingSetup) -> None:
     if comp.scaler is not None:
         comp.scaler.step(comp.optimizer)
         comp.scaler.update()
@@ -170,7 +171,7 @@ def _optimizer_step(comp: Components) -> None:
         comp.ema.update_parameters(comp.module)
 
 
-def _train_step(comp: Components, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor, boundary: bool):
+def _train_step(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor, boundary: bool):
     """Forward + backward of one mini-batch; the optimizer steps on accumulation boundaries only (DDP
     skips the gradient all-reduce on the other mini-batches)."""
     sync = contextlib.nullcontext()
@@ -187,7 +188,7 @@ def _train_step(comp: Components, cfg: LoopConfig, images: torch.Tensor, target:
 
 
 def train_one_epoch(
-    comp: Components,
+    comp: TrainingSetup,
     cfg: LoopConfig,
     loader: Iterable,
     epoch: int,

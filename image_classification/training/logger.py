@@ -15,11 +15,14 @@ records have ``step`` ``[epoch, iteration]``, epoch records ``[epoch]`` and the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 from datetime import datetime
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+from image_classification.reporting.raport import raport_values, read_raport
 
 __all__ = [
     "METRICS",
@@ -30,6 +33,7 @@ __all__ = [
 ]
 
 Step = Union[str, Sequence[int]]
+_LOG = logging.getLogger(__name__)
 
 _LOSS = {"unit": None, "format": ":>5.5f"}
 _IPS = {"unit": "images/s", "format": ":>.2f"}
@@ -68,6 +72,8 @@ class RaportWriter:
     def __init__(self, path: Optional[str], append: bool = False) -> None:
         self.path = path
         self.start = datetime.now()
+        if path and append:
+            _drop_torn_last_line(path)
         self._file = open(path, "a" if append else "w", buffering=1) if path else None
 
     def _write(self, record: Dict[str, Any]) -> None:
@@ -119,39 +125,40 @@ class RaportWriter:
             self._file = None
 
 
+def _drop_torn_last_line(path: str) -> None:
+    """Cut a partial last record (a run killed mid-write: no final newline) off a raport about to be
+    continued, so that the first appended record starts on a line of its own. The partial record was never
+    complete, and :func:`read_raport` skips it anyway."""
+    try:
+        with open(path, "rb+") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return
+            keep = size - 1
+            while keep > 0:
+                chunk_start = max(0, keep - 65536)
+                handle.seek(chunk_start)
+                newline = handle.read(keep - chunk_start).rfind(b"\n")
+                if newline >= 0:
+                    keep = chunk_start + newline + 1
+                    break
+                keep = chunk_start
+            handle.truncate(keep)
+            _LOG.warning("raport %s: removed a partial last record (%d bytes) left by a run killed mid-write",
+                         path, size - keep)
+    except FileNotFoundError:
+        return
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     if isinstance(value, (set, tuple)):
         return list(value)
     return str(value)
-
-
-def read_raport(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
-    """All records of a raport (lines starting with ``DLLL``), in order; other lines are ignored.
-
-    Raises:
-        ValueError: a ``DLLL`` line whose JSON does not parse (names the line number).
-    """
-    records = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.startswith("DLLL "):
-                continue
-            try:
-                records.append(json.loads(line[5:]))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: malformed DLLL record ({exc.msg})") from None
-    return records
-
-
-def raport_values(records: Iterable[Dict[str, Any]], metric: str) -> List[Tuple[Any, Any]]:
-    """``(step, value)`` of every LOG record holding ``metric``, in order."""
-    return [
-        (record["step"], record["data"][metric])
-        for record in records
-        if record.get("type") == "LOG" and metric in record.get("data", {})
-    ]
 
 
 def _format(metrics: Dict[str, float]) -> str:

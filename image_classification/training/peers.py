@@ -19,6 +19,7 @@ the nodes' clocks. Everything here is best effort: if the store itself is unreac
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -29,12 +30,14 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["PeerMonitor", "PeerFailure", "is_peer_failure"]
 
+_LOG = logging.getLogger(__name__)
+
 # backend messages of a collective that lost its peers (gloo, NCCL): a plain RuntimeError elsewhere (a bug)
 # keeps its traceback
 _PEER_FAILURE_MARKERS = (
     "third_party/gloo", "connection closed by peer", "connection reset by peer", "broken pipe",
     "timed out waiting", "collective operation timeout", "ncclremoteerror", "nccl communicator was aborted",
-    "failed to recv", "failed to send",
+    "failed to recv", "failed to send", "timeout caused pair closure",
 )
 
 
@@ -93,7 +96,9 @@ class PeerMonitor:
         try:
             beat_store = self._connect()
             beat_store.add(self._key("beat", self.rank), 1)
-        except Exception:  # noqa: BLE001 - diagnosis is best effort; training must not depend on it
+        except Exception as exc:  # noqa: BLE001 - diagnosis is best effort; training must not depend on it
+            _LOG.warning("rank %d: peer monitor disabled, store %s:%s unreachable (%s); a lost rank will not be "
+                         "named", self.rank, self.host, self.port, " ".join(str(exc).split())[:160])
             return self
         self._thread = threading.Thread(target=self._beat, args=(beat_store,), name="peer-heartbeat", daemon=True)
         self._thread.start()

@@ -15,6 +15,7 @@ so that job schedulers see the run as interrupted rather than finished.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,17 +28,7 @@ from image_classification.dynamic import autotune, set_epoch
 
 from . import build
 from .adversarial import attack_metadata, build_attacks, perturbation_checkpoint, validate_under_attack
-from .checkpoint import (
-    CheckpointError,
-    GracefulShutdown,
-    WorkspaceLock,
-    check_workspace_writable,
-    existing_run_files,
-    remove_temporaries,
-    rng_state,
-    save_checkpoint,
-)
-from .checkpoint import set_rng_state as restore_rng
+from .checkpoint_save import remove_temporaries, save_checkpoint
 from .cli import parse_args
 from .distributed import (
     DistEnv,
@@ -50,18 +41,25 @@ from .distributed import (
     sync_buffers,
 )
 from .engine import (
-    Components,
     LoopConfig,
     NonFiniteLossError,
+    TrainingSetup,
     check_finite_validation,
     train_one_epoch,
     validate,
 )
+from .errors import CheckpointError
 from .logger import Progress, RaportWriter
 from .peers import PeerMonitor, is_peer_failure
 from .precise_bn import recompute_bn_statistics
+from .random_state import rng_state
+from .random_state import set_rng_state as restore_rng
+from .shutdown import GracefulShutdown
+from .workspace import WorkspaceLock, check_workspace_writable, existing_run_files
 
 __all__ = ["main", "run"]
+
+_LOG = logging.getLogger(__name__)
 
 
 # exit statuses: 0 done, 2 bad input (one line, nothing lost), 3 the run diverged (non-finite loss), 1 a lost
@@ -99,7 +97,7 @@ class _Run:
     args: argparse.Namespace
     env: DistEnv
     loaders: Any
-    comp: Components
+    comp: TrainingSetup
     cfg: LoopConfig
     state: build.RunState
     conv: str
@@ -147,7 +145,8 @@ def _is_training_raport(path: str) -> bool:
 
     try:
         records = read_raport(path)
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        _LOG.warning("cannot read the raport %s (%s); treating it as a training run's", path, exc)
         return True  # unreadable: do not replace it blindly
     params = next((r.get("data", {}) for r in records if r.get("step") == "PARAMETER"), {})
     return not params.get("evaluate", False)
@@ -162,7 +161,7 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     build.seed_everything(args, env)
     pretrained = None
     if args.pretrained_weights is not None and resume is None:
-        from .checkpoint import load_checkpoint
+        from .checkpoint_load import load_checkpoint
 
         pretrained = load_checkpoint(args.pretrained_weights, trusted=args.trust_checkpoints)
     elif args.pretrained_weights is not None and env.is_main:
@@ -179,7 +178,7 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
             build.load_weights(model, checkpoint, args, conv, path)
     cfg = build.loop_config(args, env)
     try:
-        comp = build.build_components(args, model, loaders, env, cfg)
+        comp = build.build_training_setup(args, model, loaders, env, cfg)
     except ValueError as exc:
         raise UsageError(exc) from None
     if pretrained is not None and comp.ema is not None and pretrained.get("ema") is not None:

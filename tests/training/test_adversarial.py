@@ -20,7 +20,7 @@ from image_classification.training.adversarial import (
     PixelSpace,
     validate_under_attack,
 )
-from image_classification.training.engine import Components, LoopConfig, validate
+from image_classification.training.engine import LoopConfig, TrainingSetup, validate
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 EPS, STEP = 4 / 255, 4 / 255
@@ -42,10 +42,10 @@ def _normalise(pixels: torch.Tensor) -> torch.Tensor:
         STD, dtype=pixels.dtype).view(1, 3, 1, 1)
 
 
-def _components(model: nn.Module, lr: float = 0.1) -> Components:
+def _training_setup(model: nn.Module, lr: float = 0.1) -> TrainingSetup:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return Components(model, model, nn.CrossEntropyLoss(), optimizer, scheduler)
+    return TrainingSetup(model, model, nn.CrossEntropyLoss(), optimizer, scheduler)
 
 
 def _free(replays: int, slots: int, batch: int, dtype: torch.dtype = torch.float64) -> FreeAdversarialTraining:
@@ -81,7 +81,7 @@ def test_free_training_equals_the_reference_algorithm() -> None:
     reference = _net()
     expected_delta = _reference_free(reference, batches, replays=3)
     model = _net()
-    comp, cfg = _components(model), LoopConfig(torch.device("cpu"))
+    comp, cfg = _training_setup(model), LoopConfig(torch.device("cpu"))
     free = _free(replays=3, slots=1, batch=4)
     for pixels, target in batches:
         results, lr = free.train_group(comp, cfg, [(_normalise(pixels), target)])
@@ -98,7 +98,7 @@ def test_accumulation_trains_like_one_big_batch() -> None:
     pixels, target = _pixels(4, 1), torch.tensor([2, 0, 1, 1])
     big, small = _net(), _net()
     free_big, free_small = _free(2, 1, 4), _free(2, 2, 2)
-    comp_big, comp_small = _components(big), _components(small)
+    comp_big, comp_small = _training_setup(big), _training_setup(small)
     for _ in range(2):
         free_big.train_group(comp_big, LoopConfig(torch.device("cpu")), [(_normalise(pixels), target)])
         results, _ = free_small.train_group(comp_small, LoopConfig(torch.device("cpu"), accumulation=2),
@@ -113,7 +113,7 @@ def test_accumulation_trains_like_one_big_batch() -> None:
 def test_perturbed_images_stay_in_the_pixel_range_and_the_budget() -> None:
     free = _free(4, 1, 8, dtype=torch.float32)
     model = _net(torch.float32)
-    comp, cfg = _components(model, lr=0.5), LoopConfig(torch.device("cpu"))
+    comp, cfg = _training_setup(model, lr=0.5), LoopConfig(torch.device("cpu"))
     # pixels at both ends of the range and in the middle
     pixels = torch.cat([torch.zeros(3, 3, 6, 6), torch.ones(3, 3, 6, 6), torch.full((2, 3, 6, 6), 0.5)])
     images = _normalise(pixels)

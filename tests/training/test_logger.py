@@ -48,7 +48,7 @@ def test_read_raport_skips_foreign_lines_and_appends(tmp_path: Path) -> None:
 
 def test_malformed_record_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
-    path.write_text('DLLL {"type": "LOG"}\nDLLL {broken\n')
+    path.write_text('DLLL {"type": "LOG"}\nDLLL {broken\nDLLL {"type": "LOG"}\n')
     with pytest.raises(ValueError, match=r"r\.json:2"):
         read_raport(path)
 

@@ -1,0 +1,124 @@
+"""The data backend registry and :func:`build_loaders`: ``--data-backend`` names map to builder functions
+(imported lazily, so DALI is only needed when used); :func:`register_backend` adds one."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+from .config import DATASETS, SMALL_DATASETS, DataConfig, DataError, Loaders, resolve_memory_format
+
+__all__ = ["BACKENDS", "build_loaders", "list_backends", "list_datasets", "register_backend", "validate_config"]
+
+
+BackendFn = Callable[[DataConfig], Loaders]
+BACKENDS: Dict[str, str] = {
+    # backend name -> "module:function" (imported lazily so DALI is only needed when used)
+    "pytorch": "imagefolder:build_imagefolder_loaders",
+    "dali-cpu": "dali:build_dali_loaders",
+    "dali-gpu": "dali:build_dali_loaders",
+    "synthetic": "synthetic:build_synthetic_loaders",
+}
+_REGISTERED: Dict[str, BackendFn] = {}
+
+
+def register_backend(name: str) -> Callable[[BackendFn], BackendFn]:
+    """Register an extra backend ``fn(cfg) -> Loaders`` under ``name`` (overrides a built-in one)."""
+
+    def decorator(fn: BackendFn) -> BackendFn:
+        _REGISTERED[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_backends() -> List[str]:
+    return sorted(set(BACKENDS) | set(_REGISTERED))
+
+
+def list_datasets() -> List[str]:
+    return list(DATASETS)
+
+
+def _resolve_backend(name: str) -> BackendFn:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    import importlib
+
+    module_name, fn_name = BACKENDS[name].split(":")
+    module = importlib.import_module(f".{module_name}", __package__)
+    return getattr(module, fn_name)
+
+
+def validate_config(cfg: DataConfig) -> None:
+    """Raise :class:`DataError` for options that cannot work, before touching the disk."""
+    if cfg.backend not in list_backends():
+        raise DataError(f"unknown data backend {cfg.backend!r}; choose from {', '.join(list_backends())}")
+    if cfg.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
+    for name in ("batch_size", "synthetic_train_batches", "synthetic_val_batches"):
+        if int(getattr(cfg, name)) < 1:
+            raise DataError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.val_batch_size is not None and cfg.val_batch_size < 1:
+        raise DataError(f"val_batch_size must be >= 1, got {cfg.val_batch_size}")
+    if cfg.workers < 0:
+        raise DataError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.world_size < 1 or not 0 <= cfg.rank < cfg.world_size:
+        raise DataError(f"invalid rank {cfg.rank} for world size {cfg.world_size}")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise DataError(f"image size must be >= 8, got {cfg.image_size}")
+    if cfg.val_resize is not None and cfg.val_resize < cfg.resolved_image_size:
+        raise DataError(
+            f"val resize {cfg.val_resize} is smaller than the crop size {cfg.resolved_image_size}"
+        )
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise DataError(f"num_classes must be >= 1, got {cfg.num_classes}")
+    for name in ("train_subset", "val_subset"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise DataError(f"{name} must be >= 1, got {value}")
+    allowed_chans = {"fashion-mnist": (1, 3)}.get(cfg.dataset, (3,))
+    if cfg.backend == "synthetic":
+        allowed_chans = (1, 3)
+    if cfg.resolved_in_chans not in allowed_chans:
+        raise DataError(
+            f"{cfg.dataset} supports in_chans {' or '.join(map(str, allowed_chans))}, got {cfg.resolved_in_chans}"
+        )
+    from .augment import AUGMENTATIONS, INTERPOLATIONS
+
+    if cfg.augmentation not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {cfg.augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise DataError(f"unknown interpolation {cfg.interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
+    resolve_memory_format(cfg.memory_format)
+    try:
+        torch.device(cfg.device)
+    except (RuntimeError, TypeError) as exc:
+        raise DataError(f"invalid device {cfg.device!r}: {exc}") from None
+
+
+def build_loaders(cfg: DataConfig) -> Loaders:
+    """Build the train and val loaders described by ``cfg`` (contract: module docstring).
+
+    Raises:
+        DataError: bad options or data (one-line message naming the problem).
+    """
+    validate_config(cfg)
+    if cfg.backend == "synthetic" or cfg.backend in _REGISTERED:
+        loaders = _resolve_backend(cfg.backend)(cfg)
+    elif cfg.dataset in SMALL_DATASETS:
+        if cfg.backend != "pytorch":
+            raise DataError(
+                f"data backend {cfg.backend} reads JPEG folders only; use --data-backend pytorch "
+                f"(in-memory reader) or synthetic for {cfg.dataset}"
+            )
+        from .small import build_small_loaders
+
+        loaders = build_small_loaders(cfg)
+    else:
+        loaders = _resolve_backend(cfg.backend)(cfg)
+    if loaders.mean is None or loaders.std is None:
+        repeat = max(1, loaders.in_chans // len(cfg.info.mean))
+        loaders.mean, loaders.std = tuple(cfg.info.mean) * repeat, tuple(cfg.info.std) * repeat
+    return loaders

@@ -1,0 +1,89 @@
+"""Graceful shutdown: :class:`GracefulShutdown` turns SIGTERM/SIGINT into a flag the trainer polls, so that
+a preempted run saves a checkpoint and exits instead of dying mid-epoch."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+__all__ = ["GracefulShutdown"]
+
+
+class GracefulShutdown:
+    """Context manager turning SIGTERM/SIGINT into a flag the training loop polls.
+
+    The first signal sets ``requested`` and records ``signum``; the trainer then saves a
+    checkpoint and exits. A second signal gives up waiting: SIGINT raises ``KeyboardInterrupt``,
+    any other signal gets its default action (SIGTERM terminates). Previous handlers are restored
+    on exit. Outside the main thread (where Python cannot install handlers) it installs nothing
+    but stays usable: ``requested`` can still be set by :meth:`request`.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = tuple(signals)
+        self.requested = False
+        self.signum: Optional[int] = None
+        self.active = False
+        self._previous: Dict[int, Any] = {}
+
+    @property
+    def signal_name(self) -> Optional[str]:
+        """The name of the signal received (``"SIGTERM"``), or None."""
+        if self.signum is None:
+            return None
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return str(self.signum)
+
+    def request(self, signum: Optional[int] = None) -> None:
+        """Mark a shutdown as requested (what the handler does on the first signal)."""
+        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            self.request(signum)
+            return
+        self._restore()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+        self.active = False
+
+    def __enter__(self) -> GracefulShutdown:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handler)
+            self.active = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def synchronized(self, device: Optional[torch.device] = None) -> bool:
+        """``requested`` on any rank (all-reduced MAX when torch.distributed is initialized).
+
+        Under torchrun every worker receives the signal, but not necessarily at the same
+        iteration; checking this at a common point lets all ranks stop together. ``device`` must
+        be the rank's CUDA device with the nccl backend.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
