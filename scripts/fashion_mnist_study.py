@@ -242,13 +242,22 @@ def settings_text(args: argparse.Namespace) -> str:
     return f"{args.epochs} epoch(s) on {train}, {test}, seeds {seeds}"
 
 
+def _error(exc: Exception) -> int:
+    """The reporting package's ValueError as the script's one-line error; exit status 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(argv)
     command = "python scripts/fashion_mnist_study.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
     run_all(args)
     if args.dry_run:
         return 0
-    results = [load_run(run_dir(args.logs, op, seed), op, seed) for op in args.ops for seed in args.seeds]
+    try:
+        results = [load_run(run_dir(args.logs, op, seed), op, seed) for op in args.ops for seed in args.seeds]
+    except ValueError as exc:  # a run without results, an unreadable raport: one line, status 2
+        return _error(exc)
     profiles = {}
     profiling_start = time.perf_counter()
     for op in args.ops:
@@ -256,8 +265,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               flush=True)
         profiles[op] = profile_op(op, not args.no_latency, args.threads, args.latency_images)
     total = sum(r.seconds or 0.0 for r in results) + time.perf_counter() - profiling_start
-    rows = write_report(results, profiles, args.ops, args.out, args.name, command.strip(), settings_text(args),
-                        environment_line(args.threads), total_seconds=total)
+    try:
+        rows = write_report(results, profiles, args.ops, args.out, args.name, command.strip(), settings_text(args),
+                            environment_line(args.threads), total_seconds=total)
+    except ValueError as exc:  # no finished run to report
+        return _error(exc)
     sys.stdout.write("\n" + results_table(rows) + "\n")
     print(f"[study] wrote {args.out / (args.name + '.md')}, .csv and .png", flush=True)
     return 0
