@@ -135,7 +135,8 @@ def run_all(args: argparse.Namespace) -> None:
                 print(f"[study] {op} seed {seed}: complete in {workspace}, skipped", flush=True)
                 continue
             if state == "stale" and workspace.exists():
-                print(f"[study] {op} seed {seed}: {workspace} holds a run with other settings; starting again", flush=True)
+                print(f"[study] {op} seed {seed}: {workspace} holds a run with other settings; starting again",
+                      flush=True)
                 if not args.dry_run:
                     shutil.rmtree(workspace)
             resume = state == "partial"  # --resume auto: from the checkpoint, or again if none was written
@@ -183,7 +184,8 @@ def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=DEFAULT_DATA, help=f"Fashion-MNIST IDX .gz directory (default {DEFAULT_DATA})")
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help=f"Fashion-MNIST IDX .gz directory (default {DEFAULT_DATA})")
     parser.add_argument("--ops", default=",".join(DEFAULT_OPS),
                         help=f"comma-separated recipes of configs/fashion_mnist/ (default: {','.join(DEFAULT_OPS)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
@@ -192,12 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train on a seeded random subset of N of the 60000 images; 0 = all (default: 5000)")
     parser.add_argument("--val-subset", type=int, default=0,
                         help="test on a seeded random subset of N of the 10000 test images; 0 = all (default: 0)")
-    parser.add_argument("--print-freq", type=int, default=5, help="log the training loss every N iterations (default: 5)")
+    parser.add_argument("--print-freq", type=int, default=5,
+                        help="log the training loss every N iterations (default: 5)")
     parser.add_argument("--logs", type=Path, default=ROOT / "logs" / "fashion_mnist_study",
                         help="run workspaces: LOGS/<op>/seed<k>/ (default: logs/fashion_mnist_study)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results",
                         help="where <name>.md/.csv/.png go (default: docs/results)")
-    parser.add_argument("--name", default="fashion_mnist", help="base name of the result files (default: fashion_mnist)")
+    parser.add_argument("--name", default="fashion_mnist",
+                        help="base name of the result files (default: fashion_mnist)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the latency measurement (default: 2)")
     parser.add_argument("--latency-images", type=int, default=200,
                         help="timed batch-1 inferences per model (default: 200)")
@@ -219,7 +223,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--ops is empty")
     for op in args.ops:
         if op.startswith("_") or not (CONFIG_DIR / f"{op}.yaml").is_file():
-            parser.error(f"unknown op {op!r}; choose from {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('[!_]*.yaml')))}")
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("[!_]*.yaml")))
+            parser.error(f"unknown op {op!r}; choose from {known}")
     for name in ("epochs", "print_freq", "threads", "latency_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -167,7 +167,8 @@ def test_study_cli_validation_and_commands(tmp_path: Path, capsys: pytest.Captur
 def test_study_command_is_accepted_by_main_parser(tmp_path: Path) -> None:
     from image_classification.training.cli import parse_args
 
-    args = study.parse(["--ops", "pedconv", "--seeds", "1", "--val-subset", "500", "--logs", str(tmp_path), "--dry-run"])
+    args = study.parse(["--ops", "pedconv", "--seeds", "1", "--val-subset", "500", "--logs", str(tmp_path),
+                        "--dry-run"])
     cmd = study.train_command(args, "pedconv", 1, tmp_path / "w", resume=False)
     parsed = parse_args(cmd[2:])
     assert (parsed.train_subset, parsed.val_subset, parsed.seed, parsed.epochs) == (5000, 500, 1, 2)

@@ -271,7 +271,8 @@ def write_report(
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {environment}." + (f" Wall time: {total_seconds / 60:.1f} min (training runs + profiling)." if total_seconds else ""),
+        f"Machine: {environment}."
+        + (f" Wall time: {total_seconds / 60:.1f} min (training runs + profiling)." if total_seconds else ""),
         "",
         "## Results",
         "",
