@@ -42,9 +42,10 @@ odconv          ``factored`` (n = 1),  attention Gemm, Sigmoid/Softmax; Mul (a_c
 
 Every operator decides its own export path: its ``export_route()`` hook
 (:class:`~image_classification.dynamic.protocol.ExportRoute`: a path to set, an adapter to wrap it in such
-as :class:`PerSampleUnfoldConv2d`, or a reason to refuse). ``--exporter``: ``dynamo`` is ``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension
-(torch >= 2.5 and onnxscript), ``torchscript`` the TorchScript-based exporter with ``dynamic_axes``;
-``auto`` takes ``dynamo`` where it is available and the TorchScript-based one otherwise.
+as :class:`PerSampleUnfoldConv2d`, or a reason to refuse). ``--exporter``: ``dynamo`` is
+``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension (torch >= 2.5 and onnxscript),
+``torchscript`` the TorchScript-based exporter with ``dynamic_axes``; ``auto`` takes ``dynamo`` where it is
+available and the TorchScript-based one otherwise.
 """
 
 from __future__ import annotations

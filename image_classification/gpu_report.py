@@ -6,9 +6,10 @@ Usage::
 
 Reads what the script leaves in ``OUT_DIR`` (any part may be missing when a stage failed or ran out of
 time; the summary says so): ``stages.tsv`` (stage, exit status, seconds), ``pytest.log`` (the cuda-marked
-tests), ``pytest_triton.log`` (the Triton test files compiled on the GPU), ``benchmark.json`` (``python -m image_classification.dynamic.benchmark --json``: per-layer ratios
-to nn.Conv2d), ``profiler_*.json`` (``python -m image_classification.profiler --latency --json``: whole
-networks vs static) and ``triton/triton_pedconv_check.json`` (the kernel check). The targets of issue 12
+tests), ``pytest_triton.log`` (the Triton test files compiled on the GPU), ``benchmark.json``
+(``python -m image_classification.dynamic.benchmark --json``: per-layer ratios to nn.Conv2d),
+``profiler_*.json`` (``python -m image_classification.profiler --latency --json``: whole networks vs
+static) and ``triton/triton_pedconv_check.json`` (the kernel check). The targets of issue 12
 are checked where their figures exist: per layer, train step of the Triton path (or of ``path=auto``)
 <= 1.3x nn.Conv2d; whole-network train throughput PEDConv / static >= 0.8 (ResNet-18/50) and >= 0.7
 (MobileNetV2).
@@ -151,7 +152,8 @@ def format_markdown(summary: Dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["layers"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r['op']} | {_fmt(r.get('fwd_ratio'))} | "
-                     f"{_fmt(r.get('train_ratio'))} | {_fmt(r.get('mem_ratio'))} | {_fmt(r.get('train_img_s'), '.0f')} | "
+                     f"{_fmt(r.get('train_ratio'))} | {_fmt(r.get('mem_ratio'))} | "
+                     f"{_fmt(r.get('train_img_s'), '.0f')} | "
                      f"{r.get('paths') or ''} | {_fmt(r.get('met'))} | {r.get('note') or ''} |")
     if not summary["layers"]:
         lines.append("| (no benchmark.json) | | | | | | | | | |")

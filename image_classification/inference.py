@@ -125,7 +125,8 @@ def load_inference_model(
     if image_size is None:
         image_size = data.get("image_size") or args.get("image_size")
         if not image_size:
-            image_size = DATASETS[dataset].image_size if dataset != "imagenet" else getattr(ARCHS.get(arch), "image_size", 224)
+            image_size = (DATASETS[dataset].image_size if dataset != "imagenet"
+                          else getattr(ARCHS.get(arch), "image_size", 224))
     model = build_model(arch, conv, placement, num_classes=int(num_classes), in_chans=int(in_chans))
     source: Mapping[str, Any] = data
     if ema:

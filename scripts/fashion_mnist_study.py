@@ -135,7 +135,8 @@ def run_all(args: argparse.Namespace) -> None:
                 print(f"[study] {op} seed {seed}: complete in {workspace}, skipped", flush=True)
                 continue
             if state == "stale" and workspace.exists():
-                print(f"[study] {op} seed {seed}: {workspace} holds a run with other settings; starting again", flush=True)
+                print(f"[study] {op} seed {seed}: {workspace} holds a run with other settings; starting again",
+                      flush=True)
                 if not args.dry_run:
                     shutil.rmtree(workspace)
             resume = state == "partial"  # --resume auto: from the checkpoint, or again if none was written
@@ -183,7 +184,8 @@ def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=DEFAULT_DATA, help=f"Fashion-MNIST IDX .gz directory (default {DEFAULT_DATA})")
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help=f"Fashion-MNIST IDX .gz directory (default {DEFAULT_DATA})")
     parser.add_argument("--ops", default=",".join(DEFAULT_OPS),
                         help=f"comma-separated recipes of configs/fashion_mnist/ (default: {','.join(DEFAULT_OPS)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
@@ -192,12 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train on a seeded random subset of N of the 60000 images; 0 = all (default: 5000)")
     parser.add_argument("--val-subset", type=int, default=0,
                         help="test on a seeded random subset of N of the 10000 test images; 0 = all (default: 0)")
-    parser.add_argument("--print-freq", type=int, default=5, help="log the training loss every N iterations (default: 5)")
+    parser.add_argument("--print-freq", type=int, default=5,
+                        help="log the training loss every N iterations (default: 5)")
     parser.add_argument("--logs", type=Path, default=ROOT / "logs" / "fashion_mnist_study",
                         help="run workspaces: LOGS/<op>/seed<k>/ (default: logs/fashion_mnist_study)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results",
                         help="where <name>.md/.csv/.png go (default: docs/results)")
-    parser.add_argument("--name", default="fashion_mnist", help="base name of the result files (default: fashion_mnist)")
+    parser.add_argument("--name", default="fashion_mnist",
+                        help="base name of the result files (default: fashion_mnist)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the latency measurement (default: 2)")
     parser.add_argument("--latency-images", type=int, default=200,
                         help="timed batch-1 inferences per model (default: 200)")
@@ -219,7 +223,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--ops is empty")
     for op in args.ops:
         if op.startswith("_") or not (CONFIG_DIR / f"{op}.yaml").is_file():
-            parser.error(f"unknown op {op!r}; choose from {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('[!_]*.yaml')))}")
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("[!_]*.yaml")))
+            parser.error(f"unknown op {op!r}; choose from {known}")
     for name in ("epochs", "print_freq", "threads", "latency_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -242,13 +247,22 @@ def settings_text(args: argparse.Namespace) -> str:
     return f"{args.epochs} epoch(s) on {train}, {test}, seeds {seeds}"
 
 
+def _error(exc: Exception) -> int:
+    """The reporting package's ValueError as the script's one-line error; exit status 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(argv)
     command = "python scripts/fashion_mnist_study.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
     run_all(args)
     if args.dry_run:
         return 0
-    results = [load_run(run_dir(args.logs, op, seed), op, seed) for op in args.ops for seed in args.seeds]
+    try:
+        results = [load_run(run_dir(args.logs, op, seed), op, seed) for op in args.ops for seed in args.seeds]
+    except ValueError as exc:  # a run without results, an unreadable raport: one line, status 2
+        return _error(exc)
     profiles = {}
     profiling_start = time.perf_counter()
     for op in args.ops:
@@ -256,8 +270,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               flush=True)
         profiles[op] = profile_op(op, not args.no_latency, args.threads, args.latency_images)
     total = sum(r.seconds or 0.0 for r in results) + time.perf_counter() - profiling_start
-    rows = write_report(results, profiles, args.ops, args.out, args.name, command.strip(), settings_text(args),
-                        environment_line(args.threads), total_seconds=total)
+    try:
+        rows = write_report(results, profiles, args.ops, args.out, args.name, command.strip(), settings_text(args),
+                            environment_line(args.threads), total_seconds=total)
+    except ValueError as exc:  # no finished run to report
+        return _error(exc)
     sys.stdout.write("\n" + results_table(rows) + "\n")
     print(f"[study] wrote {args.out / (args.name + '.md')}, .csv and .png", flush=True)
     return 0

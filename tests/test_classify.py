@@ -102,8 +102,9 @@ def test_errors_are_one_line_exit_2(case: str, tmp_path: Path, capsys) -> None:
     ckpt = _checkpoint(tmp_path)
     image = _png(tmp_path / "ok.png", (28, 28))
     args = [str(ckpt), str(image)]
-    expected = {"bad image": "cannot read image", "missing image": "not found", "bad checkpoint": "cannot read checkpoint",
-                "short names": "has 2 names, the model has 10", "no arch": "records no architecture"}[case]
+    expected = {"bad image": "cannot read image", "missing image": "not found",
+                "bad checkpoint": "cannot read checkpoint", "short names": "has 2 names, the model has 10",
+                "no arch": "records no architecture"}[case]
     if case == "bad image":
         (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
         args = [str(ckpt), str(tmp_path / "bad.png")]

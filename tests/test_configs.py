@@ -105,7 +105,8 @@ def test_recipe_has_citation_and_known_keys(path: Path) -> None:
     assert first.startswith("# ") and CITATION.search(first), f"{path}: first line must cite its source"
     content = yaml.safe_load(text)
     assert isinstance(content, dict) and content
-    long_flags = {opt[2:] for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+    long_flags = {opt[2:] for action in build_parser()._actions for opt in action.option_strings
+                  if opt.startswith("--")}
     assert set(content) - {"base"} <= long_flags, f"unknown keys: {set(content) - long_flags - {'base'}}"
 
 
@@ -172,7 +173,8 @@ def test_paper_hyperparameters() -> None:
             auth.model_config, auth.epochs, auth.batch_size, auth.optimizer_batch_size) == (
         0.512, 8, 0.875, 3.0517578125e-05, 0.2, 0.1, "fanin", 250, 64, 512)
     dcd_r = parsed("dcd_table4/resnet18_dcd.yaml")
-    assert (dcd_r.lr, dcd_r.lr_schedule, dcd_r.lr_steps, dcd_r.lr_decay, dcd_r.epochs) == (0.1, "step", [30, 60, 90], 0.1, 100)
+    assert ((dcd_r.lr, dcd_r.lr_schedule, dcd_r.lr_steps, dcd_r.lr_decay, dcd_r.epochs)
+            == (0.1, "step", [30, 60, 90], 0.1, 100))
     dcd_m = parsed("dcd_table4/mobilenet_v2_x1.0_dcd.yaml")
     assert (dcd_m.lr, dcd_m.lr_schedule, dcd_m.weight_decay, dcd_m.epochs) == (0.05, "cosine", 2e-5, 300)
     assert parse_spec(parsed("dcd_table4/resnet18_dyconv.yaml").conv).options["k"] == 4

@@ -69,5 +69,6 @@ def test_gpu_checks_script_refuses_without_cuda(tmp_path: Path) -> None:
     result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_checks.sh"), str(tmp_path / "out")], cwd=REPO,
                             env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (f"gpu_checks.sh: error: CUDA is not available to {sys.executable} "
-                                                      "(these checks need a GPU)")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"gpu_checks.sh: error: CUDA is not available to {sys.executable} (these checks need a GPU)"
+    )

@@ -19,7 +19,8 @@ def test_static_conv_linear_depthwise_by_hand() -> None:
 
 
 def test_pedconv_layer_is_the_paper_complexity_formula() -> None:
-    """HW Cout Cin k^2 + (2Cin + Cout + k^2) Cin/r + 2 Cout Cin k^2 (PEDConv, BMVC 2021, Sec. 3 "Complexity analysis", r = 16)."""
+    """HW Cout Cin k^2 + (2Cin + Cout + k^2) Cin/r + 2 Cout Cin k^2 (PEDConv, BMVC 2021, Sec. 3 "Complexity
+    analysis", r = 16)."""
     conv = build_conv("pedconv", 64, 128, 3, stride=2, padding=1, bias=False)
     macs = count_macs(nn.Sequential(conv), 16, in_chans=64).total
     h = w = 8

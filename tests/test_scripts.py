@@ -167,7 +167,8 @@ def test_study_cli_validation_and_commands(tmp_path: Path, capsys: pytest.Captur
 def test_study_command_is_accepted_by_main_parser(tmp_path: Path) -> None:
     from image_classification.training.cli import parse_args
 
-    args = study.parse(["--ops", "pedconv", "--seeds", "1", "--val-subset", "500", "--logs", str(tmp_path), "--dry-run"])
+    args = study.parse(["--ops", "pedconv", "--seeds", "1", "--val-subset", "500", "--logs", str(tmp_path),
+                        "--dry-run"])
     cmd = study.train_command(args, "pedconv", 1, tmp_path / "w", resume=False)
     parsed = parse_args(cmd[2:])
     assert (parsed.train_subset, parsed.val_subset, parsed.seed, parsed.epochs) == (5000, 500, 1, 2)
@@ -223,8 +224,31 @@ def test_loss_curve_and_load_run(tmp_path: Path) -> None:
     assert (run.top1, run.best_top1, run.seconds, run.epoch_top1) == (80.0, 80.0, 12.5, {0: 70.0, 1: 80.0})
     (tmp_path / "empty").mkdir()
     RaportWriter(str(tmp_path / "empty" / "raport.json")).close()
-    with pytest.raises(SystemExit, match="no val.top1"):
+    with pytest.raises(ValueError, match="no val.top1"):
         study.load_run(tmp_path / "empty", "static", 0)
+
+
+def test_study_exits_2_with_one_line_error_on_a_run_without_results(tmp_path: Path) -> None:
+    """A training that exits 0 but logs no test top-1: the reporting package raises ValueError, the script
+    prints ``error: ...`` (one line, no traceback) and exits with status 2."""
+    fake = tmp_path / "fake_python.py"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from image_classification.training.logger import RaportWriter\n"
+        "args = sys.argv[2:]\n"
+        "RaportWriter(args[args.index('--workspace') + 1] + '/raport.json').close()\n"
+    )
+    fake.chmod(0o755)
+    argv = ["--ops", "static", "--seeds", "0", "--epochs", "1", "--train-subset", "100", "--logs",
+            str(tmp_path / "logs"), "--python", str(fake), "--data", str(tmp_path), "--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, str(SCRIPTS / "fashion_mnist_study.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    raport = tmp_path / "logs" / "static" / "seed0" / "raport.json"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: {raport} holds no val.top1 record (did the run fail?)"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_study_reports_a_run_main_py_stopped_as_diverged(tmp_path: Path) -> None:

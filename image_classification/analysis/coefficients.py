@@ -14,8 +14,8 @@ computes that statistic for every dynamic layer and every coefficient it generat
 layer (over images, channels and positions); ``normalized_sigma = sigma / input_var`` (DCD Fig. 6). In eval
 mode PEDConv's coefficients are the deterministic means (no sampling noise), as at inference. Usage::
 
-    python -m image_classification.analysis.coefficients /data/imagenet --checkpoint logs/r50_pedconv/model_best.pth.tar \\
-        --images 5000 --out logs/coefficients
+    python -m image_classification.analysis.coefficients /data/imagenet \\
+        --checkpoint logs/r50_pedconv/model_best.pth.tar --images 5000 --out logs/coefficients
 
 writes ``coefficients.csv`` (layer, operator, component, entries, images, mean, sigma, input_var,
 normalized_sigma, min, max) and ``coefficients.png`` (normalised sigma across layers per component, and a
@@ -135,7 +135,8 @@ def collect_coefficients(model: nn.Module, batches, hist_images: int = 256,
                 entry.components.setdefault(comp, RunningMoments()).update(value)
                 if keep:
                     per_image = value.shape[0] // x.shape[0]
-                    entry.samples.setdefault(comp, []).append(value[: keep * per_image].detach().float().cpu().flatten())
+                    sample = value[: keep * per_image].detach().float().cpu().flatten()
+                    entry.samples.setdefault(comp, []).append(sample)
         return hook
 
     for name, module in model.named_modules():

@@ -114,7 +114,9 @@ def check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("DATA is required (or --data-backend synthetic)")
 
 
-def validation_batches(args: argparse.Namespace, loaded: LoadedModel) -> Tuple[Iterator[Tuple[torch.Tensor, torch.Tensor]], Any]:
+def validation_batches(
+    args: argparse.Namespace, loaded: LoadedModel
+) -> Tuple[Iterator[Tuple[torch.Tensor, torch.Tensor]], Any]:
     """Batches of the first ``args.images`` images of a seeded validation subset, and the Loaders."""
     cfg = DataConfig(
         backend=args.data_backend, dataset=args.dataset, root=args.data or DATASETS[args.dataset].default_root,

@@ -7,7 +7,8 @@ same empty-class check), handed to ``fn.readers.file(files=..., labels=...)``, w
 * train: ``readers.file(random_shuffle=True)`` -> ``decoders.image`` (``cpu`` for dali-cpu, ``mixed`` =
   nvJPEG for dali-gpu) -> ``random_resized_crop`` -> (``--augmentation``: DALI's own AutoAugment ImageNet
   policy / RandAugment / TrivialAugment Wide from ``nvidia.dali.auto_aug``) -> ``crop_mirror_normalize`` with
-  a ``random.coin_flip`` mirror. Resizes use ``--interpolation`` (``INTERP_LINEAR``/``CUBIC``/``NN``). Every rank yields the same number of batches (DALI counts from the largest shard): the incomplete
+  a ``random.coin_flip`` mirror. Resizes use ``--interpolation`` (``INTERP_LINEAR``/``CUBIC``/``NN``).
+  Every rank yields the same number of batches (DALI counts from the largest shard): the incomplete
   last batch is dropped (``LastBatchPolicy.DROP``) or, for shards smaller than one batch, filled
   (``LastBatchPolicy.FILL``).
 * val: ``readers.file(pad_last_batch=True, stick_to_shard=True)`` -> decode -> ``resize(resize_shorter=

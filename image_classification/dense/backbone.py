@@ -87,9 +87,10 @@ def build_resnet_trunk(
     """A ResNet trunk with ``conv`` at ``placement`` (rules of :mod:`image_classification.models.convert`).
 
     ``dilate``: for layer2..layer4, trade the stage's stride for dilation (:func:`dilate_stage`; PSPNet:
-    ``(False, True, True)``, output stride 8). ``pretrained``: an ImageNet checkpoint of this project (its arch/operator are
-    checked) or a torchvision state dict; the classifier and any generator the checkpoint lacks (e.g. shortcut
-    generators under placement ``all`` from a ``paper`` checkpoint) keep their initialisation. Raises
+    ``(False, True, True)``, output stride 8). ``pretrained``: an ImageNet checkpoint of this project (its
+    arch/operator are checked) or a torchvision state dict; the classifier and any generator the checkpoint
+    lacks (e.g. shortcut generators under placement ``all`` from a ``paper`` checkpoint) keep their
+    initialisation. Raises
     ValueError (bad names) or CheckpointError (unreadable or mismatching checkpoint).
     """
     stage_channels(arch)

@@ -79,8 +79,9 @@ def _read_json(path: str) -> Dict[str, Any]:
 
 
 class CocoDetection(Dataset):
-    """One COCO split (``skip_empty``: only images with a box): ``(image, target)`` with ``image`` a float tensor in [0, 1] (C x H x W) and ``target``
-    ``boxes`` (N x 4, x1 y1 x2 y2 pixels), ``labels`` (N, 1..K), ``image_id``."""
+    """One COCO split (``skip_empty``: only images with a box): ``(image, target)`` with ``image`` a float
+    tensor in [0, 1] (C x H x W) and ``target`` ``boxes`` (N x 4, x1 y1 x2 y2 pixels), ``labels`` (N, 1..K),
+    ``image_id``."""
 
     def __init__(self, root: Optional[str], split: str, transform: Optional[T.Transform] = None,
                  categories: Optional[Sequence[int]] = None, skip_empty: bool = False) -> None:
@@ -170,7 +171,9 @@ def collate(batch: Sequence[Tuple[torch.Tensor, Dict[str, Any]]]) -> Tuple[List[
 
 
 @torch.no_grad()
-def coco_evaluate(model: torch.nn.Module, loader: Any, device: torch.device, dataset: CocoDetection) -> Dict[str, float]:
+def coco_evaluate(
+    model: torch.nn.Module, loader: Any, device: torch.device, dataset: CocoDetection
+) -> Dict[str, float]:
     """COCO bbox AP of ``model`` (torchvision detection API, eval mode) over ``loader`` (pycocotools)."""
     try:
         from pycocotools.coco import COCO

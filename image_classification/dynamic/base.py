@@ -42,9 +42,13 @@ class DynamicConv2d(nn.Module, OperatorProtocol):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}")
         if in_channels % groups:
-            raise ValueError(f"{type(self).__name__}: in_channels ({in_channels}) must be divisible by groups ({groups})")
+            raise ValueError(
+                f"{type(self).__name__}: in_channels ({in_channels}) must be divisible by groups ({groups})"
+            )
         if out_channels % groups:
-            raise ValueError(f"{type(self).__name__}: out_channels ({out_channels}) must be divisible by groups ({groups})")
+            raise ValueError(
+                f"{type(self).__name__}: out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
         if isinstance(padding, str):
             raise ValueError(f"{type(self).__name__}: string padding {padding!r} is not supported; give integers")
         self.in_channels = in_channels

@@ -173,7 +173,9 @@ def released_sizes(sizing: str, in_channels: int, out_channels: int, reduction: 
         ctx = in_channels * pool * pool
         latent = latent or max(1, math.isqrt(ctx))
     else:
-        raise ValueError(f"released_sizes: sizing must be resnet_basic, resnet_bottleneck or mobilenetv2, got {sizing!r}")
+        raise ValueError(
+            f"released_sizes: sizing must be resnet_basic, resnet_bottleneck or mobilenetv2, got {sizing!r}"
+        )
     floor = 1 if sizing == "resnet_bottleneck" else 4  # conv_dy has no floor (0 would be no layer at all)
     return pool, latent, max(floor, max(ctx, latent * latent) // reduction)
 
@@ -281,7 +283,8 @@ class DCDConv2d(DynamicConv2d):
             form = "joint"
         if variant == "released" and form != "channel":
             raise ValueError(f"DCDConv2d: variant=released has no {form} form (the authors' release has channel "
-                             f"fusion only and keeps depthwise convs static); use variant=paper or leave this conv static")
+                             "fusion only and keeps depthwise convs static); use variant=paper or leave this conv "
+                             "static")
         if sizing != "paper" and form != "channel":
             raise ValueError(f"DCDConv2d: sizing={sizing} applies to the channel-fusion form only, not {form}")
         self.form = form
@@ -294,7 +297,8 @@ class DCDConv2d(DynamicConv2d):
         self.num_blocks = groups * self.blocks if form != "depthwise" else 1
         if form != "depthwise" and (cin_g % self.blocks or cout_g % self.blocks):
             raise ValueError(
-                f"DCDConv2d: blocks ({blocks}) must divide in_channels/groups ({cin_g}) and out_channels/groups ({cout_g})"
+                f"DCDConv2d: blocks ({blocks}) must divide in_channels/groups ({cin_g}) and "
+                f"out_channels/groups ({cout_g})"
             )
         cb = in_channels // self.num_blocks if form != "depthwise" else in_channels
         self.latent_kernel = 0
@@ -670,7 +674,8 @@ class DCDConv2d(DynamicConv2d):
         if self.form == "depthwise":
             lk = self.latent_kernel
             return self.out_channels * kh * kw * lam + phi * self.out_channels * (lk * lk + lk * kh * kw)
-        residual = self.latent * self.latent * self.in_channels + self.out_channels * self.latent * self.in_channels // self.num_blocks
+        residual = (self.latent * self.latent * self.in_channels
+                    + self.out_channels * self.latent * self.in_channels // self.num_blocks)
         if self.form == "joint":
             residual *= self.latent_kernel
         return residual * phi
@@ -785,7 +790,8 @@ class DCDLinear(nn.Module, OperatorProtocol):
     def coefficients(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         out = self.fc2(_branch_hidden(self.fc1, self.gate, x))
         lam = _lambda_act(out[:, : self.out_features]) if self.use_lambda else None
-        phi = out[:, self.out_features if self.use_lambda else 0:].reshape(-1, self.latent, self.latent) if self.use_phi else None
+        phi_start = self.out_features if self.use_lambda else 0
+        phi = out[:, phi_start:].reshape(-1, self.latent, self.latent) if self.use_phi else None
         return lam, phi
 
     def _released_affine(self, phi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

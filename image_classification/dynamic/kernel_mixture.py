@@ -42,7 +42,9 @@ class KernelMixtureConv2d(DynamicConv2d):
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         if not isinstance(num_kernels, int) or num_kernels < 1:
-            raise ValueError(f"{type(self).__name__}: the number of kernels k must be an integer >= 1, got {num_kernels!r}")
+            raise ValueError(
+                f"{type(self).__name__}: the number of kernels k must be an integer >= 1, got {num_kernels!r}"
+            )
         self.num_kernels = num_kernels
         kh, kw = self.kernel_size
         self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels // groups, kh, kw))
@@ -109,7 +111,9 @@ class KernelMixtureConv2d(DynamicConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: expected input B x {self.in_channels} x H x W, got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected input B x {self.in_channels} x H x W, got {tuple(x.shape)}"
+            )
         b = x.shape[0]
         pi = self.attention(x)
         w = pi @ self.weight.reshape(self.num_kernels, -1)

@@ -121,7 +121,9 @@ class _Attention(nn.Module):
 
     def forward(self, x: Tensor, temperature: Tensor) -> ODAttentions:
         if self.training and x.shape[0] == 1 and isinstance(self.bn, nn.BatchNorm1d):
-            raise ValueError("ODConv2d: the attention's BatchNorm needs at least 2 samples per batch in training, got 1")
+            raise ValueError(
+                "ODConv2d: the attention's BatchNorm needs at least 2 samples per batch in training, got 1"
+            )
         hidden = F.relu(self.bn(self.fc(x.mean(dim=(2, 3)))))
         t = temperature.to(hidden.dtype)
 
@@ -384,7 +386,8 @@ class ODConv2d(DynamicConv2d):
         if scale.shape != (self.out_channels,) or shift.shape != (self.out_channels,):
             raise ValueError(f"ODConv2d.fold_output_affine: scale/shift must have {self.out_channels} entries")
         self.weight.mul_(scale.to(self.weight).view(1, -1, 1, 1, 1))
-        new_bias = shift.to(self.weight) if self.bias is None else self.bias * scale.to(self.weight) + shift.to(self.weight)
+        shift = shift.to(self.weight)
+        new_bias = shift if self.bias is None else self.bias * scale.to(self.weight) + shift
         self.bias = nn.Parameter(new_bias.clone())
 
     @torch.no_grad()

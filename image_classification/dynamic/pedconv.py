@@ -582,7 +582,8 @@ def path_report(model: nn.Module) -> List[Dict[str, Any]]:
 
     Row keys: ``layer`` (module name), ``input`` (B x C x H x W), ``mode`` (``train`` when a backward
     followed, else ``eval``), ``path``, ``source`` (tuned / broadcast / loaded / only (one path
-    applies) / heuristic / explicit) and ``times_ms`` (the autotuner's measurements, ms per call, when it timed the key).
+    applies) / heuristic / explicit) and ``times_ms`` (the autotuner's measurements, ms per call, when it
+    timed the key).
     """
     rows = []
     for name, module in model.named_modules():
@@ -606,7 +607,8 @@ def format_path_report(rows: Sequence[Mapping[str, Any]]) -> str:
             times.items(), key=lambda kv: kv[1]))
         ratio = f"{times[r['path']] / times[STATIC_REFERENCE]:8.2f}" if (
             r["path"] in times and times.get(STATIC_REFERENCE)) else f"{'-':>8}"
-        lines.append(f"{r['layer']:34} {r['input']:18} {r['mode']:5} {r['path']:12} {r['source']:10} {ratio}  {timings}")
+        lines.append(f"{r['layer']:34} {r['input']:18} {r['mode']:5} {r['path']:12} {r['source']:10} "
+                     f"{ratio}  {timings}")
     return "\n".join(lines)
 
 

@@ -125,7 +125,8 @@ class BaseWeightInfomaxConv2d(DynamicConv2d):
         """Use a static conv's weight as W_base (and its bias as the static bias)."""
         if tuple(weight.shape) != tuple(self.weight.shape):
             raise ValueError(
-                f"{type(self).__name__}.load_static_weight: weight shape {tuple(weight.shape)} != {tuple(self.weight.shape)}"
+                f"{type(self).__name__}.load_static_weight: weight shape {tuple(weight.shape)} != "
+                f"{tuple(self.weight.shape)}"
             )
         self.weight.copy_(weight)
         if bias is not None and self.bias is not None:

@@ -279,7 +279,8 @@ class _LoopScaledConv(torch.autograd.Function):
             if gk is not None:
                 gk = gk.flatten(2)  # C_out x C_in/g x kk
                 if grad_w is not None:
-                    outer = psi[b].view(1, 1, -1) if phi is None else (phi[b].view(-1, 1) * psi[b].view(1, -1)).unsqueeze(0)
+                    outer = (psi[b].view(1, 1, -1) if phi is None
+                             else (phi[b].view(-1, 1) * psi[b].view(1, -1)).unsqueeze(0))
                     grad_w.view_as(gk).addcmul_(gk, outer)
                 if need_phi or need_psi:
                     grad_outer.append((gk * flat_w).sum(0))

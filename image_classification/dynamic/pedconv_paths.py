@@ -41,8 +41,8 @@ Paths (see :mod:`.pedconv_kernels` for the lean Functions):
   deterministic algorithms in training); ``path=triton`` elsewhere is a one-line error naming why,
   except in Triton's interpreter (``TRITON_INTERPRET=1``), which runs it on the CPU (the tests).
 
-Rank R > 1 sums R rank-1 terms (``fold``, ``sample_loop``, ``patch_gemm``, ``factored``, ``unfold``) or folds all of them
-into the per-sample weight (``materialize``, ``reference``). The additive form (Appendix E) runs
+Rank R > 1 sums R rank-1 terms (``fold``, ``sample_loop``, ``patch_gemm``, ``factored``, ``unfold``) or folds all
+of them into the per-sample weight (``materialize``, ``reference``). The additive form (Appendix E) runs
 ``conv(x, W_base)`` plus the low-rank term on every path but ``reference``/``materialize``.
 """
 
@@ -161,7 +161,9 @@ def _rank_terms(layer: PEDConv2d, f: Factors) -> Iterator[Tuple[Optional[Tensor]
         yield tuple(None if c is None else c.select(1, r) for c in (gamma, phi, psi))  # type: ignore[misc]
 
 
-def _sum_terms(layer: PEDConv2d, f: Factors, term: Callable[[Optional[Tensor], Optional[Tensor], Optional[Tensor]], Tensor]) -> Tensor:
+def _sum_terms(
+    layer: PEDConv2d, f: Factors, term: Callable[[Optional[Tensor], Optional[Tensor], Optional[Tensor]], Tensor]
+) -> Tensor:
     if layer.rank == 1:  # the common case, without the generator machinery
         return term(*(None if c is None else c.view(c.shape[0], c.shape[2]) for c in f))
     out: Optional[Tensor] = None

@@ -167,7 +167,10 @@ class ConvSpec:
         changed = []
         for key, value in self.options.items():
             if value != entry.options[key].default:
-                text = "+".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
+                if isinstance(value, tuple):
+                    text = "+".join(value)
+                else:
+                    text = str(value).lower() if isinstance(value, bool) else str(value)
                 changed.append(f"{key}={text}")
         return self.name + (":" + ",".join(changed) if changed else "")
 

@@ -189,7 +189,9 @@ def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dila
                          "(only groups = 1 is supported)")
     if weight.device != x.device:
         raise ValueError(f"pedconv_conv2d_triton: weight is on {weight.device}, x on {x.device}")
-    (sh, sw), (ph, pw), (dh, dw) = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    dh, dw = _pair("dilation", dilation, 1)
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     height, width = int(x.shape[2]), int(x.shape[3])
     ho = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -199,7 +201,8 @@ def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dila
                          f"{tuple(weight.shape)}, output {ho}x{wo})")
     batch, out_channels = int(x.shape[0]), int(weight.shape[0])
     for what, count in (("x per sample", x[0].numel()), ("output per sample", out_channels * ho * wo),
-                        ("output pixels B*H_out*W_out", batch * ho * wo), ("input pixels B*H*W", batch * height * width)):
+                        ("output pixels B*H_out*W_out", batch * ho * wo),
+                        ("input pixels B*H*W", batch * height * width)):
         if count > _INT32_MAX:
             raise ValueError(f"pedconv_conv2d_triton: {what} ({count}) exceeds the kernels' int32 indexing")
     return _Geometry(kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
@@ -531,7 +534,9 @@ def _fake_output(x: Tensor, weight: Tensor, geo_hw: Tuple[Any, Any]) -> Tensor:
                        memory_format=_memory_format(x))
 
 
-def _output_hw(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> Tuple[Any, Any]:
+def _output_hw(
+    x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]
+) -> Tuple[Any, Any]:
     kh, kw = weight.shape[2], weight.shape[3]
     ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
@@ -680,7 +685,8 @@ def path_unsupported_reason(layer: Any, dtype: torch.dtype, device: torch.device
         return f"it supports groups = 1 only (this layer has groups = {layer.groups})"
     if dtype not in _DTYPES:
         return f"it supports float32/float16/bfloat16 only (the input computes in {dtype})"
-    if grad and torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+    if (grad and torch.are_deterministic_algorithms_enabled()
+            and not torch.is_deterministic_algorithms_warn_only_enabled()):
         return ("its backward adds float32 partial sums with atomics, which torch.use_deterministic_algorithms(True) "
                 "(--deterministic) forbids")
     if torch.compiler.is_compiling():

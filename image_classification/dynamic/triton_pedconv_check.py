@@ -148,7 +148,8 @@ def _random_case(batch: int, in_c: int, out_c: int, size: Tuple[int, int], kerne
                  seed: int) -> List[Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, in_c, *size, generator=gen, dtype=torch.float64)
-    weight = torch.randn(out_c, in_c, *kernel, generator=gen, dtype=torch.float64) / (in_c * kernel[0] * kernel[1]) ** 0.5
+    fan_in = in_c * kernel[0] * kernel[1]
+    weight = torch.randn(out_c, in_c, *kernel, generator=gen, dtype=torch.float64) / fan_in ** 0.5
     gamma = 0.2 + torch.rand(batch, out_c, generator=gen, dtype=torch.float64)
     phi = 0.2 + torch.rand(batch, in_c, generator=gen, dtype=torch.float64)
     psi = 0.2 + torch.rand(batch, kernel[0] * kernel[1], generator=gen, dtype=torch.float64)
@@ -194,8 +195,8 @@ def check_exactness(device: torch.device, cases: Sequence[tuple] = EXACTNESS_CAS
         worst = max(errors.values())
         rows.append(dict(case=name, dtype=dtype_name, channels_last=nhwc, tolerance=tol, errors=errors,
                          passed=bool(worst <= tol)))  # NaN compares False: a NaN fails
-        print(f"exactness {name:28s} worst rel err {worst:.2e} (tol {tol:.0e}) {'ok' if rows[-1]['passed'] else 'FAIL'}",
-              flush=True)
+        verdict = "ok" if rows[-1]["passed"] else "FAIL"
+        print(f"exactness {name:28s} worst rel err {worst:.2e} (tol {tol:.0e}) {verdict}", flush=True)
     return rows
 
 
@@ -408,7 +409,8 @@ def _short_config(text: Optional[str]) -> str:
         return "-"
     parts = dict(p.split(": ", 1) for p in text.split(", ") if ": " in p)
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    return "x".join(parts.get(k, "?") for k in keys[:3]) + f" w{parts.get('num_warps', '?')}s{parts.get('num_stages', '?')}"
+    return ("x".join(parts.get(k, "?") for k in keys[:3])
+            + f" w{parts.get('num_warps', '?')}s{parts.get('num_stages', '?')}")
 
 
 def _environment(device: torch.device) -> Dict[str, Any]:
@@ -469,7 +471,8 @@ def ptx_report(tiles: Sequence[Tuple[int, int, int, int, int]], capability: int 
                                   "-o", os.devnull], capture_output=True, text=True).stderr
             os.unlink(handle.name)
             regs, spills = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
-            row.update(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spills.group(1)) if spills else None)
+            row.update(registers=int(regs.group(1)) if regs else None,
+                       spill_bytes=int(spills.group(1)) if spills else None)
         except Exception as exc:  # report, do not stop: one failing tile must not hide the others
             row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         print(f"ptx {name:10s} {row['tile']} w{warps} s{stages}: "
@@ -567,7 +570,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  **{f"{k}_ratio": v for k, v in result.ratios.items()},
                                  "worst_rel_err": max(result.errors.values())})
             print(f"[{index + 1}/{len(layers)}] {spec.name:26s} x{spec.count}: fwd {result.ratios['triton_fwd']:.2f}x "
-                  f"train {result.ratios['triton_train']:.2f}x cuDNN (static train {result.ms['static_train']:.3f} ms), "
+                  f"train {result.ratios['triton_train']:.2f}x cuDNN "
+                  f"(static train {result.ms['static_train']:.3f} ms), "
                   f"rel err {max(result.errors.values()):.1e}, {time.monotonic() - t0:.0f}s", flush=True)
     finally:
         report["elapsed_s"] = time.monotonic() - started

@@ -95,7 +95,8 @@ def pedconv_fwd_kernel(
                 psi_t = tl.load(psi_ptr + b * (KH * KW) + tap, mask=m_mask, other=0.0)
                 a = a * psi_t.to(tl.float32)[:, None]
             a = a.to(dot_ty)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wo + offs_k[:, None] * stride_wc + (kh * stride_wh + kw * stride_ww),
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wo + offs_k[:, None] * stride_wc
+                    + (kh * stride_wh + kw * stride_ww),
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_FP32:  # exact fp32 products of the rounded operands (interpreter bf16)
             a = a.to(tl.float32)

@@ -2,7 +2,8 @@
 
 MobileNetV1: 3x3/2 stem, 13 depthwise-separable blocks (3x3 depthwise + 1x1 pointwise, each with
 BN and ReLU), adaptive average pooling and a linear classifier; 4.2M parameters and 569M MACs at
-width 1.0 and 224 px (PEDConv, BMVC 2021, Table 1a). Widths 0.25/0.5/0.75/1.0 as in the PEDConv appendix, Sec. C, Fig. 3.
+width 1.0 and 224 px (PEDConv, BMVC 2021, Table 1a). Widths 0.25/0.5/0.75/1.0 as in the PEDConv appendix,
+Sec. C, Fig. 3.
 """
 
 from __future__ import annotations

@@ -89,12 +89,18 @@ class OpSummary:
 
 
 def load_run(workspace: Path, op: str, seed: int) -> RunResult:
+    """The results of one (op, seed) run from its workspace's ``raport.json``.
+
+    Raises:
+        ValueError: the raport holds no ``val.top1`` record and the run was not stopped as diverged, or a
+            record does not parse (:func:`read_raport`).
+    """
     raport = workspace / "raport.json"
     records = read_raport(raport)
     top1 = epoch_metrics(records, "val.top1")
     stopped = (workspace / DIVERGED_MARKER).is_file()
     if not top1 and not stopped:
-        raise SystemExit(f"error: {raport} holds no val.top1 record (did the run fail?)")
+        raise ValueError(f"{raport} holds no val.top1 record (did the run fail?)")
     summary = summarize(raport)
     seconds_file = workspace / "seconds.txt"
     seconds = float(seconds_file.read_text()) if seconds_file.is_file() else None
@@ -237,10 +243,14 @@ def write_report(
     total_seconds: Optional[float] = None,
     plot: bool = True,
 ) -> List[OpSummary]:
-    """Write ``<out>/<name>.md`` (+ ``.csv`` and ``.png``) from run results; returns the summary rows."""
+    """Write ``<out>/<name>.md`` (+ ``.csv`` and ``.png``) from run results; returns the summary rows.
+
+    Raises:
+        ValueError: no run of ``ops`` finished (nothing is written).
+    """
     rows = summarize_ops(results, profiles, ops)
     if not rows:
-        raise SystemExit("error: no finished runs to report")
+        raise ValueError("no finished runs to report")
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / f"{name}.csv")
     if plot:
@@ -261,7 +271,8 @@ def write_report(
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {environment}." + (f" Wall time: {total_seconds / 60:.1f} min (training runs + profiling)." if total_seconds else ""),
+        f"Machine: {environment}."
+        + (f" Wall time: {total_seconds / 60:.1f} min (training runs + profiling)." if total_seconds else ""),
         "",
         "## Results",
         "",

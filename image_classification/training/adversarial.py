@@ -181,7 +181,8 @@ class FreeAdversarialTraining:
             return (f"the checkpoint's adversarial perturbation {shape} does not fit this run's "
                     f"{tuple(self.perturbation.shape)} (other batch size, accumulation or image size)")
         if not bool(torch.isfinite(tensor).all()) or float(tensor.abs().max()) > self.eps * (1 + 1e-6):
-            return f"the checkpoint's adversarial perturbation is not within this run's eps {self.eps * PIXEL_LEVELS:g}/255"
+            return ("the checkpoint's adversarial perturbation is not within this run's eps "
+                    f"{self.eps * PIXEL_LEVELS:g}/255")
         self.perturbation.copy_(tensor.to(self.perturbation.device))
         return None
 

@@ -68,7 +68,9 @@ def resolve_resume(args: argparse.Namespace) -> Tuple[Optional[str], Optional[Di
         return None, None
     checkpoint = load_checkpoint(path, trusted=bool(getattr(args, "trust_checkpoints", False)))
     if "epoch" not in checkpoint or "optimizer" not in checkpoint:
-        raise CheckpointError(f"--resume {path} holds weights only (no epoch/optimizer state); use --pretrained-weights")
+        raise CheckpointError(
+            f"--resume {path} holds weights only (no epoch/optimizer state); use --pretrained-weights"
+        )
     return path, checkpoint
 
 
@@ -248,8 +250,9 @@ def restore_training_state(comp: TrainingSetup, checkpoint: Dict[str, Any], env:
     saved_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     trained_with = str(saved_args.get("optimizer") or "sgd")
     if training and trained_with != optimizer_name(comp.optimizer):
-        raise CheckpointError(f"--resume: the checkpoint was trained with --optimizer {trained_with}, this run asks for "
-                              f"--optimizer {optimizer_name(comp.optimizer)} (its state cannot be carried over): "
+        raise CheckpointError(f"--resume: the checkpoint was trained with --optimizer {trained_with}, "
+                              f"this run asks for --optimizer {optimizer_name(comp.optimizer)} "
+                              "(its state cannot be carried over): "
                               f"resume with --optimizer {trained_with}, or start a new run from its weights with "
                               "--pretrained-weights")
     replays = comp.adversary.replays if comp.adversary is not None else 1

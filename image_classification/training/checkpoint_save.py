@@ -262,7 +262,9 @@ def save_checkpoint(
     if gather:
         raw_epoch = state.get("epoch")
         if isinstance(raw_epoch, bool) or not isinstance(raw_epoch, int) or raw_epoch < 0:
-            raise CheckpointError(f"gathering checkpoints needs a non-negative integer state['epoch'], got {raw_epoch!r}")
+            raise CheckpointError(
+                f"gathering checkpoints needs a non-negative integer state['epoch'], got {raw_epoch!r}"
+            )
         epoch = raw_epoch
 
     safe_state = _weights_only_safe(dict(state), "state")

@@ -89,7 +89,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
         "IDX .gz directory for fashion-mnist (default /usr/share/datasets/fashion-mnist); the CIFAR-10 python "
         "batches for cifar10; unused by --data-backend synthetic",
     )
-    group.add_argument("--data-backend", default="pytorch", choices=DATA_BACKENDS, help="data loader (default: pytorch)")
+    group.add_argument("--data-backend", default="pytorch", choices=DATA_BACKENDS,
+                       help="data loader (default: pytorch)")
     group.add_argument("--dataset", default="imagenet", choices=DATASETS, help="dataset layout (default: imagenet)")
     group.add_argument("--image-size", type=_positive_int, default=None,
                        help="train/val crop size (default: 224 imagenet, 28 fashion-mnist, 32 cifar10)")
@@ -352,7 +353,8 @@ def _check_config_value(parser: argparse.ArgumentParser, key: str, action: argpa
         except (ValueError, argparse.ArgumentTypeError) as exc:
             parser.error(f"config key {key!r}: invalid value {value!r} ({exc})")
     if action.choices is not None and value is not None and value not in action.choices:
-        parser.error(f"config key {key!r}: invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
+        choices = ", ".join(map(str, action.choices))
+        parser.error(f"config key {key!r}: invalid choice {value!r} (choose from {choices})")
     return value
 
 

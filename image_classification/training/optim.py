@@ -107,7 +107,8 @@ class RMSpropTF(torch.optim.Optimizer):
     @staticmethod
     def _single_update(params: List[torch.Tensor], grads: List[torch.Tensor], squares: List[torch.Tensor],
                        buffers: List[Optional[torch.Tensor]], group: Dict) -> None:
-        lr, alpha, eps, momentum, wd = group["lr"], group["alpha"], group["eps"], group["momentum"], group["weight_decay"]
+        lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+        momentum, wd = group["momentum"], group["weight_decay"]
         for p, g, ms, buf in zip(params, grads, squares, buffers):
             if wd:
                 g = g.add(p, alpha=wd)
@@ -123,7 +124,8 @@ class RMSpropTF(torch.optim.Optimizer):
     def _foreach_update(params: List[torch.Tensor], grads: List[torch.Tensor], squares: List[torch.Tensor],
                         buffers: List[Optional[torch.Tensor]], group: Dict) -> None:
         """The same update with torch's multi-tensor kernels (a few launches per group instead of per tensor)."""
-        lr, alpha, eps, momentum, wd = group["lr"], group["alpha"], group["eps"], group["momentum"], group["weight_decay"]
+        lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+        momentum, wd = group["momentum"], group["weight_decay"]
         if wd:
             grads = torch._foreach_add(grads, params, alpha=wd)
         torch._foreach_mul_(squares, alpha)

@@ -81,8 +81,8 @@ class PeerMonitor:
     def _connect(self):
         import torch.distributed as dist
 
-        return dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=max(5.0, 3 * self.interval)),
-                             wait_for_workers=False)
+        return dist.TCPStore(self.host, self.port, is_master=False,
+                             timeout=timedelta(seconds=max(5.0, 3 * self.interval)), wait_for_workers=False)
 
     def _client(self):
         if self._store is None:

@@ -111,10 +111,11 @@ def load_model_weights(
     ``AveragedModel`` (EMA) states, state dicts with ``module.`` (DDP) or ``_orig_mod.``
     (torch.compile) prefixes, and the state-dict layouts of other code bases that the operators
     declare (``foreign_layouts``: the authors' PEDConv release, the DCD release), detected and
-    converted by the operator's :class:`~image_classification.dynamic.protocol.ForeignLayout`. A DDP/DataParallel/compiled/AveragedModel ``model`` is loaded
-    through its inner module. Keys and shapes are checked before anything is copied, so on a
-    :class:`CheckpointError` (listing up to five offending keys per kind, with counts) the model is
-    unchanged. ``strict=False`` tolerates missing/unexpected keys but never shape mismatches.
+    converted by the operator's :class:`~image_classification.dynamic.protocol.ForeignLayout`. A
+    DDP/DataParallel/compiled/AveragedModel ``model`` is loaded through its inner module. Keys and shapes
+    are checked before anything is copied, so on a :class:`CheckpointError` (listing up to five offending
+    keys per kind, with counts) the model is unchanged. ``strict=False`` tolerates missing/unexpected keys
+    but never shape mismatches.
     """
     if isinstance(source, Mapping):
         label = "checkpoint"

@@ -20,7 +20,8 @@ TABLE3 = sorted((ROOT / "configs" / "pedconv_table3").glob("[!_]*.yaml"))
 
 def test_recipes_exist() -> None:
     assert [p.name for p in TABLE2] == ["ssd300_resnet50_pedconv.yaml", "ssd300_resnet50_static.yaml"]
-    assert {p.stem for p in TABLE3} == {f"{a}_resnet50_{c}" for a in ("pspnet", "upernet") for c in ("static", "pedconv")}
+    assert {p.stem for p in TABLE3} == {f"{a}_resnet50_{c}" for a in ("pspnet", "upernet")
+                                        for c in ("static", "pedconv")}
 
 
 @pytest.mark.parametrize("path", TABLE2 + TABLE3, ids=lambda p: p.name)

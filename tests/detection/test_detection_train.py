@@ -36,7 +36,8 @@ def test_ssd_trains_with_loss_going_down_and_evaluates(coco: str, tmp_path: Path
     assert (ckpt["task"], ckpt["arch"], ckpt["num_classes"], ckpt["iteration"]) == ("detection", "ssd300", 4, 3)
     assert train.main([coco, *TINY, "--evaluate", "--weights", str(ws / "checkpoint.pth.tar")]) == 0
     # a checkpoint of another operator is refused with one line
-    assert train.main([coco, *TINY, "--conv", "pedconv", "--evaluate", "--weights", str(ws / "checkpoint.pth.tar")]) == 2
+    assert train.main([coco, *TINY, "--conv", "pedconv", "--evaluate",
+                       "--weights", str(ws / "checkpoint.pth.tar")]) == 2
 
 
 @pytest.mark.parametrize("argv,message", [

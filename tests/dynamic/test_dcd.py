@@ -237,7 +237,8 @@ def test_dcd_linear_matches_reference_and_seeds_from_linear():
     gr, = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-5)
     small = DCDLinear(6, 3).double()
-    assert torch.autograd.gradcheck(small, (torch.randn(2, 6, dtype=torch.float64, requires_grad=True),), fast_mode=True)
+    assert torch.autograd.gradcheck(small, (torch.randn(2, 6, dtype=torch.float64, requires_grad=True),),
+                                    fast_mode=True)
     with pytest.raises(ValueError, match="expected input"):
         m(torch.randn(2, 5))
     with pytest.raises(ValueError, match="components"):
@@ -642,7 +643,8 @@ def test_bad_released_layouts_are_refused():
     with pytest.raises(ValueError, match="no fc_phi.weight"):
         convert_released_state_dict({k: v for k, v in good.items() if "fc_phi" not in k})
     with pytest.raises(ValueError, match="neither the release's ResNet"):
-        convert_released_state_dict({"blocks.0.fc_scale.weight": torch.zeros(1), "blocks.0.fc_phi.weight": torch.zeros(1)})
+        convert_released_state_dict({"blocks.0.fc_scale.weight": torch.zeros(1),
+                                     "blocks.0.fc_phi.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="cannot place 'features.2.conv.5'"):
         convert_released_state_dict({"features.2.conv.0.fc_scale.weight": torch.zeros(1),
                                      "features.2.conv.0.fc_phi.weight": torch.zeros(1),

@@ -131,7 +131,8 @@ def test_registry_options_and_errors():
     assert str(parse_spec("odconv:k=4")) == "odconv:k=4"
     m = build_conv("odconv:k=4,reduction=0.25,temperature=1", 64, 64, 3, padding=1)
     assert isinstance(m, ODConv2d) and m.num_kernels == 4 and m.hidden == 16 and float(m.temperature) == 1.0
-    for bad, match in (("odconv:k=0", "must be >= 1"), ("odconv:path=fast", "valid"), ("odconv:heads=2", "unknown option")):
+    for bad, match in (("odconv:k=0", "must be >= 1"), ("odconv:path=fast", "valid"),
+                       ("odconv:heads=2", "unknown option")):
         with pytest.raises(ValueError, match=match):
             parse_spec(bad)
     with pytest.raises(ValueError, match="at least 2 samples"):

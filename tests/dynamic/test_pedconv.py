@@ -97,7 +97,8 @@ def test_reference_is_eq3_written_out():
     assert (gamma > 0).all() and (gamma < 1).all()
     weight = torch.zeros(2, 6, 4, 3, 3)
     for b, r, t, s, j in itertools.product(range(2), range(2), range(6), range(4), range(9)):
-        weight[b, t, s, j // 3, j % 3] += module.weight[t, s, j // 3, j % 3] * gamma[b, r, t] * phi[b, r, s] * psi[b, r, j]
+        weight[b, t, s, j // 3, j % 3] += (module.weight[t, s, j // 3, j % 3]
+                                           * gamma[b, r, t] * phi[b, r, s] * psi[b, r, j])
     torch.testing.assert_close(module.dynamic_weight(x), weight)
 
 

@@ -19,7 +19,10 @@ def authors_rank_r(state: dict, prefix: str, rank: int, x: torch.Tensor, padding
     cout, cin, kh, kw = base.shape
     b = x.shape[0]
     hidden = F.relu(F.linear(x.mean((2, 3)), get("attn.fc_share.weight"), get("attn.fc_share.bias")))
-    head = lambda n, dim: torch.sigmoid(F.linear(hidden, get(f"attn.{n}.weight"), get(f"attn.{n}.bias"))).view(b, dim, rank)  # noqa: E731
+
+    def head(n: str, dim: int) -> torch.Tensor:
+        return torch.sigmoid(F.linear(hidden, get(f"attn.{n}.weight"), get(f"attn.{n}.bias"))).view(b, dim, rank)
+
     phi, gamma, psi = head("fc_inp", cin), head("fc_oup", cout), head("fc_k", kh * kw)
     outs = []
     for i in range(b):

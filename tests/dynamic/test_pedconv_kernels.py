@@ -57,7 +57,8 @@ def make(geometry_row, comps, batch, dtype=torch.float64, seed=0):
 def full(factors, x, weight):
     batch = x.shape[0]
     dims = {"gamma": weight.shape[0], "phi": weight.shape[1], "psi": weight.shape[2] * weight.shape[3]}
-    return [(factors[n] if factors[n] is not None else x.new_ones(batch, dims[n]))[:, None] for n in ("gamma", "phi", "psi")]
+    return [(factors[n] if factors[n] is not None else x.new_ones(batch, dims[n]))[:, None]
+            for n in ("gamma", "phi", "psi")]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -86,8 +87,8 @@ def test_scaled_conv_gradcheck(engine):
     geometry = (4, 6, (3, 3), (2, 2), (1, 1), (1, 1), 2) if engine != "dense" else (4, 6, (1, 1), (1, 1), (0, 0),
                                                                                      (1, 1), 2)
     x, weight, f, geo = make(geometry, ("gamma", "phi", "psi"), 2)
-    assert torch.autograd.gradcheck(lambda *t: scaled_conv(*t, geo, engine), (x, weight, f["gamma"], f["phi"], f["psi"]),
-                                    eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda *t: scaled_conv(*t, geo, engine),
+                                    (x, weight, f["gamma"], f["phi"], f["psi"]), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("additive", [False, True])
@@ -96,7 +97,8 @@ def test_materialized_conv_rank_r_equals_plain_and_gradcheck(additive, batch):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 8, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(12, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    gamma, phi, psi = (torch.rand(batch, 2, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (12, 4, 9))
+    gamma, phi, psi = (torch.rand(batch, 2, d, generator=g, dtype=torch.float64, requires_grad=True)
+                       for d in (12, 4, 9))
     geo = ((2, 2), (1, 1), (1, 1), 2)
     out = materialized_conv(x, weight, gamma, phi, psi, geo, additive)
     torch.testing.assert_close(out, plain(x, weight, gamma, phi, psi, geo, additive), rtol=1e-10, atol=1e-10)
@@ -164,8 +166,8 @@ def test_gamma_underflow_gives_zero_gradient_not_nan():
         out = scaled_conv(x, weight, gamma, f["phi"], f["psi"], geo, engine)
         (grad,) = torch.autograd.grad(out.sum(), gamma)
         assert torch.isfinite(grad).all()
-        expected = torch.autograd.grad(plain(x, weight, gamma[:, None], f["phi"][:, None], f["psi"][:, None], geo).sum(),
-                                       gamma)[0]
+        plain_out = plain(x, weight, gamma[:, None], f["phi"][:, None], f["psi"][:, None], geo)
+        expected = torch.autograd.grad(plain_out.sum(), gamma)[0]
         torch.testing.assert_close(grad[:, 3:], expected[:, 3:])
 
 

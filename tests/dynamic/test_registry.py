@@ -42,7 +42,8 @@ def test_unknown_operator_and_option_list_valid_names():
         parse_spec("dynconv")
     for name in PEERS:
         assert name in str(err.value)
-    with pytest.raises(ValueError, match="valid options: blocks, components, latent, latent_kernel, mode, pool, reduction"):
+    with pytest.raises(ValueError,
+                       match="valid options: blocks, components, latent, latent_kernel, mode, pool, reduction"):
         parse_spec("dcd:rank=1")
     with pytest.raises(ValueError, match="valid options: anneal_epochs"):
         parse_spec("dyconv", experts=2)

@@ -2,8 +2,8 @@
 float64 reference of the equation, per-sample ``conv(x_b, W * (gamma_b o phi_b o psi_b))``.
 
 Without CUDA the kernels run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set by
-tests/conftest.py before triton is imported); with CUDA they run compiled on the GPU. The interpreter's cost is per Triton
-operation, so the shapes are tiny (a few tiles each).
+tests/conftest.py before triton is imported); with CUDA they run compiled on the GPU. The interpreter's cost is per
+Triton operation, so the shapes are tiny (a few tiles each).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def make_inputs(batch: int, in_c: int, out_c: int, size: Tuple[int, int], kernel
                 components: Sequence[str] = ("gamma", "phi", "psi"), seed: int = 0) -> List[Optional[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, in_c, *size, generator=gen, dtype=torch.float64)
-    weight = torch.randn(out_c, in_c, *kernel, generator=gen, dtype=torch.float64) / (in_c * kernel[0] * kernel[1]) ** 0.5
+    fan_in = in_c * kernel[0] * kernel[1]
+    weight = torch.randn(out_c, in_c, *kernel, generator=gen, dtype=torch.float64) / fan_in ** 0.5
     # factors in (0.2, 1.2): post-sigmoid-like, but not all equal, so every factor really matters
     gamma = 0.2 + torch.rand(batch, out_c, generator=gen, dtype=torch.float64)
     phi = 0.2 + torch.rand(batch, in_c, generator=gen, dtype=torch.float64)

@@ -43,7 +43,8 @@ def test_registry_lists_every_paper_architecture() -> None:
 def test_every_arch_static_any_size_channels_classes(arch: str) -> None:
     kw = _SMALL.get(arch, {})
     model = build_model(arch, num_classes=10, in_chans=1, **kw)
-    _fwd_bwd(model, in_chans=1, size=28 if "cifar" in arch or "small" in arch else 40)  # Fashion-MNIST shape: no arch assumes 224
+    # Fashion-MNIST shape: no arch assumes 224
+    _fwd_bwd(model, in_chans=1, size=28 if "cifar" in arch or "small" in arch else 40)
 
 
 @pytest.mark.parametrize("op", _OPERATORS)

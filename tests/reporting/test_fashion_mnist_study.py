@@ -16,7 +16,8 @@ def _fake_results() -> list:
     for op, accs in (("static", (88.0, 90.0)), ("pedconv", (89.0, 91.0, 92.0))):
         for seed, acc in enumerate(accs):
             results.append(report.RunResult(op=op, seed=seed, top1=acc, best_top1=acc + 0.5, train_ips=200.0 - seed,
-                                           epoch_top1={0: acc - 5, 1: acc}, loss_curve=[(0.5, 2.0), (1.0, 1.0), (1.5, 0.5), (2.0, 0.4)],
+                                           epoch_top1={0: acc - 5, 1: acc},
+                                           loss_curve=[(0.5, 2.0), (1.0, 1.0), (1.5, 0.5), (2.0, 0.4)],
                                            seconds=60.0))
     return results
 
@@ -38,8 +39,8 @@ def test_summary_rows_and_table() -> None:
 def test_write_report(tmp_path: Path) -> None:
     profiles = {"static": report.OpProfile("static", 272_474, 31_000_000),
                 "pedconv": report.OpProfile("pedconv", 280_000, 31_500_000)}
-    rows = report.write_report(_fake_results(), profiles, ["static", "pedconv"], tmp_path, "fm", "python x.py --epochs 2",
-                              "2 epoch(s)", "test machine", total_seconds=600.0)
+    rows = report.write_report(_fake_results(), profiles, ["static", "pedconv"], tmp_path, "fm",
+                               "python x.py --epochs 2", "2 epoch(s)", "test machine", total_seconds=600.0)
     assert len(rows) == 2
     text = (tmp_path / "fm.md").read_text()
     assert "`python x.py --epochs 2`" in text and "![learning curves](fm.png)" in text
@@ -49,3 +50,11 @@ def test_write_report(tmp_path: Path) -> None:
     assert (tmp_path / "fm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows_csv = list(csv.DictReader((tmp_path / "fm.csv").open()))
     assert [r["operator"] for r in rows_csv] == ["static", "pedconv"] and rows_csv[0]["latency_ratio"] == ""
+
+
+def test_write_report_without_finished_runs_raises_value_error(tmp_path: Path) -> None:
+    """A library error (ValueError, one line), not a SystemExit from inside the package; nothing is written."""
+    profiles = {"dcd": report.OpProfile("dcd", 300_000, 32_000_000)}
+    with pytest.raises(ValueError, match="^no finished runs to report$"):
+        report.write_report(_fake_results(), profiles, ["dcd"], tmp_path / "out", "fm", "cmd", "1 epoch", "machine")
+    assert not (tmp_path / "out").exists()

@@ -50,7 +50,8 @@ def test_malformed_line_before_the_last_is_an_error(tmp_path: Path) -> None:
         read_raport(path)
 
 
-def test_resumed_writer_removes_a_torn_record_before_appending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_resumed_writer_removes_a_torn_record_before_appending(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     path = _raport(tmp_path / "raport.json")
     before = read_raport(path)
     with open(path, "a") as handle:

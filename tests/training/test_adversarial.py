@@ -102,7 +102,8 @@ def test_accumulation_trains_like_one_big_batch() -> None:
     for _ in range(2):
         free_big.train_group(comp_big, LoopConfig(torch.device("cpu")), [(_normalise(pixels), target)])
         results, _ = free_small.train_group(comp_small, LoopConfig(torch.device("cpu"), accumulation=2),
-                                            [(_normalise(pixels[:2]), target[:2]), (_normalise(pixels[2:]), target[2:])])
+                                            [(_normalise(pixels[:2]), target[:2]),
+                                             (_normalise(pixels[2:]), target[2:])])
         assert [r[3] for r in results] == [2, 2]
     for ours, theirs in zip(small.parameters(), big.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)

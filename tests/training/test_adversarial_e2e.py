@@ -82,7 +82,8 @@ def test_resume_restores_the_perturbation_bit_for_bit(jpeg_folder: Path, tmp_pat
     full, resumed = (load_checkpoint(ws / "checkpoint.pth.tar") for ws in (free_run, part))
     _same(full["state_dict"], resumed["state_dict"])
     _same(full["ema"], resumed["ema"])
-    assert torch.equal(full["adversarial"]["perturbation_per_rank"][0], resumed["adversarial"]["perturbation_per_rank"][0])
+    assert torch.equal(full["adversarial"]["perturbation_per_rank"][0],
+                       resumed["adversarial"]["perturbation_per_rank"][0])
 
 
 def test_interrupted_mid_epoch_resumes_identically(jpeg_folder: Path, tmp_path: Path, free_run: Path,
@@ -101,7 +102,8 @@ def test_interrupted_mid_epoch_resumes_identically(jpeg_folder: Path, tmp_path: 
     _ok([str(jpeg_folder), *FREE, "--epochs", "2", "--resume", "auto", "--workspace", str(ws)], capsys)
     full, resumed = (load_checkpoint(w / "checkpoint.pth.tar") for w in (free_run, ws))
     _same(full["state_dict"], resumed["state_dict"])
-    assert torch.equal(full["adversarial"]["perturbation_per_rank"][0], resumed["adversarial"]["perturbation_per_rank"][0])
+    assert torch.equal(full["adversarial"]["perturbation_per_rank"][0],
+                       resumed["adversarial"]["perturbation_per_rank"][0])
     assert resumed["scheduler"]["last_epoch"] == full["scheduler"]["last_epoch"]
 
 

@@ -79,7 +79,8 @@ def test_optimizer_batch_defaults_to_batch_times_world(ws: list, monkeypatch: py
     assert args.optimizer_batch_size == 15
 
 
-def test_optimizer_batch_not_a_multiple(capsys: pytest.CaptureFixture, ws: list, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_optimizer_batch_not_a_multiple(capsys: pytest.CaptureFixture, ws: list,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     line = _error(capsys, ["--data-backend", "synthetic", "-b", "4", "--optimizer-batch-size", "12", *ws])
     assert "--optimizer-batch-size 12" in line and "4 x 2 = 8" in line

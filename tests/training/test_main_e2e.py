@@ -89,7 +89,8 @@ def test_two_epochs_raport_and_checkpoints(e2e: SimpleNamespace, trained: Path) 
     assert (trained / "model_best.pth.tar").is_file()
 
 
-def test_evaluate_reproduces_logged_top1(e2e: SimpleNamespace, trained: Path, jpeg_folder: Path, tmp_path: Path) -> None:
+def test_evaluate_reproduces_logged_top1(e2e: SimpleNamespace, trained: Path, jpeg_folder: Path,
+                                         tmp_path: Path) -> None:
     epochs = _epoch_records(read_raport(trained / "raport.json"))
     tops = [r["data"]["val.top1"] for r in epochs]
     best = epochs[tops.index(max(tops))]["data"]
@@ -123,9 +124,9 @@ def _assert_same_state(a: Dict, b: Dict) -> None:
 
 
 def test_resume_is_bit_identical(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
-    recipe = [str(jpeg_folder), *e2e.tiny, "-j", "1", "--epochs", "2", "--conv", "pedconv", "--mixup", "0.2", "--label-smoothing",
-              "0.1", "--use-ema", "0.9", "--optimizer-batch-size", "8", "--warmup", "1", "--lr-schedule", "cosine",
-              "--nesterov", "--mom", "0.875", "--precise-bn", "2"]
+    recipe = [str(jpeg_folder), *e2e.tiny, "-j", "1", "--epochs", "2", "--conv", "pedconv", "--mixup", "0.2",
+              "--label-smoothing", "0.1", "--use-ema", "0.9", "--optimizer-batch-size", "8", "--warmup", "1",
+              "--lr-schedule", "cosine", "--nesterov", "--mom", "0.875", "--precise-bn", "2"]
     _ok(e2e.run([*recipe, "--workspace", str(tmp_path / "full")]))
     _ok(e2e.run([*recipe, "--run-epochs", "1", "--workspace", str(tmp_path / "part")]))
     assert load_checkpoint(tmp_path / "part" / "checkpoint.pth.tar")["epoch"] == 1
@@ -165,7 +166,8 @@ def test_ddp_two_processes_agree(e2e: SimpleNamespace, jpeg_folder: Path, tmp_pa
     assert single["val.loss"] == pytest.approx(last["val.loss"], rel=1e-5)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
+def test_sigterm_saves_a_checkpoint_and_resume_continues(e2e: SimpleNamespace, jpeg_folder: Path,
+                                                         tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     command = [sys.executable, e2e.main, str(jpeg_folder), *e2e.tiny, "--epochs", "500", "--workspace", str(ws)]
     env = dict(os.environ, OMP_NUM_THREADS="1")

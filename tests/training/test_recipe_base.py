@@ -36,7 +36,8 @@ def test_chain_overrides_in_order(tmp_path: Path, common: list) -> None:
     _write(tmp_path / "table" / "_base.yaml", "base: ../shared/root.yaml\nlr: 0.2\nlabel_smoothing: 0.1\n")
     recipe = _write(tmp_path / "table" / "run.yaml", "base: _base.yaml\nlr: 0.3\nweight-decay: 0.0005\n")
     args = parse_args(["--config", str(recipe), *common])
-    assert (args.arch, args.lr, args.epochs, args.label_smoothing, args.lr_steps) == ("resnet18", 0.3, 90, 0.1, [30, 60])
+    assert ((args.arch, args.lr, args.epochs, args.label_smoothing, args.lr_steps)
+            == ("resnet18", 0.3, 90, 0.1, [30, 60]))
     assert args.weight_decay == 0.0005  # an alias of the base's key (--wd) overrides it too
     args = parse_args(["--config", str(recipe), "--lr", "0.4", "--epochs", "2", *common])
     assert (args.lr, args.epochs) == (0.4, 2)

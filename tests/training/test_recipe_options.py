@@ -44,8 +44,8 @@ def test_the_efficientnet_recipe_runs(jpeg_folder: Path, tmp_path: Path, capsys:
     ws = tmp_path / "ws"
     recipe = REPO / "configs" / "pedconv_table1" / "efficientnet_b0_static.yaml"
     argv = [str(jpeg_folder), "--config", str(recipe), "--image-size", "32", "-b", "2", "--optimizer-batch-size", "4",
-            "-j", "0", "-p", "1", "--prof", "2", "--val-subset", "4", "--num-classes", "3", "--epochs", "6", "--run-epochs", "1", "--seed", "0",
-            "--workspace", str(ws)]
+            "-j", "0", "-p", "1", "--prof", "2", "--val-subset", "4", "--num-classes", "3", "--epochs", "6",
+            "--run-epochs", "1", "--seed", "0", "--workspace", str(ws)]
     assert main(argv) == 0, capsys.readouterr().err[-3000:]
     checkpoint = load_checkpoint(ws / "checkpoint.pth.tar")
     state = next(iter(checkpoint["optimizer"]["state"].values()))
