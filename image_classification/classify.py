@@ -26,10 +26,12 @@ import torch
 
 from .data import DataError
 from .inference import (
+    add_model_arguments,
     dataset_class_names,
     load_class_names,
     load_inference_model,
     preprocess_images,
+    require_positive,
 )
 from .training.checkpoint import CheckpointError
 
@@ -90,24 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
-    group = p.add_argument_group("model (only needed when the checkpoint does not record it)")
-    group.add_argument("--arch")
-    group.add_argument("--conv", help="operator spec")
-    group.add_argument("--placement")
-    group.add_argument("--num-classes", type=int)
-    group.add_argument("--in-chans", type=int)
-    group.add_argument("--image-size", type=int)
-    group.add_argument("--dataset", help="imagenet, fashion-mnist or cifar10 (its preprocessing and class names)")
+    add_model_arguments(p, image_size=True,
+                        dataset_help="imagenet, fashion-mnist or cifar10 (its preprocessing and class names)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("topk", "batch_size", "num_classes", "in_chans", "image_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    require_positive(parser, args, ("topk", "batch_size", "num_classes", "in_chans", "image_size"))
     try:
         device = _device(args.device)
         loaded = load_inference_model(

@@ -332,6 +332,8 @@ def verify_export(model: nn.Module, path: str | Path, fmt: str, image_size: int,
 # CLI
 # ------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
+    from .inference import add_model_arguments
+
     p = argparse.ArgumentParser(prog="python -m image_classification.export",
                                 description="Export a checkpoint to ONNX or TorchScript with a dynamic batch axis.")
     p.add_argument("checkpoint", help="checkpoint file (model_best.pth.tar, checkpoint.pth.tar, a state dict)")
@@ -350,27 +352,19 @@ def _parser() -> argparse.ArgumentParser:
                         "per-sample kernels become conv weights computed in the graph; faster, see README)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |exported - eager| relative to the output range (default 1e-4)")
-    group = p.add_argument_group("model (only needed when the checkpoint does not record it)")
-    group.add_argument("--arch")
-    group.add_argument("--conv", help="operator spec")
-    group.add_argument("--placement")
-    group.add_argument("--num-classes", type=int)
-    group.add_argument("--in-chans", type=int)
-    group.add_argument("--dataset", help="imagenet, fashion-mnist or cifar10 (sets the default image size)")
+    add_model_arguments(p, image_size=False,
+                        dataset_help="imagenet, fashion-mnist or cifar10 (sets the default image size)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataError
-    from .inference import load_inference_model
+    from .inference import load_inference_model, require_positive
     from .training.checkpoint import CheckpointError
 
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("opset", "image_size", "num_classes", "in_chans", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    require_positive(parser, args, ("opset", "image_size", "num_classes", "in_chans", "batch_size"))
     if args.tolerance <= 0:
         parser.error(f"--tolerance must be > 0, got {args.tolerance}")
     if args.format == "torchscript" and args.opset is not None:

@@ -15,6 +15,7 @@ deploy-only, and the validation preprocessing of the dataset it was trained on.
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence
@@ -29,12 +30,36 @@ from .training.checkpoint import CheckpointError, load_checkpoint, load_model_we
 
 __all__ = [
     "InferenceModel",
+    "add_model_arguments",
+    "require_positive",
     "dataset_class_names",
     "load_class_names",
     "load_inference_model",
     "preprocess_images",
     "strip_training_parts",
 ]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, image_size: bool, dataset_help: str) -> None:
+    """The model flags of the inference CLIs (classify, export): only needed when a checkpoint does not
+    record its model; ``image_size`` adds ``--image-size`` to the group."""
+    group = parser.add_argument_group("model (only needed when the checkpoint does not record it)")
+    group.add_argument("--arch")
+    group.add_argument("--conv", help="operator spec")
+    group.add_argument("--placement")
+    group.add_argument("--num-classes", type=int)
+    group.add_argument("--in-chans", type=int)
+    if image_size:
+        group.add_argument("--image-size", type=int)
+    group.add_argument("--dataset", help=dataset_help)
+
+
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]) -> None:
+    """``parser.error`` (one line, exit 2) for the first of ``names`` that is set and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 @dataclass
