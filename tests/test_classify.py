@@ -4,14 +4,13 @@ preprocessing, class names, and one-line errors with exit status 2."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_runner import run_script
 
 from image_classification.classify import classify_images, main
 from image_classification.data import DataConfig
@@ -91,8 +90,8 @@ def test_class_names_file_and_root_script(tmp_path: Path) -> None:
     image = _png(tmp_path / "x.png", (32, 32, 3))
     names = tmp_path / "names.txt"
     names.write_text("# my classes\n" + "\n".join(f"thing{i}" for i in range(10)) + "\n")
-    run = subprocess.run([sys.executable, str(ROOT / "classify.py"), str(ckpt), str(image), "--class-names",
-                          str(names), "--topk", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    run = run_script(str(ROOT / "classify.py"), [str(ckpt), str(image), "--class-names", str(names), "--topk", "1"],
+                     cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0] == str(image) and "thing" in run.stdout.splitlines()[1]
 

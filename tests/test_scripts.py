@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Dict, Optional
 
 import pytest
+from script_runner import run_script
 
 from image_classification.training.logger import RaportWriter
 
@@ -243,8 +244,7 @@ def test_study_exits_2_with_one_line_error_on_a_run_without_results(tmp_path: Pa
     fake.chmod(0o755)
     argv = ["--ops", "static", "--seeds", "0", "--epochs", "1", "--train-subset", "100", "--logs",
             str(tmp_path / "logs"), "--python", str(fake), "--data", str(tmp_path), "--out", str(tmp_path / "out")]
-    done = subprocess.run([sys.executable, str(SCRIPTS / "fashion_mnist_study.py"), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = run_script(str(SCRIPTS / "fashion_mnist_study.py"), argv, cwd=ROOT)
     raport = tmp_path / "logs" / "static" / "seed0" / "raport.json"
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"error: {raport} holds no val.top1 record (did the run fail?)"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
@@ -12,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pytest
 from PIL import Image
+from script_runner import run_script
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = str(REPO / "main.py")
@@ -44,11 +44,12 @@ def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_main(args: Sequence[str], timeout: float = 120, env: Optional[Dict[str, str]] = None,
              launcher: Optional[List[str]] = None) -> subprocess.CompletedProcess:
-    """Run ``main.py`` (or ``launcher + main.py``) in a subprocess from the repo root; text output."""
+    """``python main.py ARGS`` (or ``python LAUNCHER... main.py ARGS``) from the repo root, in a process of its own
+    forked with torch already imported (tests/script_runner.py); text output, like ``subprocess.run``."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     full_env.pop("WORLD_SIZE", None)
-    command = [sys.executable, *(launcher or []), MAIN, *args]
-    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    target, rest = (launcher[0], [*launcher[1:], MAIN]) if launcher else (MAIN, [])
+    return run_script(target, [*rest, *args], env=full_env, cwd=REPO, timeout=timeout)
 
 
 def snapshot(path: Path) -> Dict[str, float]:

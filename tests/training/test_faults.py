@@ -10,13 +10,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List
 
 import pytest
+from script_runner import ScriptProcess, run_script, start_script
 
 from image_classification.training.checkpoint import load_checkpoint
 
@@ -36,8 +36,7 @@ def _env(**extra: str) -> Dict[str, str]:
 
 
 def _harness(repo: Path, moment: str, count: int, args: List[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, HARNESS, moment, str(count), *args], cwd=repo, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_script(HARNESS, [moment, str(count), *args], cwd=repo, env=_env(), timeout=timeout)
 
 
 def _temporaries(ws: Path) -> List[str]:
@@ -73,8 +72,7 @@ def test_sigkill_at_any_moment_then_resume_auto(e2e: SimpleNamespace, tmp_path: 
     after_kill(_harness(e2e.repo, "validation", 1, recipe), expect_temporary=False)
     assert _temporaries(ws) == [] and epochs[-1] == 2
     # 4. from outside, at an arbitrary point of a training epoch
-    proc = subprocess.Popen([sys.executable, HARNESS, "never", "0", *recipe, "--prof", "200"], cwd=e2e.repo,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_script(HARNESS, ["never", "0", *recipe, "--prof", "200"], cwd=e2e.repo, env=_env())
     try:
         deadline = time.time() + 90
         raport = ws / "raport.json"
@@ -101,19 +99,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(repo: Path, per_rank: List[List[str]]) -> List[subprocess.Popen]:
+def _launch(repo: Path, per_rank: List[List[str]]) -> List[ScriptProcess]:
     """Start one main.py per rank by hand (what torchrun does): rank 0 hosts the rendezvous store."""
     port = str(_free_port())
     procs = []
     for rank, args in enumerate(per_rank):
         env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(len(per_rank)), RANK=str(rank),
                    LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, str(repo / "main.py"), *args], cwd=repo, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(start_script(str(repo / "main.py"), args, cwd=repo, env=env))
     return procs
 
 
-def _kill_all(procs: List[subprocess.Popen]) -> None:
+def _kill_all(procs: List[ScriptProcess]) -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)
@@ -121,7 +118,7 @@ def _kill_all(procs: List[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def _finish(procs: List[subprocess.Popen], timeout: float = 120) -> List[subprocess.CompletedProcess]:
+def _finish(procs: List[ScriptProcess], timeout: float = 120) -> List[subprocess.CompletedProcess]:
     results = []
     try:
         for proc in procs:
@@ -137,7 +134,7 @@ def _error_lines(text: str) -> List[str]:
     return [line for line in text.splitlines() if line.startswith("main.py: error: ")]
 
 
-def _wait_for_training(ws: Path, procs: List[subprocess.Popen], timeout: float = 90) -> None:
+def _wait_for_training(ws: Path, procs: List[ScriptProcess], timeout: float = 90) -> None:
     deadline = time.time() + timeout
     raport = ws / "raport.json"
     while time.time() < deadline:
