@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from small_nets import SmallConvNet
 
 from image_classification.bn_folding import batchnorm_affine, fold_batchnorm
 from image_classification.dynamic import OPERATORS, DynamicConv2d, list_operators
@@ -22,30 +23,9 @@ NOT_FOLDED = {
 }
 
 
-class TinyNet(nn.Module):
-    """stem -> 3x3/2 conv -> 1x1 conv -> depthwise 3x3 -> 1x1 (8 -> 12) conv, each followed by BN."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1, bias=True), nn.BatchNorm2d(8)
-        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
-        self.conv4, self.bn4 = nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn0(self.stem(x)))
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = x + self.bn2(self.conv2(x))  # BN inside a residual branch, right after its conv: foldable
-        x = torch.relu(self.bn3(self.conv3(x)))
-        x = torch.relu(self.bn4(self.conv4(x)))
-        return self.fc(x.mean((2, 3)))
-
-
 def tiny(spec: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = convert_model(TinyNet(), spec, "all").double()
+    model = convert_model(SmallConvNet(conv2_bias=True), spec, "all").double()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.normal_(0, 0.5)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from small_nets import SmallConvNet
 
 from image_classification.bn_folding import fold_batchnorm
 from image_classification.dynamic import list_operators
@@ -33,30 +34,9 @@ SPECS = {  # one small model per registered operator
 TOL = 1e-4
 
 
-class SmallNet(nn.Module):
-    """3x3/2, 1x1, depthwise 3x3 and 1x1 (8 -> 12) convs with BN, residual add, GAP and a classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
-        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
-        self.conv4, self.bn4 = nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn0(self.stem(x)))
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = x + self.bn2(self.conv2(x))
-        x = torch.relu(self.bn3(self.conv3(x)))
-        x = torch.relu(self.bn4(self.conv4(x)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
 def small_model(spec: str) -> nn.Module:
     torch.manual_seed(0)
-    model = convert_model(SmallNet(), spec, "all")
+    model = convert_model(SmallConvNet(), spec, "all")
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_var.uniform_(0.5, 2.0)

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from image_classification.dynamic.base import infomax_loss
+from image_classification.dynamic.registry import parse_spec
 from image_classification.training.checkpoint import (
     CheckpointError,
     GracefulShutdown,
@@ -47,7 +48,7 @@ from image_classification.training.logger import Progress, RaportWriter
 from image_classification.training.optim import build_optimizer
 
 __all__ = ["IterationSchedule", "Task", "TaskLoader", "add_common_flags", "check_common_flags", "train",
-           "TrainingError", "infinite_batches", "load_config_defaults", "run_cli"]
+           "TrainingError", "infinite_batches", "load_config_defaults", "parse_task_args", "run_cli", "split_parts"]
 
 
 class TrainingError(RuntimeError):
@@ -144,6 +145,32 @@ def check_common_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(f"--lr-steps must be >= 0, got {args.lr_steps}")
     if args.evaluate and not (args.weights or args.resume):
         parser.error("--evaluate needs --weights PATH (or --resume PATH)")
+
+
+def parse_task_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], data: str) -> argparse.Namespace:
+    """Parse a dense training script's flags: ``--config`` values as defaults, the common checks, DATA required
+    (``data`` says what it must be, e.g. "a COCO-layout directory"), ``--conv`` normalised through the operator
+    registry and ``--dynamic-parts`` split into ``args.dynamic_parts_list``. The script then checks its own flags."""
+    load_config_defaults(parser, argv)
+    args = parser.parse_args(argv)
+    check_common_flags(parser, args)
+    if args.data is None:
+        parser.error(f"DATA ({data}) is required")
+    try:
+        args.conv = str(parse_spec(args.conv))
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.dynamic_parts_list = split_parts(args.dynamic_parts)
+    return args
+
+
+def split_parts(text: Optional[str]) -> Optional[Sequence[str]]:
+    """``--dynamic-parts``: None (the task's default), ``()`` for 'none', else the '+'-joined names."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(p.strip() for p in text.split("+") if p.strip())
 
 
 def load_config_defaults(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> None:

@@ -6,35 +6,21 @@ Usage: ``python -m image_classification.detection.synthetic OUT [--train 8] [--v
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
+
+from image_classification.dense.synthetic_cli import SyntheticSetCli, synthetic_set_main
 
 from .coco import write_synthetic_coco
 
 PROG = "python -m image_classification.detection.synthetic"
+CLI = SyntheticSetCli(prog=PROG, description=__doc__.split("\n\n")[0], layout="COCO", write=write_synthetic_coco,
+                      labels_flag="categories", labels_help="object categories (1-6)", labels_default=3,
+                      size_default=320, size_min=32)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="output directory (created)")
-    parser.add_argument("--train", type=int, default=8, help="training images")
-    parser.add_argument("--val", type=int, default=4, help="validation images")
-    parser.add_argument("--size", type=int, default=320, help="image side in pixels")
-    parser.add_argument("--categories", type=int, default=3, help="object categories (1-6)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name, low in (("train", 1), ("val", 1), ("size", 32)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    if not 1 <= args.categories <= 6:
-        parser.error(f"--categories must be in 1..6, got {args.categories}")
-    try:
-        write_synthetic_coco(args.out, args.train, args.val, args.size, args.categories, args.seed)
-    except OSError as exc:
-        parser.error(f"cannot write {args.out}: {exc.strerror or exc}")
-    print(f"wrote {args.train} training and {args.val} validation images in the COCO layout under {args.out}")
-    return 0
+    return synthetic_set_main(CLI, argv)
 
 
 if __name__ == "__main__":

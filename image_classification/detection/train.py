@@ -26,12 +26,10 @@ from image_classification.dense.engine import (
     Task,
     TaskLoader,
     add_common_flags,
-    check_common_flags,
-    load_config_defaults,
+    parse_task_args,
     run_cli,
     train,
 )
-from image_classification.dynamic.registry import parse_spec
 from image_classification.training.distributed import init_distributed
 
 from .coco import CocoDetection, coco_evaluate, collate, resize_transform, ssd_train_transform
@@ -58,29 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
-    load_config_defaults(parser, argv)
-    args = parser.parse_args(argv)
-    check_common_flags(parser, args)
+    args = parse_task_args(parser, argv, "a COCO-layout directory")
     if args.image_size < 257:
         parser.error(f"--image-size must be >= 257 (SSD300's last extra blocks need it), got {args.image_size}")
     if args.val_batch_size < 1:
         parser.error(f"--val-batch-size must be >= 1, got {args.val_batch_size}")
-    if args.data is None:
-        parser.error("DATA (a COCO-layout directory) is required")
-    try:
-        args.conv = str(parse_spec(args.conv))
-    except ValueError as exc:
-        parser.error(str(exc))
-    args.dynamic_parts_list = _parts(args.dynamic_parts)
     return args
-
-
-def _parts(text: Optional[str]) -> Optional[Sequence[str]]:
-    if text is None:
-        return None
-    if text.strip().lower() == "none":
-        return ()
-    return tuple(p.strip() for p in text.split("+") if p.strip())
 
 
 def detection_losses(model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:

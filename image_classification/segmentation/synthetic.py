@@ -6,35 +6,21 @@ Usage: ``python -m image_classification.segmentation.synthetic OUT [--train 8] [
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
+
+from image_classification.dense.synthetic_cli import SyntheticSetCli, synthetic_set_main
 
 from .ade20k import write_synthetic_ade20k
 
 PROG = "python -m image_classification.segmentation.synthetic"
+CLI = SyntheticSetCli(prog=PROG, description=__doc__.split("\n\n")[0], layout="ADE20K", write=write_synthetic_ade20k,
+                      labels_flag="classes", labels_help="classes (1-6); label 0 is ignored background",
+                      labels_default=4, size_default=96, size_min=16)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="output directory (created)")
-    parser.add_argument("--train", type=int, default=8, help="training images")
-    parser.add_argument("--val", type=int, default=4, help="validation images")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels")
-    parser.add_argument("--classes", type=int, default=4, help="classes (1-6); label 0 is ignored background")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name, low in (("train", 1), ("val", 1), ("size", 16)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    if not 1 <= args.classes <= 6:
-        parser.error(f"--classes must be in 1..6, got {args.classes}")
-    try:
-        write_synthetic_ade20k(args.out, args.train, args.val, args.size, args.classes, args.seed)
-    except OSError as exc:
-        parser.error(f"cannot write {args.out}: {exc.strerror or exc}")
-    print(f"wrote {args.train} training and {args.val} validation images in the ADE20K layout under {args.out}")
-    return 0
+    return synthetic_set_main(CLI, argv)
 
 
 if __name__ == "__main__":

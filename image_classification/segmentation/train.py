@@ -29,12 +29,10 @@ from image_classification.dense.engine import (
     Task,
     TaskLoader,
     add_common_flags,
-    check_common_flags,
-    load_config_defaults,
+    parse_task_args,
     run_cli,
     train,
 )
-from image_classification.dynamic.registry import parse_spec
 from image_classification.training.distributed import init_distributed
 
 from .ade20k import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, evaluate_segmentation, segmentation_transforms
@@ -69,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
-    load_config_defaults(parser, argv)
-    args = parser.parse_args(argv)
-    check_common_flags(parser, args)
+    args = parse_task_args(parser, argv, "an ADE20K-layout directory")
     if args.arch not in list_segmenters():
         parser.error(f"unknown --arch {args.arch!r}; valid: {', '.join(list_segmenters())}")
     for name in ("num_classes", "head_channels", "crop_size", "max_size", "val_size"):
@@ -83,15 +79,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--scales must be >= 1, got {args.scales}")
     if args.aux_weight < 0:
         parser.error(f"--aux-weight must be >= 0, got {args.aux_weight}")
-    if args.data is None:
-        parser.error("DATA (an ADE20K-layout directory) is required")
-    try:
-        args.conv = str(parse_spec(args.conv))
-    except ValueError as exc:
-        parser.error(str(exc))
-    parts = args.dynamic_parts
-    args.dynamic_parts_list = None if parts is None else (
-        () if parts.strip().lower() == "none" else tuple(p.strip() for p in parts.split("+") if p.strip()))
     return args
 
 
