@@ -35,8 +35,10 @@ _lock = threading.Lock()
 _context: Optional[multiprocessing.context.ForkServerContext] = None
 
 
-def _server() -> multiprocessing.context.ForkServerContext:
-    """The forkserver context, its server started with OMP_NUM_THREADS=1 (read when torch loads OpenMP)."""
+def forkserver_context() -> multiprocessing.context.ForkServerContext:
+    """The forkserver context, its server started with torch and torchvision imported and OMP_NUM_THREADS=1
+    (read when torch loads OpenMP). Tests that start worker functions in processes of their own use it in
+    place of ``spawn``, which would import torch again in every process."""
     global _context
     with _lock:
         if _context is None:
@@ -131,7 +133,7 @@ def start_script(target: str, args: Sequence[str], *, module: bool = False, env:
     """
     command = [sys.executable, *(["-m"] if module else []), target, *args]
     tmp = tempfile.mkdtemp(prefix="script_runner")
-    process = _server().Process(target=_child, args=(target, module, list(args), dict(env or os.environ),
+    process = forkserver_context().Process(target=_child, args=(target, module, list(args), dict(env or os.environ),
                                                      str(cwd or os.getcwd()), os.path.join(tmp, "stdout"),
                                                      os.path.join(tmp, "stderr")))
     process.start()

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from script_runner import forkserver_context
 
 from image_classification.dynamic import autotune
 from image_classification.dynamic.pedconv import PEDConv2d, format_path_report, has_auto_paths, path_report
@@ -210,12 +211,10 @@ def _broadcast_worker(rank: int, world: int, port: int, queue) -> None:
 def test_broadcast_cache_gives_every_rank_rank0s_choices():
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    ctx = forkserver_context()  # like spawn (fresh processes), with torch already imported
     queue = ctx.Queue()
     procs = [ctx.Process(target=_broadcast_worker, args=(rank, 2, port, queue)) for rank in range(2)]
     for p in procs:

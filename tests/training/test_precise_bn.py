@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
+from script_runner import forkserver_context
 
 from image_classification.dynamic import build_conv
 from image_classification.training.precise_bn import batchnorm_layers, recompute_bn_statistics
@@ -137,8 +138,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_distributed_statistics_are_averaged_over_ranks(tmp_path: Path) -> None:
+    forkserver_context()  # the server already holds torch: its processes start without importing it again
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+                       start_method="forkserver")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     model = _Net()
