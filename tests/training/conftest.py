@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pytest
 from PIL import Image
-from script_runner import run_script
+from script_runner import ScriptProcess, run_script, start_script
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = str(REPO / "main.py")
@@ -52,6 +53,21 @@ def run_main(args: Sequence[str], timeout: float = 120, env: Optional[Dict[str, 
     return run_script(target, [*rest, *args], env=full_env, cwd=REPO, timeout=timeout)
 
 
+def launch_ranks(per_rank: Sequence[Sequence[str]]) -> List[ScriptProcess]:
+    """Start one ``main.py`` per rank by hand, as torchrun would (rank 0 hosts the rendezvous store on a free
+    port), each in a process of its own forked by tests/script_runner.py; ``per_rank[r]`` is rank r's argv."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        base.pop(name, None)
+    return [start_script(MAIN, list(args), cwd=REPO,
+                         env=dict(base, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(len(per_rank)),
+                                  RANK=str(rank), LOCAL_RANK=str(rank)))
+            for rank, args in enumerate(per_rank)]
+
+
 def snapshot(path: Path) -> Dict[str, float]:
     """Every file under ``path`` with its mtime (to check that a failed run changed nothing)."""
     return {str(p): p.stat().st_mtime for p in sorted(path.rglob("*"))}
@@ -60,4 +76,5 @@ def snapshot(path: Path) -> Dict[str, float]:
 @pytest.fixture(scope="session")
 def e2e() -> SimpleNamespace:
     """The helpers above for test modules (conftest itself is not importable under a unique name)."""
-    return SimpleNamespace(run=run_main, tiny=tuple(TINY), main=MAIN, repo=REPO, snapshot=snapshot)
+    return SimpleNamespace(run=run_main, launch_ranks=launch_ranks, tiny=tuple(TINY), main=MAIN, repo=REPO,
+                           snapshot=snapshot)

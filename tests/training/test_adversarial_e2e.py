@@ -4,6 +4,7 @@ EMA, precise BN and gradient accumulation together."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import List, Tuple
 
@@ -142,18 +143,30 @@ def test_evaluation_under_pgd(jpeg_folder: Path, tmp_path: Path, free_run: Path,
     assert again["val_pgd3.top1"] == summary["val_pgd3.top1"] and again["val_pgd3.loss"] == summary["val_pgd3.loss"]
 
 
+def _two_ranks(e2e, args: list) -> subprocess.CompletedProcess:  # noqa: ANN001
+    """A 2-process gloo job (ranks started as torchrun would, tests/training/conftest.py); rank 0's status, with
+    the stderr of both ranks."""
+    procs = e2e.launch_ranks([args, args])
+    try:
+        outputs = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return subprocess.CompletedProcess(procs[0].args, procs[0].returncode if procs[1].returncode == 0 else
+                                       procs[1].returncode, outputs[0][0], outputs[0][1] + outputs[1][1])
+
+
 def test_ddp_keeps_one_perturbation_per_rank_across_a_resume(e2e, tmp_path: Path) -> None:  # noqa: ANN001
     ws = tmp_path / "ddp"
     args = ["--data-backend", "synthetic", "--arch", "cifar_resnet20", "--image-size", "16", "-b", "2", "-j", "0",
             "--num-classes", "3", "--lr", "0.05", "--seed", "1", "-p", "1", "--prof", "2", "--adv-train", "free",
             "--adv-replays", "2", "--precise-bn", "1", "--epochs", "2", "--workspace", str(ws)]
-    launcher = [str(e2e.repo / "multiproc.py"), "--nproc_per_node", "2"]
-    first = e2e.run([*args, "--run-epochs", "1"], launcher=launcher, timeout=240)
+    first = _two_ranks(e2e, [*args, "--run-epochs", "1"])
     assert first.returncode == 0, first.stderr[-3000:]
     saved = load_checkpoint(ws / "checkpoint.pth.tar")["adversarial"]["perturbation_per_rank"]
     assert len(saved) == 2 and not torch.equal(saved[0], saved[1])  # each rank attacked its own images
     assert all(float(delta.abs().max()) == pytest.approx(4 / 255) for delta in saved)
-    second = e2e.run([*args, "--resume", "auto"], launcher=launcher, timeout=240)
+    second = _two_ranks(e2e, [*args, "--resume", "auto"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "zero perturbation" not in second.stderr
     assert load_checkpoint(ws / "checkpoint.pth.tar")["scheduler"]["last_epoch"] == 2 * 2 * 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -93,23 +92,6 @@ def test_sigkill_at_any_moment_then_resume_auto(e2e: SimpleNamespace, tmp_path: 
 
 
 # ------------------------------------------------------------------------------------ 2-process gloo jobs
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(repo: Path, per_rank: List[List[str]]) -> List[ScriptProcess]:
-    """Start one main.py per rank by hand (what torchrun does): rank 0 hosts the rendezvous store."""
-    port = str(_free_port())
-    procs = []
-    for rank, args in enumerate(per_rank):
-        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(len(per_rank)), RANK=str(rank),
-                   LOCAL_RANK=str(rank))
-        procs.append(start_script(str(repo / "main.py"), args, cwd=repo, env=env))
-    return procs
-
-
 def _kill_all(procs: List[ScriptProcess]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -152,7 +134,7 @@ def _wait_for_training(ws: Path, procs: List[ScriptProcess], timeout: float = 90
 def test_lost_rank_is_named_within_the_timeout(e2e: SimpleNamespace, tmp_path: Path, fault: str) -> None:
     ws = tmp_path / "ws"
     args = [*SYNTHETIC, "--epochs", "50", "--dist-timeout", "3", "--workspace", str(ws)]
-    procs = _launch(e2e.repo, [args, args])
+    procs = e2e.launch_ranks([args, args])
     _wait_for_training(ws, procs)
     stopped = time.time()
     procs[1].send_signal(signal.SIGSTOP if fault == "frozen" else signal.SIGKILL)
@@ -175,7 +157,7 @@ def test_a_rank_failing_on_its_own_is_named_with_its_error(e2e: SimpleNamespace,
     """DATA may differ per node; rank 1's is missing: its one line, and rank 0 names it with status 2."""
     ws = tmp_path / "ws"
     common = [*e2e.tiny, "--epochs", "1", "--dist-timeout", "20", "--workspace", str(ws)]
-    procs = _launch(e2e.repo, [[str(jpeg_folder), *common], [str(tmp_path / "missing"), *common]])
+    procs = e2e.launch_ranks([[str(jpeg_folder), *common], [str(tmp_path / "missing"), *common]])
     rank0, rank1 = _finish(procs)
     assert rank1.returncode == 2 and _error_lines(rank1.stderr) == [
         f"main.py: error: [rank 1] DATA directory {tmp_path / 'missing'} does not exist"]
@@ -187,7 +169,7 @@ def test_a_rank_failing_on_its_own_is_named_with_its_error(e2e: SimpleNamespace,
 def test_ranks_with_different_flags_are_refused(e2e: SimpleNamespace, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     common = [*SYNTHETIC, "--prof", "2", "--workspace", str(ws)]
-    rank0, rank1 = _finish(_launch(e2e.repo, [[*common, "--epochs", "1", "-b", "4", "--adv-train", "free"],
+    rank0, rank1 = _finish(e2e.launch_ranks([[*common, "--epochs", "1", "-b", "4", "--adv-train", "free"],
                                               [*common, "--epochs", "3", "-b", "8", "--arch", "resnet18_small",
                                                "--adv-train", "free", "--adv-replays", "2"]]))
     assert rank0.returncode == rank1.returncode == 2
