@@ -229,19 +229,20 @@ def test_loss_curve_and_load_run(tmp_path: Path) -> None:
         study.load_run(tmp_path / "empty", "static", 0)
 
 
+def _fake_python(tmp_path: Path, body: str) -> Path:
+    """An executable standing in for the interpreter that runs main.py: ``args`` holds main.py's flags and
+    ``RaportWriter`` is imported; ``body`` does the rest."""
+    fake = tmp_path / "fake_python.py"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                    "from image_classification.training.logger import RaportWriter\nargs = sys.argv[2:]\n" + body)
+    fake.chmod(0o755)
+    return fake
+
+
 def test_study_exits_2_with_one_line_error_on_a_run_without_results(tmp_path: Path) -> None:
     """A training that exits 0 but logs no test top-1: the reporting package raises ValueError, the script
     prints ``error: ...`` (one line, no traceback) and exits with status 2."""
-    fake = tmp_path / "fake_python.py"
-    fake.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from image_classification.training.logger import RaportWriter\n"
-        "args = sys.argv[2:]\n"
-        "RaportWriter(args[args.index('--workspace') + 1] + '/raport.json').close()\n"
-    )
-    fake.chmod(0o755)
+    fake = _fake_python(tmp_path, "RaportWriter(args[args.index('--workspace') + 1] + '/raport.json').close()\n")
     argv = ["--ops", "static", "--seeds", "0", "--epochs", "1", "--train-subset", "100", "--logs",
             str(tmp_path / "logs"), "--python", str(fake), "--data", str(tmp_path), "--out", str(tmp_path / "out")]
     done = run_script(str(SCRIPTS / "fashion_mnist_study.py"), argv, cwd=ROOT)
@@ -254,22 +255,16 @@ def test_study_exits_2_with_one_line_error_on_a_run_without_results(tmp_path: Pa
 def test_study_reports_a_run_main_py_stopped_as_diverged(tmp_path: Path) -> None:
     """main.py exits with 3 on a NaN/inf loss: the study keeps going, marks the run, and never turns it
     into a number (nor retrains it on the next invocation)."""
-    fake = tmp_path / "fake_python.py"
-    fake.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from image_classification.training.logger import RaportWriter\n"
-        "args = sys.argv[2:]\n"
+    fake = _fake_python(
+        tmp_path,
         "value = lambda flag: args[args.index(flag) + 1]\n"
         "writer = RaportWriter(value('--workspace') + '/raport.json')\n"
         "writer.log_parameters({'seed': int(value('--seed')), 'epochs': int(value('--epochs')), 'train_subset': 100,\n"
         "                       'val_subset': None, 'precise_bn': 20, 'conv': 'involution'})\n"
         "writer.log((0, 5), {'train.loss': float('nan'), 'train.total_ips': 10.0})\n"
         "writer.close()\n"
-        "sys.exit(3)\n"
+        "sys.exit(3)\n",
     )
-    fake.chmod(0o755)
     argv = ["--ops", "involution", "--seeds", "0", "--epochs", "1", "--train-subset", "100", "--logs",
             str(tmp_path / "logs"), "--python", str(fake), "--data", str(tmp_path)]
     args = study.parse(argv)
