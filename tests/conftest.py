@@ -8,12 +8,17 @@
   tested in Triton's interpreter, which must be switched on before triton is first imported (Triton
   decorates its own standard-library functions at import time). So it is set here, before any test
   module is collected. CPU code paths never import triton, and with CUDA nothing is changed.
+- Every test starts from the same global random state (torch, random, numpy seeded with
+  ``PYTEST_SEED``, default 0): a test's outcome must not depend on which tests ran before it on the same
+  worker. Running the suite with another ``PYTEST_SEED`` shows tests whose tolerance depends on an unseeded
+  input.
 - Under pytest-xdist (``scripts/run_tests.sh`` runs ``-n 2``), each worker gets its share of the CPU cores
   for torch's intra-op threads (and for the ``main.py`` subprocesses it starts, via ``OMP_NUM_THREADS``),
   so that the workers do not oversubscribe the machine.
 """
 
 import os
+import random
 
 import pytest
 import torch
@@ -27,6 +32,20 @@ if _WORKERS > 1:
     _threads = max(1, (os.cpu_count() or 1) // _WORKERS)
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_for_every_test():
+    seed = int(os.environ.get("PYTEST_SEED", "0"))
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
