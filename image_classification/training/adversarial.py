@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from .engine import LoopConfig, TrainingSetup, _forward_loss, _optimizer_step
 from .logger import Progress
+from .random_state import derive_seed
 
 __all__ = ["PixelSpace", "FreeAdversarialTraining", "PGDAttack", "build_free_adversarial_training",
            "build_attacks", "validate_under_attack", "attack_metadata", "perturbation_checkpoint", "PIXEL_LEVELS"]
@@ -307,7 +308,8 @@ def validate_under_attack(model: nn.Module, cfg: LoopConfig, loader: Iterable, c
     """Top-1/top-5/loss on the adversarial versions of the validation set (exact over all ranks), and the
     largest pixel-space perturbation used (``{prefix}.linf``, in 1/255).
 
-    The random start of batch ``i`` on rank ``r`` is drawn from a generator seeded with ``(seed, r, i)``:
+    The random start of batch ``i`` on rank ``r`` is drawn from a generator seeded with
+    ``derive_seed(seed, r, i)``:
     an evaluation is reproducible and does not touch the global random streams.
     """
     from .distributed import all_reduce_sum
@@ -325,7 +327,7 @@ def validate_under_attack(model: nn.Module, cfg: LoopConfig, loader: Iterable, c
             if i >= total:
                 break
             images, target = cfg.to_device(images, target)
-            generator = torch.Generator(device=images.device).manual_seed((int(seed) * 1_000_003 + rank) * 65_537 + i)
+            generator = torch.Generator(device=images.device).manual_seed(derive_seed(seed, rank, i))
             adversarial = attack(model, images, target, generator, cfg.autocast, fp16)
             with torch.no_grad():
                 with cfg.autocast():

@@ -18,7 +18,17 @@ try:  # numpy is optional: torch runs without it
 except ImportError:  # pragma: no cover - exercised only where numpy is absent
     np = None  # type: ignore[assignment]
 
-__all__ = ["rng_state", "set_rng_state"]
+__all__ = ["rng_state", "set_rng_state", "derive_seed"]
+
+
+def derive_seed(*parts: int) -> int:
+    """A seed in ``[0, 2**63)`` for ``torch.Generator.manual_seed`` that depends on every part (e.g. run seed,
+    rank, batch index): the parts are hashed, so any sizes (a ``--seed`` up to 2**32-1 times a batch index)
+    give a valid seed, where arithmetic such as ``(seed * P + rank) * Q + i`` overflows int64."""
+    import hashlib
+
+    text = ",".join(str(int(p)) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
 def rng_state() -> Dict[str, Any]:

@@ -21,6 +21,7 @@ from image_classification.training.adversarial import (
     validate_under_attack,
 )
 from image_classification.training.engine import LoopConfig, TrainingSetup, validate
+from image_classification.training.random_state import derive_seed
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 EPS, STEP = 4 / 255, 4 / 255
@@ -227,12 +228,25 @@ def test_robust_accuracy_is_below_natural_and_within_budget(trained: nn.Module) 
     # the same numbers from the reference PGD with the same random starts
     correct = 0
     for i, (pixels, target) in enumerate(batches):
-        noise = torch.rand(pixels.shape, generator=torch.Generator().manual_seed((1 * 1_000_003 + 0) * 65_537 + i))
+        noise = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(derive_seed(1, 0, i)))
         start = (pixels + (2 * noise - 1) * 8 / 255).clamp(0, 1)
         adversarial = _reference_pgd(trained, pixels, target, 8 / 255, 2 / 255, 10, start)
         with torch.no_grad():
             correct += int((trained(_normalise(adversarial)).argmax(1) == target).sum())
     assert robust["val_pgd10.top1"] == pytest.approx(100 * correct / 48)
+
+
+@pytest.mark.parametrize("seed", [2**31 - 1, 2**32 - 1])
+def test_the_largest_seeds_give_valid_generator_seeds(trained: nn.Module, seed: int) -> None:
+    """--seed accepts up to 2**32-1: the per-batch seeds of the random starts must not overflow int64."""
+    loader = [(_normalise(pixels), target) for pixels, target in (_brightness_task(4, 3000 + i) for i in range(2))]
+    attack = PGDAttack(PixelSpace(MEAN, STD, torch.device("cpu")), 8 / 255, 2 / 255, 1)
+    cfg = LoopConfig(torch.device("cpu"), print_freq=100)
+    first = validate_under_attack(trained, cfg, loader, nn.CrossEntropyLoss(), attack, "val_pgd1", seed=seed, rank=7)
+    again = validate_under_attack(trained, cfg, loader, nn.CrossEntropyLoss(), attack, "val_pgd1", seed=seed, rank=7)
+    assert first["val_pgd1.samples"] == 8 and first["val_pgd1.top1"] == again["val_pgd1.top1"]
+    assert 0 <= derive_seed(seed, 7, 10**9) < 2**63
+    assert len({derive_seed(seed, r, i) for r in range(3) for i in range(50)}) == 150
 
 
 def test_pedconv_in_eval_mode_is_deterministic_under_attack() -> None:
