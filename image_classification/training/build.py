@@ -27,11 +27,11 @@ from .distributed import DistEnv, broadcast_int
 from .engine import LoopConfig, TrainingSetup
 from .errors import CheckpointError
 from .optim import build_optimizer, build_scheduler, optimizer_name
-from .weight_loading import load_model_weights
+from .weight_loading import check_model_fields, load_model_weights, recorded_arch
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_training_setup",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",
-           "tune_paths"]
+           "tune_paths", "infer_model_fields"]
 
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -89,6 +89,30 @@ def infer_conv(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -
         if implied is not None:
             return implied
     return "static"
+
+
+def infer_model_fields(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]], path: Optional[str]) -> None:
+    """``--arch``/``--placement`` not given: the checkpoint's (``--evaluate``, ``--resume``, fine-tuning), else the
+    parser's fallbacks. An explicit ``--arch``/``--conv`` the checkpoint contradicts is a :class:`CheckpointError`
+    naming both, raised here, before any model is built or tuned."""
+    from image_classification.models import list_archs
+
+    from .cli import FALLBACK_ARCH, FALLBACK_PLACEMENT
+
+    if checkpoint is not None:
+        check_model_fields(checkpoint, args.arch, args.conv, f"checkpoint {path}")
+        saved = recorded_arch(checkpoint)
+        if args.arch is None and saved is not None:
+            if saved not in list_archs():
+                raise CheckpointError(f"checkpoint {path} records arch {saved!r}, which this version does not "
+                                      f"know; give --arch (valid: {', '.join(list_archs())})")
+            args.arch = saved
+        if args.placement is None and isinstance(checkpoint.get("placement"), str):
+            args.placement = checkpoint["placement"]
+    args.arch = args.arch or FALLBACK_ARCH
+    args.placement = args.placement or FALLBACK_PLACEMENT
+    if args.drop_path is not None and not args.arch.startswith("efficientnet"):
+        raise ValueError(f"--drop-path: --arch {args.arch} has no stochastic depth (efficientnet_* archs only)")
 
 
 def build_data(args: argparse.Namespace, env: DistEnv) -> Loaders:

@@ -25,9 +25,13 @@ from .optim import LR_SCHEDULES, OPTIMIZERS
 from .workspace import directory_write_problem, nearest_existing_directory
 
 __all__ = ["build_parser", "parse_args", "load_config", "read_recipe_chain", "RecipeFile", "RECIPE_BASE_KEY",
-           "resolve_conv", "DEFAULT_DYNAMIC_SPEC"]
+           "resolve_conv", "DEFAULT_DYNAMIC_SPEC", "FALLBACK_ARCH", "FALLBACK_PLACEMENT"]
 
 DEFAULT_DYNAMIC_SPEC = "pedconv"
+#: --arch / --placement when neither the command line, the recipe nor a --resume/--pretrained-weights
+#: checkpoint names one
+FALLBACK_ARCH = "resnet50"
+FALLBACK_PLACEMENT = "paper"
 MAX_SEED = 2**32 - 1
 DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 DATASETS = ("imagenet", "fashion-mnist", "cifar10")
@@ -116,16 +120,18 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--arch", "-a", default="resnet50", metavar="ARCH", help="architecture (default: resnet50)")
+    group.add_argument("--arch", "-a", default=None, metavar="ARCH",
+                       help=f"architecture (default: the one recorded in the --resume/--pretrained-weights "
+                       f"checkpoint, else {FALLBACK_ARCH})")
     group.add_argument("--conv", default=None, metavar="SPEC",
                        help="convolution operator spec, e.g. static, pedconv, pedconv:rank=4, dcd, dyconv:k=4, "
                        "condconv:k=8, involution (default: static, or the operator stored in the checkpoint "
                        "given to --resume/--pretrained-weights)")
     group.add_argument("--dynamic", action="store_true",
                        help=f"use the paper's dynamic convolution: same as --conv {DEFAULT_DYNAMIC_SPEC}")
-    group.add_argument("--placement", default="paper",
-                       help="which convolutions become dynamic (default: paper = all but the stem, the 1x1 "
-                       "shortcuts and the classifier)")
+    group.add_argument("--placement", default=None,
+                       help="which convolutions become dynamic (default: the checkpoint's, else "
+                       f"{FALLBACK_PLACEMENT} = all but the stem, the 1x1 shortcuts and the classifier)")
     group.add_argument("-c", "--model-config", default="classic", choices=("classic", "fanin", "fanout"),
                        help="weight initialisation (default: classic)")
     group.add_argument("--dropout", type=_probability, default=None, metavar="P",
@@ -445,8 +451,12 @@ def _validate_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     from image_classification.dynamic import parse_spec
     from image_classification.models import list_archs
 
+    if args.arch is None and args.resume is None and args.pretrained_weights is None:
+        args.arch = FALLBACK_ARCH  # no checkpoint can name one (build.infer_model_fields does it otherwise)
+    if args.placement is None and args.resume is None and args.pretrained_weights is None:
+        args.placement = FALLBACK_PLACEMENT
     archs = list(list_archs())
-    if args.arch not in archs:
+    if args.arch is not None and args.arch not in archs:
         parser.error(f"unknown --arch {args.arch!r}; valid: {', '.join(archs)}")
     try:
         spec = resolve_conv(args)
@@ -546,7 +556,7 @@ def _validate_recipe_options(parser: argparse.ArgumentParser, args: argparse.Nam
                      "epochs; EfficientNet: --lr-decay 0.97 --lr-decay-epochs 2.4)")
     if args.bn_momentum is not None and args.bn_momentum <= 0:
         parser.error("--bn-momentum must be > 0 (0 would freeze the running statistics at their initial values)")
-    if args.drop_path is not None and not args.arch.startswith("efficientnet"):
+    if args.drop_path is not None and args.arch is not None and not args.arch.startswith("efficientnet"):
         parser.error(f"--drop-path: --arch {args.arch} has no stochastic depth (efficientnet_* archs only)")
     if args.adv_train == "none":
         _dependent_options(parser, argv, ["adv_replays", "adv_eps", "adv_step_size"], "--adv-train free", args)

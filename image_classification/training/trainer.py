@@ -167,6 +167,11 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     elif args.pretrained_weights is not None and env.is_main:
         print(f"main.py: note: --pretrained-weights {args.pretrained_weights} not used: resuming from "
               f"{resume_path}", file=sys.stderr, flush=True)
+    try:
+        build.infer_model_fields(args, resume or pretrained, resume_path if resume is not None
+                                 else args.pretrained_weights)
+    except ValueError as exc:
+        raise UsageError(exc) from None
     conv = build.infer_conv(args, resume or pretrained)
     loaders = build.build_data(args, env)
     try:

@@ -20,7 +20,7 @@ from image_classification.dynamic.registry import find_foreign_layout, parse_spe
 from .checkpoint_load import _MAX_LISTED, _looks_like_state_dict, load_checkpoint
 from .errors import CheckpointError, PathLike, _one_line
 
-__all__ = ["load_model_weights"]
+__all__ = ["load_model_weights", "check_model_fields", "recorded_arch"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -97,6 +97,41 @@ def _check_keys(label: str, state_dict: Mapping[str, Any], target: nn.Module, st
         raise CheckpointError(f"{label}: state_dict does not match the model: " + "; ".join(problems))
 
 
+def recorded_arch(checkpoint: Mapping[str, Any]) -> Optional[str]:
+    """The architecture a checkpoint records in this project's naming, or None (no field, or another code
+    base's own arch name such as the DCD release's ``resnet50_dcd``)."""
+    found = checkpoint.get("arch")
+    if found is None:
+        return None
+    state = checkpoint.get("state_dict")
+    layout = find_foreign_layout(state) if isinstance(state, Mapping) else None
+    if layout is not None and layout.foreign_arch(str(found)):
+        return None
+    return str(found).strip()
+
+
+def check_model_fields(checkpoint: Mapping[str, Any], expected_arch: Optional[str] = None,
+                       expected_conv: Optional[str] = None, label: str = "checkpoint") -> None:
+    """:class:`CheckpointError` naming both sides when the checkpoint's ``arch``/``conv`` fields contradict the
+    expected ones (either side missing: nothing to compare). Cheap: no model needed, so callers check before
+    they build anything."""
+    found_arch = recorded_arch(checkpoint)
+    found_conv = checkpoint.get("conv")
+    arch_differs = expected_arch is not None and found_arch is not None and found_arch != str(expected_arch).strip()
+    conv_differs = (
+        expected_conv is not None
+        and found_conv is not None
+        and _canonical_conv(found_conv) != _canonical_conv(expected_conv)
+    )
+    if arch_differs or conv_differs:
+        fields = ", ".join(name for name, bad in (("arch", arch_differs), ("conv", conv_differs)) if bad)
+        raise CheckpointError(
+            f"{label} is for arch {found_arch} / operator {found_conv if found_conv is not None else '?'}, "
+            f"model is arch {expected_arch if expected_arch is not None else found_arch} / operator "
+            f"{expected_conv if expected_conv is not None else found_conv} (mismatching: {fields})"
+        )
+
+
 def load_model_weights(
     model: nn.Module,
     source: Union[PathLike, Mapping[str, Any]],
@@ -131,26 +166,7 @@ def load_model_weights(
         label = f"checkpoint {Path(source).expanduser()}"
         checkpoint = load_checkpoint(source)
 
-    found_arch = checkpoint.get("arch")
-    found_conv = checkpoint.get("conv")
-    source_layout = find_foreign_layout(checkpoint["state_dict"])
-    if found_arch is not None and source_layout is not None and source_layout.foreign_arch(str(found_arch)):
-        found_arch = None  # another code base's own arch name (the DCD release's resnet50_dcd); keys/shapes are checked
-    arch_differs = (
-        expected_arch is not None and found_arch is not None and str(found_arch).strip() != str(expected_arch).strip()
-    )
-    conv_differs = (
-        expected_conv is not None
-        and found_conv is not None
-        and _canonical_conv(found_conv) != _canonical_conv(expected_conv)
-    )
-    if arch_differs or conv_differs:
-        fields = ", ".join(name for name, bad in (("arch", arch_differs), ("conv", conv_differs)) if bad)
-        raise CheckpointError(
-            f"{label} is for arch {found_arch} / operator {found_conv if found_conv is not None else '?'}, "
-            f"model is arch {expected_arch if expected_arch is not None else found_arch} / operator "
-            f"{expected_conv if expected_conv is not None else found_conv} (mismatching: {fields})"
-        )
+    check_model_fields(checkpoint, expected_arch, expected_conv, label)
 
     target = _unwrap(model)
     model_keys = list(target.state_dict().keys())

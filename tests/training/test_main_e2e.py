@@ -105,6 +105,37 @@ def test_evaluate_reproduces_logged_top1(e2e: SimpleNamespace, trained: Path, jp
     assert not (tmp_path / "checkpoint.pth.tar").exists()
 
 
+def test_evaluate_takes_arch_and_operator_from_the_checkpoint(trained: Path, jpeg_folder: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """No --arch/--conv: the checkpoint's (the parser's fallback resnet50 would not fit it)."""
+    from image_classification.training.trainer import main
+
+    epochs = _epoch_records(read_raport(trained / "raport.json"))
+    best = max(r["data"]["val.top1"] for r in epochs)
+    code = main([str(jpeg_folder), "--evaluate", "--pretrained-weights", str(trained / "model_best.pth.tar"),
+                 "--image-size", "16", "-j", "0", "--workspace", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    final = read_raport(tmp_path / "raport.json")[-1]["data"]
+    assert final["val.top1"] == best
+    params = next(r["data"] for r in read_raport(tmp_path / "raport.json") if r.get("step") == "PARAMETER")
+    assert params["arch"] == "cifar_resnet20" and params["placement"] == "paper" and params["conv"] == "static"
+
+
+def test_a_conflicting_arch_is_refused_before_the_model_is_built(trained: Path, jpeg_folder: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from image_classification.training import build
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the checkpoint's arch was checked")
+
+    monkeypatch.setattr(build, "build_network", never)
+    monkeypatch.setattr(build, "build_data", never)
+    line = _in_process_error([str(jpeg_folder), "--arch", "resnet18", "--evaluate", "--pretrained-weights",
+                              str(trained / "model_best.pth.tar"), "--workspace", str(tmp_path / "ws")], capsys)
+    assert "is for arch cifar_resnet20" in line and "model is arch resnet18" in line
+
+
 @pytest.mark.skipif(importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None,
                     reason="nvidia-dali not installed")
 def test_two_epochs_dali_cpu(e2e: SimpleNamespace, jpeg_folder: Path, tmp_path: Path) -> None:
