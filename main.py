@@ -3,7 +3,11 @@
 Runs in one process on CPU or GPU, or one process per GPU under ``torchrun`` / ``multiproc.py``.
 """
 
-from image_classification.training.trainer import main
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # the parser first: --help and a bad flag answer before the trainer imports torch's compiler stack
+    from image_classification.training.cli import parse_args
+
+    args = parse_args()
+    from image_classification.training.trainer import run_parsed
+
+    raise SystemExit(run_parsed(args))

@@ -12,9 +12,11 @@ import argparse
 import sys
 from typing import Any, List, Optional, Sequence
 
+from image_classification.argparsing import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="multiproc.py",
         description="Start N training processes per node through torch.distributed.run (torchrun).",
     )

@@ -24,6 +24,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from image_classification.argparsing import ArgumentParser
+
 from .data import DataError
 from .inference import (
     add_model_arguments,
@@ -83,7 +85,7 @@ def classify_images(model: torch.nn.Module, images: Sequence[str], dataset: str,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="classify.py", description="Classify images with a trained checkpoint.")
+    p = ArgumentParser(prog="classify.py", description="Classify images with a trained checkpoint.")
     p.add_argument("checkpoint", help="checkpoint file (model_best.pth.tar, checkpoint.pth.tar, a state dict)")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")

@@ -66,6 +66,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from image_classification.argparsing import ArgumentParser
+
 from .bn_folding import FoldReport, fold_batchnorm
 from .dynamic.base import DynamicConv2d
 from .dynamic.protocol import PerSampleUnfoldConv2d
@@ -334,7 +336,7 @@ def verify_export(model: nn.Module, path: str | Path, fmt: str, image_size: int,
 def _parser() -> argparse.ArgumentParser:
     from .inference import add_model_arguments
 
-    p = argparse.ArgumentParser(prog="python -m image_classification.export",
+    p = ArgumentParser(prog="python -m image_classification.export",
                                 description="Export a checkpoint to ONNX or TorchScript with a dynamic batch axis.")
     p.add_argument("checkpoint", help="checkpoint file (model_best.pth.tar, checkpoint.pth.tar, a state dict)")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx or torchscript")

@@ -17,13 +17,14 @@ are checked where their figures exist: per layer, train step of the Triton path 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from image_classification.argparsing import ArgumentParser
 
 __all__ = ["LAYER_TRAIN_TARGET", "THROUGHPUT_TARGETS", "collect", "format_markdown", "main"]
 
@@ -184,7 +185,7 @@ def format_markdown(summary: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m image_classification.gpu_report",
+    parser = ArgumentParser(prog="python -m image_classification.gpu_report",
                                      description="Summarise the outputs of scripts/gpu_checks.sh.")
     parser.add_argument("out", type=Path, help="the OUT_DIR scripts/gpu_checks.sh wrote")
     args = parser.parse_args(argv)

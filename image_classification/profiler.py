@@ -49,6 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from image_classification.argparsing import ArgumentParser
+
 from .dynamic import autotune
 from .dynamic.base import infomax_loss
 from .macs import count_macs, count_params
@@ -490,7 +492,7 @@ def _cuda_peak_training_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: t
 
 # --------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m image_classification.profiler", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m image_classification.profiler", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", help=f"architecture ({', '.join(list_archs())})")
     p.add_argument("--conv", default="static", help="operator spec, e.g. pedconv, pedconv:rank=4, dcd, static")
     p.add_argument("--placement", default="paper", help="placement (paper, all, pointwise, depthwise, shallow, "

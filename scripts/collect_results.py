@@ -15,7 +15,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -23,6 +22,7 @@ from typing import List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from image_classification.argparsing import ArgumentParser  # noqa: E402
 from image_classification.reporting.raport import PREFIX, read_raport  # noqa: E402
 from image_classification.reporting.run_summary import RunSummary, markdown_table, summarize, write_csv  # noqa: E402
 
@@ -46,7 +46,7 @@ def find_raports(paths: Sequence[Path]) -> List[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="raport files or directories to search")
     parser.add_argument("--markdown", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--csv", type=Path, default=None, help="write the CSV table here")

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from image_classification.argparsing import ArgumentParser  # noqa: E402
 from image_classification.reporting.fashion_mnist_study import (  # noqa: E402
     DIVERGED_MARKER,
     LABELS,
@@ -183,7 +184,7 @@ def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
 # -------------------------------------------------------------------------------------- results
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help=f"Fashion-MNIST IDX .gz directory (default {DEFAULT_DATA})")
     parser.add_argument("--ops", default=",".join(DEFAULT_OPS),

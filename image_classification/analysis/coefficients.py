@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from image_classification.argparsing import ArgumentParser
+
 from .common import (
     AnalysisError,
     add_data_flags,
@@ -176,7 +178,7 @@ def stats_rows(stats: Dict[str, CoefficientStats]) -> List[Dict[str, object]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_data_flags(p, images_default=1000)
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="classifier checkpoint with dynamic layers")
     p.add_argument("--hist-images", type=int, default=256, help="images whose values enter the histograms")

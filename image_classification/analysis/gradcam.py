@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from image_classification.argparsing import ArgumentParser
 from image_classification.dynamic.base import DynamicConv2d
 
 from .common import (
@@ -118,7 +119,7 @@ def cam_statistics(cam: torch.Tensor) -> Dict[str, float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_data_flags(p, images_default=8)
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
                    help="classifier checkpoints to compare (same arch, classes and input)")

@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from image_classification.argparsing import ArgumentParser
+
 from .common import (
     AnalysisError,
     add_data_flags,
@@ -133,7 +135,7 @@ def collect_weight_variation(model: nn.Module, batches, device: str = "cpu") -> 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_data_flags(p, images_default=500)
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="classifier checkpoint with dynamic layers")
     return p

@@ -3,9 +3,10 @@ and ``...segmentation.synthetic``): one parser, one set of checks, one-line erro
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
+
+from image_classification.argparsing import ArgumentParser
 
 __all__ = ["SyntheticSetCli", "synthetic_set_main"]
 
@@ -27,7 +28,7 @@ class SyntheticSetCli:
 
 def synthetic_set_main(cli: SyntheticSetCli, argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``OUT [--train N] [--val N] [--size PX] [--<labels> N] [--seed S]`` and write the set."""
-    parser = argparse.ArgumentParser(prog=cli.prog, description=cli.description)
+    parser = ArgumentParser(prog=cli.prog, description=cli.description)
     parser.add_argument("out", help="output directory (created)")
     parser.add_argument("--train", type=int, default=8, help="training images")
     parser.add_argument("--val", type=int, default=4, help="validation images")

@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from image_classification.argparsing import ArgumentParser
 from image_classification.dense.engine import (
     Task,
     TaskLoader,
@@ -42,7 +43,7 @@ DEFAULTS = dict(batch_size=64, iterations=240_000, lr=1e-3, lr_schedule="step", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog="COCO layout: DATA/annotations/instances_<split>.json, DATA/<split>/*.jpg")
     add_common_flags(parser, DEFAULTS)
     parser.add_argument("--image-size", type=int, default=300, help="SSD input side (default 300; >= 257)")

@@ -50,6 +50,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from image_classification.argparsing import ArgumentParser
+
 from ..timing import (
     AMP_DTYPES,
     autocast_context,
@@ -354,7 +356,7 @@ def _csv_ints(text: str) -> List[int]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m image_classification.dynamic.benchmark",
         description="Time and memory of each dynamic operator as a ratio to nn.Conv2d.",
     )

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from image_classification.argparsing import ArgumentParser
+
 from . import triton_pedconv
 from .triton_pedconv import pedconv_conv2d_triton, unavailable_reason
 
@@ -484,7 +486,7 @@ def ptx_report(tiles: Sequence[Tuple[int, int, int, int, int]], capability: int 
 
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m image_classification.dynamic.triton_pedconv_check",
+    parser = ArgumentParser(prog="python -m image_classification.dynamic.triton_pedconv_check",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--nets", default="resnet18,resnet50", help="comma-separated archs (default: %(default)s)")

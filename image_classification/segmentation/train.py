@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from image_classification.argparsing import ArgumentParser
 from image_classification.dense.engine import (
     Task,
     TaskLoader,
@@ -45,7 +46,7 @@ DEFAULTS = dict(batch_size=16, iterations=100_000, lr=0.02, lr_schedule="poly", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog="ADE20K layout: DATA/images/<split>/*.jpg, DATA/annotations/<split>/*.png")
     add_common_flags(parser, DEFAULTS)
     parser.add_argument("--arch", default="pspnet", help=f"segmenter: {', '.join(list_segmenters())}")

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
+from image_classification.argparsing import ArgumentParser
 from image_classification.data.augment import AUGMENTATIONS, INTERPOLATIONS
 
 from .distributed import env_world_size
@@ -47,8 +48,15 @@ def _probability(text: str) -> float:
     return value
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -79,7 +87,7 @@ def _positive_float(text: str) -> float:
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -292,10 +300,10 @@ def _add_adversarial_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The complete ``main.py`` parser (DeepLearningExamples names plus the dynamic-conv options)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="main.py",
         description="Train or evaluate an image classifier with static or dynamic convolutions "
-        "(PEDConv, DCD, DY-Conv, CondConv, Involution). Single process, or DDP under torchrun/multiproc.py.",
+        "(PEDConv, DCD, DY-Conv, CondConv, Involution, ODConv). Single process, or DDP under torchrun/multiproc.py.",
     )
     _add_data_flags(parser)
     _add_model_flags(parser)
@@ -607,8 +615,11 @@ def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"DATA is required for --data-backend {args.data_backend} (the directory with train/ and val/)")
 
 
-def _validate_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not getattr(args, "compile", False):
+def _validate_compile(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    if not args.compile:
+        if _on_command_line(parser, argv, "compile_backend"):
+            parser.error(f"--compile-backend {args.compile_backend} without --compile (add --compile to compile "
+                         "the model)")
         return
     import torch._dynamo
 
@@ -630,6 +641,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     _validate_numbers(parser, args)
     _validate_recipe_options(parser, args, argv)
     _validate_paths(parser, args)
-    _validate_compile(parser, args)
+    _validate_compile(parser, args, argv)
     return args
 

@@ -57,7 +57,7 @@ from .random_state import set_rng_state as restore_rng
 from .shutdown import GracefulShutdown
 from .workspace import WorkspaceLock, check_workspace_writable, existing_run_files
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "run_parsed"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -77,7 +77,11 @@ class PeerLost(Exception):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``main.py``; returns the process exit status."""
-    args = parse_args(argv)
+    return run_parsed(parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """:func:`main` on arguments already parsed by :func:`~.cli.parse_args`; returns the exit status."""
     try:
         return run(args)
     except PeerLost as exc:
