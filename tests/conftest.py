@@ -4,6 +4,7 @@
 - PEDConv's path autotuner is off (``path=auto`` uses its deterministic shape heuristic). Set in the
   environment, so that ``main.py`` subprocesses inherit it; tests of the autotuner switch it on explicitly
   (``autotune.set_autotune(True)``, or ``PEDCONV_AUTOTUNE=1`` for a subprocess).
+- The PEDConv path cache (``PEDCONV_CACHE_DIR``) points at a fresh temporary directory.
 - Without CUDA, the fused Triton PEDConv kernels (image_classification/dynamic/triton_pedconv.py) are
   tested in Triton's interpreter, which must be switched on before triton is first imported (Triton
   decorates its own standard-library functions at import time). So it is set here, before any test
@@ -24,6 +25,11 @@ import pytest
 import torch
 
 os.environ.setdefault("PEDCONV_AUTOTUNE", "0")
+# tests that switch tuning on must neither read nor fill the user's PEDConv path cache (~/.cache/pedconv)
+if "PEDCONV_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["PEDCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="pedconv-cache-")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

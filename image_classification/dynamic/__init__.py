@@ -36,7 +36,7 @@ from . import involution  # noqa: E402,F401  isort: skip
 from . import odconv  # noqa: E402,F401  isort: skip
 
 # PEDConv's execution-path reports (the autotuner serves its ``path=auto`` layers)
-from .pedconv import format_path_report, has_auto_paths, path_report, reset_path_report  # noqa: E402  isort: skip
+from .pedconv import auto_path_layers, format_path_report, has_auto_paths, path_report, reset_path_report  # noqa: E402  isort: skip
 
 __all__ = [
     "OPERATORS",
@@ -53,6 +53,7 @@ __all__ = [
     "find_foreign_layout",
     "format_path_report",
     "has_auto_paths",
+    "auto_path_layers",
     "implied_spec",
     "infomax_loss",
     "list_operators",

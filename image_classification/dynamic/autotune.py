@@ -14,6 +14,15 @@ Tuning is on by default. ``PEDCONV_AUTOTUNE=0`` in the environment, :func:`set_a
 operator then uses its deterministic shape heuristic, as the tests do. Cached choices stay in use either
 way (all paths are exact, so a choice only changes speed and float rounding).
 
+Bounded and remembered: a process spends at most :func:`set_budget` seconds timing (``main.py
+--autotune-budget``); keys met after that use the heuristic (source ``budget``). Choices persist on disk
+(:func:`load_cache_file` / :func:`save_cache_file`) in JSON files keyed by a fingerprint of the machine and the
+software (:func:`fingerprint`: CPU or GPU model, core and thread counts, torch version), in a user cache
+directory (:func:`default_cache_file`: ``$PEDCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/pedconv``, else
+``~/.cache/pedconv``) and in the run's workspace, as cuDNN's and inductor's caches do, so that evaluation,
+resumes and later runs on the same machine start at once. Entries of another fingerprint are ignored;
+only timed choices are written (never heuristic or budget fall-backs, which a later run may still tune).
+
 Timing (:func:`measure`): one warm-up call per candidate, then interleaved rounds (each round times
 every candidate once) - at least 3, up to 12 while they take under 0.25 s - and each candidate's time
 is its minimum (other processes only ever add time). After the first 3 rounds a candidate slower than
@@ -22,10 +31,16 @@ is its minimum (other processes only ever add time). After the first 3 rounds a 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -41,11 +56,21 @@ __all__ = [
     "choose",
     "broadcast_cache",
     "prepare_model",
+    "set_budget",
+    "tuning_seconds",
+    "CACHE_DIR_ENV",
+    "fingerprint",
+    "default_cache_file",
+    "load_cache_file",
+    "save_cache_file",
 ]
 
 ENV_VAR = "PEDCONV_AUTOTUNE"
+CACHE_DIR_ENV = "PEDCONV_CACHE_DIR"
 _GIVE_UP = 4.0
+_FILE_VERSION = 1
 _override: Dict[str, Optional[bool]] = {"enabled": None}
+_budget: Dict[str, Optional[float]] = {"seconds": None, "spent": 0.0}  # None: unbounded
 _generation = [0]  # bumped on every change of the cache or the switch: callers memoise choices against it
 
 
@@ -70,6 +95,23 @@ def set_autotune(enabled: Optional[bool]) -> None:
     """Switch tuning on/off for this process; ``None`` returns to the ``PEDCONV_AUTOTUNE`` default."""
     _override["enabled"] = enabled
     _bump()
+
+
+def set_budget(seconds: Optional[float]) -> None:
+    """At most ``seconds`` of timing from now on in this process (``None``: unbounded); past it, new keys
+    take the heuristic with source ``budget``."""
+    _budget["seconds"] = None if seconds is None else max(0.0, float(seconds))
+    _budget["spent"] = 0.0
+
+
+def tuning_seconds() -> float:
+    """Seconds spent timing candidates since the last :func:`set_budget`."""
+    return float(_budget["spent"] or 0.0)
+
+
+def _budget_left() -> bool:
+    limit = _budget["seconds"]
+    return limit is None or (_budget["spent"] or 0.0) < limit
 
 
 @dataclass
@@ -168,8 +210,9 @@ def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any
 
     ``candidates()`` builds the timing functions (only called when tuning happens); entries named in
     ``references`` are timed for the record (``times_ms``) but never chosen. ``source`` is the
-    cache entry's (``tuned`` in this process, ``broadcast`` from DDP rank 0, ``loaded``), ``only`` when
-    a single path applies (nothing to time) or ``heuristic`` when tuning is off or none applies.
+    cache entry's (``tuned`` in this process, ``broadcast`` from DDP rank 0, ``loaded`` / ``disk``), ``only``
+    when a single path applies (nothing to time), ``heuristic`` when tuning is off or none applies, ``budget``
+    when the tuning budget (:func:`set_budget`) is spent.
     """
     cached = CACHE.get(key)
     if cached is not None:
@@ -180,8 +223,13 @@ def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any
     competing = [name for name in fns if name not in references]
     if len(competing) < 2:
         return (competing[0], "only") if competing else (fallback, "heuristic")
+    if not _budget_left():  # recorded, so that DDP ranks agree on it; never written to disk
+        CACHE.put(key, TuneResult(fallback, {}, "budget"))
+        return fallback, "budget"
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         times = measure(fns, device, references=references)
+    _budget["spent"] = (_budget["spent"] or 0.0) + time.perf_counter() - started
     winner = min(competing, key=times.__getitem__)
     CACHE.put(key, TuneResult(winner, times, "tuned"))
     return winner, "tuned"
@@ -205,16 +253,27 @@ def broadcast_cache(src: int = 0) -> int:
 
 def prepare_model(model: torch.nn.Module, train_shape: Optional[Tuple[int, ...]] = None,
                   eval_shape: Optional[Tuple[int, ...]] = None, device: Optional[torch.device] = None,
-                  dtype: torch.dtype = torch.float32, channels_last: bool = False) -> None:
+                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                  layers: Optional[Sequence[torch.nn.Module]] = None, show: bool = False) -> None:
     """Tune every auto-path layer of ``model`` for a training and an evaluation batch shape up front.
 
     Runs ``model`` in eval mode (BatchNorm statistics and dropout untouched, no sampling noise, global
     RNG streams unchanged) on zeros: with gradients for ``train_shape`` (keys of a forward+backward) and
     without for ``eval_shape``. Nothing happens when tuning is off. Used by ``main.py`` and the profiler
     so that tuning time stays out of the timed steps and compiled graphs find their choice cached.
+
+    ``show``: a tqdm bar on stderr over ``layers`` (the auto-path layers, one step per layer and pass) and a
+    closing line with what was timed, found cached and left to the heuristic, and how long it took.
     """
     if not autotune_enabled():
         return
+    passes = [s for s in (train_shape, eval_shape) if s is not None]
+    with _Progress(layers or [], len(passes), show):
+        _run_passes(model, train_shape, eval_shape, device, dtype, channels_last)
+
+
+def _run_passes(model: torch.nn.Module, train_shape: Optional[Tuple[int, ...]], eval_shape: Optional[Tuple[int, ...]],
+                device: Optional[torch.device], dtype: torch.dtype, channels_last: bool) -> None:
     param = next(model.parameters(), None)
     device = device or (param.device if param is not None else torch.device("cpu"))
     was_training = model.training
@@ -231,3 +290,157 @@ def prepare_model(model: torch.nn.Module, train_shape: Optional[Tuple[int, ...]]
                     model(torch.zeros(eval_shape, device=device, dtype=dtype).contiguous(memory_format=fmt))
     finally:
         model.train(was_training)
+
+
+class _Progress:
+    """tqdm over the layers' forwards of :func:`prepare_model` (forward hooks), then a one-line summary."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module], passes: int, show: bool) -> None:
+        self.layers, self.passes, self.show = list(layers), passes, show and bool(layers)
+        self.handles: List[Any] = []
+        self.bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        self.started, self.spent = time.perf_counter(), tuning_seconds()
+        self.before = {key for key, _ in CACHE.items()}
+        if self.show:
+            from tqdm import tqdm
+
+            total = len(self.layers) * self.passes
+            limit = _budget["seconds"]
+            budget = f", budget {limit:g} s" if limit is not None else ""
+            if not sys.stderr.isatty():  # a log file: one line now, the summary at the end
+                print(f"tuning PEDConv paths: {len(self.layers)} layers x {self.passes} pass(es){budget} ...",
+                      file=sys.stderr, flush=True)
+            self.bar = tqdm(total=total, desc=f"tuning PEDConv paths ({len(self.layers)} layers{budget})",
+                            unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5,
+                            disable=not sys.stderr.isatty())
+            self.handles = [m.register_forward_hook(self._step) for m in self.layers]
+        return self
+
+    def _step(self, *_: Any) -> None:  # a forward hook: returning None keeps the layer's output
+        self.bar.update(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if self.bar is None:
+            return
+        self.bar.close()
+        sources: Dict[str, int] = {}
+        for key, result in CACHE.items():
+            if key not in self.before:
+                sources[result.source] = sources.get(result.source, 0) + 1
+        cached = len(self.before)
+        parts = [f"{sources.get('tuned', 0)} new layer shape(s) timed in {tuning_seconds() - self.spent:.1f} s"]
+        if cached:
+            parts.append(f"{cached} known from the path cache")
+        if sources.get("budget"):
+            parts.append(f"{sources['budget']} left to the heuristic (--autotune-budget {_budget['seconds']:g} s "
+                         "spent; a later run tunes them)")
+        print(f"PEDConv paths ready in {time.perf_counter() - self.started:.1f} s: " + ", ".join(parts),
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- disk cache
+def fingerprint(device: Optional[torch.device] = None) -> str:
+    """Short hash of what path timings depend on besides the key: processor (or GPU) model, core count,
+    torch's thread count and version, Triton's version on CUDA."""
+    facts: Dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(),
+                             "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0],
+                             "cpu": _cpu_model()}
+    if device is not None and device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["capability"] = list(torch.cuda.get_device_capability(device))
+        try:
+            import triton
+
+            facts["triton"] = triton.__version__
+        except ImportError:  # pragma: no cover - CUDA builds ship Triton
+            facts["triton"] = None
+    text = json.dumps(facts, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def default_cache_file(device: Optional[torch.device] = None) -> Path:
+    """The user-level cache file of this machine and software: ``paths-<fingerprint>.json`` in
+    ``$PEDCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/pedconv``, else ``~/.cache/pedconv``."""
+    root = os.environ.get(CACHE_DIR_ENV)
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "pedconv")
+    return Path(root) / f"paths-{fingerprint(device)}.json"
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def load_cache_file(path: Union[str, Path], device: Optional[torch.device] = None) -> int:
+    """Adopt the choices of ``path`` made under this :func:`fingerprint` (source ``disk``); returns how many.
+
+    A missing file is 0; an unreadable, corrupt or foreign file is 0 with a one-line note on stderr (it is
+    only a cache: the layers are tuned again)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != _FILE_VERSION or data.get("fingerprint") != fingerprint(device):
+            return 0
+        state = {_as_tuple(key): {"winner": str(entry["winner"]), "times_ms": dict(entry.get("times_ms", {}))}
+                 for key, entry in data["entries"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"note: ignoring the PEDConv path cache {path} ({type(exc).__name__}: {exc}); paths are tuned again",
+              file=sys.stderr, flush=True)
+        return 0
+    fresh = {key: entry for key, entry in state.items() if CACHE.get(key) is None}
+    if fresh:
+        CACHE.load_state_dict(fresh, source="disk")
+    return len(fresh)
+
+
+def save_cache_file(path: Union[str, Path], device: Optional[torch.device] = None) -> int:
+    """Write the timed choices (sources tuned / broadcast / disk / loaded) to ``path``, merged with what the
+    file already holds for this fingerprint; atomic (temporary file + rename). Returns the entries written;
+    a directory that cannot be written is a one-line note on stderr and 0 (only a cache)."""
+    path = Path(path)
+    mine = fingerprint(device)
+    merged: Dict[str, Any] = {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if old.get("version") == _FILE_VERSION and old.get("fingerprint") == mine:
+            merged = {json.dumps(key): [key, entry] for key, entry in old["entries"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        merged = {}
+    for key, result in CACHE.items():
+        if result.source in ("tuned", "broadcast", "disk", "loaded"):
+            plain = json.loads(json.dumps(key))
+            merged[json.dumps(plain)] = [plain, {"winner": result.winner, "times_ms": result.times_ms}]
+    payload = {"version": _FILE_VERSION, "fingerprint": mine, "entries": list(merged.values())}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(payload, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        print(f"note: cannot write the PEDConv path cache {path} ({exc.strerror or exc}); the next run tunes again",
+              file=sys.stderr, flush=True)
+        return 0
+    return len(merged)

@@ -89,6 +89,7 @@ __all__ = [
     "path_report",
     "format_path_report",
     "has_auto_paths",
+    "auto_path_layers",
     "reset_path_report",
 ]
 
@@ -564,9 +565,14 @@ def _resolve_path(token: int, path: str, key: Tuple[Any, ...]) -> str:
     return chosen
 
 
+def auto_path_layers(model: nn.Module) -> List[PEDConv2d]:
+    """The PEDConv layers of ``model`` with ``path=auto`` (the ones the autotuner serves)."""
+    return [m for m in model.modules() if isinstance(m, PEDConv2d) and m.path == "auto"]
+
+
 def has_auto_paths(model: nn.Module) -> bool:
     """Whether ``model`` has a PEDConv layer with ``path=auto`` (one the autotuner serves)."""
-    return any(isinstance(m, PEDConv2d) and m.path == "auto" for m in model.modules())
+    return bool(auto_path_layers(model))
 
 
 def reset_path_report(model: nn.Module) -> None:

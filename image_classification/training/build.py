@@ -31,7 +31,7 @@ from .weight_loading import check_model_fields, load_model_weights, recorded_arc
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_training_setup",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",
-           "tune_paths", "infer_model_fields"]
+           "tune_paths", "infer_model_fields", "save_tuned_paths", "path_cache_files"]
 
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -169,21 +169,48 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
 
 def tune_paths(args: argparse.Namespace, model: nn.Module, loaders: Loaders, env: DistEnv) -> None:
     """PEDConv ``path=auto``: time every layer's exact paths for the train and validation batch shapes now
-    (not inside the first timed steps or a compiled trace) and adopt rank 0's choices on every DDP rank."""
-    from image_classification.dynamic import autotune, has_auto_paths
+    (not inside the first timed steps or a compiled trace), within ``--autotune-budget`` seconds, after
+    adopting what the path caches (the workspace's, then the user's) hold for this machine; then rank 0's
+    choices on every DDP rank. Reads the disk only: :func:`save_tuned_paths` writes the caches."""
+    from image_classification.dynamic import auto_path_layers, autotune
 
     autotune.set_autotune(None)  # PEDCONV_AUTOTUNE=0 in the environment switches it off too
-    autotune.set_autotune(bool(getattr(args, "autotune", True)) and not args.deterministic
-                          and autotune.autotune_enabled())
-    if not has_auto_paths(model):
+    autotune.set_autotune(args.autotune and not args.deterministic and autotune.autotune_enabled())
+    autotune.set_budget(args.autotune_budget)
+    layers = auto_path_layers(model)
+    if not layers:
         return
+    if autotune.autotune_enabled():
+        for path in path_cache_files(args, env):
+            autotune.load_cache_file(path, env.device)
     size = (loaders.in_chans, loaders.image_size, loaders.image_size)
     amp = torch.autocast(env.device.type, dtype=_AMP_DTYPES[args.amp_dtype]) if args.amp else None
     with amp if amp is not None else contextlib.nullcontext():
         autotune.prepare_model(model, None if args.evaluate else (args.batch_size, *size),
                                (args.val_batch_size or args.batch_size, *size), env.device,
-                               channels_last=args.memory_format == "nhwc")
+                               channels_last=args.memory_format == "nhwc", layers=layers, show=env.is_main)
     autotune.broadcast_cache()
+
+
+#: the PEDConv path cache's file name in a workspace (the user-level one is autotune.default_cache_file())
+WORKSPACE_PATH_CACHE = "pedconv_paths.json"
+
+
+def path_cache_files(args: argparse.Namespace, env: DistEnv) -> List[str]:
+    """Where PEDConv path choices are kept: the workspace's file, then the user's cache file."""
+    from image_classification.dynamic import autotune
+
+    return [os.path.join(args.workspace, WORKSPACE_PATH_CACHE), str(autotune.default_cache_file(env.device))]
+
+
+def save_tuned_paths(args: argparse.Namespace, model: nn.Module, env: DistEnv) -> None:
+    """Rank 0: write the timed path choices to the workspace's and the user's path cache (no-op without
+    auto-path layers or with tuning off)."""
+    from image_classification.dynamic import autotune, has_auto_paths
+
+    if env.is_main and autotune.autotune_enabled() and has_auto_paths(model):
+        for path in path_cache_files(args, env):
+            autotune.save_cache_file(path, env.device)
 
 
 def loop_config(args: argparse.Namespace, env: DistEnv) -> LoopConfig:

@@ -230,6 +230,11 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-autotune", dest="autotune", action="store_false",
                        help="PEDConv path=auto: use the deterministic shape heuristic instead of timing the exact "
                        "paths of every layer once (also off with --deterministic or PEDCONV_AUTOTUNE=0)")
+    group.add_argument("--autotune-budget", type=_non_negative_float, default=10.0, metavar="SECONDS",
+                       help="PEDConv path=auto: spend at most this long timing paths per process; layer shapes met "
+                       "after it use the heuristic (choices are cached per machine in the workspace and in "
+                       "$PEDCONV_CACHE_DIR or ~/.cache/pedconv, so later runs, --evaluate and resumes reuse them; "
+                       "default: 10)")
     group.add_argument("--print-paths", action="store_true",
                        help="print the execution path every PEDConv layer uses (after the first epoch / evaluation)")
     group.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,

@@ -312,10 +312,13 @@ def _run(args: argparse.Namespace, env: DistEnv) -> int:
     run_ = _prepare(args, env)
     try:
         _open_workspace(run_)
+        build.save_tuned_paths(args, run_.comp.module, env)
         if args.evaluate:
             return _evaluate(run_)
         return _train(run_)
     finally:
+        if run_.lock is not None:  # the workspace exists: keep the paths tuned since (e.g. a last smaller batch)
+            build.save_tuned_paths(args, run_.comp.module, env)
         run_.raport.close()
         if run_.lock is not None:
             run_.lock.release()

@@ -20,6 +20,7 @@ def tuning(monkeypatch):
     """Tuning on, an empty cache, and deterministic fake timings: the path named ``fastest`` wins."""
     autotune.CACHE.clear()
     autotune.set_autotune(True)
+    autotune.set_budget(None)
     state = {"fastest": None, "calls": 0}
 
     def fake_measure(candidates, device, **_):
@@ -33,6 +34,7 @@ def tuning(monkeypatch):
     monkeypatch.setattr(autotune, "measure", fake_measure)
     yield state
     autotune.set_autotune(None)
+    autotune.set_budget(None)
     autotune.CACHE.clear()
 
 
@@ -189,6 +191,87 @@ def test_prepare_model_tunes_train_and_eval_keys_without_side_effects(tuning):
     autotune.CACHE.clear()
     autotune.prepare_model(model, train_shape=(4, 4, 6, 6))
     assert len(autotune.CACHE) == 0  # tuning off: nothing to prepare
+
+
+def _two_paths():
+    return {"a": lambda: None, "b": lambda: None}
+
+
+def test_budget_leaves_later_keys_to_the_heuristic(tuning, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock[0])
+    real = autotune.measure
+
+    def slow_measure(candidates, device, **kw):  # each timing "takes" 3 s of the budget
+        clock[0] += 3.0
+        return real(candidates, device, **kw)
+
+    monkeypatch.setattr(autotune, "measure", slow_measure)
+    tuning["fastest"] = "a"
+    autotune.set_budget(5.0)
+    cpu = torch.device("cpu")
+    assert autotune.choose(("k", 1), _two_paths, cpu, "b") == ("a", "tuned")
+    assert autotune.choose(("k", 2), _two_paths, cpu, "b") == ("a", "tuned")  # 3 s spent < 5 s
+    assert autotune.tuning_seconds() == 6.0
+    assert autotune.choose(("k", 3), _two_paths, cpu, "b") == ("b", "budget")  # spent: the heuristic
+    assert autotune.choose(("k", 3), _two_paths, cpu, "b") == ("b", "budget")  # recorded (DDP ranks agree)
+    assert tuning["calls"] == 2
+
+
+def test_disk_cache_round_trip_is_per_machine_and_skips_fallbacks(tuning, tmp_path, monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    tuning["fastest"] = "a"
+    key = ("pedconv", 4, 8, (3, 3), (4, 4, 6, 6), "float32", True)
+    autotune.choose(key, _two_paths, cpu, "b")
+    autotune.set_budget(0.0)
+    autotune.choose(("spent",), _two_paths, cpu, "b")
+    path = tmp_path / "sub" / "paths.json"
+    assert autotune.save_cache_file(path) == 1  # the budget fall-back is not written: a later run tunes it
+    assert [p.name for p in path.parent.iterdir()] == ["paths.json"]  # no temporary left
+    autotune.CACHE.clear()
+    assert autotune.load_cache_file(path) == 1
+    entry = autotune.CACHE.get(key)  # tuples come back as tuples: the same key
+    assert entry.winner == "a" and entry.source == "disk" and set(entry.times_ms) == {"a", "b"}
+    assert autotune.choose(key, _two_paths, cpu, "b") == ("a", "disk")
+    # merged with what the file holds; another machine's file is ignored
+    autotune.CACHE.clear()
+    tuning["fastest"] = "b"
+    autotune.set_budget(None)
+    autotune.choose(("other",), _two_paths, cpu, "a")
+    assert autotune.save_cache_file(path) == 2
+    monkeypatch.setattr(autotune, "fingerprint", lambda device=None: "another-machine")
+    autotune.CACHE.clear()
+    assert autotune.load_cache_file(path) == 0 and len(autotune.CACHE) == 0
+    monkeypatch.undo()
+    # a corrupt file is a note, never an error
+    path.write_text("{not json")
+    assert autotune.load_cache_file(path) == 0
+    assert "ignoring the PEDConv path cache" in capsys.readouterr().err
+    assert autotune.load_cache_file(tmp_path / "missing.json") == 0
+
+
+def test_default_cache_file_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path))
+    assert autotune.default_cache_file().parent == tmp_path
+    assert autotune.default_cache_file().name == f"paths-{autotune.fingerprint()}.json"
+    monkeypatch.delenv(autotune.CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.default_cache_file().parent == tmp_path / "xdg" / "pedconv"
+
+
+def test_prepare_model_says_what_it_did(tuning, capsys):
+    model = nn.Sequential(PEDConv2d(4, 8, 3, padding=1), nn.ReLU(), PEDConv2d(8, 8, 3, padding=1))
+    layers = [model[0], model[2]]
+    out = model(torch.randn(2, 4, 6, 6))
+    autotune.CACHE.clear()
+    autotune.prepare_model(model, train_shape=(2, 4, 6, 6), eval_shape=(1, 4, 6, 6), layers=layers, show=True)
+    err = capsys.readouterr().err
+    assert "tuning PEDConv paths: 2 layers x 2 pass(es)" in err  # not a terminal: a line, no bar
+    assert "PEDConv paths ready in" in err and "4 new layer shape(s) timed" in err
+    autotune.prepare_model(model, train_shape=(2, 4, 6, 6), eval_shape=(1, 4, 6, 6), layers=layers, show=True)
+    assert "0 new layer shape(s) timed" in capsys.readouterr().err
+    assert model(torch.randn(2, 4, 6, 6)).shape == out.shape  # hooks removed, output intact
+    assert all(not m._forward_hooks for m in layers)
 
 
 def _broadcast_worker(rank: int, world: int, port: int, queue) -> None:

@@ -327,3 +327,27 @@ def test_fashion_mnist_default_path_one_channel(e2e: SimpleNamespace, tmp_path: 
     _ok(e2e.run(["--dataset", "fashion-mnist", *args, "--epochs", "1", "--prof", "2", "--workspace", str(tmp_path)]))
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pth.tar")
     assert (checkpoint["in_chans"], checkpoint["num_classes"], checkpoint["image_size"]) == (1, 10, 28)
+
+
+def test_path_tuning_is_announced_bounded_and_remembered(e2e: SimpleNamespace, tmp_path: Path) -> None:
+    """The first run tunes (a line before, a summary after) and writes the caches; --evaluate and a second run
+    on the same machine find every choice there and time nothing."""
+    env = {"PEDCONV_AUTOTUNE": "1", "PEDCONV_CACHE_DIR": str(tmp_path / "cache")}
+    tiny = ["--data-backend", "synthetic", "--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "4",
+            "--image-size", "12", "-b", "4", "--epochs", "1", "--prof", "2", "-j", "0", "--seed", "1"]
+    first = e2e.run([*tiny, "--workspace", str(tmp_path / "a")], env=env)
+    _ok(first)
+    assert "tuning PEDConv paths: 18 layers x 2 pass(es), budget 10 s" in first.stderr
+    assert "ready in" in first.stderr and ": 0 new layer" not in first.stderr
+    assert (tmp_path / "a" / "pedconv_paths.json").is_file()
+    assert len(list((tmp_path / "cache").glob("paths-*.json"))) == 1
+    for argv in ([*tiny, "--workspace", str(tmp_path / "b")],
+                 [*tiny, "--evaluate", "--pretrained-weights", str(tmp_path / "a" / "checkpoint.pth.tar"),
+                  "--workspace", str(tmp_path / "c")]):
+        again = e2e.run(argv, env=env)
+        _ok(again)
+        assert ": 0 new layer shape(s) timed in 0.0 s" in again.stderr and "known from the path cache" in again.stderr
+    spent = e2e.run([*tiny, "--autotune-budget", "0", "--workspace", str(tmp_path / "d")],
+                    env={**env, "PEDCONV_CACHE_DIR": str(tmp_path / "empty")})
+    _ok(spent)
+    assert "left to the heuristic (--autotune-budget 0 s spent" in spent.stderr
