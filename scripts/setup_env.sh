@@ -29,4 +29,4 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
     echo "[setup] note: Fashion-MNIST not found at $FMNIST; install it with: sudo apt-get install dataset-fashion-mnist" >&2
   fi
 fi
-echo "[setup] ready: $VENV/bin/python"
+echo "[setup] ready: $VENV/bin/python; to run the README's python commands in it: source $VENV/bin/activate"

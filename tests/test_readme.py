@@ -1,0 +1,81 @@
+"""The README's commands run as written after its set-up: every ``python`` / ``torchrun`` entry point in its
+code blocks answers ``--help``, every script and recipe it names exists, and the set-up says how to enter
+the environment the commands run in."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import List, Set, Tuple
+
+import pytest
+from script_runner import run_script
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def _shell_commands(text: str) -> List[str]:
+    """Commands of the ```bash blocks, continuation lines joined, comments dropped."""
+    commands: List[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def _entry_points(commands: List[str]) -> Set[Tuple[str, bool]]:
+    """(target, is_module) of each ``python X`` / ``python -m M`` / ``torchrun ... X|-m M`` command."""
+    found: Set[Tuple[str, bool]] = set()
+    for command in commands:
+        words = shlex.split(command)
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # CUDA_VISIBLE_DEVICES=0 python ...
+            words = words[1:]
+        if not words or words[0] not in ("python", "torchrun"):
+            continue
+        rest = words[1:]
+        if words[0] == "torchrun":  # skip the launcher's own options up to the program
+            rest = [w for w in rest if w == "-m" or not w.startswith("-")]
+            rest = rest[next(i for i, w in enumerate(rest) if w == "-m" or w.endswith(".py")):]
+        if rest[0] == "-m":
+            found.add((rest[1], True))
+        elif rest[0].endswith(".py"):
+            found.add((str(Path(rest[0])), False))
+    return found
+
+
+def test_the_setup_says_how_to_enter_the_environment() -> None:
+    text = README.read_text()
+    setup = text[text.index("## Two commands"):text.index("\n## ", text.index("## Two commands") + 5)]
+    assert "source .venv/bin/activate" in setup
+    assert "source $VENV/bin/activate" in (ROOT / "scripts" / "setup_env.sh").read_text()
+    assert ".venv/bin/python" not in text.replace("`.venv/bin/python`", "")  # one way to run commands
+
+
+def test_scripts_and_recipes_named_by_commands_exist() -> None:
+    missing = []
+    for command in _shell_commands(README.read_text()):
+        for word in shlex.split(command):
+            if re.fullmatch(r"(scripts|configs)/[\w./-]+\.(sh|py|yaml)", word) and not (ROOT / word).is_file():
+                missing.append(word)
+    assert not missing, missing
+
+
+ENTRY_POINTS = sorted(_entry_points(_shell_commands(README.read_text())))
+
+
+def test_the_readme_has_the_entry_points_users_need() -> None:
+    names = {target for target, _ in ENTRY_POINTS}
+    assert {"main.py", "multiproc.py", "classify.py", "image_classification.profiler",
+            "image_classification.export"} <= names, names
+
+
+@pytest.mark.parametrize("target, module", ENTRY_POINTS, ids=[t for t, _ in ENTRY_POINTS])
+def test_every_entry_point_answers_help(target: str, module: bool) -> None:
+    run = run_script(target if module else str(ROOT / target), ["--help"], module=module, cwd=ROOT, timeout=180)
+    assert run.returncode == 0, f"{target} --help: rc {run.returncode}\n{run.stderr[-2000:]}"
+    assert "usage" in run.stdout.lower(), run.stdout[:500]
