@@ -31,7 +31,8 @@ from .weight_loading import check_model_fields, load_model_weights, recorded_arc
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_training_setup",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",
-           "tune_paths", "infer_model_fields", "save_tuned_paths", "path_cache_files"]
+           "tune_paths", "infer_model_fields", "save_tuned_paths", "path_cache_files",
+           "check_resume_position"]
 
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -379,6 +380,31 @@ def checkpoint_position(checkpoint: Dict[str, Any]) -> RunState:
     if isinstance(best, bool) or not isinstance(best, numbers.Real) or math.isnan(float(best)):
         raise CheckpointError(f"--resume: checkpoint field 'best_prec1' must be a number, got {best!r}")
     return RunState(epoch, step, float(best), bool(checkpoint.get("pending_validation", False)))
+
+
+def check_resume_position(checkpoint: Dict[str, Any], state: RunState, args: argparse.Namespace, env: DistEnv,
+                          iterations: int) -> None:
+    """A checkpoint written part-way through an epoch continues at its iteration only with the same batch per
+    process and the same number of processes (the data order of the epoch's rest depends on both), and only
+    if that iteration lies inside the epoch (``iterations`` = iterations of a full epoch of this run)."""
+    if not state.step_in_epoch:
+        return
+    if state.step_in_epoch >= iterations:
+        raise CheckpointError(f"--resume: checkpoint field 'step_in_epoch' is {state.step_in_epoch}, but epoch "
+                              f"{state.epoch} has only {iterations} iteration(s) at -b {args.batch_size}")
+    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    per_rank = checkpoint.get("rng_per_rank")
+    old_world = checkpoint.get("world_size", len(per_rank) if isinstance(per_rank, (list, tuple)) else None)
+    old_batch = saved.get("batch_size")
+    if old_batch is None or old_world is None:
+        return  # an older checkpoint: nothing to compare
+    if (int(old_batch), int(old_world)) != (args.batch_size, env.world_size):
+        done = state.step_in_epoch * int(old_batch) * int(old_world)
+        raise CheckpointError(
+            f"--resume: the checkpoint stopped epoch {state.epoch} after {state.step_in_epoch} iterations of "
+            f"-b {old_batch} on {old_world} process(es) ({done} images); this run has -b {args.batch_size} on "
+            f"{env.world_size}, which would continue at another image: resume with -b {old_batch} on {old_world} "
+            "process(es) to finish the epoch (the batch size may change at the next resume, at an epoch boundary)")
 
 
 # flags whose change on --resume alters the training (the user is told they are taken from the command line)

@@ -197,6 +197,8 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     if resume is not None:
         state = build.restore_training_state(comp, resume, env, accumulation=cfg.accumulation,
                                              training=not args.evaluate)
+        if not args.evaluate:
+            build.check_resume_position(resume, state, args, env, cfg.iterations(len(loaders.train)))
         if state.epoch > args.epochs and not args.evaluate:
             raise UsageError(ValueError(f"--resume {resume_path} has completed {state.epoch} epochs, more than "
                                         f"--epochs {args.epochs}"))
@@ -405,6 +407,7 @@ def _checkpoint_state(run: _Run, epoch: int, step_in_epoch: int) -> Dict[str, An
     return {
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
+        "world_size": run.env.world_size,
         "arch": args.arch,
         "conv": run.conv,
         "placement": args.placement,

@@ -351,3 +351,28 @@ def test_path_tuning_is_announced_bounded_and_remembered(e2e: SimpleNamespace, t
                     env={**env, "PEDCONV_CACHE_DIR": str(tmp_path / "empty")})
     _ok(spent)
     assert "left to the heuristic (--autotune-budget 0 s spent" in spent.stderr
+
+
+@pytest.mark.parametrize("case", ["other-batch", "past-the-epoch"])
+def test_a_mid_epoch_checkpoint_resumes_only_where_it_stopped(case: str, e2e: SimpleNamespace, trained: Path,
+                                                              jpeg_folder: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint written at iteration 1 of epoch 1 (of 3, at -b 4): another batch size would continue at
+    another image and an iteration past the epoch's end would skip it; both are refused with the reason."""
+    import torch
+
+    checkpoint = load_checkpoint(trained / "checkpoint.pth.tar")
+    checkpoint.update(epoch=1, step_in_epoch=1 if case == "other-batch" else 10**6, pending_validation=False)
+    mid = tmp_path / "mid.pth.tar"
+    torch.save(checkpoint, mid)
+    tiny = list(e2e.tiny)
+    tiny[tiny.index("-b") + 1] = "2" if case == "other-batch" else "4"
+    argv = [str(jpeg_folder), *tiny, "--epochs", "2", "--resume", str(mid),
+            "--workspace", str(tmp_path / "ws")]
+    line = _in_process_error(argv, capsys)
+    if case == "other-batch":
+        assert "stopped epoch 1 after 1 iterations of -b 4 on 1 process(es) (4 images)" in line
+        assert "resume with -b 4 on 1 process(es)" in line
+    else:
+        assert "'step_in_epoch' is 1000000, but epoch 1 has only 3 iteration(s)" in line
+
