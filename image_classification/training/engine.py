@@ -305,12 +305,22 @@ def validate(model: nn.Module, cfg: LoopConfig, loader: Iterable, criterion: nn.
     return metrics
 
 
-def check_finite_validation(metrics: Dict[str, float], prefix: str, epoch: int) -> None:
-    """Raise :class:`NonFiniteLossError` when a validation pass produced a NaN/inf loss."""
+def check_finite_validation(metrics: Dict[str, float], prefix: str, epoch: int, evaluating: bool = False) -> None:
+    """Raise :class:`NonFiniteLossError` when a validation pass produced a NaN/inf loss.
+
+    Training stops on a non-finite training loss first, so a non-finite validation after a finite training
+    epoch comes from the eval-mode forward (BatchNorm running statistics that do not fit the activations),
+    and the message says so instead of blaming the learning rate."""
     loss = metrics.get(f"{prefix}.loss")
     if loss is not None and not math.isfinite(loss):
         model = "EMA model" if prefix.endswith("ema") else "model"
+        if evaluating:
+            raise NonFiniteLossError(
+                f"validation loss of the {model} is {loss}: the checkpoint's eval-mode outputs are not finite on "
+                "these images (its BatchNorm running statistics or weights do not fit them); top-1 is not reported"
+            )
         raise NonFiniteLossError(
-            f"validation loss of the {model} is {loss} after epoch {epoch}: the run diverged (lower --lr, add "
-            "--warmup); not saved as the best model"
+            f"validation loss of the {model} is {loss} after epoch {epoch} while its training loss stayed finite: "
+            "the eval-mode forward diverges (BatchNorm running statistics that lag the weights); --precise-bn N "
+            "recomputes them over N training batches before validating; not saved as the best model"
         )

@@ -365,6 +365,8 @@ def _evaluate(run: _Run) -> int:
     metrics.update(robust)
     run.raport.log((run.state.epoch,), metrics)
     run.raport.log((), metrics)
+    for prefix in ("val", "val_ema"):  # logged first: the raport shows the NaN; exit status 3, as in training
+        check_finite_validation(metrics, prefix, run.state.epoch, evaluating=True)
     _print_paths(run)
     if run.env.is_main:
         print(f"evaluation: top1 {metrics['val.top1']:.3f}  top5 {metrics['val.top5']:.3f}  "

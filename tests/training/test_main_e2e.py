@@ -376,3 +376,26 @@ def test_a_mid_epoch_checkpoint_resumes_only_where_it_stopped(case: str, e2e: Si
     else:
         assert "'step_in_epoch' is 1000000, but epoch 1 has only 3 iteration(s)" in line
 
+
+
+def test_evaluate_refuses_a_non_finite_loss_with_status_3(e2e: SimpleNamespace, trained: Path, jpeg_folder: Path,
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Finite weights whose eval-mode outputs are not (a negative running variance): no top-1, exit 3, the
+    raport still shows the NaN."""
+    import torch
+
+    from image_classification.training.trainer import main
+
+    checkpoint = load_checkpoint(trained / "model_best.pth.tar")
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("running_var"))
+    checkpoint["state_dict"][key] = -torch.ones_like(checkpoint["state_dict"][key])
+    bad = tmp_path / "bad.pth.tar"
+    torch.save(checkpoint, bad)
+    capsys.readouterr()
+    code = main([str(jpeg_folder), "--evaluate", "--pretrained-weights", str(bad), "--image-size", "16", "-j", "0",
+                 "--workspace", str(tmp_path / "ws")])
+    out, err = capsys.readouterr()
+    assert code == 3 and "evaluation: top1" not in out
+    assert "main.py: error: validation loss of the model is nan: the checkpoint's eval-mode outputs" in err
+    final = read_raport(tmp_path / "ws" / "raport.json")[-1]["data"]
+    assert final["val.loss"] != final["val.loss"]  # NaN recorded
