@@ -255,7 +255,8 @@ def train_one_epoch(
     summary = epoch_window.flush() if epoch_window.batches or cfg.world_size > 1 else {}
     if summary:
         epoch_window.check_finite(epoch, summary["train.loss"], summary["train.infomax"])
-    progress.close({k: summary[k] for k in ("train.loss", "train.top1", "train.total_ips")} if summary else None)
+    progress.close({k: summary[k] for k in ("train.loss", "train.top1", "train.total_ips")} if summary else None,
+                   stopped_at=done if interrupted else None)
     return EpochResult(done, interrupted, summary)
 
 

@@ -201,11 +201,14 @@ class Progress:
             print(f"{self.desc} [{iteration}/{self.total}]  {_format(metrics)}", flush=True)
         self._done = iteration
 
-    def close(self, summary: Optional[Dict[str, float]] = None) -> None:
+    def close(self, summary: Optional[Dict[str, float]] = None, stopped_at: Optional[int] = None) -> None:
+        """The closing line: ``done in``, or for an epoch a signal cut short after iteration ``stopped_at``,
+        ``stopped at [i/total] after`` (its metrics cover the iterations run)."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
         if summary:
             elapsed = time.perf_counter() - self.started
-            print(f"{self.desc} done in {elapsed:.1f}s  {_format(summary)}", flush=True)
+            what = f"stopped at [{stopped_at}/{self.total}] after" if stopped_at is not None else "done in"
+            print(f"{self.desc} {what} {elapsed:.1f}s  {_format(summary)}", flush=True)

@@ -76,6 +76,14 @@ def test_plain_progress_lines(capsys: pytest.CaptureFixture) -> None:
     assert out[1].startswith("Epoch 0 train done in") and "loss 1" in out[1]
 
 
+def test_an_epoch_cut_short_is_not_reported_done(capsys: pytest.CaptureFixture) -> None:
+    progress = Progress("Epoch 0 train", total=128, print_freq=10, use_tqdm=False)
+    progress.update(50, {"train.loss": 1.25})
+    progress.close({"train.loss": 1.0}, stopped_at=51)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("Epoch 0 train stopped at [51/128] after") and "done" not in last
+
+
 def test_disabled_progress_is_silent(capsys: pytest.CaptureFixture) -> None:
     progress = Progress("x", 1, 1, enabled=False)
     progress.update(1, {"a": 1.0})
