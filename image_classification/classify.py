@@ -35,7 +35,7 @@ from .inference import (
     preprocess_images,
     require_positive,
 )
-from .training.checkpoint import CheckpointError
+from .training.checkpoint import CheckpointError, trust_checkpoints
 
 __all__ = ["Prediction", "classify_images", "main"]
 
@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    trust_checkpoints(args.trust_checkpoints)
     require_positive(parser, args, ("topk", "batch_size", "num_classes", "in_chans", "image_size"))
     try:
         device = _device(args.device)

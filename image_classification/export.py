@@ -362,10 +362,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataError
     from .inference import load_inference_model, require_positive
-    from .training.checkpoint import CheckpointError
+    from .training.checkpoint import CheckpointError, trust_checkpoints
 
     parser = _parser()
     args = parser.parse_args(argv)
+    trust_checkpoints(args.trust_checkpoints)
     require_positive(parser, args, ("opset", "image_size", "num_classes", "in_chans", "batch_size"))
     if args.tolerance <= 0:
         parser.error(f"--tolerance must be > 0, got {args.tolerance}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .data import DATASETS, DataConfig, DataError
 from .dynamic.registry import implied_spec
-from .training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from .training.checkpoint import CheckpointError, add_trust_flag, load_checkpoint, load_model_weights
 
 __all__ = [
     "InferenceModel",
@@ -52,6 +52,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, image_size: bool, datas
     if image_size:
         group.add_argument("--image-size", type=int)
     group.add_argument("--dataset", help=dataset_help)
+    add_trust_flag(parser)
 
 
 def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]) -> None:

@@ -23,7 +23,13 @@ import torch.nn as nn
 
 from image_classification.data import DATASETS, DataConfig, DataError, build_loaders
 from image_classification.dynamic.registry import implied_spec
-from image_classification.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from image_classification.training.checkpoint import (
+    CheckpointError,
+    add_trust_flag,
+    load_checkpoint,
+    load_model_weights,
+    trust_checkpoints,
+)
 
 __all__ = ["LoadedModel", "add_data_flags", "load_classifier", "validation_batches", "write_csv", "save_figure",
            "run_analysis", "AnalysisError"]
@@ -97,10 +103,13 @@ def add_data_flags(parser: argparse.ArgumentParser, images_default: int) -> None
     parser.add_argument("--seed", type=int, default=0, help="picks the image subset")
     parser.add_argument("--arch", default=None, help="architecture, for checkpoints that do not record it")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_trust_flag(parser)
     parser.add_argument("--out", required=True, help="output directory (PNG + CSV written there)")
 
 
 def check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The shared flags' checks; ``--trust-checkpoints`` applies to every checkpoint the tool loads."""
+    trust_checkpoints(args.trust_checkpoints)
     for name in ("images", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -35,12 +35,14 @@ from image_classification.dynamic.registry import parse_spec
 from image_classification.training.checkpoint import (
     CheckpointError,
     GracefulShutdown,
+    add_trust_flag,
     check_workspace_writable,
     load_checkpoint,
     load_model_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    trust_checkpoints,
 )
 from image_classification.training.cli import load_config
 from image_classification.training.distributed import DistEnv, all_reduce_sum, barrier
@@ -125,6 +127,7 @@ def add_common_flags(parser: argparse.ArgumentParser, defaults: Dict[str, Any]) 
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 with loss scaling on CUDA, bf16 on CPU)")
     p.add_argument("--evaluate", action="store_true", help="only evaluate --weights (or the --resume checkpoint)")
     p.add_argument("--weights", default=None, metavar="PATH", help="model checkpoint to evaluate or start from")
+    add_trust_flag(p)
 
 
 def check_common_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -154,6 +157,7 @@ def parse_task_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str
     load_config_defaults(parser, argv)
     args = parser.parse_args(argv)
     check_common_flags(parser, args)
+    trust_checkpoints(args.trust_checkpoints)  # --weights, --resume and the pretrained backbone alike
     if args.data is None:
         parser.error(f"DATA ({data}) is required")
     try:

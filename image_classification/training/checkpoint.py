@@ -14,7 +14,7 @@ Callers import from here; each piece lives in a module named for what it holds:
 * :mod:`.errors` - :class:`CheckpointError`.
 """
 
-from .checkpoint_load import TRUST_HINT, load_checkpoint
+from .checkpoint_load import TRUST_HINT, add_trust_flag, load_checkpoint, trust_checkpoints
 from .checkpoint_save import BEST_FILENAME, remove_temporaries, save_checkpoint
 from .errors import CheckpointError, PathLike
 from .random_state import rng_state, set_rng_state
@@ -34,6 +34,8 @@ __all__ = [
     "existing_run_files",
     "remove_temporaries",
     "load_checkpoint",
+    "trust_checkpoints",
+    "add_trust_flag",
     "load_model_weights",
     "rng_state",
     "save_checkpoint",

@@ -17,7 +17,22 @@ import torch
 
 from .errors import CheckpointError, PathLike, _one_line
 
-__all__ = ["TRUST_HINT", "load_checkpoint"]
+__all__ = ["TRUST_HINT", "load_checkpoint", "trust_checkpoints", "add_trust_flag"]
+
+_TRUSTED = {"all": False}
+
+
+def trust_checkpoints(enabled: bool) -> None:
+    """Process-wide default of :func:`load_checkpoint`'s ``trusted``: what a program's ``--trust-checkpoints``
+    sets once, for every checkpoint it loads (a classifier, a pretrained backbone, a resume)."""
+    _TRUSTED["all"] = bool(enabled)
+
+
+def add_trust_flag(parser: Any) -> None:
+    """``--trust-checkpoints``: the same flag, with the same meaning, in every program that loads checkpoints."""
+    parser.add_argument("--trust-checkpoints", action="store_true",
+                        help="load checkpoints with full unpickling, allowing objects outside torch's weights_only "
+                        "allowlist: this can run code, use it only for files you trust")
 
 _MAX_LISTED = 5
 
@@ -68,18 +83,21 @@ def _looks_like_state_dict(obj: Any) -> bool:
     )
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu", trusted: bool = False) -> Dict[str, Any]:
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", trusted: Optional[bool] = None) -> Dict[str, Any]:
     """Read a checkpoint and return it as a dict that has a ``"state_dict"`` entry.
 
     Loads with ``torch.load(weights_only=True)``. A file whose pickle references only plain-data
     globals (numpy scalars/arrays, ``argparse.Namespace``, as older trainers saved them) is then
     read in full; any other global is refused unless ``trusted=True`` (only for files whose source
-    you trust: unpickling can run code). A raw state dict (a file holding only name -> tensor) is
-    returned as ``{"state_dict": it}``; torchvision-reference checkpoints (``"model"``) likewise.
+    you trust: unpickling can run code; ``None``: the program's :func:`trust_checkpoints` setting). A raw
+    state dict (a file holding only name -> tensor) is returned as ``{"state_dict": it}``;
+    torchvision-reference checkpoints (``"model"``) likewise.
 
     Raises :class:`CheckpointError` naming the file when it is missing, empty, truncated,
     corrupt, not a dict, or holds no state dict.
     """
+    if trusted is None:
+        trusted = _TRUSTED["all"]
     file = Path(path).expanduser()
     if not file.exists():
         raise CheckpointError(f"checkpoint file not found: {file}")
@@ -133,7 +151,7 @@ def _corrupt_reason(exc: BaseException) -> str:
     return f"truncated, corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {_one_line(message, 160)})"
 
 
-TRUST_HINT = "if you trust its source, load it with --trust-checkpoints (main.py) or trusted=True"
+TRUST_HINT = "if you trust its source, load it with --trust-checkpoints (from Python: trusted=True)"
 
 
 def _load_with_benign_globals(file: Path, map_location: Any, message: str, exc: BaseException) -> Any:

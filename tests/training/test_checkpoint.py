@@ -251,6 +251,34 @@ def test_foreign_objects_refused_unless_trusted(tmp_path: Path) -> None:
     assert isinstance(load_checkpoint(tmp_path / "foreign.pth", trusted=True)["extra"], _Payload)
 
 
+def test_a_programs_trust_flag_is_the_default_of_every_load(tmp_path: Path) -> None:
+    from image_classification.training.checkpoint import trust_checkpoints
+
+    torch.save({"state_dict": tiny_model().state_dict(), "extra": _Payload()}, tmp_path / "foreign.pth")
+    try:
+        trust_checkpoints(True)
+        assert isinstance(load_checkpoint(tmp_path / "foreign.pth")["extra"], _Payload)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(tmp_path / "foreign.pth", trusted=False)
+    finally:
+        trust_checkpoints(False)
+    with pytest.raises(CheckpointError, match="--trust-checkpoints"):
+        load_checkpoint(tmp_path / "foreign.pth")
+
+
+@pytest.mark.parametrize("module", ["image_classification.classify", "image_classification.export",
+                                    "image_classification.analysis.gradcam", "image_classification.analysis.weights",
+                                    "image_classification.analysis.coefficients",
+                                    "image_classification.detection.train", "image_classification.segmentation.train"])
+def test_every_program_that_loads_checkpoints_has_the_remedy_the_error_names(module: str) -> None:
+    """The refusal's advice (--trust-checkpoints) is a flag of whichever program printed it (main.py's is
+    tested with its parser)."""
+    from script_runner import run_script
+
+    run = run_script(module, ["--help"], module=True, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0 and "--trust-checkpoints" in run.stdout, run.stderr[-500:]
+
+
 @pytest.mark.skipif(
     not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"), reason="torch < 2.5 cannot list globals"
 )
