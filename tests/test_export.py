@@ -179,3 +179,36 @@ def test_fixed_batch_export_keeps_the_layers_own_paths(op: str, tmp_path: Path) 
     assert dim.dim_value == 1
     with pytest.raises(ExportError, match="fixed batch size must be >= 1"):
         export_model(model, tmp_path / "b0.onnx", "onnx", image_size=12, fixed_batch=0)
+
+
+@needs_ort
+def test_pedconv_dynamo_export_keeps_the_batch_axis_dynamic(tmp_path: Path) -> None:
+    """A fixed path reads no shape while tracing: the exported batch axis is not specialised to the example's 2."""
+    model = small_model(SPECS["pedconv"])
+    export_model(model, tmp_path / "m.onnx", "onnx", image_size=12, in_chans=3, exporter="dynamo")
+    errors = verify_export(model, tmp_path / "m.onnx", "onnx", 12, 3, batches=(1, 3, 8))
+    assert set(errors) == {1, 3, 8} and max(errors.values()) < TOL, errors
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_cli_writes_only_a_checked_file_with_the_umasks_permissions(tmp_path: Path, capsys) -> None:
+    import os
+
+    ckpt = _checkpoint(tmp_path, "cifar_resnet20", "pedconv")
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"previous export")
+    # a tolerance no float32 export meets: the check fails, the earlier file stays, nothing else is left
+    code = main([str(ckpt), "--format", "torchscript", "--image-size", "16", "--output", str(out),
+                 "--tolerance", "1e-300"])
+    captured = capsys.readouterr()
+    assert code == 1 and "differs from PyTorch" in captured.err and f"nothing written to {out}" in captured.err
+    assert "wrote" not in captured.out
+    assert out.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, "m.pt"])
+    old = os.umask(0o027)
+    try:
+        assert main([str(ckpt), "--format", "torchscript", "--image-size", "16", "--output", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert "exporting with torch.jit.trace" in capsys.readouterr().out
+    assert out.stat().st_mode & 0o777 == 0o640 and out.read_bytes() != b"previous export"

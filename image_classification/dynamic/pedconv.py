@@ -474,6 +474,10 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         Eager calls memoise the choice per (input shape, dtype, layout, autocast, backward) against the
         autotuner's generation counter; under torch.compile the choice is a trace-time constant.
         """
+        if torch.compiler.is_compiling() and self.path != "auto":
+            # a fixed path needs no key: reading the shape as Python ints would specialise (guard) the batch
+            # size of an exported or dynamic-shape graph
+            return self.path
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if torch.compiler.is_compiling():
             return _resolve_path(self._token, self.path, self._tuning_key(x, grad))
