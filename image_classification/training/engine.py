@@ -171,6 +171,45 @@ def _optimizer_step(comp: TrainingSetup) -> None:
         comp.ema.update_parameters(comp.module)
 
 
+def compile_ahead(comp: TrainingSetup, cfg: LoopConfig, train_shape: Optional[Tuple[int, ...]],
+                  eval_shape: Tuple[int, ...]) -> None:
+    """Run a ``torch.compile``-d model once per graph the run needs -- a training step (forward, loss, info-max,
+    backward) at ``train_shape`` and a validation forward at ``eval_shape`` (the EMA model's too) -- on zeros,
+    so that tracing and code generation happen now, in one place a signal may interrupt at once, instead of
+    inside the first iteration and the first validation. Leaves no trace: BatchNorm statistics and every
+    buffer restored, gradients cleared, global random streams unchanged, the train/eval mode as it was."""
+    models = [comp.module] + ([comp.ema.module] if comp.ema is not None else [])
+    saved = [{name: b.detach().clone() for name, b in m.named_buffers()} for m in models]
+    modes = [m.training for m in models]
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    devices = [cfg.device] if cfg.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if train_shape is not None:
+                comp.module.train()
+                images = torch.zeros(train_shape, device=cfg.device).contiguous(memory_format=fmt)
+                target = torch.zeros(train_shape[0], dtype=torch.long, device=cfg.device)
+                with cfg.autocast():
+                    task = comp.criterion(comp.module(images), target)
+                term = infomax_loss(comp.module)
+                (task + cfg.infomax_weight * term.float() if term is not None else task).backward()
+            # as validate() runs: inference mode, on a batch made outside it (the graph is specialised to both)
+            images = torch.zeros(eval_shape, device=cfg.device).contiguous(memory_format=fmt)
+            with torch.inference_mode():
+                for model in models:
+                    model.eval()
+                    with cfg.autocast():
+                        model(images)
+    finally:
+        with torch.no_grad():
+            for model, buffers, mode in zip(models, saved, modes):
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+                model.train(mode)
+        for p in comp.module.parameters():
+            p.grad = None
+
+
 def _train_step(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor, boundary: bool):
     """Forward + backward of one mini-batch; the optimizer steps on accumulation boundaries only (DDP
     skips the gradient all-reduce on the other mini-batches)."""
@@ -269,10 +308,18 @@ def validate(model: nn.Module, cfg: LoopConfig, loader: Iterable, criterion: nn.
     sums = torch.zeros(4, dtype=torch.float64, device=cfg.device)  # loss*n, correct1, correct5, n
     latencies = []
     progress = Progress(f"Epoch {epoch} {prefix}", total, cfg.print_freq, enabled=cfg.is_main)
-    for i, (images, target) in enumerate(loader):
-        if i >= total:
+    batches = iter(loader)
+    i = -1
+    while True:
+        i += 1
+        # batches are made outside inference mode whatever the backend (in the loader's workers or, with -j 0,
+        # here): the compiled eval graph, specialised to its input's dispatch keys, is then one for all. The
+        # loader is read to its end as a for loop would (DALI's iterator resets on StopIteration).
+        with torch.inference_mode(False):
+            batch = next(batches, None)
+        if batch is None or i >= total:
             break
-        images, target = cfg.to_device(images, target)
+        images, target = cfg.to_device(*batch)
         start = time.perf_counter()
         with cfg.autocast():
             output = model(images)

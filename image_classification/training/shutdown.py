@@ -6,11 +6,22 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["GracefulShutdown"]
+__all__ = ["GracefulShutdown", "Interrupted"]
+
+
+class Interrupted(BaseException):
+    """A signal arrived where :meth:`GracefulShutdown.nothing_to_save` said waiting would gain nothing.
+
+    A BaseException, as KeyboardInterrupt, so that no ``except Exception`` of a library (torch.compile's
+    included) swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = int(signum)
 
 
 class GracefulShutdown:
@@ -25,6 +36,7 @@ class GracefulShutdown:
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.signals = tuple(signals)
+        self.immediate = False
         self.requested = False
         self.signum: Optional[int] = None
         self.active = False
@@ -46,7 +58,22 @@ class GracefulShutdown:
         if self.signum is None:
             self.signum = signum
 
+    @contextlib.contextmanager
+    def nothing_to_save(self) -> Iterator[None]:
+        """A stretch of work whose interruption loses nothing (e.g. torch.compile tracing before the first step):
+        a signal inside it raises :class:`Interrupted` at once instead of waiting for the next iteration."""
+        self.immediate = True
+        try:
+            if self.requested:
+                raise Interrupted(self.signum or signal.SIGTERM)
+            yield
+        finally:
+            self.immediate = False
+
     def _handler(self, signum: int, frame: Any) -> None:
+        if self.immediate:
+            self.request(signum)
+            raise Interrupted(signum)
         if not self.requested:
             self.request(signum)
             return

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -45,6 +47,7 @@ from .engine import (
     NonFiniteLossError,
     TrainingSetup,
     check_finite_validation,
+    compile_ahead,
     train_one_epoch,
     validate,
 )
@@ -54,7 +57,7 @@ from .peers import PeerMonitor, is_peer_failure
 from .precise_bn import recompute_bn_statistics
 from .random_state import rng_state
 from .random_state import set_rng_state as restore_rng
-from .shutdown import GracefulShutdown
+from .shutdown import GracefulShutdown, Interrupted
 from .workspace import WorkspaceLock, check_workspace_writable, existing_run_files
 
 __all__ = ["main", "run", "run_parsed"]
@@ -531,8 +534,17 @@ def _train(run: _Run) -> int:
     end_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, state.epoch + args.run_epochs)
     if run.resume_rng is not None:
         restore_rng(run.resume_rng)
-    _finish_pending_validation(run)
     with GracefulShutdown() as shutdown:
+        if args.compile:
+            try:
+                with shutdown.nothing_to_save():
+                    _compile_ahead(run)
+            except Interrupted as exc:
+                if run.env.is_main:
+                    print(f"main.py: {signal.Signals(exc.signum).name} received while compiling; nothing trained "
+                          "since the start or the checkpoint, so nothing to save", file=sys.stderr, flush=True)
+                return 128 + exc.signum
+        _finish_pending_validation(run)
         for epoch in range(state.epoch, end_epoch):
             run.loaders.set_epoch(epoch)
             set_epoch(comp.module, epoch)
@@ -549,6 +561,22 @@ def _train(run: _Run) -> int:
                 return _interrupted(run, shutdown)
     _summary(run)
     return 0
+
+
+def _compile_ahead(run: _Run) -> None:
+    """``--compile``: trace and compile the training and validation graphs before the first epoch, saying so."""
+    args, loaders = run.args, run.loaders
+    size = (loaders.in_chans, loaders.image_size, loaders.image_size)
+    val_batch = args.val_batch_size or args.batch_size
+    if run.env.is_main:
+        print(f"main.py: compiling the model (torch.compile, backend {args.compile_backend}, static shapes): the "
+              f"training step at batch {args.batch_size}" + ("" if args.training_only else
+                                                             f" and validation at batch {val_batch}") +
+              "; minutes on a CPU, and SIGTERM/SIGINT stop it at once", flush=True)
+    started = time.perf_counter()
+    compile_ahead(run.comp, run.cfg, (args.batch_size, *size), (val_batch, *size))
+    if run.env.is_main:
+        print(f"main.py: compiled in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def _interrupted(run: _Run, shutdown: GracefulShutdown) -> int:

@@ -73,3 +73,39 @@ def test_bad_compile_backend_is_one_line(e2e, tmp_path):
                    "--workspace", str(tmp_path)])
     assert res.returncode == 2
     assert "--compile-backend 'nope' is not a torch.compile backend" in res.stderr.strip().splitlines()[-1]
+
+
+def test_sigterm_while_compiling_stops_at_once(e2e, tmp_path):
+    """--compile says what it compiles, then compiles before the first step; a SIGTERM during that is acted on
+    at once (nothing trained yet, nothing to save) instead of after minutes of inductor work."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-u", e2e.main, "--data-backend", "synthetic", "--arch", "cifar_resnet20", "--conv",
+               "pedconv", "--num-classes", "4", "--image-size", "12", "-b", "4", "--epochs", "1", "--prof", "2", "-j",
+               "0", "--compile", "--workspace", str(tmp_path / "ws")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen(command, cwd=e2e.repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.time() + 120
+        while time.time() < deadline and "compiling the model" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()[-2000:]
+        assert "torch.compile, backend inductor" in line and "SIGTERM/SIGINT stop it at once" in line
+        time.sleep(1.0)  # inside dynamo's tracing
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        waited = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM received while compiling" in err and "Traceback" not in err
+    assert waited < 20, waited  # inductor alone takes minutes here
+    assert not (tmp_path / "ws" / "checkpoint.pth.tar").exists()
