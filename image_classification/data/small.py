@@ -310,7 +310,12 @@ class InMemoryLoader:
         if self.repeat > 1:
             x = x.repeat(1, self.repeat, 1, 1)
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format)
+        # the format's own strides, not merely a contiguous tensor: with one channel (Fashion-MNIST) the crop's
+        # NHWC strides also pass as NCHW-contiguous, and convolution then picks channels_last for the stem's
+        # weight gradient, which DDP reports as "Grad strides do not match bucket view strides"
+        if x.stride() != torch.empty(x.shape, device="meta", memory_format=self.memory_format).stride():
+            x = x.clone(memory_format=self.memory_format)
+        return x
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices().to(self.images.device)

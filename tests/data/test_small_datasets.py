@@ -77,6 +77,23 @@ def test_fashion_mnist_three_channels_and_resize(fashion_mnist_dir: Path) -> Non
     assert images.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("memory_format", ["nchw", "nhwc"])
+def test_one_channel_batches_have_their_formats_strides(fashion_mnist_dir: Path, memory_format: str) -> None:
+    """With one channel NCHW and NHWC strides both pass as contiguous; a batch must still carry its format's own
+    strides, or convolution picks channels_last for the stem's weight gradient (whose strides then differ
+    from the parameter's: DDP warns 'Grad strides do not match bucket view strides')."""
+    fmt = torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
+    loaders = build_loaders(fm_cfg(fashion_mnist_dir, memory_format=memory_format))
+    for loader in (loaders.train, loaders.val):
+        images, _ = next(iter(loader))
+        assert images.stride() == torch.empty(images.shape, memory_format=fmt).stride()
+    stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+    if memory_format == "nhwc":
+        stem = stem.to(memory_format=torch.channels_last)
+    stem(images).sum().backward()
+    assert stem.weight.grad.stride() == stem.weight.stride()
+
+
 def test_val_is_unaugmented_and_exact(fashion_mnist_dir: Path) -> None:
     raw, labels = load_fashion_mnist(str(fashion_mnist_dir), "val")
     expected = (raw.float() / 255 - 0.2860) / 0.3530
