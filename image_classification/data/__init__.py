@@ -75,6 +75,7 @@ from .config import (
     DatasetInfo,
     Loaders,
     resolve_memory_format,
+    worker_failure,
 )
 from .sharding import effective_drop_last, shard_indices, subset_indices
 
@@ -97,4 +98,5 @@ __all__ = [
     "shard_indices",
     "subset_indices",
     "validate_config",
+    "worker_failure",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "DatasetInfo",
     "Loaders",
     "resolve_memory_format",
+    "worker_failure",
 ]
 
 
@@ -222,3 +223,17 @@ class Loaders:
             f"val={len(self.val)} batches/{self.val_samples} samples, "  # type: ignore[arg-type]
             f"num_classes={self.num_classes}, in_chans={self.in_chans}, image_size={self.image_size})"
         )
+
+
+def worker_failure(exc: BaseException, workers: Optional[int] = None) -> Optional[DataError]:
+    """The one-line :class:`DataError` for a DataLoader worker that died (``exc`` is torch's RuntimeError
+    "DataLoader worker (pid N) is killed by signal: Killed."), or None for any other error. torch raises it
+    where the next batch is read, or from its SIGCHLD handler wherever the main process happens to be (in a
+    forward, say), so the trainer converts it too."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "DataLoader worker" not in text:
+        return None
+    reason = " ".join(text.split()).split(". Details", 1)[0].rstrip(".")
+    now = f" (now {workers})" if workers is not None else ""
+    return DataError(f"{reason}: out of memory? lower -j/--workers{now} or the batch size, or give the job more "
+                     "memory (/dev/shm included)")

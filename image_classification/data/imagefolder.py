@@ -19,7 +19,7 @@ from torchvision import datasets
 from torchvision.transforms import v2 as T
 
 from .augment import torchvision_augmentation, torchvision_interpolation
-from .config import DataConfig, DataError, Loaders
+from .config import DataConfig, DataError, Loaders, worker_failure
 from .sharding import effective_drop_last, subset_indices
 
 IMG_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
@@ -247,11 +247,10 @@ class EpochLoader:
             except DataError as exc:
                 raise reraise_one_line(exc) from None
             except RuntimeError as exc:  # e.g. "DataLoader worker (pid 123) is killed by signal: Killed."
-                if "DataLoader worker" not in str(exc):
+                failure = worker_failure(exc, self.workers)
+                if failure is None:
                     raise
-                reason = " ".join(str(exc).split()).split(". Details", 1)[0].rstrip(".")
-                raise DataError(f"{reason}: out of memory? lower -j/--workers (now {self.workers}) or the batch "
-                                "size, or give the job more memory (/dev/shm included)") from None
+                raise failure from None
             finally:
                 if outer_rng is not None:
                     data_rng = torch.get_rng_state()

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from image_classification.data import DataError
+from image_classification.data import DataError, worker_failure
 from image_classification.dynamic import autotune, set_epoch
 
 from . import build
@@ -277,6 +277,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:  # all ranks see the same summed loss: rank 0 says it once
         return _report(exc, EXIT_DIVERGED, env, None, quiet=env is not None and not env.is_main)
     except RuntimeError as exc:
+        failure = worker_failure(exc, args.workers)  # raised by torch's SIGCHLD handler anywhere in the step
+        if failure is not None:
+            return _report(failure, EXIT_BAD_INPUT, env, monitor)
         if env is None or not env.distributed or monitor is None or not is_peer_failure(exc):
             _post_unexpected(exc, monitor)
             raise

@@ -399,3 +399,19 @@ def test_evaluate_refuses_a_non_finite_loss_with_status_3(e2e: SimpleNamespace, 
     assert "main.py: error: validation loss of the model is nan: the checkpoint's eval-mode outputs" in err
     final = read_raport(tmp_path / "ws" / "raport.json")[-1]["data"]
     assert final["val.loss"] != final["val.loss"]  # NaN recorded
+
+
+def test_a_worker_killed_mid_step_is_one_line(jpeg_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's SIGCHLD handler raises a killed worker's error wherever the main process is (in a forward, not
+    only where the next batch is read): the same one line as the loader's, exit status 2."""
+    from image_classification.training import trainer
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    monkeypatch.setattr(trainer, "train_one_epoch", killed)
+    line = _in_process_error([str(jpeg_folder), "--arch", "cifar_resnet20", "--image-size", "16", "-b", "4",
+                              "-j", "2", "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
+    assert line == ("main.py: error: DataLoader worker (pid(s) 4242) exited unexpectedly: out of memory? lower "
+                    "-j/--workers (now 2) or the batch size, or give the job more memory (/dev/shm included)")
