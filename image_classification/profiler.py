@@ -416,6 +416,11 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
                               "train_steps": train_steps, "compile": compile, "device": dev.type,
                               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                               "amp": amp, "channels_last": channels_last}
+    from .dynamic import autotune
+
+    cache_file = autotune.default_cache_file(dev)  # the choices main.py made on this machine, and ours for it
+    if autotune.autotune_enabled():
+        autotune.load_cache_file(cache_file, dev)
     calibration = [batch_of(8) for _ in range(2)]
     for m in models.values():
         calibrate_batchnorm(m, calibration)
@@ -423,6 +428,8 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     with autocast_context(dev, amp):
         prepare_model(models["dynamic"], train_shape=(train_batch, in_chans, image_size, image_size),
                       eval_shape=(1, in_chans, image_size, image_size), device=dev, channels_last=channels_last)
+    if autotune.autotune_enabled():
+        autotune.save_cache_file(cache_file, dev)
     xs = [batch_of(1) for _ in range(warmup + images)]
     if compile:
         torch._dynamo.reset()

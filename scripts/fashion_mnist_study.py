@@ -40,9 +40,11 @@ from image_classification.argparsing import ArgumentParser  # noqa: E402
 from image_classification.reporting.fashion_mnist_study import (  # noqa: E402
     DIVERGED_MARKER,
     LABELS,
+    ImageNetCost,
     OpProfile,
     OpSummary,
     RunResult,
+    console_summary,
     environment_line,
     load_run,
     per_seed_table,
@@ -181,6 +183,21 @@ def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
     return prof
 
 
+IMAGENET_TRAIN_BATCH = 16
+
+
+def imagenet_cost(arch: str, threads: int) -> ImageNetCost:
+    """PEDConv / static on ``arch`` at 224 px: batch-1 latency (40 images) and a training step (batch 16),
+    interleaved in this process; about 40 s for ResNet-18 on 2 CPU cores (less with the path cache)."""
+    from image_classification.profiler import measure_latency
+
+    print(f"[study] measuring PEDConv / static on {arch} at 224 px (batch-1 latency, train step; under a "
+          "minute per network)", flush=True)
+    lat = measure_latency(arch, "pedconv", threads=threads, images=40, warmup=5, train_batch=IMAGENET_TRAIN_BATCH,
+                          train_steps=3, train_warmup=1)
+    return ImageNetCost(arch, float(lat["infer_ratio"]), float(lat["train_ratio"]), IMAGENET_TRAIN_BATCH)
+
+
 # -------------------------------------------------------------------------------------- results
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-images", type=int, default=200,
                         help="timed batch-1 inferences per model (default: 200)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--imagenet-cost", default="", metavar="ARCHS",
+                        help="comma-separated ImageNet networks (resnet18, resnet50, mobilenet_v2, ...) on which to "
+                        "also measure PEDConv's batch-1 latency and train step against static at 224 px, where the "
+                        "paper makes its cost claim (the quick start: resnet18; default: none)")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs main.py (default: this one)")
     parser.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
     parser.add_argument("main_args", nargs=argparse.REMAINDER,
@@ -220,6 +241,12 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.main_args and args.main_args[0] == "--":
         args.main_args = args.main_args[1:]
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    args.imagenet_cost = [a.strip() for a in args.imagenet_cost.split(",") if a.strip()]
+    from image_classification.models import list_archs
+
+    for arch in args.imagenet_cost:
+        if arch not in list_archs():
+            parser.error(f"--imagenet-cost: unknown arch {arch!r}; valid: {', '.join(list_archs())}")
     if not args.ops:
         parser.error("--ops is empty")
     for op in args.ops:
@@ -270,13 +297,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[study] profiling {op} (params, MACs{'' if args.no_latency else ', batch-1 latency vs static'})",
               flush=True)
         profiles[op] = profile_op(op, not args.no_latency, args.threads, args.latency_images)
+    costs = [imagenet_cost(arch, args.threads) for arch in args.imagenet_cost]
     total = sum(r.seconds or 0.0 for r in results) + time.perf_counter() - profiling_start
     try:
         rows = write_report(results, profiles, args.ops, args.out, args.name, command.strip(), settings_text(args),
-                            environment_line(args.threads), total_seconds=total)
+                            environment_line(args.threads), total_seconds=total, costs=costs)
     except ValueError as exc:  # no finished run to report
         return _error(exc)
-    sys.stdout.write("\n" + results_table(rows) + "\n")
+    sys.stdout.write("\n" + results_table(rows) + "\n" + console_summary(rows, costs, settings_text(args)) + "\n")
     print(f"[study] wrote {args.out / (args.name + '.md')}, .csv and .png", flush=True)
     return 0
 
