@@ -674,20 +674,29 @@ _AUTHORS_KEYS = (
 )
 
 
+#: a converted head's key; group 1 is the layer's module path, absent for a bare layer's state dict
+_HEAD_KEY = re.compile(r"^(?:(.*)\.)?generator\.heads\.0\.fc_")
+
+
+def _member(layer: str, name: str) -> str:
+    """``layer.name``, or ``name`` for a bare layer (``layer`` empty)."""
+    return f"{layer}.{name}" if layer else name
+
+
 def _authors_rank(converted: Mapping[str, Any], layer: str) -> Tuple[int, Dict[str, int]]:
     """Rank R and component lengths of one converted authors' layer, from its heads and base weight."""
-    base = converted.get(f"{layer}.weight")
+    base = converted.get(_member(layer, "weight"))
     if not isinstance(base, Tensor) or base.dim() != 4:
-        raise ValueError(f"convert_authors_state_dict: cannot infer the rank of {layer}: "
-                         f"its base weight {layer}.weight is missing")
+        raise ValueError(f"convert_authors_state_dict: cannot infer the rank of {layer or 'the layer'}: "
+                         f"its base weight {_member(layer, 'weight')} is missing")
     cout, cin_g, kh, kw = base.shape
     dims = {"phi": cin_g, "gamma": cout, "psi": kh * kw}
-    rows = {name: converted[f"{layer}.generator.heads.0.fc_{name}.weight"].shape[0]
-            for name in COMPONENTS if f"{layer}.generator.heads.0.fc_{name}.weight" in converted}
+    rows = {name: converted[_member(layer, f"generator.heads.0.fc_{name}.weight")].shape[0]
+            for name in COMPONENTS if _member(layer, f"generator.heads.0.fc_{name}.weight") in converted}
     ranks = {name: n // dims[name] for name, n in rows.items() if n % dims[name] == 0}
     if len(ranks) != len(rows) or len(set(ranks.values())) != 1 or 0 in ranks.values():
         found = ", ".join(f"fc_{name} {n} rows" for name, n in rows.items())
-        raise ValueError(f"convert_authors_state_dict: {layer}: heads ({found}) are no common rank R of "
+        raise ValueError(f"convert_authors_state_dict: {layer or 'the layer'}: heads ({found}) are no common rank R of "
                          f"C_in/g={cin_g}, C_out={cout}, k*k={kh * kw}")
     return next(iter(ranks.values())), {name: dims[name] for name in rows}
 
@@ -724,17 +733,17 @@ def convert_authors_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
         for pattern, repl in _AUTHORS_KEYS:
             name = pattern.sub(repl, name)
         converted[name] = value
-    layers = sorted({k.split(".generator.heads.0.fc_")[0] for k in converted if ".generator.heads.0.fc_" in k})
+    layers = sorted({m.group(1) or "" for m in map(_HEAD_KEY.match, converted) if m is not None})
     for layer in layers:
         rank, dims = _authors_rank(converted, layer)
         if rank == 1:
             continue
         for name, dim in dims.items():
             for field in ("weight", "bias"):
-                key = f"{layer}.generator.heads.0.fc_{name}.{field}"
+                key = _member(layer, f"generator.heads.0.fc_{name}.{field}")
                 if key in converted:
                     converted[key] = _rank_major(converted[key], dim, rank, 0)
-        key = f"{layer}.infomax_decoder.0.weight"
+        key = _member(layer, "infomax_decoder.0.weight")
         if key in converted:
             decoder = converted[key]
             width = rank * sum(dims.values())
@@ -814,7 +823,9 @@ def pedconv_weight_sums(module: PEDConv2d, x: Tensor) -> Tuple[Tensor, Tensor, T
 
 def _is_authors_layout(state_dict: Mapping[str, Any]) -> bool:
     inner = state_dict.get("state_dict")
-    return any(AUTHORS_MARKER in str(key) for key in (inner if isinstance(inner, Mapping) else state_dict))
+    keys = inner if isinstance(inner, Mapping) else state_dict
+    # a model's keys hold ".attn.fc_share."; a bare layer's start with "attn.fc_share."
+    return any(AUTHORS_MARKER in str(key) or str(key).startswith(AUTHORS_MARKER[1:]) for key in keys)
 
 
 #: the authors' PEDConv release (``P.attn.fc_share`` ...), loaded through :func:`convert_authors_state_dict`

@@ -80,6 +80,25 @@ def test_rank_r_authors_layout_converts_exactly(rank):
     torch.testing.assert_close(conv.infomax_term(), F.mse_loss(rec, x.mean((2, 3))), rtol=1e-5, atol=1e-6)
 
 
+def test_a_bare_rank_r_layer_converts_exactly():
+    """A layer's own state dict (keys weight, attn.fc_inp.weight, ... with no module path) is found and
+    reordered too, and recognised as the authors' layout."""
+    from image_classification.dynamic.pedconv import AUTHORS_LAYOUT
+
+    cin, cout, k, hidden, rank = 64, 32, 3, 4, 4
+    prefix = "module.layer2.1.conv2."
+    bare = {key[len(prefix):]: v for key, v in authors_state(cin, cout, k, rank, hidden).items()}
+    assert AUTHORS_LAYOUT.detect(bare)
+    conv = PEDConv2d(cin, cout, k, padding=1, bias=False, rank=rank)
+    conv.load_state_dict(convert_authors_state_dict(bare), strict=True)
+    conv.eval()
+    x = torch.randn(3, cin, 5, 5)
+    plain = {f"layer2.1.conv2.{key}": v for key, v in bare.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), authors_rank_r(plain, "layer2.1.conv2", rank, x, 1), rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_rank_r_without_conversion_of_the_rows_would_be_wrong():
     """What the issue reported: names mapped, rows not reordered -> a strict load, a wrong layer."""
     cin, cout, rank = 64, 32, 4
