@@ -207,6 +207,22 @@ def _branch_hidden(fc1: nn.Linear, gate: Optional[nn.Linear], ctx: torch.Tensor)
     return F.relu(h) if gate is None else h * _lambda_act(gate(h))
 
 
+
+def _add_low_rank(y: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``y + P Z`` per (sample, block): ``y`` is B x C_out x H x W, ``p`` (B*nb) x ob x L, ``z`` (B*nb) x L x HW.
+
+    In place where that is safe and seen: ``y`` is a fresh output no backward formula saved, and baddbmm's
+    backward needs only ``p`` and ``z``, so accumulating into it spares a copy of the output. Out of place when
+    the B x nb flattening is a copy (a channels_last ``y`` with several blocks: a write into the copy would
+    be lost) and under tracing or ONNX export (the TorchScript-based exporter drops in-place writes through
+    a reshape view)."""
+    flat = y.reshape(p.shape[0], p.shape[1], z.shape[2])
+    if not flat._is_view() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return torch.baddbmm(flat, p, z).reshape(y.shape)
+    flat.baddbmm_(p, z)
+    return y
+
+
 @register_operator(
     "dcd",
     options={
@@ -227,6 +243,7 @@ def _branch_hidden(fc1: nn.Linear, gate: Optional[nn.Linear], ctx: torch.Tensor)
     },
     help="DCD (Li et al. 2021): Lambda(x) W0 + P Phi(x) Q^T",
 )
+
 class DCDConv2d(DynamicConv2d):
     """Dynamic convolution decomposition, Eq. 6-9 of Li et al. (2021); see the module docstring."""
 
@@ -594,11 +611,8 @@ class DCDConv2d(DynamicConv2d):
         ob = self.out_channels // nb
         p = self.P.reshape(1, nb, ob, L).expand(b, nb, ob, L).reshape(b * nb, ob, L)
         # Lambda (W0 * x) + b + P (Phi Q^T x): the residual is accumulated into y by baddbmm.
-        # In place: y is a fresh tensor that no backward formula saved, and baddbmm's own backward
-        # needs only p and z, so this is autograd-safe and spares a copy of the output.
         # Under autocast y, z and P may differ in dtype (autocast leaves in-place ops alone): use y's.
-        y.reshape(b * nb, ob, hw).baddbmm_(p.to(y.dtype), z.reshape(b * nb, L, hw).to(y.dtype))
-        return y
+        return _add_low_rank(y, p.to(y.dtype), z.reshape(b * nb, L, hw).to(y.dtype))
 
     def _forward_released(self, x: torch.Tensor) -> torch.Tensor:
         """The release: ``Lambda (W0 x + b) + P (BN2(Phi BN1(Q^T x_c)) + BN1(Q^T x_c))``."""
@@ -636,8 +650,7 @@ class DCDConv2d(DynamicConv2d):
         ob = self.out_channels // nb
         p = self.P.reshape(1, nb, ob, L).expand(b, nb, ob, L).reshape(b * nb, ob, L)
         # y is a fresh tensor no backward saved (conv and the Lambda product save their inputs only)
-        y.reshape(b * nb, ob, hw).baddbmm_(p.to(y.dtype), z.reshape(b * nb, L, hw).to(y.dtype))
-        return y
+        return _add_low_rank(y, p.to(y.dtype), z.reshape(b * nb, L, hw).to(y.dtype))
 
     @torch.no_grad()
     def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:

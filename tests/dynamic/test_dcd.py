@@ -669,3 +669,25 @@ def test_released_parameter_counts():
     assert abs((count_params(r18).deploy - count_params(r18.fc).deploy) / 1e6 - 14.059) < 0.001
     # and the same network built here from the release's module definitions
     assert count_params(released_resnet(tv.Bottleneck, [3, 4, 6, 3], 1000)).deploy == r50
+
+
+@pytest.mark.parametrize("spec", ["dcd:blocks=2", "dcd:blocks=2,variant=released", "dcd:blocks=2,mode=joint"])
+def test_channels_last_keeps_the_low_rank_residual(spec: str) -> None:
+    """With several blocks the B x nb flattening of a channels_last output is a copy: the residual P Phi Q^T x
+    must still reach the output (it was written into the copy and lost), forward and backward."""
+    torch.manual_seed(0)
+    layer = build_conv(spec, 32, 32, 3, padding=1)
+    if "released" not in spec:
+        layer.path = "branch"
+    x = torch.randn(4, 32, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    layer = layer.double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.contiguous(memory_format=torch.channels_last)), layer(x))
+    layer.train()
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xi = x.detach().clone(memory_format=fmt).requires_grad_(True)
+        out = layer(xi)
+        (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0])
