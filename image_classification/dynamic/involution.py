@@ -88,7 +88,14 @@ class Involution2d(DynamicConv2d):
     def kernels(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel kernels ``H`` (B x G x kh*kw x H' x W'), Eq. 3."""
         out_hw = self.output_size(x.shape[2], x.shape[3])
-        ctx = x if tuple(x.shape[2:]) == out_hw else F.adaptive_avg_pool2d(x, out_hw)
+        if tuple(x.shape[2:]) == out_hw:
+            ctx = x
+        elif x.shape[2] == out_hw[0] * self.stride[0] and x.shape[3] == out_hw[1] * self.stride[1]:
+            # RedNet's AvgPool2d(stride), the same windows as adaptive pooling here; a constant kernel, which the
+            # TorchScript-based ONNX exporter can express (adaptive pooling to a traced size it cannot)
+            ctx = F.avg_pool2d(x, self.stride)
+        else:
+            ctx = F.adaptive_avg_pool2d(x, out_hw)
         h = self.span(F.relu(self.bn(self.reduce(ctx))))
         kh, kw = self.kernel_size
         return h.reshape(x.shape[0], self.num_groups, kh * kw, *out_hw)

@@ -51,6 +51,19 @@ def test_unfold_matches_explicit_loops_float64(geom):
     torch.testing.assert_close(y, loop_reference(m, x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("size", [(8, 6), (7, 5)], ids=["even", "odd"])
+def test_kernel_context_is_the_input_averaged_to_the_output_size(size):
+    """Strided: the generating map is the input average-pooled to the output grid (RedNet's AvgPool2d(stride)
+    when the sizes divide, which the TorchScript-based exporter needs; adaptive pooling otherwise)."""
+    torch.manual_seed(0)
+    m = Involution2d(4, 4, 3, 2, 1, bias=False, group_channels=2, reduction=2).double().eval()
+    x = torch.randn(2, 4, *size, dtype=torch.float64)
+    out_hw = m.output_size(*size)
+    ctx = F.adaptive_avg_pool2d(x, out_hw)
+    want = m.span(F.relu(m.bn(m.reduce(ctx)))).reshape(2, m.num_groups, 9, *out_hw)
+    torch.testing.assert_close(m.kernels(x), want, rtol=1e-12, atol=1e-12)
+
+
 def test_backward_matches_reference_float32():
     torch.manual_seed(0)
     m = Involution2d(4, 4, 3, 2, 1, group_channels=2, reduction=2).eval()
