@@ -72,6 +72,14 @@ def test_the_readme_has_the_entry_points_users_need() -> None:
     names = {target for target, _ in ENTRY_POINTS}
     assert {"main.py", "multiproc.py", "classify.py", "image_classification.profiler",
             "image_classification.export"} <= names, names
+    assert LOADS_CHECKPOINTS <= names  # each is checked for --trust-checkpoints below
+
+
+# programs that load checkpoints: the untrusted-pickle refusal advises --trust-checkpoints, so each must have it
+LOADS_CHECKPOINTS = {"main.py", "classify.py", "image_classification.classify", "image_classification.export",
+                     "image_classification.analysis.gradcam", "image_classification.analysis.weights",
+                     "image_classification.analysis.coefficients", "image_classification.detection.train",
+                     "image_classification.segmentation.train"}
 
 
 @pytest.mark.parametrize("target, module", ENTRY_POINTS, ids=[t for t, _ in ENTRY_POINTS])
@@ -79,3 +87,5 @@ def test_every_entry_point_answers_help(target: str, module: bool) -> None:
     run = run_script(target if module else str(ROOT / target), ["--help"], module=module, cwd=ROOT, timeout=180)
     assert run.returncode == 0, f"{target} --help: rc {run.returncode}\n{run.stderr[-2000:]}"
     assert "usage" in run.stdout.lower(), run.stdout[:500]
+    if target in LOADS_CHECKPOINTS:
+        assert "--trust-checkpoints" in run.stdout

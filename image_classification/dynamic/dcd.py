@@ -214,10 +214,11 @@ def _add_low_rank(y: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> torch.Te
     In place where that is safe and seen: ``y`` is a fresh output no backward formula saved, and baddbmm's
     backward needs only ``p`` and ``z``, so accumulating into it spares a copy of the output. Out of place when
     the B x nb flattening is a copy (a channels_last ``y`` with several blocks: a write into the copy would
-    be lost) and under tracing or ONNX export (the TorchScript-based exporter drops in-place writes through
-    a reshape view)."""
+    be lost), under tracing or ONNX export (the TorchScript-based exporter drops in-place writes through a
+    reshape view) and under torch.compile."""
     flat = y.reshape(p.shape[0], p.shape[1], z.shape[2])
-    if not flat._is_view() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
+            or not flat._is_view():  # (a compiled graph is functionalised: out of place costs nothing there)
         return torch.baddbmm(flat, p, z).reshape(y.shape)
     flat.baddbmm_(p, z)
     return y

@@ -85,7 +85,7 @@ def test_cuda_device_without_cuda_is_a_one_line_error(capsys):
         benchmark.main(["--device", "cuda", "--shapes", "tiny"])
     assert info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--device cuda given but CUDA is not available "
-                                                                       f"(torch {torch.__version__})")
+                                                                       f"(torch {torch.__version__}) (see --help)")
     with pytest.raises(SystemExit):
         benchmark.main(["--amp", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def test_bad_data_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture)
     with pytest.raises(SystemExit):
         train.main([str(tmp_path), "--config", str(tmp_path / "bad.yaml")])
     err = capsys.readouterr().err
-    assert "unknown key(s) in --config" in err and err.rstrip().endswith("learning-rate")
+    assert "unknown key(s) in --config" in err and err.rstrip().endswith("learning-rate (see --help)")
 
 
 @pytest.mark.slow

@@ -266,18 +266,6 @@ def test_a_programs_trust_flag_is_the_default_of_every_load(tmp_path: Path) -> N
         load_checkpoint(tmp_path / "foreign.pth")
 
 
-@pytest.mark.parametrize("module", ["image_classification.classify", "image_classification.export",
-                                    "image_classification.analysis.gradcam", "image_classification.analysis.weights",
-                                    "image_classification.analysis.coefficients",
-                                    "image_classification.detection.train", "image_classification.segmentation.train"])
-def test_every_program_that_loads_checkpoints_has_the_remedy_the_error_names(module: str) -> None:
-    """The refusal's advice (--trust-checkpoints) is a flag of whichever program printed it (main.py's is
-    tested with its parser)."""
-    from script_runner import run_script
-
-    run = run_script(module, ["--help"], module=True, cwd=Path(__file__).resolve().parents[2])
-    assert run.returncode == 0 and "--trust-checkpoints" in run.stdout, run.stderr[-500:]
-
 
 @pytest.mark.skipif(
     not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"), reason="torch < 2.5 cannot list globals"

@@ -21,8 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(**overrides: object) -> SimpleNamespace:
-    args = dict(arch="efficientnet_b0", placement="paper", num_classes=3, model_config="classic", dropout=None,
-                memory_format="nchw", drop_path=None, bn_momentum=None, deterministic=False)
+    """main.py's parsed defaults (the parser is their one home), with the fields these tests set."""
+    from image_classification.training.cli import build_parser
+
+    args = vars(build_parser().parse_args([]))
+    args.update(arch="efficientnet_b0", placement="paper", num_classes=3)
     args.update(overrides)
     return SimpleNamespace(**args)
 
