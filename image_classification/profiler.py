@@ -502,8 +502,9 @@ def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m image_classification.profiler", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", help=f"architecture ({', '.join(list_archs())})")
     p.add_argument("--conv", default="static", help="operator spec, e.g. pedconv, pedconv:rank=4, dcd, static")
-    p.add_argument("--placement", default="paper", help="placement (paper, all, pointwise, depthwise, shallow, "
-                   "deep, none, +stem/+shortcut/+se/+cls/+share; see image_classification/models/convert.py)")
+    p.add_argument("--placement", default=None, help="placement (paper, all, pointwise, depthwise, shallow, "
+                   "deep, none, +stem/+shortcut/+se/+cls/+share/+last; see image_classification/models/convert.py; "
+                   "default: the operator's, as main.py: paper, involution paper+last)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the arch's paper size)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--in-chans", type=int, default=3)
@@ -574,6 +575,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.arch:
         parser.error("--arch is required (or --table)")
     try:
+        if args.placement is None:
+            from .dynamic.registry import operator_class
+
+            args.placement = operator_class(args.conv).default_placement
         report = profile_model(args.arch, args.conv, args.placement, args.image_size, args.num_classes, args.in_chans)
         if args.conv != "static" or args.placement != "paper":
             base = profile_model(args.arch, "static", "paper", report["image_size"], args.num_classes, args.in_chans)

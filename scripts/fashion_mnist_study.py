@@ -166,7 +166,10 @@ def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
     from image_classification.profiler import measure_latency, profile_model
 
     recipe = read_recipe(op)
-    arch, conv, placement = recipe["arch"], recipe["conv"], recipe.get("placement", "paper")
+    from image_classification.dynamic.registry import operator_class
+
+    arch, conv = recipe["arch"], recipe["conv"]
+    placement = recipe.get("placement") or operator_class(conv).default_placement  # what main.py trains
     size = int(recipe.get("image_size", 28))
     counts = profile_model(arch, conv, placement, size, num_classes=10, in_chans=1)
     prof = OpProfile(conv=conv, params=int(counts["params_deploy"]), macs=int(counts["macs"]))

@@ -18,6 +18,8 @@ hook                           asked by / default
                                weight from generated factors (default 0).
 ``default_bn_gamma``           ``build_model(bn_gamma="auto")``: initial gamma of every BatchNorm,
                                None = the init scheme's value.
+``default_placement``          ``main.py`` without ``--placement``: where the operator goes (default
+                               ``paper``; Involution ``paper+last``, RedNet's one per block).
 ``site_options(...)``          ``convert_model``: per-conv option overrides (None keeps a conv static).
 ``after_conversion(...)``      ``convert_model``: called once after the convs are replaced (block-level
                                sharing such as CondConv's ``routing=block``).
@@ -126,6 +128,8 @@ class OperatorProtocol:
 
     #: initial gamma of every BatchNorm under ``build_model(bn_gamma="auto")``; None keeps the init's value
     default_bn_gamma: ClassVar[Optional[float]] = None
+    #: the placement ``main.py`` uses when neither ``--placement``, a recipe nor a checkpoint names one
+    default_placement: ClassVar[str] = "paper"
     #: foreign state-dict layouts this operator loads (checkpoint loading tries each one's ``detect``)
     foreign_layouts: ClassVar[Tuple[ForeignLayout, ...]] = ()
     #: whether placement ``+share`` applies (:meth:`share_generators`)

@@ -22,6 +22,10 @@ A placement is a ``+``-joined set of tokens (order irrelevant, case-insensitive)
                             head conv of MobileNetV2/EfficientNet before the classifier; joins the
                             others (``deep+inblock``: EfficientNet-B0's last three stages, the
                             CondConv paper's EfficientNet placement)
+    last                    keep only the last full k x k conv of each block: one per residual block,
+                            where RedNet puts Involution (the 3x3 of a bottleneck; the second conv of
+                            a basic block, as the CondConv/Involution report does), so that no two
+                            input-generated kernels follow each other without a static conv between
     stem, shortcut, se      also convert the stem conv / the shortcut convs / the SE convs
     cls                     also make the classifier (the last nn.Linear) dynamic (DCD 'CLS'):
                             the operator's ``dynamic_classifier`` hook (DCD: ``DCDLinear``; by
@@ -30,7 +34,7 @@ A placement is a ``+``-joined set of tokens (order irrelevant, case-insensitive)
                             block share one generator (PEDConv, BMVC 2021, Appendix D, Table 2)
 
 Examples: ``paper``, ``pointwise``, ``depthwise``, ``pointwise+depthwise``, ``deep``, ``all+se``,
-``pointwise+cls``, ``paper+share``, ``none+cls``, ``deep+inblock``.
+``pointwise+cls``, ``paper+share``, ``none+cls``, ``deep+inblock``, ``paper+last``.
 
 Operator-specific conversion goes through the operator's hooks (:mod:`image_classification.dynamic.protocol`):
 ``site_options(options, conv, block)`` returns per-conv option overrides (or None to leave that conv
@@ -70,7 +74,7 @@ __all__ = [
 SCOPES = ("paper", "all", "none")
 TYPES = ("pointwise", "depthwise", "full")
 DEPTHS = ("shallow", "deep")
-EXTRAS = ("inblock", "stem", "shortcut", "se", "cls", "share")
+EXTRAS = ("inblock", "last", "stem", "shortcut", "se", "cls", "share")
 PLACEMENT_TOKENS = SCOPES + TYPES + DEPTHS + EXTRAS
 
 _BLOCK_CLASS_NAMES = {
@@ -226,6 +230,9 @@ def select_convs(model: nn.Module, placement: str | Placement = "paper") -> List
         chosen = {s.name for s in sites if s.name in chosen and halves[s.block] == pl.depth}
     if "inblock" in pl.extras:
         chosen = {s.name for s in sites if s.name in chosen and s.block != s.name}
+    if "last" in pl.extras:
+        last = {s.block: s.name for s in sites if s.name in chosen and s.block != s.name and _geometry(s) == "full"}
+        chosen = set(last.values())
     return [s.name for s in sites if s.name in chosen]
 
 

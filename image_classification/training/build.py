@@ -23,6 +23,7 @@ from image_classification.data import DataConfig, Loaders, build_loaders
 from image_classification.dynamic.registry import implied_spec
 
 from .checkpoint_load import load_checkpoint
+from .cli import FALLBACK_ARCH, FALLBACK_PLACEMENT
 from .distributed import DistEnv, broadcast_int
 from .engine import LoopConfig, TrainingSetup
 from .errors import CheckpointError
@@ -31,7 +32,7 @@ from .weight_loading import check_model_fields, load_model_weights, recorded_arc
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_training_setup",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",
-           "tune_paths", "infer_model_fields", "save_tuned_paths", "path_cache_files",
+           "tune_paths", "infer_model_fields", "save_tuned_paths", "path_cache_files", "resolve_placement",
            "check_resume_position"]
 
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,6 +76,14 @@ def resolve_resume(args: argparse.Namespace) -> Tuple[Optional[str], Optional[Di
     return path, checkpoint
 
 
+def resolve_placement(args: argparse.Namespace, conv: str) -> None:
+    """``--placement`` not given (nor by a recipe or the checkpoint): the operator's ``default_placement``."""
+    from image_classification.dynamic.registry import operator_class
+
+    if args.placement is None:
+        args.placement = getattr(operator_class(conv), "default_placement", FALLBACK_PLACEMENT)
+
+
 def infer_conv(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> str:
     """``--conv``/``--dynamic`` when given, else the checkpoint's operator, else ``static``.
 
@@ -98,8 +107,6 @@ def infer_model_fields(args: argparse.Namespace, checkpoint: Optional[Dict[str, 
     naming both, raised here, before any model is built or tuned."""
     from image_classification.models import list_archs
 
-    from .cli import FALLBACK_ARCH, FALLBACK_PLACEMENT
-
     if checkpoint is not None:
         check_model_fields(checkpoint, args.arch, args.conv, f"checkpoint {path}")
         saved = recorded_arch(checkpoint)
@@ -111,7 +118,6 @@ def infer_model_fields(args: argparse.Namespace, checkpoint: Optional[Dict[str, 
         if args.placement is None and isinstance(checkpoint.get("placement"), str):
             args.placement = checkpoint["placement"]
     args.arch = args.arch or FALLBACK_ARCH
-    args.placement = args.placement or FALLBACK_PLACEMENT
     if args.drop_path is not None and not args.arch.startswith("efficientnet"):
         raise ValueError(f"--drop-path: --arch {args.arch} has no stochastic depth (efficientnet_* archs only)")
 

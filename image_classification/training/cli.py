@@ -138,8 +138,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dynamic", action="store_true",
                        help=f"use the paper's dynamic convolution: same as --conv {DEFAULT_DYNAMIC_SPEC}")
     group.add_argument("--placement", default=None,
-                       help="which convolutions become dynamic (default: the checkpoint's, else "
-                       f"{FALLBACK_PLACEMENT} = all but the stem, the 1x1 shortcuts and the classifier)")
+                       help="which convolutions become dynamic (default: the checkpoint's, else the operator's: "
+                       f"{FALLBACK_PLACEMENT} = all but the stem, the 1x1 shortcuts and the classifier; involution: "
+                       "paper+last, one per residual block as in RedNet)")
     group.add_argument("-c", "--model-config", default="classic", choices=("classic", "fanin", "fanout"),
                        help="weight initialisation (default: classic)")
     group.add_argument("--dropout", type=_probability, default=None, metavar="P",
@@ -466,8 +467,6 @@ def _validate_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
     if args.arch is None and args.resume is None and args.pretrained_weights is None:
         args.arch = FALLBACK_ARCH  # no checkpoint can name one (build.infer_model_fields does it otherwise)
-    if args.placement is None and args.resume is None and args.pretrained_weights is None:
-        args.placement = FALLBACK_PLACEMENT
     archs = list(list_archs())
     if args.arch is not None and args.arch not in archs:
         parser.error(f"unknown --arch {args.arch!r}; valid: {', '.join(archs)}")
@@ -477,6 +476,10 @@ def _validate_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             args.conv = str(parse_spec(spec))
     except ValueError as exc:
         parser.error(f"--conv: {exc}")
+    if args.placement is None and args.resume is None and args.pretrained_weights is None:
+        from image_classification.dynamic.registry import operator_class
+
+        args.placement = operator_class(args.conv or "static").default_placement  # else: the checkpoint's
 
 
 def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

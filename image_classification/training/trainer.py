@@ -180,6 +180,7 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     except ValueError as exc:
         raise UsageError(exc) from None
     conv = build.infer_conv(args, resume or pretrained)
+    build.resolve_placement(args, conv)
     loaders = build.build_data(args, env)
     try:
         model = build.build_network(args, conv, loaders, env)

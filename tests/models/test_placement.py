@@ -129,6 +129,19 @@ def test_static_conversion_changes_nothing_and_is_idempotent() -> None:
     assert len(_dynamic_names(model)) == n
 
 
+def test_last_keeps_one_full_conv_per_block() -> None:
+    """RedNet's place for Involution: the 3x3 of each bottleneck, the second conv of each basic block."""
+    from image_classification.models import build_model
+
+    basic = build_model("cifar_resnet20", "static", num_classes=10)
+    chosen = select_convs(basic, "paper+last")
+    assert len(chosen) == 9 and all(name.endswith(".conv2") for name in chosen)
+    bottleneck = build_model("resnet50", "static", num_classes=10)
+    chosen = select_convs(bottleneck, "paper+last")
+    assert len(chosen) == 16 and all(name.endswith(".conv2") for name in chosen)  # the 3x3 of each block
+    assert str(parse_placement("last+paper")) == "paper+last"
+
+
 def test_inblock_leaves_out_convs_between_blocks() -> None:
     model = build_model("efficientnet_b0")
     deep = select_convs(model, "deep")

@@ -415,3 +415,22 @@ def test_a_worker_killed_mid_step_is_one_line(jpeg_folder: Path, tmp_path: Path,
                               "-j", "2", "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
     assert line == ("main.py: error: DataLoader worker (pid(s) 4242) exited unexpectedly: out of memory? lower "
                     "-j/--workers (now 2) or the batch size, or give the job more memory (/dev/shm included)")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_involution_trains_then_evaluates_finite(tmp_path: Path, capsys: pytest.CaptureFixture, seed: int) -> None:
+    """The issue's command: two SGD steps of Involution on CIFAR ResNet-20, then eval mode. With two
+    involutions per basic block (placement paper) the eval activations reached 1e31 and the loss NaN at any
+    lr; the operator's own placement (paper+last: one per block, as RedNet) stays finite."""
+    import math
+
+    from image_classification.training.trainer import main
+
+    code = main(["--data-backend", "synthetic", "--arch", "cifar_resnet20", "--num-classes", "10", "--image-size",
+                 "32", "-b", "4", "--epochs", "1", "--prof", "2", "-j", "0", "--conv", "involution", "--seed",
+                 str(seed), "--workspace", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    records = read_raport(tmp_path / "raport.json")
+    params = next(r["data"] for r in records if r.get("step") == "PARAMETER")
+    assert params["placement"] == "paper+last"
+    assert math.isfinite(records[-1]["data"]["val.loss"])
