@@ -23,7 +23,7 @@ from image_classification.data import DataConfig, Loaders, build_loaders
 from image_classification.dynamic.registry import implied_spec
 
 from .checkpoint_load import load_checkpoint
-from .cli import FALLBACK_ARCH, FALLBACK_PLACEMENT
+from .cli import FALLBACK_ARCH
 from .distributed import DistEnv, broadcast_int
 from .engine import LoopConfig, TrainingSetup
 from .errors import CheckpointError
@@ -81,7 +81,7 @@ def resolve_placement(args: argparse.Namespace, conv: str) -> None:
     from image_classification.dynamic.registry import operator_class
 
     if args.placement is None:
-        args.placement = getattr(operator_class(conv), "default_placement", FALLBACK_PLACEMENT)
+        args.placement = operator_class(conv).default_placement
 
 
 def infer_conv(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> str:
