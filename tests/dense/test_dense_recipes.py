@@ -62,3 +62,14 @@ def test_dense_count_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
     monkeypatch.setattr(counts, "dense_table_rows", lambda: table)
     assert profile.main(["--table", "dense", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == table
+
+
+def test_upernet_reproduces_the_printed_flops_at_416() -> None:
+    """PEDConv Table 3 states no input size; at 416 x 416 our count gives the printed UperNet figure (156.2G);
+    the dense table prints it beside the 512 x 512 count."""
+    row = next(r for r in counts.DENSE_ROWS if r.model == "upernet" and r.conv == "static")
+    assert row.paper_size == 416
+    (entry,) = counts.dense_table_rows(rows=[row])
+    assert entry["ours_gflops_at_paper_size"] == pytest.approx(156.2, abs=0.05)
+    assert entry["ours_gflops"] == pytest.approx(236.6, abs=0.05)  # ADE20K's 512 crop: +51 %
+    assert "matches at 416" in counts.format_dense_table([entry])
