@@ -48,6 +48,7 @@ def test_main_names_the_flag_not_an_internal_type(capsys: pytest.CaptureFixture)
     from image_classification.training.cli import parse_args
 
     for argv, needle in ((["--lr-steps", "nan"], "argument --lr-steps: expected an integer, got 'nan'"),
+                         (["--autotune-budget", "-1"], "argument --autotune-budget: must be >= 0, got -1"),
                          (["--compile-backend", "eager"], "--compile-backend eager without --compile")):
         with pytest.raises(SystemExit):
             parse_args(["--data-backend", "synthetic", *argv])

@@ -153,6 +153,10 @@ def test_study_cli_validation_and_commands(tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         study.parse(["--data", str(tmp_path / "missing")])
     assert "no such directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.parse(["--imagenet-cost", "resnet18,alexnet", "--dry-run"])
+    assert "--imagenet-cost: unknown arch 'alexnet'" in capsys.readouterr().err
+    assert study.parse(["--imagenet-cost", "resnet18", "--dry-run"]).imagenet_cost == ["resnet18"]
     args = study.parse(["--ops", "static,pedconv", "--seeds", "3", "--epochs", "1", "--train-subset", "100",
                         "--logs", str(tmp_path), "--dry-run", "--", "--device", "cpu"])
     assert args.ops == ["static", "pedconv"] and args.val_subset is None and args.main_args == ["--device", "cpu"]
