@@ -50,7 +50,7 @@ class Involution2d(DynamicConv2d):
     """Involution (Li et al., 2021), report Eq. 2-4; see the module docstring for geometry."""
 
     #: RedNet's place: one involution per residual block (the 3x3 of a bottleneck; the CondConv/Involution
-    #: report: the second conv of a basic block), with static convs between. Its output is quadratic in its
+    #: report, Sec. 3.2: the second conv of a basic block), with static convs between. Its output is quadratic in its
     #: input (the kernel is generated from what it multiplies), so two in a row per block (``paper`` on
     #: basic blocks) square any eval-mode scale mismatch twice per block: after two SGD steps the eval
     #: activations of CIFAR ResNet-20 reached 1e31 and the validation loss NaN, at any lr

@@ -24,7 +24,7 @@ A placement is a ``+``-joined set of tokens (order irrelevant, case-insensitive)
                             CondConv paper's EfficientNet placement)
     last                    keep only the last full k x k conv of each block: one per residual block,
                             where RedNet puts Involution (the 3x3 of a bottleneck; the second conv of
-                            a basic block, as the CondConv/Involution report does), so that no two
+                            a basic block, as the CondConv/Involution report, Sec. 3.2), so that no two
                             input-generated kernels follow each other without a static conv between
     stem, shortcut, se      also convert the stem conv / the shortcut convs / the SE convs
     cls                     also make the classifier (the last nn.Linear) dynamic (DCD 'CLS'):
