@@ -60,7 +60,7 @@ from .pedconv_common import (
     normal_init,
     ordered_components,
 )
-from .pedconv_kernels import _compute_dtype
+from .pedconv_kernels import batch1_plan, compute_dtype, gemm_batch1, weight_folded_conv
 from .pedconv_paths import (
     GROUPED_MAX_WEIGHT_RATIO,
     PATH_REGISTRY,
@@ -175,8 +175,9 @@ class _Generator(nn.Module):
         self.fc_share = nn.Linear(self.context_dim, hidden)
         normal_init(self.fc_share)
         self.heads = nn.ModuleList()
-        # inference-only cache of the concatenated head weights: logvar flag -> (stamp, weight, bias)
-        self._fused_cache: Dict[bool, Tuple[Any, Tensor, Tensor]] = {}
+        # inference-only caches: logvar flag -> (stamp, weight, bias, params) of the concatenated heads, and
+        # "inference" -> (stamp, inference_weights(), params)
+        self._fused_cache: Dict[Any, Tuple[Any, ...]] = {}
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
@@ -197,32 +198,68 @@ class _Generator(nn.Module):
         """Length of the fused head output: every conv's components, conv-major, phi/gamma/psi order."""
         return sum(heads.total_dim for heads in self.heads)
 
+    def _head_params(self, logvar: bool) -> List[Tensor]:
+        """The (mean or log-variance) heads' weights and biases, interleaved, in the fused order; read
+        through the modules' parameter dicts (this runs on every inference forward)."""
+        suffix = "_logvar" if logvar else ""
+        out: List[Tensor] = []
+        for heads in self.heads._modules.values():
+            modules = heads._modules
+            for name in heads.dims:
+                params = modules[f"fc_{name}{suffix}"]._parameters
+                out.append(params["weight"])
+                out.append(params["bias"])
+        return out
+
+    @staticmethod
+    def _stamp(params: Sequence[Tensor]) -> Optional[Tuple[Tuple[int, int, int], ...]]:
+        """What an inference cache of ``params`` is valid for: identity (a replaced parameter), version (an
+        in-place update) and data pointer (``.to()``/``.half()`` swap ``.data`` and keep both); None for
+        parameters made under inference mode, which track no version (no cache)."""
+        try:
+            return tuple([(id(p), p._version, p.data_ptr()) for p in params])
+        except RuntimeError:
+            return None
+
     def _fused(self, logvar: bool) -> Tuple[Tensor, Tensor]:
         """All heads' (mean or log-variance) weights and biases concatenated in the fused order.
 
         Outside autograd (inference, eager) the concatenation is cached until a parameter changes
-        (in-place updates bump its version; replacing one changes its identity).
+        (:meth:`_stamp`).
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             linears = [lin for heads in self.heads for lin in heads.linears(logvar)]
             if len(linears) == 1:
                 return linears[0].weight, linears[0].bias
             return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
-        linears = [lin for heads in self.heads for lin in heads.linears(logvar)]
-        weights = [lin.weight for lin in linears]
-        biases = [lin.bias for lin in linears]
-        try:
-            stamp = tuple((id(p), p._version) for p in (*weights, *biases))
-        except RuntimeError:  # parameters created under inference_mode track no version: no cache
-            stamp = None
+        params = self._head_params(logvar)
+        stamp = self._stamp(params)
         cached = self._fused_cache.get(logvar)
         if stamp is not None and cached is not None and cached[0] == stamp:
             return cached[1], cached[2]
+        weights, biases = params[0::2], params[1::2]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         bias = torch.cat(biases) if len(biases) > 1 else biases[0]
-        if stamp is not None:
-            self._fused_cache[logvar] = (stamp, weight, bias)
+        if stamp is not None:  # holding the parameters keeps their ids unique while the entry lives
+            self._fused_cache[logvar] = (stamp, weight, bias, params)
         return weight, bias
+
+    def inference_weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(``fc_share`` weight transposed, its bias, the fused mean heads' weight transposed, their bias) for
+        ``torch.addmm`` in eager inference, cached until a parameter changes (:meth:`_stamp`)."""
+        share = self.fc_share._parameters
+        params = [share["weight"], share["bias"], *self._head_params(False)]
+        stamp = self._stamp(params)
+        cached = self._fused_cache.get("inference")
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
+        weights, biases = params[2::2], params[3::2]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        bias = torch.cat(biases) if len(biases) > 1 else biases[0]
+        value = (params[0].t(), params[1], weight.t(), bias)
+        if stamp is not None:  # holding the parameters keeps their ids unique while the entry lives
+            self._fused_cache["inference"] = (stamp, value, params)
+        return value
 
     def forward(self, x: Tensor, noise_std: Optional[float] = None) -> Tuple[Tensor, Tensor]:
         """(context, sampled pre-sigmoid components B x total_dim) for input ``x``.
@@ -459,10 +496,10 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
     # -------------------------------------------------------------------------------------- execution
     def _tuning_key(self, x: Tensor, grad: bool) -> Tuple[Any, ...]:
         """Everything a path's speed depends on; no rank- or device-index-specific part (DDP ranks agree)."""
-        compute = _compute_dtype(x)
+        compute = compute_dtype(x)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         return (
-            "pedconv", self.in_channels, self.out_channels, tuple(self.kernel_size), tuple(self.stride),
+            KEY_REVISION, self.in_channels, self.out_channels, tuple(self.kernel_size), tuple(self.stride),
             tuple(self.padding), tuple(self.dilation), self.groups, self.rank, "+".join(self.components), self.reparam,
             tuple(int(s) for s in x.shape), _DTYPE_NAMES.get(x.dtype, "other"),
             _DTYPE_NAMES.get(compute, "other") if compute is not None else "-", x.device.type, channels_last, grad,
@@ -490,7 +527,85 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         self._path_memo[memo_key] = (stamp, path)
         return path
 
+    def _lean_inference(self, x: Tensor) -> Optional[Tensor]:
+        """Batch-1 eager inference in the fewest dispatches the math needs, or None where it does not apply.
+
+        GAP as a sum and ``fc_share`` + ReLU in one call (the 1/HW rides on the matrix product), the fused
+        heads + sigmoid (in place), three strided views of the fused output as gamma/phi/psi laid out to
+        broadcast where they act, and :func:`.pedconv_kernels.weight_folded_conv`: 10 aten calls on top of
+        the static convolution, the activations read once by the pooling and once by the convolution.
+        This is the ``fold``/``materialize``/``sample_loop`` computation at batch 1 (they coincide there:
+        one dense conv with the folded weight), taken when the chosen path is one of them; for
+        ``patch_gemm`` and ``unfold`` (groups 1; at batch 1 both are one product of the weight and the
+        scaled patches) the same factors go to :func:`.pedconv_kernels.gemm_batch1` (2 views more, and
+        the patch matrix for k x k kernels). Eval mode, rank 1, multiplicative, GAP context, no shared
+        generator, no autocast, not compiled or traced.
+        """
+        lean = self.__dict__.get("_lean")
+        if lean is None:
+            lean = self.__dict__["_lean"] = {} if self._lean_applies() else False
+        if (lean is False or self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch.jit.is_scripting() or x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != self.in_channels
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        path = self._select_path(x)
+        plan = lean.get((path, x.shape[2], x.shape[3]))
+        if plan is None:
+            plan = lean[(path, x.shape[2], x.shape[3])] = self._lean_plan(path, x.shape[2], x.shape[3])
+        if not plan:
+            return None
+        kernel, specs, geometry = plan
+        share_weight_t, share_bias, heads_weight_t, heads_bias = self.generator.inference_weights()
+        # GAP as a sum whose 1/HW rides on the matrix product (alpha): one pass, no division
+        hidden = _addmm_relu(share_bias, x.sum((2, 3)), share_weight_t, 1.0 / (x.shape[2] * x.shape[3]))
+        post = torch.addmm(heads_bias, hidden, heads_weight_t).sigmoid_()
+        if self._infomax is not None:
+            self._infomax = None
+        gamma, phi, psi = (None if spec is None else post.as_strided(*spec) for spec in specs)
+        out = kernel(x, self.weight, gamma, phi, psi, geometry)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def _lean_applies(self) -> bool:
+        return (self.rank == 1 and self.reparam == "multiplicative" and self.context == "gap"
+                and not self._is_follower and not self._followers and self.generator is not None
+                and len(self.generator.heads) == 1)
+
+    def _lean_plan(self, path: str, height: int, width: int) -> Tuple[Any, ...]:
+        """(kernel, (size, stride, offset) of the gamma/phi/psi views of the fused generator output, geometry)
+        for :meth:`_lean_inference` at this path and input size; () where it does not apply."""
+        if path in _WEIGHT_FOLDED_PATHS:
+            engine, kernel = "conv", weight_folded_conv
+        elif path in ("patch_gemm", "unfold") and self.groups == 1:  # at batch 1 both are W @ scaled patches
+            engine, kernel = "gemm", gemm_batch1
+        else:
+            return ()
+        kh, kw = self.kernel_size
+        cout, cin_g = self.out_channels, self.in_channels // self.groups
+        dims = self.generator.heads[0].dims
+        on_weight, on_patches = batch1_plan(engine, self.weight.shape, self.output_size(height, width),
+                                            "phi" in dims or "psi" in dims)
+        shapes = {"gamma": ((cout, 1, 1, 1), (1, 0, 0, 0)) if on_weight else ((cout, 1, 1), (1, 0, 0)),
+                  "phi": ((cin_g, 1, 1), (1, 0, 0)),
+                  "psi": ((kh * kw, 1), (1, 0)) if on_patches else ((kh, kw), (kw, 1))}
+        specs: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], int]] = {}
+        offset = 0
+        for name, dim in dims.items():  # the fused order (phi, gamma, psi)
+            specs[name] = (*shapes[name], offset)
+            offset += dim
+        return kernel, tuple(specs.get(name) for name in ("gamma", "phi", "psi")), self.geometry
+
+    @property
+    def geometry(self) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int]:
+        """(stride, padding, dilation, groups) as the kernels take them."""
+        return (tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups)
+
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            out = self._lean_inference(x)
+            if out is not None:
+                return out
         self._check_input(x)
         factors = self._sample(x, record=True)
         out = PATH_REGISTRY[self._select_path(x)].run(self, x, self.weight, factors)
@@ -499,7 +614,23 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         return out
 
 
+def _addmm_relu(bias: Tensor, mat1: Tensor, mat2: Tensor, alpha: float) -> Tensor:
+    """``relu(bias + alpha * mat1 @ mat2)``: one call where torch has the fused ``_addmm_activation``."""
+    if _ADDMM_ACTIVATION is not None:
+        return _ADDMM_ACTIVATION(bias, mat1, mat2, alpha=alpha)
+    return torch.addmm(bias, mat1, mat2, alpha=alpha).relu_()  # pragma: no cover - every torch >= 2.0 has it
+
+
+# a private op (torch >= 1.13: addmm with a ReLU epilogue on CPU and CUDA); the fallback is the two plain calls
+_ADDMM_ACTIVATION = getattr(torch, "_addmm_activation", None)
+
+
 # ----------------------------------------------------------------------------------- path selection
+#: first item of a tuning key; a new revision when the paths' speeds change, so the tuning caches on disk
+#: (keyed by the machine, not by this code) time them again instead of replaying stale choices
+KEY_REVISION = "pedconv/2"
+#: paths that are one dense convolution with the whole CP tensor in the weight at batch 1
+_WEIGHT_FOLDED_PATHS = frozenset({"fold", "materialize", "sample_loop"})
 _KEY_SHAPE, _KEY_DTYPE, _KEY_DEVICE, _KEY_CHANNELS_LAST, _KEY_GRAD = 11, 12, 14, 15, 16
 #: name of the nn.Conv2d timing the autotuner records next to the paths (never chosen)
 STATIC_REFERENCE = "static"
@@ -641,6 +772,8 @@ def share_generator(convs: Sequence[PEDConv2d]) -> None:
         if conv._is_follower or conv._followers:
             raise ValueError("share_generator: a layer already takes part in a shared generator")
     leader, followers = convs[0], convs[1:]
+    for conv in convs:
+        conv.__dict__.pop("_lean", None)  # the lean inference applies to unshared layers only
     for conv in followers:
         for attr in ("sampling", "noise_std"):
             if getattr(conv, attr) != getattr(leader, attr):

@@ -118,6 +118,7 @@ class BaseWeightInfomaxConv2d(DynamicConv2d):
         if "_shared_cache" in state:
             state["_shared_cache"] = None
         state.pop("_layout_memo", None)  # refers to this module and its followers
+        state.pop("_lean", None)
         return state
 
     @torch.no_grad()

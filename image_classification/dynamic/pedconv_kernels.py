@@ -32,8 +32,16 @@ or additive): ``conv(x_b, W (*|+) sum_r gamma_r (x) phi_r (x) psi_r)`` as one gr
 matmul for 1x1 kernels), saving only ``x`` and the factors and rebuilding the weights in backward.
 
 Without autograd (inference, ``torch.no_grad``) the same forward functions run directly, without the
-Functions' bookkeeping; at batch 1 the dense engine puts phi on the weight when the weight is the
-smaller tensor.
+Functions' bookkeeping. At batch 1 every engine but ``gemm`` is one dense convolution with the whole
+CP tensor folded into the weight, :func:`weight_folded_conv` (``W * (gamma (x) phi (x) psi)``: one pass
+over the weight instead of passes over activations; gamma goes on the output instead when the output
+is the smaller tensor).
+
+Per-sample weights are temporaries that live for one convolution. On the CPU they are written into a
+per-thread scratch buffer (:func:`scratch`) instead of fresh allocations: glibc hands a freed
+multi-megabyte block back to the kernel, and the next call's fresh block then page-faults once per 4 KiB
+page, which measured ~1,000 faults and ~1 ms per ResNet-18 layer at batch 1 (more than the layer's
+whole arithmetic overhead).
 
 Every kernel runs in the autocast dtype when autocast is on (inputs cast outside the Function, so
 autograd casts the gradients back) and compiles with ``torch.compile(fullgraph=True)``.
@@ -41,18 +49,99 @@ autograd casts the gradients back) and compiles with ``torch.compile(fullgraph=T
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import threading
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ENGINES", "Geometry", "scaled_conv", "materialized_conv", "saved_tensor_bytes"]
+__all__ = [
+    "ENGINES",
+    "Geometry",
+    "SCRATCH_MAX_NUMEL",
+    "batch1_plan",
+    "compute_dtype",
+    "gemm_batch1",
+    "materialized_conv",
+    "saved_tensor_bytes",
+    "scaled_conv",
+    "scratch",
+    "weight_folded_conv",
+]
 
 #: (stride, padding, dilation, groups) with 2-tuples of ints, as nn.Conv2d holds them.
 Geometry = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int]
 ENGINES = ("dense", "grouped", "loop", "gemm")
+
+
+_SCRATCH = threading.local()
+#: largest temporary (elements) the scratch buffer holds: 16 MiB of float32, above every ResNet/MobileNet weight
+#: (ResNet-50's largest is 2.4M); larger ones (per-sample kernels of big batches) are allocated as usual, so a
+#: validation pass never leaves a batch-sized buffer behind
+SCRATCH_MAX_NUMEL = 1 << 22
+
+
+def _scratch_pays(like: Tensor) -> bool:
+    """Whether temporaries go to the scratch buffer: eager CPU code (not compiled, traced or exported)."""
+    return like.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+
+def _scratch(shape: Sequence[int], like: Tensor) -> Tensor:
+    shape = tuple(shape)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    views = buffers.get((like.dtype, shape))  # the view of every shape is made once per buffer
+    if views is not None:
+        return views
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel > SCRATCH_MAX_NUMEL:
+        return like.new_empty(shape)
+    flat = buffers.get(like.dtype)
+    if flat is None or flat.numel() < numel:
+        with torch.inference_mode(False):
+            flat = torch.empty(numel, dtype=like.dtype)
+        for key in [key for key in buffers if isinstance(key, tuple) and key[0] == like.dtype]:
+            del buffers[key]  # views of the old buffer
+        buffers[like.dtype] = flat
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    with torch.inference_mode(False):  # a view usable inside and outside inference mode
+        view = buffers[(like.dtype, shape)] = flat.as_strided(shape, tuple(reversed(strides)))
+    return view
+
+
+def scratch(shape: Sequence[int], like: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor of ``shape`` (``like``'s dtype and device) for a temporary that
+    is consumed before the next call: on the CPU in eager mode a view of a per-thread buffer reused by
+    every call (up to :data:`SCRATCH_MAX_NUMEL` elements), elsewhere (CUDA's caching allocator has no such
+    cost; compiled or traced code) a new tensor.
+
+    The buffer is created outside inference mode, so ``out=`` writes into it work in both inference mode
+    and ``no_grad``.
+    """
+    return _scratch(shape, like) if _scratch_pays(like) else like.new_empty(shape)
+
+
+def _as_matrix(t: Tensor, shape: Tuple[int, int]) -> Tensor:
+    """``t.view(shape)``; for a scratch temporary, the buffer's cached view of that shape (no dispatch)."""
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is not None and buffers.get((t.dtype, tuple(t.shape))) is t:
+        return _scratch(shape, t)
+    return t.view(shape)
+
+
+def _mul_temporary(a: Tensor, b: Tensor, shape: Sequence[int]) -> Tensor:
+    """``a * b`` (broadcast to ``shape``, ``a``'s dtype) as a temporary: in the scratch buffer where it pays."""
+    if not _scratch_pays(a):
+        return a * b
+    return torch.mul(a, b, out=_scratch(shape, a))
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, geometry: Geometry, groups: int,
@@ -107,13 +196,13 @@ def _out_hw(height: int, width: int, kernel: Tuple[int, int], geometry: Geometry
 # ------------------------------------------------------------------------------------------- dense
 def _dense_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], scale: Optional[Tensor],
                    geometry: Geometry) -> Tensor:
-    """``s * conv(phi * x, W)``; at batch 1 phi goes on the weight when that is the smaller tensor."""
+    """``s * conv(phi * x, W)``; at batch 1 phi and s go on the weight (:func:`weight_folded_conv`)."""
     stride, padding, dilation, groups = geometry
-    if phi is not None and x.shape[0] == 1 and weight.numel() <= x.numel():
-        y = F.conv2d(x, weight * phi.view(1, -1, 1, 1), None, stride, padding, dilation, groups)
-    else:
-        u = x * _expand_phi(phi, groups) if phi is not None else x
-        y = F.conv2d(u, weight, None, stride, padding, dilation, groups)
+    if x.shape[0] == 1:
+        return weight_folded_conv(x, weight, None if scale is None else scale.view(-1, 1, 1, 1),
+                                  None if phi is None else phi.view(-1, 1, 1), None, geometry)
+    u = x * _expand_phi(phi, groups) if phi is not None else x
+    y = F.conv2d(u, weight, None, stride, padding, dilation, groups)
     return y.mul_(scale.view(scale.shape[0], scale.shape[1], 1, 1)) if scale is not None else y
 
 
@@ -154,7 +243,8 @@ def _fold_kernels(weight: Tensor, phi: Optional[Tensor], psi: Tensor) -> Tuple[T
     """(W * (phi_b (x) psi_b) as B x C_out x C_in/g x kh x kw, the outer product B x C_in/g x kk)."""
     batch = psi.shape[0]
     outer = psi.unsqueeze(1) if phi is None else phi.unsqueeze(2) * psi.unsqueeze(1)
-    kernels = weight.unsqueeze(0) * outer.view(batch, 1, outer.shape[1], *weight.shape[2:])
+    kernels = _mul_temporary(weight.unsqueeze(0), outer.view(batch, 1, outer.shape[1], *weight.shape[2:]),
+                             (batch, *weight.shape))
     return kernels, outer
 
 
@@ -188,6 +278,8 @@ def _grouped_conv_backward(grad: Tensor, u: Tensor, kernels: Tensor, geometry: G
 
 def _grouped_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Tensor, gamma: Optional[Tensor],
                      geometry: Geometry) -> Tensor:
+    if x.shape[0] == 1:
+        return _folded_batch1(x, weight, gamma, phi, psi, geometry)
     y = _grouped_conv(x, _fold_kernels(weight, phi, psi)[0], geometry)
     return y.mul_(gamma.view(gamma.shape[0], gamma.shape[1], 1, 1)) if gamma is not None else y
 
@@ -233,11 +325,13 @@ def _sample_kernel(weight: Tensor, phi: Optional[Tensor], psi: Tensor, b: int) -
     """W * (phi_b (x) psi_b) for one sample: C_out x C_in/g x kh x kw."""
     kh, kw = weight.shape[2], weight.shape[3]
     outer = psi[b].view(1, 1, kh, kw) if phi is None else (phi[b].view(-1, 1) * psi[b].view(1, -1)).view(1, -1, kh, kw)
-    return weight * outer
+    return _mul_temporary(weight, outer, weight.shape)
 
 
 def _loop_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Tensor, gamma: Optional[Tensor],
                   geometry: Geometry) -> Tensor:
+    if x.shape[0] == 1:
+        return _folded_batch1(x, weight, gamma, phi, psi, geometry)
     stride, padding, dilation, groups = geometry
     outs = [F.conv2d(x[b : b + 1], _sample_kernel(weight, phi, psi, b), None, stride, padding, dilation, groups)
             for b in range(x.shape[0])]
@@ -459,6 +553,8 @@ def _gemm_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Optiona
     k = cin_g * kh * kw
     scale = _patch_scale(phi, psi, batch, groups, cin_g, kh * kw, x)
     w_g = weight.reshape(groups, cout // groups, k)
+    if batch == 1 and groups == 1:
+        return _folded_batch1(x, weight, gamma, phi, psi, geometry, "gemm")
     if batch == 1:  # the patch matrix is already K x L: scale it and multiply, no re-layout
         patches = _unfold(x, (kh, kw), geometry).view(groups, k, length)
         z = torch.bmm(w_g, patches * scale.view(groups, k, 1))
@@ -536,7 +632,7 @@ def _materialized_kernels(weight: Tensor, gamma: Tensor, phi: Tensor, psi: Tenso
     batch, rank = gamma.shape[:2]
     if rank == 1 and not additive:  # two passes over the B x weight tensor, no separate CP tensor
         outer = (phi.view(batch, -1, 1) * psi.view(batch, 1, -1)).view(batch, 1, weight.shape[1], *weight.shape[2:])
-        return (weight.unsqueeze(0) * gamma.view(batch, -1, 1, 1, 1)).mul_(outer)
+        return _mul_temporary(weight.unsqueeze(0), gamma.view(batch, -1, 1, 1, 1), (batch, *weight.shape)).mul_(outer)
     cp = torch.einsum("bro,brc,brk->bock", gamma, phi, psi).reshape(batch, *weight.shape)
     return weight + cp if additive else weight * cp
 
@@ -577,6 +673,8 @@ def _materialized_apply_backward(grad: Tensor, x: Tensor, kernels: Tensor, geome
 
 def _materialized_forward(x: Tensor, weight: Tensor, gamma: Tensor, phi: Tensor, psi: Tensor, geometry: Geometry,
                           additive: bool) -> Tensor:
+    if x.shape[0] == 1 and gamma.shape[1] == 1 and not additive:
+        return _folded_batch1(x, weight, gamma, phi, psi, geometry)
     return _materialized_apply(x, _materialized_kernels(weight, gamma, phi, psi, additive), geometry)
 
 
@@ -619,8 +717,117 @@ class _MaterializedConv(torch.autograd.Function):
         return grad_x, grad_w, grad_gamma, grad_phi, grad_psi, None, None
 
 
+# ----------------------------------------------------------------------------------------- batch 1
+def _pointwise_patches(x: Tensor, weight: Tensor, geometry: Geometry) -> bool:
+    """A 1x1, stride-1, unpadded kernel on a contiguous input: the patch matrix is the input itself."""
+    return weight.shape[2:] == (1, 1) and geometry[0] == (1, 1) and geometry[1] == (0, 0) and x.is_contiguous()
+
+
+def batch1_plan(engine: str, weight_shape: Sequence[int], out_hw: Tuple[int, int],
+                has_outer: bool) -> Tuple[bool, bool]:
+    """(gamma on the weight, phi (x) psi on the patches) of :func:`weight_folded_conv` (``engine`` "conv")
+    or :func:`gemm_batch1` ("gemm") for one sample: each factor scales the smaller tensor it can.
+
+    ``phi (x) psi`` (present when ``has_outer``) scales the weight, except on the GEMM engine when the
+    weight (C_out x K) is larger than the patches (K x L). gamma joins a scaled weight while the weight
+    is no larger than the output (C_out x L), and scales the output otherwise (Eq. 3: a per-output-channel
+    factor commutes with the convolution).
+    """
+    cout, cin_g, kh, kw = (int(s) for s in weight_shape)
+    length = out_hw[0] * out_hw[1]
+    on_patches = engine == "gemm" and has_outer and cout > length
+    return (not on_patches and cin_g * kh * kw <= length), on_patches
+
+
+def _gamma_view(gamma: Optional[Tensor], cout: int, on_weight: bool) -> Optional[Tensor]:
+    """gamma (any layout with C_out entries) as C_out x 1 x 1 x 1 (scales the weight) or C_out x 1 x 1 (the output)."""
+    if gamma is None:
+        return None
+    return gamma.view(cout, 1, 1, 1) if on_weight else gamma.view(cout, 1, 1)
+
+
+def _folded_batch1(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor], psi: Optional[Tensor],
+                   geometry: Geometry, engine: str = "conv") -> Tensor:
+    """:func:`weight_folded_conv` / :func:`gemm_batch1` from rank-1 factors laid out 1 x dim (or 1 x 1 x dim)."""
+    cout, cin_g, kh, kw = weight.shape
+    on_weight, on_patches = batch1_plan(engine, weight.shape, _out_hw(x.shape[2], x.shape[3], (kh, kw), geometry),
+                                        phi is not None or psi is not None)
+    run = gemm_batch1 if engine == "gemm" else weight_folded_conv
+    return run(x, weight, _gamma_view(gamma, cout, on_weight), None if phi is None else phi.view(cin_g, 1, 1),
+               None if psi is None else psi.view((kh * kw, 1) if on_patches else (kh, kw)), geometry)
+
+
+def _outer(phi: Optional[Tensor], psi: Optional[Tensor]) -> Optional[Tensor]:
+    """phi (x) psi as C_in/g x kh x kw (against the weight) or C_in/g x kk x 1 (against the patches), from
+    the broadcastable views; or the one present, or None."""
+    if phi is not None and psi is not None:
+        return phi * psi
+    return phi if phi is not None else psi
+
+
+def _scaled_weight(weight: Tensor, outer: Optional[Tensor], gamma: Optional[Tensor]) -> Tensor:
+    """``W * outer`` (and ``* gamma`` when gamma is laid out against the weight, C_out x 1 x 1 x 1), a temporary."""
+    on_weight = gamma is not None and gamma.dim() == 4
+    if outer is None:
+        return _mul_temporary(weight, gamma, weight.shape) if on_weight else weight
+    kernel = _mul_temporary(weight, outer, weight.shape)
+    return kernel.mul_(gamma) if on_weight else kernel
+
+
+def _output_gamma(y: Tensor, gamma: Optional[Tensor]) -> Tensor:
+    """``y`` (1 x C_out x H x W) times gamma laid out against the output (C_out x 1 x 1); in place when eager."""
+    if gamma is None or gamma.dim() == 4:
+        return y
+    return y * gamma if torch.compiler.is_compiling() else y.mul_(gamma)
+
+
+def weight_folded_conv(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor],
+                       psi: Optional[Tensor], geometry: Geometry) -> Tensor:
+    """One sample of Eq. 2, ``conv(x, W * (gamma (x) phi (x) psi))``, as ONE dense convolution (inference).
+
+    ``x`` is 1 x C_in x H x W; ``phi`` C_in/g x 1 x 1 and ``psi`` kh x kw broadcast against W; ``gamma``
+    is C_out x 1 x 1 x 1 to scale the weight or C_out x 1 x 1 to scale the output (:func:`batch1_plan`
+    says which is cheaper); None for a left-out component. ``W * (phi (x) psi)`` is one pass over the
+    weight into the scratch buffer, so the activations are read once, by the convolution: at most 3
+    elementwise ops and the conv, whatever the layer.
+    """
+    stride, padding, dilation, groups = geometry
+    kernel = _scaled_weight(weight, _outer(phi, psi), gamma)
+    return _output_gamma(F.conv2d(x, kernel, None, stride, padding, dilation, groups), gamma)
+
+
+def gemm_batch1(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor], psi: Optional[Tensor],
+                geometry: Geometry) -> Tensor:
+    """One sample of Eq. 2 as ONE matrix product of the weight (C_out x K) and the patches (K x L), groups 1.
+
+    Factors laid out as for :func:`weight_folded_conv`, except that when :func:`batch1_plan` puts
+    ``phi (x) psi`` on the patches (they are the smaller), psi is kk x 1 and gamma (C_out x 1 x 1) scales
+    the output. A 1x1 stride-1 kernel's patches are the input itself.
+    """
+    cout, cin_g, kh, kw = weight.shape
+    ho, wo = _out_hw(x.shape[2], x.shape[3], (kh, kw), geometry)
+    k, length = cin_g * kh * kw, ho * wo
+    pointwise = _pointwise_patches(x, weight, geometry)
+    outer = _outer(phi, psi)
+    if outer is not None and cout > length:  # batch1_plan: phi (x) psi on the patches, gamma on the output
+        # patches as 1 x C_in/g x kk x L (the input itself for 1x1), scaled into the scratch buffer
+        patches = x if pointwise else F.unfold(x, (kh, kw), geometry[2], geometry[1], geometry[0]).view(
+            1, cin_g, kh * kw, length)
+        scaled = _mul_temporary(patches, outer, patches.shape)
+        y = torch.mm(weight.view(cout, k), _as_matrix(scaled, (k, length)))
+        if gamma is not None and gamma.dim() == 4:
+            gamma = gamma.view(cout, 1, 1)
+    else:
+        if pointwise:
+            patches = x.view(k, length)
+        else:
+            patches = F.unfold(x, (kh, kw), geometry[2], geometry[1], geometry[0]).view(k, length)
+        y = torch.mm(_as_matrix(_scaled_weight(weight, outer, gamma), (cout, k)), patches)
+    return _output_gamma(y.view(1, cout, ho, wo), gamma)
+
+
 # ------------------------------------------------------------------------------------------ public
-def _compute_dtype(x: Tensor) -> Optional[torch.dtype]:
+def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The autocast dtype for ``x``'s device when autocast is on (and x is floating), else None."""
     device = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(device):
@@ -654,7 +861,7 @@ def scaled_conv(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optiona
     """
     if engine not in ENGINES:
         raise ValueError(f"scaled_conv: unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if dtype is None:
         return _scaled_conv(x, weight, gamma, phi, psi, geometry, engine)
     with torch.autocast(x.device.type, enabled=False):
@@ -698,7 +905,7 @@ def materialized_conv(x: Tensor, weight: Tensor, gamma: Tensor, phi: Tensor, psi
 
     Factors are B x R x dim (ones for left-out components). Saves x and the factors only.
     """
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if dtype is not None:
         with torch.autocast(x.device.type, enabled=False):
             return materialized_conv(_cast(x, dtype), _cast(weight, dtype), _cast(gamma, dtype), _cast(phi, dtype),

@@ -67,6 +67,7 @@ __all__ = [
     "PathSpec",
     "PATH_REGISTRY",
     "GROUPED_MAX_WEIGHT_RATIO",
+    "BATCH1_FOLD_MAX_RATIO",
     "SAMPLE_LOOP_MIN_MACS",
     "MATERIALIZE_MAX_WEIGHT_RATIO",
     "register_path",
@@ -110,6 +111,9 @@ class PathSpec:
 
 PATH_REGISTRY: Dict[str, PathSpec] = {}
 
+#: ``fold`` at batch 1 (the heuristic's choice): while the folded weight is at most this many times the patch matrix
+#: (ResNet-18 at 224 px: layer3's 256 channels at 14x14 fold, layer4's 512 at 7x7 take the patch GEMM)
+BATCH1_FOLD_MAX_RATIO = 2
 #: ``fold`` with k x k kernels: the grouped per-sample kernel B x C_out x C_in/g x kk is offered to the
 #: autotuner (and chosen by the heuristic) while ``C_out * kk <= ratio * H_out * W_out``, i.e. while the
 #: per-sample kernel of one sample stays within ``ratio`` output maps of one channel; beyond it (e.g.
@@ -324,14 +328,15 @@ def _materialize_applicable(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
 def _grouped_fits(layer: PEDConv2d, shape: Shape) -> bool:
     """Whether the per-sample kernel W * psi_b is cheap next to the convolution's activations.
 
-    Batch 1: ``W * psi`` (C_out x C_in/g x kk) is no larger than the psi-scaled patches (C_in/g x kk x
-    H_out*W_out), i.e. ``C_out <= H_out * W_out``. Batch > 1: ``C_out * kk <= GROUPED_MAX_WEIGHT_RATIO *
-    H_out * W_out``.
+    Batch 1: ``W * (phi (x) psi)`` (C_out x C_in/g x kk) is at most ``BATCH1_FOLD_MAX_RATIO`` times the
+    patch matrix the GEMM path would scale instead (C_in/g x kk x H_out*W_out), i.e. ``C_out <= 2 H_out
+    W_out`` (a dense conv with the folded weight beats im2col + GEMM while the weight pass is that small).
+    Batch > 1: ``C_out * kk <= GROUPED_MAX_WEIGHT_RATIO * H_out * W_out``.
     """
     kh, kw = layer.kernel_size
     ho, wo = layer.output_size(shape[2], shape[3])
     if shape[0] == 1:
-        return layer.out_channels <= ho * wo
+        return layer.out_channels <= BATCH1_FOLD_MAX_RATIO * ho * wo
     return layer.out_channels * kh * kw <= GROUPED_MAX_WEIGHT_RATIO * ho * wo
 
 
@@ -390,7 +395,7 @@ def heuristic_path(layer: PEDConv2d, shape: Shape, grad: bool) -> str:
     (C_in/g == 1): ``materialize`` (the per-sample weight is tiny). 1x1 kernels or no psi:
     ``materialize`` (one batched matmul) while the per-sample weights are no larger than the
     activations, else ``fold`` (a dense conv plus channel scalings). k x k kernels at batch 1: ``fold``
-    (a dense conv with ``W * (phi (x) psi)``) while ``C_out <= H_out * W_out``, else ``patch_gemm``. At
+    (a dense conv with ``W * (gamma (x) phi (x) psi)``) while ``C_out <= 2 H_out * W_out``, else ``patch_gemm``. At
     batch > 1: layers with at least ``SAMPLE_LOOP_MIN_MACS`` multiply-adds per sample run
     ``sample_loop`` (dense per-sample convs are efficient) on maps of 8x8 and more, ``patch_gemm`` on
     smaller ones; narrower layers ``fold`` while its grouped kernel fits, else ``patch_gemm``. Rank > 1

@@ -379,7 +379,7 @@ def test_heuristic_path_choice():
         return heuristic_path(module, (batch, module.in_channels, size, size), grad)
 
     dense = PEDConv2d(16, 16, 3, padding=1)
-    assert choose(dense, 1, 8) == "fold" and choose(dense, 1, 3) == "patch_gemm"  # C_out > H_out * W_out
+    assert choose(dense, 1, 8) == "fold" and choose(dense, 1, 2) == "patch_gemm"  # C_out > 2 H_out W_out
     assert choose(PEDConv2d(16, 16, 1), 1, 2) == "materialize"
     assert choose(dense, 4, 32) == "fold" and choose(dense, 4, 5) == "patch_gemm"  # narrow: by grouped size
     wide = PEDConv2d(128, 128, 3, padding=1)  # 116M multiply-adds per sample at 28x28
