@@ -19,8 +19,13 @@ tensor saved for backward, deduplicated by storage; on CPU the allocator exposes
 and this sum is the dominant, deterministic part of the peak) and the peak RSS of a training step of each
 model, measured in a spawned process (Linux). PEDConv ``path=auto`` layers are autotuned before timing
 (``--no-autotune``: the shape heuristic); the path of every layer is in the JSON (``paths``) and printed
-with ``--print-paths``. ``--compile`` times both models under ``torch.compile`` (inductor, static
-shapes; batch-1 inference also with inductor freezing). ``--table`` prints the papers' tables next to
+with ``--print-paths``. It also counts the aten calls and Python function calls of one batch-1 eval
+forward of each model (``calls_*``; the difference per dynamic layer is what the operator adds beyond
+the arithmetic). ``--compile`` times both models under ``torch.compile`` (inductor, static
+shapes; batch-1 inference also with inductor freezing, where every BatchNorm that follows a conv is
+first folded into it on BOTH sides, :func:`image_classification.bn_folding.fold_batchnorm`: freezing
+folds it into a static conv's constant weight by itself, but cannot see through PEDConv's per-sample
+weight, so without this the static side alone would lose its BatchNorms). ``--table`` prints the papers' tables next to
 this project's counts, one row per (arch, operator, placement).
 
 ``--device cuda`` runs the latency measurements on the GPU: every timed call is bracketed by CUDA events
@@ -43,7 +48,7 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -363,6 +368,52 @@ def _compiled(model: nn.Module, backend: str = "inductor", freezing: bool = Fals
     return _Frozen()
 
 
+def count_calls(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """Aten calls (seen by a ``TorchDispatchMode``) and Python function calls (``sys.setprofile`` "call"
+    events, C functions not included) of one ``model(x)`` under inference mode, after one warm-up call
+    (which fills the operators' caches); deterministic for a given model and input shape."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    python = [0]
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            python[0] += 1
+
+    with torch.inference_mode():
+        model(x)
+        with _Count():
+            model(x)
+        sys.setprofile(tracer)
+        try:
+            model(x)
+        finally:
+            sys.setprofile(None)
+    return {"aten": _Count.calls, "python": python[0]}
+
+
+def _frozen_copies(models: Dict[str, nn.Module]) -> Tuple[Dict[str, nn.Module], Dict[str, int]]:
+    """Eval-mode copies of ``models`` with every conv + BatchNorm pair folded (both sides alike), and how
+    many pairs each had folded."""
+    import copy
+
+    from .bn_folding import fold_batchnorm
+
+    copies, folded = {}, {}
+    for key, model in models.items():
+        clone = copy.deepcopy(model).eval()
+        folded[key] = len(fold_batchnorm(clone).folded)
+        copies[key] = clone
+    return copies, folded
+
+
 def _time_inference(runners: Dict[str, Any], xs: Sequence[torch.Tensor], warmup: int, grad_context,
                     amp: str = "none") -> Dict[str, float]:
     """Median ms per batch-1 inference of each runner, interleaved (alternating order); CUDA events on a GPU."""
@@ -436,14 +487,19 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
         infer = _time_inference({k: _compiled(m, compile_backend) for k, m in models.items()}, xs, warmup,
                                 torch.no_grad, amp)
         torch._dynamo.reset()
-        frozen = _time_inference({k: _compiled(m, compile_backend, freezing=True) for k, m in models.items()}, xs,
-                                 warmup, torch.no_grad, amp)
+        folded_models, result["frozen_bn_folded"] = _frozen_copies(models)
+        frozen = _time_inference({k: _compiled(m, compile_backend, freezing=True) for k, m in folded_models.items()},
+                                 xs, warmup, torch.no_grad, amp)
+        del folded_models
         torch._dynamo.reset()
         for key in models:
             result[f"infer_ms_{key}_frozen"] = frozen[key]
         result["infer_ratio_frozen"] = frozen["dynamic"] / frozen["static"]
     else:
         infer = _time_inference(models, xs, warmup, torch.inference_mode, amp)
+    if amp == "none":
+        for key, model in models.items():
+            result[f"calls_{key}"] = count_calls(model.eval(), xs[0])
     for key in models:
         result[f"infer_ms_{key}"] = infer[key]
     result["infer_ratio"] = result["infer_ms_dynamic"] / result["infer_ms_static"]
@@ -628,9 +684,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if lat.get("rss_ratio") is not None:
             print(f"  peak RSS (step)    {lat['rss_mb_dynamic']:.0f} MB vs static {lat['rss_mb_static']:.0f} MB"
                   f"  ratio {lat['rss_ratio']:.3f}")
+        if lat.get("calls_dynamic"):
+            layers = max(report["dynamic_layers"], 1)
+            extra = {k: (lat["calls_dynamic"][k] - lat["calls_static"][k]) / layers for k in ("aten", "python")}
+            print(f"  batch-1 calls      aten {lat['calls_dynamic']['aten']} vs static {lat['calls_static']['aten']}"
+                  f" ({extra['aten']:+.1f} per dynamic layer), Python {lat['calls_dynamic']['python']} vs "
+                  f"{lat['calls_static']['python']} ({extra['python']:+.1f} per layer)")
         if lat.get("compile"):
+            folded = lat.get("frozen_bn_folded", {})
             print(f"  compiled batch-1 with inductor freezing  {lat['infer_ms_dynamic_frozen']:.2f} ms vs static "
-                  f"{lat['infer_ms_static_frozen']:.2f} ms  ratio {lat['infer_ratio_frozen']:.3f}")
+                  f"{lat['infer_ms_static_frozen']:.2f} ms  ratio {lat['infer_ratio_frozen']:.3f}  (BatchNorm folded "
+                  f"on both sides first: {folded.get('dynamic', 0)} and {folded.get('static', 0)} pairs)")
         print(f"  execution          {'torch.compile (inductor)' if lat.get('compile') else 'eager'}, PEDConv paths "
               f"{'autotuned' if lat.get('autotune') else 'by heuristic'}")
         if args.print_paths:

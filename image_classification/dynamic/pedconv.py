@@ -544,14 +544,16 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         lean = self.__dict__.get("_lean")
         if lean is None:
             lean = self.__dict__["_lean"] = {} if self._lean_applies() else False
-        if (lean is False or self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch.jit.is_scripting() or x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != self.in_channels
-                or torch.is_autocast_enabled(x.device.type)):
+        if (lean is False or self.training or _any_autocast() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != self.in_channels):
             return None
-        path = self._select_path(x)
-        plan = lean.get((path, x.shape[2], x.shape[3]))
-        if plan is None:
-            plan = lean[(path, x.shape[2], x.shape[3])] = self._lean_plan(path, x.shape[2], x.shape[3])
+        # one memo for the path choice and the plan, checked against the autotuner's state as _select_path's
+        key = (x.shape, x.stride(), x.dtype, x.device)
+        stamp = (autotune.generation(), autotune.autotune_enabled(), self.path)
+        hit = lean.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = lean[key] = (stamp, self._lean_plan(self._select_path(x), x.shape[2], x.shape[3]))
+        plan = hit[1]
         if not plan:
             return None
         kernel, specs, geometry = plan
@@ -562,10 +564,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         if self._infomax is not None:
             self._infomax = None
         gamma, phi, psi = (None if spec is None else post.as_strided(*spec) for spec in specs)
-        out = kernel(x, self.weight, gamma, phi, psi, geometry)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        return kernel(x, self.weight, gamma, phi, psi, geometry, self.bias)
 
     def _lean_applies(self) -> bool:
         return (self.rank == 1 and self.reparam == "multiplicative" and self.context == "gap"
@@ -612,6 +611,16 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
+
+
+def _any_autocast() -> bool:
+    """Whether autocast is on for any device (one call; the lean inference leaves autocast to the paths)."""
+    if _IS_ANY_AUTOCAST is not None:
+        return _IS_ANY_AUTOCAST()
+    return torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")  # pragma: no cover - older torch
+
+
+_IS_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
 def _addmm_relu(bias: Tensor, mat1: Tensor, mat2: Tensor, alpha: float) -> Tensor:
