@@ -130,11 +130,11 @@ def scratch(shape: Sequence[int], like: Tensor) -> Tensor:
 
 
 def _as_matrix(t: Tensor, shape: Tuple[int, int]) -> Tensor:
-    """``t.view(shape)``; for a scratch temporary, the buffer's cached view of that shape (no dispatch)."""
+    """``t.reshape(shape)``; for a scratch temporary, the buffer's cached view of that shape (no dispatch)."""
     buffers = getattr(_SCRATCH, "buffers", None)
     if buffers is not None and buffers.get((t.dtype, tuple(t.shape))) is t:
         return _scratch(shape, t)
-    return t.view(shape)
+    return t.reshape(shape)  # a view, or a copy of a channels_last weight
 
 
 def _mul_temporary(a: Tensor, b: Tensor, shape: Sequence[int]) -> Tensor:
@@ -830,7 +830,7 @@ def gemm_batch1(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optiona
         patches = x if pointwise else F.unfold(x, (kh, kw), geometry[2], geometry[1], geometry[0]).view(
             1, cin_g, kh * kw, length)
         scaled = _mul_temporary(patches, outer, patches.shape)
-        y = torch.mm(weight.view(cout, k), _as_matrix(scaled, (k, length)))
+        y = torch.mm(weight.reshape(cout, k), _as_matrix(scaled, (k, length)))  # a copy for channels_last W
         if gamma is not None and gamma.dim() == 4:
             gamma = gamma.view(cout, 1, 1)
     else:

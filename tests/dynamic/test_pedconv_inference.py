@@ -82,14 +82,17 @@ def test_lean_inference_equals_reference(row, path):
                 torch.testing.assert_close(lean, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("row", [GEOMETRIES[0], GEOMETRIES[4], GEOMETRIES[6], GEOMETRIES[7]])
 @pytest.mark.parametrize("path", ["fold", "patch_gemm"])
-def test_lean_inference_channels_last_and_float32(path):
-    layer, x = _layer(GEOMETRIES[0], COMPONENT_SETS[0], path)
-    expected = _reference(layer, x)
-    layer.float()
-    with torch.inference_mode():
-        out = layer(x.float().contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+def test_lean_inference_channels_last_and_float32(row, path):
+    """A channels_last model (weights too, as the profiler's --channels-last makes it) and input, float32."""
+    for components in (COMPONENT_SETS[0], COMPONENT_SETS[1], COMPONENT_SETS[2]):
+        layer, x = _layer(row, components, path)
+        expected = _reference(layer, x)
+        layer.float().to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = layer(x.float().contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lean_inference_not_taken_where_it_does_not_apply():
