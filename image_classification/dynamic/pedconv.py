@@ -221,6 +221,14 @@ class _Generator(nn.Module):
         except RuntimeError:
             return None
 
+    @staticmethod
+    def _concat(params: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(weights concatenated, biases concatenated) of interleaved ``[w0, b0, w1, b1, ...]``."""
+        weights, biases = params[0::2], params[1::2]
+        if len(weights) == 1:
+            return weights[0], biases[0]
+        return torch.cat(list(weights)), torch.cat(list(biases))
+
     def _fused(self, logvar: bool) -> Tuple[Tensor, Tensor]:
         """All heads' (mean or log-variance) weights and biases concatenated in the fused order.
 
@@ -237,9 +245,7 @@ class _Generator(nn.Module):
         cached = self._fused_cache.get(logvar)
         if stamp is not None and cached is not None and cached[0] == stamp:
             return cached[1], cached[2]
-        weights, biases = params[0::2], params[1::2]
-        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        bias = torch.cat(biases) if len(biases) > 1 else biases[0]
+        weight, bias = self._concat(params)
         if stamp is not None:  # holding the parameters keeps their ids unique while the entry lives
             self._fused_cache[logvar] = (stamp, weight, bias, params)
         return weight, bias
@@ -253,9 +259,7 @@ class _Generator(nn.Module):
         cached = self._fused_cache.get("inference")
         if stamp is not None and cached is not None and cached[0] == stamp:
             return cached[1]
-        weights, biases = params[2::2], params[3::2]
-        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        bias = torch.cat(biases) if len(biases) > 1 else biases[0]
+        weight, bias = self._concat(params[2:])
         value = (params[0].t(), params[1], weight.t(), bias)
         if stamp is not None:  # holding the parameters keeps their ids unique while the entry lives
             self._fused_cache["inference"] = (stamp, value, params)

@@ -38,7 +38,7 @@ over the weight instead of passes over activations; gamma goes on the output ins
 is the smaller tensor).
 
 Per-sample weights are temporaries that live for one convolution. On the CPU they are written into a
-per-thread scratch buffer (:func:`scratch`) instead of fresh allocations: glibc hands a freed
+per-thread scratch buffer (:func:`_mul_temporary`) instead of fresh allocations: glibc hands a freed
 multi-megabyte block back to the kernel, and the next call's fresh block then page-faults once per 4 KiB
 page, which measured ~1,000 faults and ~1 ms per ResNet-18 layer at batch 1 (more than the layer's
 whole arithmetic overhead).
@@ -67,7 +67,6 @@ __all__ = [
     "materialized_conv",
     "saved_tensor_bytes",
     "scaled_conv",
-    "scratch",
     "weight_folded_conv",
 ]
 
@@ -89,6 +88,10 @@ def _scratch_pays(like: Tensor) -> bool:
 
 
 def _scratch(shape: Sequence[int], like: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor of ``shape`` (``like``'s dtype) for a temporary that is consumed before
+    the next call: a view of a per-thread CPU buffer reused by every call, up to :data:`SCRATCH_MAX_NUMEL`
+    elements (eager CPU code only: see :func:`_scratch_pays`). The buffer and its views are made outside
+    inference mode, so ``out=`` writes into them work in both inference mode and ``no_grad``."""
     shape = tuple(shape)
     buffers = getattr(_SCRATCH, "buffers", None)
     if buffers is None:
@@ -115,18 +118,6 @@ def _scratch(shape: Sequence[int], like: Tensor) -> Tensor:
     with torch.inference_mode(False):  # a view usable inside and outside inference mode
         view = buffers[(like.dtype, shape)] = flat.as_strided(shape, tuple(reversed(strides)))
     return view
-
-
-def scratch(shape: Sequence[int], like: Tensor) -> Tensor:
-    """An uninitialised contiguous tensor of ``shape`` (``like``'s dtype and device) for a temporary that
-    is consumed before the next call: on the CPU in eager mode a view of a per-thread buffer reused by
-    every call (up to :data:`SCRATCH_MAX_NUMEL` elements), elsewhere (CUDA's caching allocator has no such
-    cost; compiled or traced code) a new tensor.
-
-    The buffer is created outside inference mode, so ``out=`` writes into it work in both inference mode
-    and ``no_grad``.
-    """
-    return _scratch(shape, like) if _scratch_pays(like) else like.new_empty(shape)
 
 
 def _as_matrix(t: Tensor, shape: Tuple[int, int]) -> Tensor:
@@ -718,11 +709,6 @@ class _MaterializedConv(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------- batch 1
-def _pointwise_patches(x: Tensor, weight: Tensor, geometry: Geometry) -> bool:
-    """A 1x1, stride-1, unpadded kernel on a contiguous input: the patch matrix is the input itself."""
-    return weight.shape[2:] == (1, 1) and geometry[0] == (1, 1) and geometry[1] == (0, 0) and x.is_contiguous()
-
-
 def batch1_plan(engine: str, weight_shape: Sequence[int], out_hw: Tuple[int, int],
                 has_outer: bool) -> Tuple[bool, bool]:
     """(gamma on the weight, phi (x) psi on the patches) of :func:`weight_folded_conv` (``engine`` "conv")
@@ -823,21 +809,18 @@ def gemm_batch1(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optiona
     cout, cin_g, kh, kw = weight.shape
     ho, wo = _out_hw(x.shape[2], x.shape[3], (kh, kw), geometry)
     k, length = cin_g * kh * kw, ho * wo
-    pointwise = _pointwise_patches(x, weight, geometry)
+    pointwise = _pointwise(x, weight, geometry)
+    unfolded = None if pointwise else F.unfold(x, (kh, kw), geometry[2], geometry[1], geometry[0])
     outer = _outer(phi, psi)
     if outer is not None and cout > length:  # batch1_plan: phi (x) psi on the patches, gamma on the output
         # patches as 1 x C_in/g x kk x L (the input itself for 1x1), scaled into the scratch buffer
-        patches = x if pointwise else F.unfold(x, (kh, kw), geometry[2], geometry[1], geometry[0]).view(
-            1, cin_g, kh * kw, length)
+        patches = x if unfolded is None else unfolded.view(1, cin_g, kh * kw, length)
         scaled = _mul_temporary(patches, outer, patches.shape)
         y = torch.mm(weight.reshape(cout, k), _as_matrix(scaled, (k, length)))  # a copy for channels_last W
         if gamma is not None and gamma.dim() == 4:
             gamma = gamma.view(cout, 1, 1)
     else:
-        if pointwise:
-            patches = x.view(k, length)
-        else:
-            patches = F.unfold(x, (kh, kw), geometry[2], geometry[1], geometry[0]).view(k, length)
+        patches = (x if unfolded is None else unfolded).view(k, length)
         kernel = _as_matrix(_scaled_weight(weight, outer, gamma), (cout, k))
         if bias is not None and (gamma is None or gamma.dim() == 4):
             return torch.addmm(bias.view(cout, 1), kernel, patches).view(1, cout, ho, wo)
