@@ -3,12 +3,12 @@
 
     python classify.py CHECKPOINT IMAGE [IMAGE ...] [--topk 5] [--class-names FILE] [--device cpu|cuda|auto]
 
-Same as ``python -m image_classification.classify``; see image_classification/classify.py.
+Same as ``python -m image_classification.tools.classify``; see image_classification/classify.py.
 """
 
 import sys
 
-from image_classification.classify import main
+from image_classification.tools.classify import main
 
 if __name__ == "__main__":
     sys.exit(main())

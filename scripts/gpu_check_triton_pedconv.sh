@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check of the fused Triton PEDConv kernels (README: "Fused Triton kernel").
 #
-#   bash scripts/gpu_check_triton_pedconv.sh OUT_DIR [args of image_classification.dynamic.triton_pedconv_check]
+#   bash scripts/gpu_check_triton_pedconv.sh OUT_DIR [args of image_classification.tools.triton_pedconv_check]
 #
 # Writes to OUT_DIR: nvidia-smi.txt, check.log, triton_pedconv_check.{json,md} (exactness of the kernels on
 # the GPU, then every ResNet-18/50 PEDConv layer at batch 64, fp16 channels_last: Triton vs cuDNN forward and
@@ -21,7 +21,7 @@ status=0
 if [ "${PYTEST:-0}" = "1" ]; then
     "$PY" -m pytest -q -x tests/dynamic/test_triton_pedconv.py 2>&1 | tee "$OUT_DIR/pytest.log" || status=1
 fi
-"$PY" -m image_classification.dynamic.triton_pedconv_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/check.log"
+"$PY" -m image_classification.tools.triton_pedconv_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/check.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && status=$rc
 exit "$status"

@@ -13,7 +13,7 @@
 #                           forward and train step (fwd+bwd) as ratios to nn.Conv2d           -> benchmark.json/.txt
 #   4. whole networks       profiler --latency --device cuda --amp fp16 --channels-last for R18/R50/MBv2:
 #                           train throughput, train step, batch-1 inference, peak memory vs static -> profiler_*.json
-#   5. summary              python -m image_classification.gpu_report OUT_DIR             -> summary.{md,json}
+#   5. summary              python -m image_classification.tools.gpu_report OUT_DIR             -> summary.{md,json}
 #
 # Environment: PYTHON (interpreter; default .venv/bin/python, else python3), NETS (profiler architectures,
 # default "resnet18 resnet50 mobilenet_v2_x1.0"), CONVS (profiler operators, default "pedconv"), BATCH (64),
@@ -75,22 +75,22 @@ stage pytest-triton "${T_PYTEST_TRITON:-90}" "$OUT_DIR/pytest_triton.log" \
     "$PY" -m pytest -q -p no:cacheprovider --junitxml "$OUT_DIR/pytest_triton.xml" \
     tests/dynamic/test_triton_pedconv.py tests/dynamic/test_triton_path.py
 stage triton-check "${T_TRITON:-80}" "$OUT_DIR/triton_check.log" \
-    "$PY" -m image_classification.dynamic.triton_pedconv_check --out "$OUT_DIR/triton" --batch "$BATCH" \
+    "$PY" -m image_classification.tools.triton_pedconv_check --out "$OUT_DIR/triton" --batch "$BATCH" \
     --dtype fp16 --memory-format nhwc --budget-s "$(( ${T_TRITON:-80} - 20 ))"
 SHAPES=r18-3x3-64@56,r18-3x3-128@28,r18-3x3-256@14,r18-3x3-512@7,r18-3x3s2-64-128@56,r50-1x1-64-256@56,r50-1x1-256-64@56,r50-1x1-2048-512@7
 stage benchmark "${T_BENCH:-90}" "$OUT_DIR/benchmark.log" \
-    "$PY" -m image_classification.dynamic.benchmark --device cuda --amp fp16 --channels-last --batch-sizes "$BATCH" \
+    "$PY" -m image_classification.tools.benchmark --device cuda --amp fp16 --channels-last --batch-sizes "$BATCH" \
     --shapes "$SHAPES" --ops pedconv,dcd,dyconv,condconv,odconv --all-paths --repeats 3 --json \
     --out-json "$OUT_DIR/benchmark.json"
 for net in $NETS; do
     for conv in $CONVS; do
         tag=$(echo "${net}_${conv}" | tr ':=,' '___')
         stage "profiler-$tag" "${T_NET:-35}" "$OUT_DIR/profiler_$tag.log" \
-            "$PY" -m image_classification.profiler --arch "$net" --conv "$conv" --latency --device cuda --amp fp16 \
+            "$PY" -m image_classification.tools.profiler --arch "$net" --conv "$conv" --latency --device cuda --amp fp16 \
             --channels-last --train-batch "$BATCH" --train-steps 10 --images 50 --warmup 10 --json \
             --out-json "$OUT_DIR/profiler_$tag.json"
     done
 done
-"$PY" -m image_classification.gpu_report "$OUT_DIR" || status=1
+"$PY" -m image_classification.tools.gpu_report "$OUT_DIR" || status=1
 echo "gpu_checks.sh: summary in $OUT_DIR/summary.md (exit $status)"
 exit "$status"

@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = [
     ("main.py", False, "main.py"),
     ("classify.py", False, "classify.py"),
-    ("image_classification.export", True, "python -m image_classification.export"),
-    ("image_classification.profiler", True, "python -m image_classification.profiler"),
-    ("image_classification.dynamic.benchmark", True, None),
-    ("image_classification.analysis.gradcam", True, None),
-    ("image_classification.segmentation.train", True, None),
+    ("image_classification.tools.export", True, "python -m image_classification.tools.export"),
+    ("image_classification.tools.profiler", True, "python -m image_classification.tools.profiler"),
+    ("image_classification.tools.benchmark", True, None),
+    ("image_classification.tools.gradcam", True, None),
+    ("image_classification.tools.train_segmentation", True, None),
     ("scripts/fashion_mnist_study.py", False, None),
 ]
 

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from script_runner import run_script
 
-from image_classification.classify import classify_images, main
 from image_classification.data import DataConfig
 from image_classification.data.imagefolder import imagenet_transforms
 from image_classification.data.small import FASHION_MNIST_CLASSES, InMemoryLoader
 from image_classification.inference import load_inference_model, preprocess_images
 from image_classification.models import build_model
+from image_classification.tools.classify import classify_images, main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from image_classification.detection import train as det_train
 from image_classification.dynamic import parse_spec
 from image_classification.models import build_model, list_archs, parse_placement
-from image_classification.segmentation import train as seg_train
+from image_classification.tools import train_detection as det_train
+from image_classification.tools import train_segmentation as seg_train
 from image_classification.training.cli import build_parser, load_config, parse_args, read_recipe_chain
 
 ROOT = Path(__file__).resolve().parents[1]

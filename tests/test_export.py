@@ -13,7 +13,9 @@ from small_nets import SmallConvNet
 
 from image_classification.bn_folding import fold_batchnorm
 from image_classification.dynamic import list_operators
-from image_classification.export import (
+from image_classification.inference import strip_training_parts
+from image_classification.models import build_model, convert_model
+from image_classification.tools.export import (
     ExportError,
     export_model,
     main,
@@ -22,8 +24,6 @@ from image_classification.export import (
     resolve_exporter,
     verify_export,
 )
-from image_classification.inference import strip_training_parts
-from image_classification.models import build_model, convert_model
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnx/onnxruntime not installed (pip install onnx onnxruntime)")

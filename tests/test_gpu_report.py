@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification import gpu_report, profiler
-from image_classification.dynamic import benchmark
+from image_classification.tools import benchmark, gpu_report, profiler
 
 REPO = Path(__file__).resolve().parents[1]
 

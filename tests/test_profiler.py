@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from image_classification import profiler
+from image_classification.tools import paper_tables, profiler
 
 
 def test_counts_json(capsys: pytest.CaptureFixture) -> None:
@@ -25,11 +25,11 @@ def test_text_output(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_table_rows_compare_with_papers() -> None:
-    rows = [r for r in profiler.PAPER_ROWS if r.arch == "mobilenet_v1_x1.0" and r.placement == "depthwise"]
-    [row] = profiler.table_rows("pedconv", rows)
+    rows = [r for r in paper_tables.PAPER_ROWS if r.arch == "mobilenet_v1_x1.0" and r.placement == "depthwise"]
+    [row] = paper_tables.table_rows("pedconv", rows)
     assert row["params_m"] == 4.6 and abs(row["diff_params_m"]) <= 0.05 and abs(row["diff_macs_pct"]) <= 1
-    assert profiler.table_rows("dcd", rows) == []
-    assert {r.table for r in profiler.PAPER_ROWS} == {"pedconv", "dcd", "odconv"}
+    assert paper_tables.table_rows("dcd", rows) == []
+    assert {r.table for r in paper_tables.PAPER_ROWS} == {"pedconv", "dcd", "odconv"}
 
 
 def test_latency_measures_ratios_tiny() -> None:

@@ -70,16 +70,14 @@ ENTRY_POINTS = sorted(_entry_points(_shell_commands(README.read_text())))
 
 def test_the_readme_has_the_entry_points_users_need() -> None:
     names = {target for target, _ in ENTRY_POINTS}
-    assert {"main.py", "multiproc.py", "classify.py", "image_classification.profiler",
-            "image_classification.export"} <= names, names
+    assert {"main.py", "multiproc.py", "classify.py", "image_classification.tools.profiler",
+            "image_classification.tools.export"} <= names, names
     assert LOADS_CHECKPOINTS <= names  # each is checked for --trust-checkpoints below
 
 
 # programs that load checkpoints: the untrusted-pickle refusal advises --trust-checkpoints, so each must have it
-LOADS_CHECKPOINTS = {"main.py", "classify.py", "image_classification.classify", "image_classification.export",
-                     "image_classification.analysis.gradcam", "image_classification.analysis.weights",
-                     "image_classification.analysis.coefficients", "image_classification.detection.train",
-                     "image_classification.segmentation.train"}
+LOADS_CHECKPOINTS = {"main.py", "classify.py", *(f"image_classification.tools.{name}" for name in (
+    "classify", "export", "gradcam", "weight_variation", "coefficients", "train_detection", "train_segmentation"))}
 
 
 @pytest.mark.parametrize("target, module", ENTRY_POINTS, ids=[t for t, _ in ENTRY_POINTS])

@@ -238,7 +238,7 @@ def _next_pow2(n: int) -> int:
 #: candidate GPU tiles for ``triton.autotune``: BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps. A check
 #: or a benchmark may replace this tuple before the first call (the tuned wrappers are built then).
 AUTOTUNE_TILES: Tuple[Tuple[int, int, int, int, int], ...] = (
-    # ordered by the sm_90 ptxas report (python -m image_classification.dynamic.triton_pedconv_check
+    # ordered by the sm_90 ptxas report (python -m image_classification.tools.triton_pedconv_check
     # --ptx-report): 8-warp tiles spill least; every tile with BLOCK_M >= 64 uses wgmma
     (128, 64, 32, 3, 8),
     (64, 128, 32, 3, 8),

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from image_classification.analysis import gradcam
 from image_classification.analysis.gradcam import GradCAM, cam_statistics, default_target_layer
 from image_classification.models import build_model
+from image_classification.tools import gradcam
 
 SYNTHETIC = ["--data-backend", "synthetic", "--dataset", "fashion-mnist", "-j", "0"]
 

@@ -10,9 +10,9 @@ from typing import Dict
 import pytest
 import torch
 
-from image_classification.analysis import weights
 from image_classification.analysis.weights import WeightMoments, _generic_sums
 from image_classification.dynamic.pedconv import PEDConv2d, pedconv_weight_sums
+from image_classification.tools import weight_variation as weights
 
 SYNTHETIC = ["--data-backend", "synthetic", "--dataset", "fashion-mnist", "-j", "0"]
 

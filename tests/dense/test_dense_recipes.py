@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from image_classification import profiler as profile
-from image_classification.dense import counts
-from image_classification.detection import train as det_train
-from image_classification.segmentation import train as seg_train
+from image_classification.tools import paper_tables as counts
+from image_classification.tools import profiler as profile
+from image_classification.tools import train_detection as det_train
+from image_classification.tools import train_segmentation as seg_train
 from image_classification.training.cli import read_recipe_chain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def test_dense_count_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
     assert all(abs(r["diff_params_m"]) <= 0.05 for r in table)
     assert "pspnet" in counts.format_dense_table(table)
     # the profiler's --table dense prints these rows (restricted here to keep the test fast)
-    monkeypatch.setattr(counts, "dense_table_rows", lambda: table)
+    monkeypatch.setattr(profile, "dense_table_rows", lambda: table)
     assert profile.main(["--table", "dense", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == table
 

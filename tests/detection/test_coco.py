@@ -108,7 +108,7 @@ def test_data_errors(tmp_path: Path) -> None:
 
 
 def test_synthetic_writer_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from image_classification.detection import synthetic
+    from image_classification.tools import synthetic_detection as synthetic
 
     assert synthetic.main([str(tmp_path / "s"), "--train", "1", "--val", "1", "--size", "64"]) == 0
     assert len(CocoDetection(str(tmp_path / "s"), "train2017")) == 1

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification.detection import train
 from image_classification.detection.coco import write_synthetic_coco
+from image_classification.tools import train_detection as train
 from image_classification.training.checkpoint import load_checkpoint
 from image_classification.training.logger import raport_values, read_raport
 

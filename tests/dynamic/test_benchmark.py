@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from image_classification.dynamic import benchmark
+from image_classification.tools import benchmark
 
 
 def test_cli_json_on_tiny_shape(capsys):

@@ -193,12 +193,12 @@ def test_counts_match_odconv_tables(arch, conv, params_m, macs_m):
 
 
 def test_profiler_table_and_placement() -> None:
-    from image_classification import profiler as profile
     from image_classification.models import build_model
+    from image_classification.tools import paper_tables
 
-    rows = [r for r in profile.PAPER_ROWS if r.table == "odconv"]
+    rows = [r for r in paper_tables.PAPER_ROWS if r.table == "odconv"]
     assert {(r.arch, r.conv) for r in rows} >= {("resnet18", "odconv:k=4"), ("mobilenet_v2_x1.0", "odconv")}
-    [row] = profile.table_rows("odconv", [r for r in rows if r.arch == "resnet18" and r.conv == "odconv"])
+    [row] = paper_tables.table_rows("odconv", [r for r in rows if r.arch == "resnet18" and r.conv == "odconv"])
     assert row["ours_params_m"] == 11.944 and abs(row["diff_macs_pct"]) < 1
     # placement 'paper' on MobileNetV2: every block conv (depthwise included) and the last 1x1 conv
     model = build_model("mobilenet_v2_x0.35", "odconv", num_classes=10)

@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from image_classification.dynamic import triton_pedconv_check as check  # noqa: E402
 from image_classification.dynamic.triton_pedconv import unavailable_reason  # noqa: E402
+from image_classification.tools import triton_pedconv_check as check  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,7 +83,7 @@ def test_ptx_report_compiles_every_kernel_for_sm90(tmp_path: Path) -> None:
         pytest.skip("this Triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "image_classification.dynamic.triton_pedconv_check", "--ptx-report",
+    proc = subprocess.run([sys.executable, "-m", "image_classification.tools.triton_pedconv_check", "--ptx-report",
                            "--tiles", "heuristic", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

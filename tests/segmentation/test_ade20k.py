@@ -63,7 +63,7 @@ def test_data_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_synthetic_writer_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from image_classification.segmentation import synthetic
+    from image_classification.tools import synthetic_segmentation as synthetic
 
     assert synthetic.main([str(tmp_path / "s"), "--train", "1", "--val", "1", "--size", "32"]) == 0
     assert len(ADE20K(str(tmp_path / "s"), "validation")) == 1

@@ -8,8 +8,8 @@ import pytest
 import torch
 from script_runner import run_script
 
-from image_classification.segmentation import train
 from image_classification.segmentation.ade20k import write_synthetic_ade20k
+from image_classification.tools import train_segmentation as train
 from image_classification.training.checkpoint import load_checkpoint
 from image_classification.training.logger import raport_values, read_raport
 
@@ -89,7 +89,7 @@ def test_bad_data_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 @pytest.mark.slow
 def test_cli_entry_point(tmp_path: Path) -> None:
-    proc = run_script("image_classification.segmentation.train", [str(tmp_path / "x")], module=True, cwd=REPO)
+    proc = run_script("image_classification.tools.train_segmentation", [str(tmp_path / "x")], module=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from image_classification.segmentation import train as seg_train
+from image_classification.tools import train_segmentation as seg_train
 from image_classification.training.cli import parse_args, read_recipe_chain
 
 

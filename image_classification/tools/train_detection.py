@@ -2,15 +2,17 @@
 
 Usage::
 
-    python -m image_classification.detection.train DATA --config configs/pedconv_table2/ssd300_resnet50_pedconv.yaml
-    torchrun --nproc_per_node 8 -m image_classification.detection.train DATA --config ... -b 8
-    python -m image_classification.detection.train DATA --evaluate --weights logs/ssd/model_best.pth.tar --conv pedconv
+    python -m image_classification.tools.train_detection DATA \
+        --config configs/pedconv_table2/ssd300_resnet50_pedconv.yaml
+    torchrun --nproc_per_node 8 -m image_classification.tools.train_detection DATA --config ... -b 8
+    python -m image_classification.tools.train_detection DATA --evaluate \
+        --weights logs/ssd/model_best.pth.tar --conv pedconv
 
 DATA has the COCO layout (``annotations/instances_train2017.json``, ``train2017/``, ``val2017/``; see
 :mod:`image_classification.detection.coco`). The paper's schedule (PEDConv Sec. 4.2, SSD's COCO recipe): SGD
 momentum 0.9, batch 64, weight decay 5e-4, lr 1e-3 for 160k iterations, then 1e-4 and 1e-5 for 40k each.
 Validation reports COCO bbox AP, AP50, AP75, APs, APm, APl (Table 2's columns) through pycocotools.
-``python -m image_classification.detection.synthetic OUT`` writes a tiny set in this layout.
+``python -m image_classification.tools.synthetic_detection OUT`` writes a tiny set in this layout.
 """
 
 from __future__ import annotations
@@ -31,12 +33,17 @@ from image_classification.dense.engine import (
     run_cli,
     train,
 )
+from image_classification.detection.coco import (
+    CocoDetection,
+    coco_evaluate,
+    collate,
+    resize_transform,
+    ssd_train_transform,
+)
+from image_classification.detection.ssd import build_ssd300
 from image_classification.training.distributed import init_distributed
 
-from .coco import CocoDetection, coco_evaluate, collate, resize_transform, ssd_train_transform
-from .ssd import build_ssd300
-
-PROG = "python -m image_classification.detection.train"
+PROG = "python -m image_classification.tools.train_detection"
 
 DEFAULTS = dict(batch_size=64, iterations=240_000, lr=1e-3, lr_schedule="step", lr_steps=[160_000, 200_000],
                 weight_decay=5e-4, workspace="logs/ssd300", eval_every=20_000, save_every=2_000)

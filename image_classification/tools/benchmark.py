@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m image_classification.dynamic.benchmark [--ops pedconv,dcd,pedconv:path=patch_gemm,...]
+    python -m image_classification.tools.benchmark [--ops pedconv,dcd,pedconv:path=patch_gemm,...]
         [--shapes r18-3x3-64@56,...] [--batch-sizes 1,32] [--threads 2] [--repeats 3]
         [--device cpu|cuda|auto] [--amp none|fp16|bf16] [--channels-last] [--all-paths]
         [--compile] [--no-autotune] [--json]
@@ -51,8 +51,10 @@ import torch
 import torch.nn as nn
 
 from image_classification.argparsing import ArgumentParser
-
-from ..timing import (
+from image_classification.dynamic import build_conv, list_operators, parse_spec
+from image_classification.dynamic.autotune import set_autotune
+from image_classification.dynamic.pedconv_paths import PATH_REGISTRY
+from image_classification.timing import (
     AMP_DTYPES,
     autocast_context,
     memory_format,
@@ -61,9 +63,6 @@ from ..timing import (
     time_calls,
     write_json_atomic,
 )
-from . import build_conv, list_operators, parse_spec
-from .autotune import set_autotune
-from .pedconv_paths import PATH_REGISTRY
 
 __all__ = ["LayerShape", "SHAPES", "DEFAULT_SHAPES", "run_benchmark", "main"]
 
@@ -357,7 +356,7 @@ def _csv_ints(text: str) -> List[int]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m image_classification.dynamic.benchmark",
+        prog="python -m image_classification.tools.benchmark",
         description="Time and memory of each dynamic operator as a ratio to nn.Conv2d.",
     )
     parser.add_argument("--ops", default=None,

@@ -2,9 +2,10 @@
 
 Usage::
 
-    python -m image_classification.segmentation.train DATA --config configs/pedconv_table3/pspnet_resnet50_pedconv.yaml
-    torchrun --nproc_per_node 8 -m image_classification.segmentation.train DATA --config ... -b 2
-    python -m image_classification.segmentation.train DATA --arch upernet --conv pedconv --evaluate --weights W
+    python -m image_classification.tools.train_segmentation DATA \
+        --config configs/pedconv_table3/pspnet_resnet50_pedconv.yaml
+    torchrun --nproc_per_node 8 -m image_classification.tools.train_segmentation DATA --config ... -b 2
+    python -m image_classification.tools.train_segmentation DATA --arch upernet --conv pedconv --evaluate --weights W
 
 DATA has the ADE20K layout (``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png``;
 see :mod:`image_classification.segmentation.ade20k`). The paper (Sec. 4.3) follows the ADE20K reference
@@ -12,7 +13,7 @@ training: SGD momentum 0.9, weight decay 1e-4, lr 0.02 with poly decay (power 0.
 epochs of 5000 iterations, deep-supervision loss weight 0.4 (PSPNet), multi-scale training. Validation
 reports mean IoU over the classes and pixel accuracy. Under torchrun BatchNorm is synchronised across
 processes (2 images per GPU are too few for per-GPU statistics).
-``python -m image_classification.segmentation.synthetic OUT`` writes a tiny set in this layout.
+``python -m image_classification.tools.synthetic_segmentation OUT`` writes a tiny set in this layout.
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ from image_classification.dense.engine import (
     run_cli,
     train,
 )
+from image_classification.segmentation.ade20k import (
+    ADE20K,
+    ADE20K_CLASSES,
+    IGNORE_INDEX,
+    evaluate_segmentation,
+    segmentation_transforms,
+)
+from image_classification.segmentation.models import build_segmenter, list_segmenters
 from image_classification.training.distributed import init_distributed
 
-from .ade20k import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, evaluate_segmentation, segmentation_transforms
-from .models import build_segmenter, list_segmenters
-
-PROG = "python -m image_classification.segmentation.train"
+PROG = "python -m image_classification.tools.train_segmentation"
 
 DEFAULTS = dict(batch_size=16, iterations=100_000, lr=0.02, lr_schedule="poly", weight_decay=1e-4,
                 workspace="logs/segmentation", eval_every=10_000, save_every=1_000)

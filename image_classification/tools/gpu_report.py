@@ -2,13 +2,13 @@
 
 Usage::
 
-    python -m image_classification.gpu_report OUT_DIR      # writes OUT_DIR/summary.md and OUT_DIR/summary.json
+    python -m image_classification.tools.gpu_report OUT_DIR      # writes OUT_DIR/summary.md and OUT_DIR/summary.json
 
 Reads what the script leaves in ``OUT_DIR`` (any part may be missing when a stage failed or ran out of
 time; the summary says so): ``stages.tsv`` (stage, exit status, seconds), ``pytest.log`` (the cuda-marked
 tests), ``pytest_triton.log`` (the Triton test files compiled on the GPU), ``benchmark.json``
-(``python -m image_classification.dynamic.benchmark --json``: per-layer ratios to nn.Conv2d),
-``profiler_*.json`` (``python -m image_classification.profiler --latency --json``: whole networks vs
+(``python -m image_classification.tools.benchmark --json``: per-layer ratios to nn.Conv2d),
+``profiler_*.json`` (``python -m image_classification.tools.profiler --latency --json``: whole networks vs
 static) and ``triton/triton_pedconv_check.json`` (the kernel check). The targets of issue 12
 are checked where their figures exist: per layer, train step of the Triton path (or of ``path=auto``)
 <= 1.3x nn.Conv2d; whole-network train throughput PEDConv / static >= 0.8 (ResNet-18/50) and >= 0.7
@@ -185,7 +185,7 @@ def format_markdown(summary: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m image_classification.gpu_report",
+    parser = ArgumentParser(prog="python -m image_classification.tools.gpu_report",
                                      description="Summarise the outputs of scripts/gpu_checks.sh.")
     parser.add_argument("out", type=Path, help="the OUT_DIR scripts/gpu_checks.sh wrote")
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m image_classification.export CHECKPOINT --format onnx|torchscript [--output PATH]
+    python -m image_classification.tools.export CHECKPOINT --format onnx|torchscript [--output PATH]
         [--opset N] [--image-size S] [--no-fold-bn] [--ema] [--exporter auto|dynamo|torchscript]
         [--batch-size N] [--no-verify] [--arch A --conv SPEC --placement P --num-classes N --in-chans C --dataset D]
 
@@ -67,11 +67,10 @@ import torch
 import torch.nn as nn
 
 from image_classification.argparsing import ArgumentParser
-
-from .bn_folding import FoldReport, fold_batchnorm
-from .dynamic.base import DynamicConv2d
-from .dynamic.protocol import PerSampleUnfoldConv2d
-from .dynamic.registry import operator_name
+from image_classification.bn_folding import FoldReport, fold_batchnorm
+from image_classification.dynamic.base import DynamicConv2d
+from image_classification.dynamic.protocol import PerSampleUnfoldConv2d
+from image_classification.dynamic.registry import operator_name
 
 __all__ = [
     "FORMATS",
@@ -368,9 +367,9 @@ def verify_export(model: nn.Module, path: str | Path, fmt: str, image_size: int,
 # CLI
 # ------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from .inference import add_model_arguments
+    from image_classification.inference import add_model_arguments
 
-    p = ArgumentParser(prog="python -m image_classification.export",
+    p = ArgumentParser(prog="python -m image_classification.tools.export",
                                 description="Export a checkpoint to ONNX or TorchScript with a dynamic batch axis.")
     p.add_argument("checkpoint", help="checkpoint file (model_best.pth.tar, checkpoint.pth.tar, a state dict)")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx or torchscript")
@@ -394,9 +393,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .data import DataError
-    from .inference import load_inference_model, require_positive
-    from .training.checkpoint import CheckpointError, trust_checkpoints
+    from image_classification.data import DataError
+    from image_classification.inference import load_inference_model, require_positive
+    from image_classification.training.checkpoint import CheckpointError, trust_checkpoints
 
     parser = _parser()
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Write a tiny synthetic segmentation set in the ADE20K layout (smoke tests, trying the training script).
 
-Usage: ``python -m image_classification.segmentation.synthetic OUT [--train 8] [--val 4] [--size 96]
-[--classes 4] [--seed 0]``; then ``python -m image_classification.segmentation.train OUT --num-classes 4 ...``.
+Usage: ``python -m image_classification.tools.synthetic_segmentation OUT [--train 8] [--val 4] [--size 96]
+[--classes 4] [--seed 0]``; then ``python -m image_classification.tools.train_segmentation OUT --num-classes 4 ...``.
 """
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from image_classification.dense.synthetic_cli import SyntheticSetCli, synthetic_set_main
+from image_classification.segmentation.ade20k import write_synthetic_ade20k
+from image_classification.tools.synthetic_cli import SyntheticSetCli, synthetic_set_main
 
-from .ade20k import write_synthetic_ade20k
-
-PROG = "python -m image_classification.segmentation.synthetic"
+PROG = "python -m image_classification.tools.synthetic_segmentation"
 CLI = SyntheticSetCli(prog=PROG, description=__doc__.split("\n\n")[0], layout="ADE20K", write=write_synthetic_ade20k,
                       labels_flag="classes", labels_help="classes (1-6); label 0 is ignored background",
                       labels_default=4, size_default=96, size_min=16)

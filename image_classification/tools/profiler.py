@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m image_classification.profiler --arch resnet18 --conv pedconv [--image-size 224]
+    python -m image_classification.tools.profiler --arch resnet18 --conv pedconv [--image-size 224]
         [--placement paper] [--num-classes 1000] [--in-chans 3] [--json]
         [--latency [--threads 2 --images 200 --warmup 20 --train-batch 32 --train-steps 8]
                    [--compile] [--no-autotune] [--print-paths] [--no-rss]
@@ -46,7 +46,6 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -55,12 +54,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_classification.argparsing import ArgumentParser
-
-from .dynamic import autotune
-from .dynamic.base import infomax_loss
-from .macs import count_macs, count_params
-from .models import ARCHS, build_model, list_archs
-from .timing import (
+from image_classification.dynamic import autotune
+from image_classification.dynamic.base import infomax_loss
+from image_classification.models import build_model, list_archs
+from image_classification.timing import (
     AMP_DTYPES,
     autocast_context,
     memory_format,
@@ -69,132 +66,15 @@ from .timing import (
     time_calls,
     write_json_atomic,
 )
+from image_classification.tools.paper_tables import (
+    dense_table_rows,
+    format_dense_table,
+    format_table,
+    profile_model,
+    table_rows,
+)
 
-__all__ = ["PAPER_ROWS", "PaperRow", "main", "measure_latency", "profile_model", "table_rows", "training_memory"]
-
-
-@dataclass(frozen=True)
-class PaperRow:
-    table: str  # "pedconv", "dcd" or "odconv"
-    source: str  # where the figure is printed
-    arch: str
-    conv: str
-    placement: str
-    params_m: float  # millions, as printed
-    macs_m: float  # millions of multiply-adds, as printed
-    note: str = ""
-
-
-def _rows(table: str, source: str, arch: str, entries: Sequence[tuple]) -> List[PaperRow]:
-    return [PaperRow(table, source, arch, *e) for e in entries]
-
-
-#: The papers' parameter/MAC figures (ImageNet, 224 px, 1000 classes), from the papers' tables;
-#: ``placement`` is the one this project uses for the row (docs/counts.md).
-PAPER_ROWS: List[PaperRow] = [
-    *_rows("pedconv", "PEDConv T1", "resnet18", [("static", "paper", 11.7, 1810), ("pedconv", "paper", 11.9, 1830),
-                                                 ("dcd", "paper", 14.0, 1830), ("dyconv", "paper", 42.7, 1850)]),
-    *_rows("pedconv", "PEDConv T1", "resnet50", [("static", "paper", 25.6, 4100), ("pedconv", "paper", 28.6, 4200),
-                                                 ("dcd", "paper", 30.7, 4200),
-                                                 ("condconv", "pointwise+cls", 104.8, 4200)]),
-    *_rows("pedconv", "PEDConv T1", "mobilenet_v1_x1.0", [("static", "paper", 4.2, 569),
-                                                          ("pedconv", "paper", 5.1, 579),
-                                                          ("condconv", "pointwise+cls", 33.0, 600)]),
-    *_rows("pedconv", "PEDConv T1", "mobilenet_v2_x1.0", [("static", "paper", 3.5, 300),
-                                                          ("pedconv", "paper", 4.8, 307),
-                                                          ("dcd", "pointwise+cls", 5.5, 326),
-                                                          ("dyconv", "pointwise", 11.1, 313),
-                                                          ("condconv", "pointwise+cls", 27.5, 329)]),
-    *_rows("pedconv", "PEDConv T1", "efficientnet_b0", [("static", "paper", 5.3, 391),
-                                                        ("pedconv", "paper", 7.2, 400, "placement unstated"),
-                                                        ("condconv:k=4,routing=block", "deep+inblock", 13.3, 402,
-                                                         "CondConv paper's EfficientNet: K=4, routing per block")]),
-    *_rows("pedconv", "PEDConv T5c/d", "mobilenet_v1_x1.0", [("pedconv", "pointwise", 4.8, 579),
-                                                             ("pedconv", "depthwise", 4.6, 569),
-                                                             ("pedconv", "shallow", 4.3, 570),
-                                                             ("pedconv", "deep", 5.1, 578)]),
-    *_rows("pedconv", "PEDConv T5b", "resnet18", [("pedconv:rank=4", "paper", 12.4, 1900),
-                                                  ("pedconv:rank=8", "paper", 13.0, 2000)]),
-    *_rows("pedconv", "PEDConv App. T2", "resnet18", [("pedconv:reduction=4", "paper", 12.6, 1840),
-                                                      ("pedconv", "paper+share", 11.8, 1830),
-                                                      ("pedconv:context=bilinear", "paper", 11.9, 2040)]),
-    *_rows("dcd", "DCD T4a", "mobilenet_v2_x1.0", [("static", "paper", 3.5, 300.0),
-                                                   ("dyconv", "pointwise", 11.1, 312.9),
-                                                   ("condconv", "pointwise+cls", 27.5, 329.0),
-                                                   ("dcd", "pointwise+cls", 5.5, 326.0)]),
-    *_rows("dcd", "DCD T4a", "mobilenet_v2_x0.5", [("static", "paper", 2.0, 97.0),
-                                                   ("dyconv", "pointwise", 4.0, 101.4),
-                                                   ("condconv", "pointwise+cls", 15.5, 113.0),
-                                                   ("dcd:reduction=8", "pointwise+cls", 3.1, 104.8)]),
-    *_rows("dcd", "DCD T4a", "mobilenet_v2_x0.35", [("static", "paper", 1.7, 59.2),
-                                                    ("dyconv", "pointwise", 2.8, 62.0),
-                                                    ("dcd:reduction=8", "pointwise+cls", 2.3, 63.1)]),
-    *_rows("dcd", "DCD T4b", "resnet50", [("static", "paper", 23.5, 3800, "DCD counts ResNet-50 without fc"),
-                                          ("dcd", "paper", 30.7, 3900)]),
-    *_rows("dcd", "DCD T4b", "resnet18", [("static", "paper", 11.1, 1810), ("dyconv", "paper", 42.7, 1850),
-                                          ("dcd", "paper", 14.0, 1830)]),
-    *_rows("dcd", "DCD T4b", "resnet10", [("static", "paper", 5.2, 890), ("dyconv", "paper", 18.6, 910),
-                                          ("dcd", "paper", 6.5, 900)]),
-    *_rows("dcd", "DCD T3b", "mobilenet_v2_x0.5", [("dcd:reduction=8", "depthwise", 2.4, 97.5),
-                                                   ("dcd:reduction=8", "pointwise", 2.9, 104.6),
-                                                   ("dcd:reduction=8", "none+cls", 2.2, 97.2),
-                                                   ("dcd:reduction=8", "depthwise+cls", 2.6, 97.7),
-                                                   ("dcd:reduction=8", "pointwise+depthwise", 3.3, 105.1),
-                                                   ("dcd:reduction=8", "pointwise+depthwise+cls", 3.5, 105.3)]),
-    # DCD as its authors released it (dcd:variant=released; placements: the release's own models)
-    *_rows("dcd", "DCD T4a rel.", "mobilenet_v2_x1.0", [("dcd:variant=released", "pointwise+inblock+cls", 5.5, 326.0)]),
-    *_rows("dcd", "DCD T4a rel.", "mobilenet_v2_x0.5", [("dcd:variant=released,reduction=8", "pointwise+inblock+cls",
-                                                        3.1, 104.8)]),
-    *_rows("dcd", "DCD T4a rel.", "mobilenet_v2_x0.35", [("dcd:variant=released,reduction=8", "pointwise+inblock+cls",
-                                                         2.3, 63.1)]),
-    *_rows("dcd", "DCD T4b rel.", "resnet50", [("dcd:variant=released", "paper+cls", 30.7, 3900, "incl. DYCls")]),
-    *_rows("dcd", "DCD T4b rel.", "resnet18", [("dcd:variant=released", "paper+cls", 14.0, 1830, "incl. DYCls")]),
-    *_rows("dcd", "DCD T4b rel.", "resnet10", [("dcd:variant=released", "paper+cls", 6.5, 900, "incl. DYCls")]),
-    *_rows("dcd", "DCD T3b rel.", "mobilenet_v2_x0.5", [("dcd:variant=released,reduction=8", "pointwise+inblock",
-                                                        2.9, 104.6),
-                                                       ("dcd:variant=released,reduction=8", "none+cls", 2.2, 97.2),
-                                                       ("dcd:variant=released,reduction=8", "pointwise+inblock+cls",
-                                                        3.1, 104.8)]),
-    # ODConv (Li et al., ICLR 2022) Sec. 4.1: MobileNetV2 (Table 1, 150 epochs) and ResNets (Table 2, 100 epochs);
-    # the same figures as the authors' repository README (OSVAI/ODConv), MAdds from a counter it does not name
-    *_rows("odconv", "ODConv T1", "mobilenet_v2_x1.0", [("static", "paper", 3.50, 300.8),
-                                                        ("odconv", "paper", 4.94, 311.8),
-                                                        ("odconv:k=4", "paper", 11.51, 327.1)]),
-    *_rows("odconv", "ODConv T1", "mobilenet_v2_x0.5", [("static", "paper", 1.97, 97.1),
-                                                        ("odconv", "paper", 2.43, 101.8),
-                                                        ("odconv:k=4", "paper", 4.44, 106.4)]),
-    *_rows("odconv", "ODConv T2", "resnet18", [("static", "paper", 11.69, 1814), ("odconv", "paper", 11.94, 1838),
-                                               ("odconv:k=4", "paper", 44.90, 1916)]),
-    *_rows("odconv", "ODConv T2", "resnet50", [("static", "paper", 25.56, 3858, "ODConv counts static R50 as 3.86G"),
-                                               ("odconv", "paper", 28.64, 3916), ("odconv:k=4", "paper", 90.67, 4080)]),
-]
-
-
-def profile_model(arch: str, conv: str = "static", placement: str = "paper", image_size: Optional[int] = None,
-                  num_classes: int = 1000, in_chans: int = 3) -> Dict[str, Any]:
-    """Counts of one configuration (dict: deploy/training params, MACs, dynamic layer count)."""
-    model = build_model(arch, conv, placement, num_classes=num_classes, in_chans=in_chans)
-    size = image_size or ARCHS[arch].image_size
-    params = count_params(model)
-    return {
-        "arch": arch, "conv": conv, "placement": placement, "image_size": size, "num_classes": num_classes,
-        "in_chans": in_chans, "params_deploy": params.deploy, "params_training": params.training,
-        "macs": count_macs(model, size, in_chans).total, "dynamic_layers": len(getattr(model, "dynamic_convs", [])),
-    }
-
-
-def table_rows(which: str = "all", rows: Optional[Sequence[PaperRow]] = None) -> List[Dict[str, Any]]:
-    """Paper rows of ``which`` table with this project's counts and the differences."""
-    out = []
-    for row in rows if rows is not None else PAPER_ROWS:
-        if which not in ("all", row.table):
-            continue
-        ours = profile_model(row.arch, row.conv, row.placement, 224)
-        params_m, macs_m = ours["params_deploy"] / 1e6, ours["macs"] / 1e6
-        out.append({**asdict(row), "ours_params_m": round(params_m, 3), "ours_macs_m": round(macs_m, 1),
-                    "diff_params_m": round(params_m - row.params_m, 3),
-                    "diff_macs_pct": round(100 * (macs_m - row.macs_m) / row.macs_m, 2)})
-    return out
+__all__ = ["main", "measure_latency", "training_memory"]
 
 
 # ----------------------------------------------------------------------------------------- latency
@@ -308,7 +188,7 @@ def _rss_worker(job: Dict[str, Any]) -> Optional[float]:
     The model, its gradients, SGD momentum and everything the step allocates count; a first step
     creates the lazily allocated state, the peak is taken over the second.
     """
-    from .dynamic import autotune
+    from image_classification.dynamic import autotune
 
     torch.set_num_threads(job["threads"])
     autotune.CACHE.load_state_dict(job["cache"])
@@ -336,7 +216,7 @@ def peak_rss_training(arch: str, conv: str, placement: str, image_size: int, num
     uses this process's tuned PEDConv paths."""
     import multiprocessing
 
-    from .dynamic import autotune
+    from image_classification.dynamic import autotune
 
     job = {"arch": arch, "conv": conv, "placement": placement, "image_size": image_size,
            "num_classes": num_classes, "in_chans": in_chans, "batch": batch, "threads": threads, "seed": seed,
@@ -404,7 +284,7 @@ def _frozen_copies(models: Dict[str, nn.Module]) -> Tuple[Dict[str, nn.Module], 
     many pairs each had folded."""
     import copy
 
-    from .bn_folding import fold_batchnorm
+    from image_classification.bn_folding import fold_batchnorm
 
     copies, folded = {}, {}
     for key, model in models.items():
@@ -445,8 +325,8 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     (``infer_ratio`` / ``infer_ratio_frozen``) and the training step; the memory figures stay eager.
     ``peak_rss``: also the peak RSS of a training step of each model, each in a spawned process.
     """
-    from .dynamic import path_report, reset_path_report
-    from .dynamic.autotune import prepare_model
+    from image_classification.dynamic import path_report, reset_path_report
+    from image_classification.dynamic.autotune import prepare_model
 
     dev = resolve_device(device)
     if amp not in AMP_DTYPES:
@@ -467,7 +347,7 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
                               "train_steps": train_steps, "compile": compile, "device": dev.type,
                               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                               "amp": amp, "channels_last": channels_last}
-    from .dynamic import autotune
+    from image_classification.dynamic import autotune
 
     cache_file = autotune.default_cache_file(dev)  # the choices main.py made on this machine, and ours for it
     if autotune.autotune_enabled():
@@ -555,7 +435,7 @@ def _cuda_peak_training_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: t
 
 # --------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m image_classification.profiler", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m image_classification.tools.profiler", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", help=f"architecture ({', '.join(list_archs())})")
     p.add_argument("--conv", default="static", help="operator spec, e.g. pedconv, pedconv:rank=4, dcd, static")
     p.add_argument("--placement", default=None, help="placement (paper, all, pointwise, depthwise, shallow, "
@@ -591,17 +471,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fmt_table(rows: List[Dict[str, Any]]) -> str:
-    head = (f"{'source':16} {'arch':18} {'conv':34} {'placement':24} {'paper P':>8} {'ours P':>8} {'dP':>7}"
-            f" {'paper MACs':>10} {'ours MACs':>10} {'dMACs%':>7}  note")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['source']:16} {r['arch']:18} {r['conv']:34} {r['placement']:24} {r['params_m']:8.1f}"
-                     f" {r['ours_params_m']:8.2f} {r['diff_params_m']:+7.2f} {r['macs_m']:10.1f}"
-                     f" {r['ours_macs_m']:10.1f} {r['diff_macs_pct']:+7.2f}  {r['note']}")
-    return "\n".join(lines)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -617,22 +486,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(exc))
     if args.out_json is not None and not args.out_json.parent.is_dir():
         parser.error(f"--out-json {args.out_json}: directory {args.out_json.parent} does not exist")
-    if args.table == "dense":  # SSD300 / PSPNet / UperNet (image_classification/dense/counts.py)
-        from .dense.counts import dense_table_rows, format_dense_table
-
+    if args.table == "dense":  # SSD300 / PSPNet / UperNet
         dense = dense_table_rows()
         print(json.dumps(dense, indent=1) if args.json else format_dense_table(dense))
         return 0
     if args.table:
         rows = table_rows(args.table)
-        print(json.dumps(rows, indent=1) if args.json else _fmt_table(rows))
+        print(json.dumps(rows, indent=1) if args.json else format_table(rows))
         if not args.arch:
             return 0
     if not args.arch:
         parser.error("--arch is required (or --table)")
     try:
         if args.placement is None:
-            from .dynamic.registry import operator_class
+            from image_classification.dynamic.registry import operator_class
 
             args.placement = operator_class(args.conv).default_placement
         report = profile_model(args.arch, args.conv, args.placement, args.image_size, args.num_classes, args.in_chans)
@@ -698,7 +565,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  execution          {'torch.compile (inductor)' if lat.get('compile') else 'eager'}, PEDConv paths "
               f"{'autotuned' if lat.get('autotune') else 'by heuristic'}")
         if args.print_paths:
-            from .dynamic import format_path_report
+            from image_classification.dynamic import format_path_report
 
             print(format_path_report(lat["paths"]))
     return 0

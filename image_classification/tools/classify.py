@@ -2,7 +2,7 @@
 
 Usage (DeepLearningExamples' ``classify.py``; the root ``classify.py`` runs this)::
 
-    python -m image_classification.classify CHECKPOINT IMAGE [IMAGE ...] [--topk 5] [--class-names FILE]
+    python -m image_classification.tools.classify CHECKPOINT IMAGE [IMAGE ...] [--topk 5] [--class-names FILE]
         [--device cpu|cuda|auto] [--batch-size 32] [--ema] [--json] [--arch A --conv SPEC ...]
 
 The model is rebuilt from the checkpoint (arch, operator, placement, classes and input size recorded by
@@ -25,9 +25,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from image_classification.argparsing import ArgumentParser
-
-from .data import DataError
-from .inference import (
+from image_classification.data import DataError
+from image_classification.inference import (
     add_model_arguments,
     dataset_class_names,
     load_class_names,
@@ -35,7 +34,7 @@ from .inference import (
     preprocess_images,
     require_positive,
 )
-from .training.checkpoint import CheckpointError, trust_checkpoints
+from image_classification.training.checkpoint import CheckpointError, trust_checkpoints
 
 __all__ = ["Prediction", "classify_images", "main"]
 

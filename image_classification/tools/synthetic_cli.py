@@ -1,5 +1,6 @@
-"""The command line of the dense tasks' synthetic-set writers (``python -m image_classification.detection.synthetic``
-and ``...segmentation.synthetic``): one parser, one set of checks, one-line errors with exit status 2."""
+"""The command line of the dense tasks' synthetic-set writers (``python -m
+image_classification.tools.synthetic_detection`` and ``...tools.synthetic_segmentation``):
+one parser, one set of checks, one-line errors with exit status 2."""
 
 from __future__ import annotations
 

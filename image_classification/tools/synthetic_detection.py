@@ -1,7 +1,7 @@
 """Write a tiny synthetic detection set in the COCO layout (smoke tests, trying the training script).
 
-Usage: ``python -m image_classification.detection.synthetic OUT [--train 8] [--val 4] [--size 320]
-[--categories 3] [--seed 0]``; then ``python -m image_classification.detection.train OUT ...``.
+Usage: ``python -m image_classification.tools.synthetic_detection OUT [--train 8] [--val 4] [--size 320]
+[--categories 3] [--seed 0]``; then ``python -m image_classification.tools.train_detection OUT ...``.
 """
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from image_classification.dense.synthetic_cli import SyntheticSetCli, synthetic_set_main
+from image_classification.detection.coco import write_synthetic_coco
+from image_classification.tools.synthetic_cli import SyntheticSetCli, synthetic_set_main
 
-from .coco import write_synthetic_coco
-
-PROG = "python -m image_classification.detection.synthetic"
+PROG = "python -m image_classification.tools.synthetic_detection"
 CLI = SyntheticSetCli(prog=PROG, description=__doc__.split("\n\n")[0], layout="COCO", write=write_synthetic_coco,
                       labels_flag="categories", labels_help="object categories (1-6)", labels_default=3,
                       size_default=320, size_min=32)

@@ -1,10 +1,10 @@
 """Device check of the fused Triton PEDConv kernels (:mod:`.triton_pedconv`): exactness on the GPU and
 per-layer timing against ``nn.Conv2d`` on cuDNN, in one call::
 
-    python -m image_classification.dynamic.triton_pedconv_check --out DIR
+    python -m image_classification.tools.triton_pedconv_check --out DIR
         [--nets resnet18,resnet50] [--batch 64] [--dtype fp16|bf16|fp32] [--memory-format nhwc|nchw]
         [--tiles heuristic|small|full] [--fold] [--budget-s 420] [--smoke]
-    python -m image_classification.dynamic.triton_pedconv_check --ptx-report --out DIR   # no GPU needed
+    python -m image_classification.tools.triton_pedconv_check --ptx-report --out DIR   # no GPU needed
 
 Phases (results are rewritten after every layer, so a run cut short by a time limit still reports):
 
@@ -46,9 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from image_classification.argparsing import ArgumentParser
-
-from . import triton_pedconv
-from .triton_pedconv import pedconv_conv2d_triton, unavailable_reason
+from image_classification.dynamic import triton_pedconv
+from image_classification.dynamic.triton_pedconv import pedconv_conv2d_triton, unavailable_reason
 
 __all__ = ["LayerSpec", "network_layers", "check_exactness", "time_layer", "ptx_report", "main"]
 
@@ -82,8 +81,8 @@ class LayerSpec:
 
 def network_layers(arch: str, image_size: int = 224) -> List[LayerSpec]:
     """The distinct PEDConv layer shapes of ``arch`` (paper placement), in network order, with counts."""
-    from ..models import build_model
-    from .pedconv import PEDConv2d
+    from image_classification.dynamic.pedconv import PEDConv2d
+    from image_classification.models import build_model
 
     model = build_model(arch, conv="pedconv").eval()
     seen: OrderedDict[tuple, int] = OrderedDict()
@@ -439,7 +438,7 @@ def ptx_report(tiles: Sequence[Tuple[int, int, int, int, int]], capability: int 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import triton_pedconv_kernels as kernels
+    from image_classification.dynamic import triton_pedconv_kernels as kernels
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     target = GPUTarget("cuda", capability, 32)
@@ -486,7 +485,7 @@ def ptx_report(tiles: Sequence[Tuple[int, int, int, int, int]], capability: int 
 
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m image_classification.dynamic.triton_pedconv_check",
+    parser = ArgumentParser(prog="python -m image_classification.tools.triton_pedconv_check",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--nets", default="resnet18,resnet50", help="comma-separated archs (default: %(default)s)")
@@ -546,7 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batch = 2 if args.smoke else args.batch
     report: Dict[str, Any] = {"env": _environment(device), "args": vars(args) | {"batch": batch},
                               "exactness": [], "layers": [], "networks": {}, "skipped": []}
-    from ..training.logger import RaportWriter
+    from image_classification.training.logger import RaportWriter
 
     raport = RaportWriter(os.path.join(args.out, "raport.json"))
     raport.log_parameters({k: str(v) for k, v in report["args"].items()})
