@@ -5,7 +5,7 @@
   environment, so that ``main.py`` subprocesses inherit it; tests of the autotuner switch it on explicitly
   (``autotune.set_autotune(True)``, or ``PEDCONV_AUTOTUNE=1`` for a subprocess).
 - The PEDConv path cache (``PEDCONV_CACHE_DIR``) points at a fresh temporary directory.
-- Without CUDA, the fused Triton PEDConv kernels (image_classification/dynamic/triton_pedconv.py) are
+- Without CUDA, the fused Triton PEDConv kernels (image_classification/dynamic/pedconv/triton.py) are
   tested in Triton's interpreter, which must be switched on before triton is first imported (Triton
   decorates its own standard-library functions at import time). So it is set here, before any test
   module is collected. CPU code paths never import triton, and with CUDA nothing is changed.

@@ -3,9 +3,14 @@
 Build one from a spec string with :func:`build_conv` or convert a static conv with
 :func:`conv_from_static`; :func:`list_operators` names them all.
 
-Adding an operator is one module here plus its import line below: a :class:`DynamicConv2d` subclass
-registered with :func:`register_operator`, whose hooks (:mod:`.protocol`: MACs, BatchNorm gamma,
-placement, dynamic classifier, foreign checkpoint layouts) tell the rest of the project all it needs.
+The package has three parts: the operator contract at its root (:mod:`.registry`, :mod:`.protocol`,
+:mod:`.base`, :mod:`.functional`, :mod:`.static`, :mod:`.autotune`), the PEDConv family in :mod:`.pedconv`
+and the operators it is compared with in :mod:`.peers`.
+
+Adding an operator is one module in :mod:`.peers` plus its import line in ``peers/__init__.py``: a
+:class:`DynamicConv2d` subclass registered with :func:`register_operator`, whose hooks (:mod:`.protocol`: MACs,
+BatchNorm gamma, placement, dynamic classifier, foreign checkpoint layouts) tell the rest of the project all it
+needs.
 """
 
 from .base import DynamicConv2d, dynamic_modules, infomax_loss, set_epoch
@@ -26,14 +31,9 @@ from .registry import (
 )
 from .static import StaticConv2d
 
-# Operator modules register themselves on import.
+# Operator modules register themselves on import: the PEDConv family, then its peers.
 from . import pedconv  # noqa: E402,F401  isort: skip
-from . import spatial  # noqa: E402,F401  isort: skip
-from . import dcd  # noqa: E402,F401  isort: skip
-from . import dyconv  # noqa: E402,F401  isort: skip
-from . import condconv  # noqa: E402,F401  isort: skip
-from . import involution  # noqa: E402,F401  isort: skip
-from . import odconv  # noqa: E402,F401  isort: skip
+from . import peers  # noqa: E402,F401  isort: skip
 
 # PEDConv's execution-path reports (the autotuner serves its ``path=auto`` layers)
 from .pedconv import auto_path_layers, format_path_report, has_auto_paths, path_report, reset_path_report  # noqa: E402  isort: skip

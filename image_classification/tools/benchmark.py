@@ -53,7 +53,8 @@ import torch.nn as nn
 from image_classification.argparsing import ArgumentParser
 from image_classification.dynamic import build_conv, list_operators, parse_spec
 from image_classification.dynamic.autotune import set_autotune
-from image_classification.dynamic.pedconv_paths import PATH_REGISTRY
+from image_classification.dynamic.pedconv import PEDConv2d
+from image_classification.dynamic.pedconv.paths import PATH_REGISTRY
 from image_classification.timing import (
     AMP_DTYPES,
     autocast_context,
@@ -207,10 +208,9 @@ def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device, amp:
 
 def _auto_paths(module: nn.Module, batch: int) -> str:
     """``eval:PATH train:PATH`` for a PEDConv with ``path=auto`` at ``batch`` (empty for others)."""
-    log = getattr(module, "_path_log", None)
-    if not log or getattr(module, "path", None) != "auto":
+    if not isinstance(module, PEDConv2d) or module.path != "auto":
         return ""
-    seen = {grad: entry["path"] for (shape, grad), entry in log.items() if shape[0] == batch}
+    seen = {grad: entry["path"] for (shape, grad), entry in module.logged_paths().items() if shape[0] == batch}
     return " ".join(f"{'train' if grad else 'eval'}:{seen[grad]}" for grad in (False, True) if grad in seen)
 
 

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from image_classification.argparsing import ArgumentParser
-from image_classification.dynamic import triton_pedconv
-from image_classification.dynamic.triton_pedconv import pedconv_conv2d_triton, unavailable_reason
+from image_classification.dynamic.pedconv import triton as triton_pedconv
+from image_classification.dynamic.pedconv.triton import pedconv_conv2d_triton, unavailable_reason
 
 __all__ = ["LayerSpec", "network_layers", "check_exactness", "time_layer", "ptx_report", "main"]
 
@@ -438,7 +438,7 @@ def ptx_report(tiles: Sequence[Tuple[int, int, int, int, int]], capability: int 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from image_classification.dynamic import triton_pedconv_kernels as kernels
+    from image_classification.dynamic.pedconv import triton_kernels as kernels
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     target = GPUTarget("cuda", capability, 32)

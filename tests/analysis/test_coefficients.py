@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from image_classification.analysis.coefficients import collect_coefficients, layer_coefficients, stats_rows
-from image_classification.dynamic.dcd import DCDConv2d
 from image_classification.dynamic.pedconv import PEDConv2d
+from image_classification.dynamic.peers.dcd import DCDConv2d
 from image_classification.tools import coefficients
 
 SYNTHETIC = ["--data-backend", "synthetic", "--dataset", "fashion-mnist", "-j", "0"]

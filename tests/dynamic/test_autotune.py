@@ -12,7 +12,7 @@ from script_runner import forkserver_context
 
 from image_classification.dynamic import autotune
 from image_classification.dynamic.pedconv import PEDConv2d, format_path_report, has_auto_paths, path_report
-from image_classification.dynamic.pedconv_paths import PATH_REGISTRY, candidate_paths, heuristic_path
+from image_classification.dynamic.pedconv.paths import PATH_REGISTRY, candidate_paths, heuristic_path
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_every_candidate_choice_gives_the_same_result(tuning, grad):
         tuning["fastest"] = name
         with torch.set_grad_enabled(grad):
             out = layer(x)
-        entry = layer._path_log[(tuple(x.shape), grad)]
+        entry = layer.logged_paths()[(tuple(x.shape), grad)]
         assert (entry["path"], entry["source"], entry["times_ms"][name]) == (name, "tuned", 1.0)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         if grad:
@@ -165,9 +165,9 @@ def test_path_report_and_sources(tuning):
 def test_copies_are_separate_layers():
     layer = PEDConv2d(4, 8, 3, padding=1)
     clone = copy.deepcopy(layer)
-    assert clone._token != layer._token and clone._path_log == {}
+    assert clone._token != layer._token and clone.logged_paths() == {}
     clone(torch.randn(1, 4, 5, 5))
-    assert layer._path_log == {} and len(clone._path_log) == 1
+    assert layer.logged_paths() == {} and len(clone.logged_paths()) == 1
 
 
 def test_prepare_model_tunes_train_and_eval_keys_without_side_effects(tuning):

@@ -64,8 +64,8 @@ def test_amp_channels_last_and_throughput_on_cpu(capsys):
 def test_all_paths_skips_a_path_that_cannot_run_here(capsys, monkeypatch):
     """--all-paths times every registered PEDConv path; off CUDA (interpreter off) triton is skipped with
     its one-line reason, and the table carries the img/s column."""
-    from image_classification.dynamic import triton_pedconv
-    from image_classification.dynamic.pedconv_paths import PATH_REGISTRY
+    from image_classification.dynamic.pedconv import triton as triton_pedconv
+    from image_classification.dynamic.pedconv.paths import PATH_REGISTRY
 
     monkeypatch.setattr(triton_pedconv, "_interpreting", lambda: False)
     args = benchmark.parse_args(["--ops", "pedconv", "--all-paths"])

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_classification.dynamic import build_conv, conv_from_static, parse_spec
-from image_classification.dynamic.condconv import CondConv2d
+from image_classification.dynamic.peers.condconv import CondConv2d
 
 
 def reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

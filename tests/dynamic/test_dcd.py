@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchvision.models import resnet as tv
 
 from image_classification.dynamic import build_conv, conv_from_static, parse_spec
-from image_classification.dynamic.dcd import (
+from image_classification.dynamic.peers.dcd import (
     DCDConv2d,
     DCDLinear,
     convert_released_state_dict,
@@ -351,7 +351,7 @@ def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
 
 def _to_project(released: nn.Module, layout_prefix: str = "layer1.0.conv1") -> dict:
     sd = {f"{layout_prefix}.{k}": v for k, v in released.state_dict().items()}
-    from image_classification.dynamic.dcd import convert_released_state_dict
+    from image_classification.dynamic.peers.dcd import convert_released_state_dict
 
     return {k[len(layout_prefix) + 1:]: v for k, v in convert_released_state_dict(sd).items()}
 
@@ -411,7 +411,7 @@ def test_released_linear_equals_the_release_and_scales_the_bias():
     assert (ours.latent, ours.hidden) == (32, 32)
     sd = {f"classifier.1.{k}": v for k, v in ref.state_dict().items()}
     sd["layer1.0.conv1.weight"] = torch.zeros(1)  # marks the ResNet layout: classifier.<i> -> fc
-    from image_classification.dynamic.dcd import convert_released_state_dict
+    from image_classification.dynamic.peers.dcd import convert_released_state_dict
 
     converted = convert_released_state_dict(sd)
     ours.load_state_dict({k[len("fc."):]: v for k, v in converted.items() if k.startswith("fc.")})
@@ -448,7 +448,7 @@ def test_released_gradcheck_and_bias_semantics():
 
 
 def test_released_sizes_and_options():
-    from image_classification.dynamic.dcd import released_sizes
+    from image_classification.dynamic.peers.dcd import released_sizes
 
     # conv_dy: L = floor(sqrt(C)) where the paper's formula gives 16 / 32 / 64
     for c, paper, released in ((128, 16, 11), (512, 32, 22), (2048, 64, 45)):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_classification.dynamic import build_conv, conv_from_static, parse_spec, set_epoch
-from image_classification.dynamic.dyconv import DyConv2d
+from image_classification.dynamic.peers.dyconv import DyConv2d
 
 
 def reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

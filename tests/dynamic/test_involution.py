@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_classification.dynamic import build_conv, parse_spec
-from image_classification.dynamic.involution import Involution2d
+from image_classification.dynamic.peers.involution import Involution2d
 
 
 def loop_reference(m: Involution2d, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_classification.dynamic import build_conv, parse_spec, set_epoch
-from image_classification.dynamic.odconv import PATHS, ODConv2d
+from image_classification.dynamic.peers.odconv import PATHS, ODConv2d
 from image_classification.macs import conv_macs
 
 GEOMETRIES = [

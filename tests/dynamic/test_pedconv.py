@@ -18,7 +18,7 @@ from image_classification.dynamic.pedconv import (
     convert_authors_state_dict,
     share_generator,
 )
-from image_classification.dynamic.pedconv_paths import heuristic_path
+from image_classification.dynamic.pedconv.paths import heuristic_path
 
 # triton: CUDA (or the Triton interpreter) only, rank 1 groups 1; tested in tests/dynamic/test_triton_path.py
 FAST_PATHS = [p for p in PATHS if p not in ("auto", "reference", "triton")]
@@ -393,11 +393,11 @@ def test_heuristic_path_choice():
     assert choose(PEDConv2d(16, 16, 3, rank=2, components=("psi",)), 1, 8) == "fold"
     module = PEDConv2d(16, 16, 3, padding=1)
     module(torch.randn(2, 16, 8, 8))
-    assert module._path_log[((2, 16, 8, 8), True)]["path"] == choose(module, 2, 8)
-    assert module._path_log[((2, 16, 8, 8), True)]["source"] == "heuristic"
+    assert module.logged_paths()[((2, 16, 8, 8), True)]["path"] == choose(module, 2, 8)
+    assert module.logged_paths()[((2, 16, 8, 8), True)]["source"] == "heuristic"
     explicit = PEDConv2d(16, 16, 3, padding=1, path="reference")
     explicit(torch.randn(2, 16, 8, 8))
-    assert explicit._path_log[((2, 16, 8, 8), True)] == {"path": "reference", "source": "explicit", "times_ms": {}}
+    assert explicit.logged_paths()[((2, 16, 8, 8), True)] == {"path": "reference", "source": "explicit", "times_ms": {}}
 
 
 def test_fused_generator_keeps_state_dict_names():

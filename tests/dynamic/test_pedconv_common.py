@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from image_classification.dynamic import OPERATORS, build_conv
-from image_classification.dynamic.pedconv_common import (
+from image_classification.dynamic.pedconv.common import (
     CP_OPTIONS,
     SAMPLING_OPTIONS,
     BaseWeightInfomaxConv2d,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from image_classification.dynamic.pedconv_kernels import (
+from image_classification.dynamic.pedconv.kernels import (
     ENGINES,
     materialized_conv,
     saved_tensor_bytes,

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_classification.dynamic import build_conv, parse_spec
-from image_classification.dynamic.spatial import SpatialPEDConv2d
+from image_classification.dynamic.pedconv.spatial import SpatialPEDConv2d
 
 
 def randomize(module: nn.Module, std: float = 0.3) -> nn.Module:

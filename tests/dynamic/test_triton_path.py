@@ -18,9 +18,10 @@ import torch.nn as nn
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from image_classification.dynamic import autotune, build_conv, triton_pedconv  # noqa: E402
+from image_classification.dynamic import autotune, build_conv  # noqa: E402
 from image_classification.dynamic.pedconv import PATHS, PEDConv2d  # noqa: E402
-from image_classification.dynamic.pedconv_paths import PATH_REGISTRY, candidate_paths  # noqa: E402
+from image_classification.dynamic.pedconv import triton as triton_pedconv  # noqa: E402
+from image_classification.dynamic.pedconv.paths import PATH_REGISTRY, candidate_paths  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -80,7 +81,7 @@ def test_forced_path_matches_reference_forward_and_every_gradient(case: str) -> 
     names = ["forward", "grad_x", *("grad_" + n for n, _ in module.named_parameters())]
     want = forward_and_grads(module, x, "reference")
     got = forward_and_grads(module, x, "triton")
-    assert module._path_log[(tuple(x.shape), True)]["path"] == "triton"
+    assert module.logged_paths()[(tuple(x.shape), True)]["path"] == "triton"
     if nhwc:
         assert got[0].is_contiguous(memory_format=torch.channels_last)
     # interpreter: exact float32 dots; GPU: TF32 per cuDNN's setting
@@ -191,7 +192,7 @@ def test_cuda_auto_times_the_triton_path() -> None:
         x = torch.randn(8, 32, 14, 14, device="cuda", requires_grad=True)
         assert "triton" in candidate_paths(layer, tuple(x.shape), True)
         layer(x).sum().backward()
-        entry = layer._path_log[(tuple(x.shape), True)]
+        entry = layer.logged_paths()[(tuple(x.shape), True)]
         assert entry["source"] == "tuned" and "triton" in entry["times_ms"]
     finally:
         autotune.set_autotune(None)

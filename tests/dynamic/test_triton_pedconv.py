@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from image_classification.dynamic import triton_pedconv  # noqa: E402
-from image_classification.dynamic.triton_pedconv import (  # noqa: E402
+from image_classification.dynamic.pedconv import triton as triton_pedconv  # noqa: E402
+from image_classification.dynamic.pedconv.triton import (  # noqa: E402
     is_available,
     pedconv_conv2d_triton,
     unavailable_reason,

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from image_classification.dynamic.triton_pedconv import unavailable_reason  # noqa: E402
+from image_classification.dynamic.pedconv.triton import unavailable_reason  # noqa: E402
 from image_classification.tools import triton_pedconv_check as check  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

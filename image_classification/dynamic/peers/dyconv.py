@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..registry import Option, register_operator
 from .kernel_mixture import KernelMixtureConv2d
-from .registry import Option, register_operator
 
 __all__ = ["DyConv2d"]
 

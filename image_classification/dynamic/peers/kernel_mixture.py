@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import DynamicConv2d
-from .protocol import ExportRoute, PerSampleUnfoldConv2d
+from ..base import DynamicConv2d
+from ..protocol import ExportRoute, PerSampleUnfoldConv2d
 
 __all__ = ["KernelMixtureConv2d"]
 

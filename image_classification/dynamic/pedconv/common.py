@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import DynamicConv2d
-from .registry import Option
+from ..base import DynamicConv2d
+from ..registry import Option
 
 __all__ = [
     "COMPONENTS",

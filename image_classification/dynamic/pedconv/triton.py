@@ -8,7 +8,7 @@ For one sample b the dynamic weight is ``W_b = W_base * (gamma_b o phi_b o psi_b
 loaded input element by ``phi[b, c] * psi[b, tap]`` on the fly and apply ``gamma[b, o]`` in the
 epilogue: the FLOPs and (up to the small factor tables) the memory traffic of the static convolution,
 and no per-sample weight (nor, in the backward, any per-sample weight gradient) is ever materialized.
-Backward kernels (:mod:`.triton_pedconv_kernels`): grad-input with grad-phi and grad-psi fused in
+Backward kernels (:mod:`.triton_kernels`): grad-input with grad-phi and grad-psi fused in
 (one transposed implicit GEMM, strided convolutions split into sub-pixel classes), grad-W_base
 (implicit GEMM over the whole batch with split-K), and a reduction for grad-gamma over the saved
 pre-gamma output.
@@ -28,7 +28,7 @@ split-K, grad-phi, grad-psi), so it is not bitwise deterministic:
 
 Forward and backward are ``torch.library`` custom operators with fake implementations, so that
 ``torch.compile(fullgraph=True)`` traces callers without a graph break. PEDConv2d runs it as its
-``triton`` path (:func:`run_path`, :func:`path_applicable`; registered in :mod:`.pedconv_paths`).
+``triton`` path (:func:`run_path`, :func:`path_applicable`; registered in :mod:`.paths`).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _kernels() -> ModuleType:
         reason = unavailable_reason(None) if _interpreting() else None
         if reason is not None:
             raise RuntimeError(f"pedconv_conv2d_triton: {reason}")
-        module = importlib.import_module(".triton_pedconv_kernels", __package__)
+        module = importlib.import_module(".triton_kernels", __package__)
         _KERNELS["interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
         _KERNELS["module"] = module
     return _KERNELS["module"]
@@ -670,7 +670,7 @@ def pedconv_conv2d_triton(
 
 
 # ----------------------------------------------------------------------------------- PEDConv2d path
-# The ``triton`` entry of PEDConv's path registry (:mod:`.pedconv_paths`): ``pedconv:path=triton``.
+# The ``triton`` entry of PEDConv's path registry (:mod:`.paths`): ``pedconv:path=triton``.
 def path_unsupported_reason(layer: Any, dtype: torch.dtype, device: torch.device, grad: bool) -> Optional[str]:
     """Why the ``triton`` path cannot run ``layer`` on an input of ``dtype`` on ``device`` (None: it can).
 

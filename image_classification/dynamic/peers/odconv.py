@@ -68,10 +68,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import DynamicConv2d
-from .functional import per_sample_conv2d
-from .protocol import ExportRoute
-from .registry import Option, register_operator
+from ..base import DynamicConv2d
+from ..functional import per_sample_conv2d
+from ..protocol import ExportRoute
+from ..registry import Option, register_operator
 
 __all__ = ["ODConv2d", "ODAttentions", "PATHS", "MIN_ATTENTION_CHANNELS", "GROUPED_MAX_WEIGHT_RATIO"]
 

@@ -20,13 +20,13 @@ keep their per-head modules and names (``generator.heads.<i>.fc_{phi,gamma,psi}[
 checkpoints and the authors' layout load unchanged.
 
 Execution paths (``path`` option; every path equals ``reference`` to float rounding) are the entries
-of :data:`.pedconv_paths.PATH_REGISTRY`: ``reference``, ``materialize``, ``fold``, ``patch_gemm``
-(single-GEMM patches), ``factored`` and ``unfold`` (see :mod:`.pedconv_paths`; the fast ones are lean
-custom autograd Functions, :mod:`.pedconv_kernels`). ``auto`` (default) times the applicable paths on
+of :data:`.paths.PATH_REGISTRY`: ``reference``, ``materialize``, ``fold``, ``patch_gemm``
+(single-GEMM patches), ``factored`` and ``unfold`` (see :mod:`.paths`; the fast ones are lean
+custom autograd Functions, :mod:`.kernels`). ``auto`` (default) times the applicable paths on
 the first use of every (layer geometry, input shape, dtype, device, backward-or-not) and keeps the
-fastest (:mod:`.autotune`); with tuning off it uses :func:`.pedconv_paths.heuristic_path`. The
+fastest (:mod:`..autotune`); with tuning off it uses :func:`.paths.heuristic_path`. The
 choice is made in Python before any tensor work and, under ``torch.compile``, at trace time as a
-constant (no guard, no recompilation when other shapes are tuned later). :func:`path_report` lists
+constant (no guard, no recompilation when other shapes are tuned later). :func:`.report.path_report` lists
 the path every layer used for every input shape it has seen.
 
 Parameter names (for profilers and checkpoints): ``weight`` (W_base), ``bias`` (static bias added after
@@ -38,10 +38,7 @@ the conv, optional), ``generator.*`` (deploy-time generator: ``generator.proj`` 
 
 from __future__ import annotations
 
-import itertools
 import math
-import re
-import weakref
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -49,8 +46,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import autotune
-from .pedconv_common import (
+from .. import autotune
+from ..protocol import ExportRoute
+from ..registry import Option, register_operator
+from .authors import AUTHORS_LAYOUT
+from .common import (
     COMPONENTS,
     CP_OPTIONS,
     MIN_HIDDEN,
@@ -60,40 +60,20 @@ from .pedconv_common import (
     normal_init,
     ordered_components,
 )
-from .pedconv_kernels import batch1_plan, compute_dtype, gemm_batch1, weight_folded_conv
-from .pedconv_paths import (
+from .counts import pedconv_weight_sums
+from .kernels import batch1_plan, gemm_batch1, weight_folded_conv
+from .paths import (
     GROUPED_MAX_WEIGHT_RATIO,
     PATH_REGISTRY,
     Factors,
-    candidate_paths,
     effective_weight,
-    heuristic_path,
     path_names,
 )
-from .protocol import ExportRoute, ForeignLayout
-from .registry import Option, register_operator
+from .selection import register_layer, resolve_path, tuning_key
 
-__all__ = [
-    "PEDConv2d",
-    "COMPONENTS",
-    "PATHS",
-    "MIN_HIDDEN",
-    "GROUPED_MAX_WEIGHT_RATIO",
-    "share_generator",
-    "convert_authors_state_dict",
-    "AUTHORS_LAYOUT",
-    "AUTHORS_MARKER",
-    "pedconv_layer_macs",
-    "pedconv_layer_params",
-    "pedconv_weight_sums",
-    "path_report",
-    "format_path_report",
-    "has_auto_paths",
-    "auto_path_layers",
-    "reset_path_report",
-]
+__all__ = ["COMPONENTS", "GROUPED_MAX_WEIGHT_RATIO", "MIN_HIDDEN", "PATHS", "PEDConv2d", "share_generator"]
 
-#: ``auto`` and every registered execution path (:data:`.pedconv_paths.PATH_REGISTRY`).
+#: ``auto`` and every registered execution path (:data:`.paths.PATH_REGISTRY`).
 PATHS: Tuple[str, ...] = path_names()
 
 _OPTIONS = {
@@ -109,11 +89,8 @@ _OPTIONS = {
 
 Components = Dict[str, Optional[Tensor]]
 
-# Layers by token, for the autotuner's trace-time look-up (weak: layers are never kept alive by it).
-_LAYERS: weakref.WeakValueDictionary[int, PEDConv2d] = weakref.WeakValueDictionary()
-_TOKENS = itertools.count()
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-                torch.bfloat16: "bfloat16"}
+#: paths that are one dense convolution with the whole CP tensor in the weight at batch 1
+_WEIGHT_FOLDED_PATHS = frozenset({"fold", "materialize", "sample_loop"})
 
 
 class _Heads(nn.Module):
@@ -304,6 +281,8 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
     default_bn_gamma = 0.5
     #: placement '+share': one generator per residual block (Appendix D, Table 2)
     shares_generator = True
+    #: the authors' release loads through its converter (:mod:`.authors`)
+    foreign_layouts = (AUTHORS_LAYOUT,)
 
     def __init__(
         self,
@@ -357,8 +336,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
 
     def _register(self) -> None:
         """A fresh token for the autotuner's layer look-up and an empty path log."""
-        self._token = next(_TOKENS)
-        _LAYERS[self._token] = self
+        self._token = register_layer(self)
         #: (input shape, backward follows) -> {"path", "source", "times_ms"}: what forward used
         self._path_log: Dict[Tuple[Tuple[int, ...], bool], Dict[str, Any]] = {}
         self._path_memo: Dict[Any, Tuple[Any, str]] = {}  # eager look-ups, see _select_path
@@ -392,7 +370,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         share_generator(convs)  # type: ignore[arg-type]
 
     def weight_moments(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Weight-variation moments from the factors: :func:`pedconv_weight_sums`."""
+        """Weight-variation moments from the factors: :func:`.counts.pedconv_weight_sums`."""
         return pedconv_weight_sums(self, x)
 
     def export_route(self) -> ExportRoute:
@@ -498,17 +476,6 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         return effective_weight(self, self.weight, *self.factors(x))
 
     # -------------------------------------------------------------------------------------- execution
-    def _tuning_key(self, x: Tensor, grad: bool) -> Tuple[Any, ...]:
-        """Everything a path's speed depends on; no rank- or device-index-specific part (DDP ranks agree)."""
-        compute = compute_dtype(x)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return (
-            KEY_REVISION, self.in_channels, self.out_channels, tuple(self.kernel_size), tuple(self.stride),
-            tuple(self.padding), tuple(self.dilation), self.groups, self.rank, "+".join(self.components), self.reparam,
-            tuple(int(s) for s in x.shape), _DTYPE_NAMES.get(x.dtype, "other"),
-            _DTYPE_NAMES.get(compute, "other") if compute is not None else "-", x.device.type, channels_last, grad,
-        )
-
     def _select_path(self, x: Tensor) -> str:
         """The path of this forward: ``self.path``, or for ``auto`` the tuned/cached/heuristic choice.
 
@@ -521,27 +488,40 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
             return self.path
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if torch.compiler.is_compiling():
-            return _resolve_path(self._token, self.path, self._tuning_key(x, grad))
+            return resolve_path(self._token, self.path, tuning_key(self, x, grad))
         memo_key = (x.shape, x.dtype, x.device, x.stride(), grad, torch.is_autocast_enabled(x.device.type), self.path)
         hit = self._path_memo.get(memo_key)
         stamp = (autotune.generation(), autotune.autotune_enabled())
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        path = _resolve_path(self._token, self.path, self._tuning_key(x, grad))
+        path = resolve_path(self._token, self.path, tuning_key(self, x, grad))
         self._path_memo[memo_key] = (stamp, path)
         return path
+
+    def log_path(self, shape: Tuple[int, ...], grad: bool, entry: Dict[str, Any]) -> None:
+        """Record the path a forward on ``shape`` used (:func:`.selection.resolve_path` calls it)."""
+        self._path_log[(shape, grad)] = entry
+
+    def logged_paths(self) -> Dict[Tuple[Tuple[int, ...], bool], Dict[str, Any]]:
+        """(input shape, backward follows) -> {"path", "source", "times_ms"} of the forwards seen so far."""
+        return dict(self._path_log)
+
+    def forget_paths(self) -> None:
+        """Forget the logged paths and the memoised choices (the autotuner's cache stays)."""
+        self._path_log.clear()
+        self._path_memo.clear()
 
     def _lean_inference(self, x: Tensor) -> Optional[Tensor]:
         """Batch-1 eager inference in the fewest dispatches the math needs, or None where it does not apply.
 
         GAP as a sum and ``fc_share`` + ReLU in one call (the 1/HW rides on the matrix product), the fused
         heads + sigmoid (in place), three strided views of the fused output as gamma/phi/psi laid out to
-        broadcast where they act, and :func:`.pedconv_kernels.weight_folded_conv`: 10 aten calls on top of
+        broadcast where they act, and :func:`.kernels.weight_folded_conv`: 10 aten calls on top of
         the static convolution, the activations read once by the pooling and once by the convolution.
         This is the ``fold``/``materialize``/``sample_loop`` computation at batch 1 (they coincide there:
         one dense conv with the folded weight), taken when the chosen path is one of them; for
         ``patch_gemm`` and ``unfold`` (groups 1; at batch 1 both are one product of the weight and the
-        scaled patches) the same factors go to :func:`.pedconv_kernels.gemm_batch1` (2 views more, and
+        scaled patches) the same factors go to :func:`.kernels.gemm_batch1` (2 views more, and
         the patch matrix for k x k kernels). Eval mode, rank 1, multiplicative, GAP context, no shared
         generator, no autocast, not compiled or traced.
         """
@@ -638,134 +618,6 @@ def _addmm_relu(bias: Tensor, mat1: Tensor, mat2: Tensor, alpha: float) -> Tenso
 _ADDMM_ACTIVATION = getattr(torch, "_addmm_activation", None)
 
 
-# ----------------------------------------------------------------------------------- path selection
-#: first item of a tuning key; a new revision when the paths' speeds change, so the tuning caches on disk
-#: (keyed by the machine, not by this code) time them again instead of replaying stale choices
-KEY_REVISION = "pedconv/2"
-#: paths that are one dense convolution with the whole CP tensor in the weight at batch 1
-_WEIGHT_FOLDED_PATHS = frozenset({"fold", "materialize", "sample_loop"})
-_KEY_SHAPE, _KEY_DTYPE, _KEY_DEVICE, _KEY_CHANNELS_LAST, _KEY_GRAD = 11, 12, 14, 15, 16
-#: name of the nn.Conv2d timing the autotuner records next to the paths (never chosen)
-STATIC_REFERENCE = "static"
-
-
-def _timing_candidates(layer: PEDConv2d, key: Tuple[Any, ...], names: Sequence[str]):
-    """Timing closures of ``names`` on random tensors of the key's shapes (no state of ``layer`` is touched)."""
-    shape, grad = key[_KEY_SHAPE], key[_KEY_GRAD]
-    dtype = {v: k for k, v in _DTYPE_NAMES.items()}.get(key[_KEY_DTYPE], layer.weight.dtype)
-    device = layer.weight.device
-    gen = torch.Generator(device=device).manual_seed(0)
-    fmt = torch.channels_last if key[_KEY_CHANNELS_LAST] else torch.contiguous_format
-    x = torch.randn(shape, generator=gen, dtype=dtype, device=device).contiguous(memory_format=fmt)
-    weight = torch.randn(layer.weight.shape, generator=gen, dtype=dtype, device=device) * 0.1
-    dims = layer.component_dims()
-    comps = {name: 0.25 + 0.5 * torch.rand(shape[0], layer.rank, dim, generator=gen, dtype=dtype, device=device)
-             for name, dim in dims.items()}
-    leaves = [x, weight, *comps.values()]
-    if grad:
-        for t in leaves:
-            t.requires_grad_(True)
-    factors = Factors(comps.get("gamma"), comps.get("phi"), comps.get("psi"))
-    ho, wo = layer.output_size(shape[2], shape[3])
-    grad_out = torch.randn(shape[0], layer.out_channels, ho, wo, generator=gen, dtype=dtype, device=device)
-
-    def make(name: str):
-        if name == STATIC_REFERENCE:  # nn.Conv2d of the same geometry: the report's yardstick
-            def run(layer: PEDConv2d, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
-                return F.conv2d(x, weight, None, groups=layer.groups, **layer.conv_kwargs())
-        else:
-            run = PATH_REGISTRY[name].run
-        if grad:
-            return lambda: torch.autograd.grad(run(layer, x, weight, factors), leaves, grad_out, allow_unused=True)
-
-        def infer() -> None:
-            with torch.no_grad():
-                run(layer, x, weight, factors)
-
-        return infer
-
-    return {name: make(name) for name in [*names, STATIC_REFERENCE]}
-
-
-@torch._dynamo.assume_constant_result
-def _resolve_path(token: int, path: str, key: Tuple[Any, ...]) -> str:
-    """Path for one forward of layer ``token``; under torch.compile it runs once, at trace time.
-
-    Records the choice in the layer's path log (:func:`path_report`).
-    """
-    layer = _LAYERS.get(token)
-    shape, grad = key[_KEY_SHAPE], key[_KEY_GRAD]
-    times: Dict[str, float] = {}
-    if path != "auto":
-        chosen, source = path, "explicit"
-    elif layer is None:  # pragma: no cover - a token outlives its layer only in odd pickling set-ups
-        return "reference"
-    else:
-        names = candidate_paths(layer, shape, grad)
-        fallback = heuristic_path(layer, shape, grad)
-        device = torch.device(key[_KEY_DEVICE]) if key[_KEY_DEVICE] != "cuda" else layer.weight.device
-        chosen, source = autotune.choose(key, lambda: _timing_candidates(layer, key, names), device, fallback,
-                                         references=(STATIC_REFERENCE,))
-        cached = autotune.CACHE.get(key)
-        times = dict(cached.times_ms) if cached is not None else {}
-    if layer is not None:
-        layer._path_log[(shape, grad)] = {"path": chosen, "source": source, "times_ms": times}
-    return chosen
-
-
-def auto_path_layers(model: nn.Module) -> List[PEDConv2d]:
-    """The PEDConv layers of ``model`` with ``path=auto`` (the ones the autotuner serves)."""
-    return [m for m in model.modules() if isinstance(m, PEDConv2d) and m.path == "auto"]
-
-
-def has_auto_paths(model: nn.Module) -> bool:
-    """Whether ``model`` has a PEDConv layer with ``path=auto`` (one the autotuner serves)."""
-    return bool(auto_path_layers(model))
-
-
-def reset_path_report(model: nn.Module) -> None:
-    """Forget the paths logged so far by the PEDConv layers of ``model`` (the autotuner cache stays)."""
-    for module in model.modules():
-        if isinstance(module, PEDConv2d):
-            module._path_log.clear()
-            module._path_memo.clear()
-
-
-def path_report(model: nn.Module) -> List[Dict[str, Any]]:
-    """One row per (PEDConv layer, input shape, forward-only or forward+backward) seen so far.
-
-    Row keys: ``layer`` (module name), ``input`` (B x C x H x W), ``mode`` (``train`` when a backward
-    followed, else ``eval``), ``path``, ``source`` (tuned / broadcast / loaded / only (one path
-    applies) / heuristic / explicit) and ``times_ms`` (the autotuner's measurements, ms per call, when it
-    timed the key).
-    """
-    rows = []
-    for name, module in model.named_modules():
-        if isinstance(module, PEDConv2d):
-            for (shape, grad), entry in module._path_log.items():
-                rows.append({"layer": name or type(module).__name__, "input": "x".join(str(s) for s in shape),
-                             "mode": "train" if grad else "eval", **entry})
-    return rows
-
-
-def format_path_report(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows of :func:`path_report` as a text table: times in ms (the chosen path marked with *), the
-    chosen path's time as a multiple of nn.Conv2d's (``static``, timed alongside by the autotuner)."""
-    if not rows:
-        return "no PEDConv layer has run yet"
-    head = f"{'layer':34} {'input':18} {'mode':5} {'path':12} {'source':10} {'x static':>8}  timings (ms)"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        times = r.get("times_ms", {})
-        timings = "  ".join(f"{'*' if k == r['path'] else ''}{k} {v:.2f}" for k, v in sorted(
-            times.items(), key=lambda kv: kv[1]))
-        ratio = f"{times[r['path']] / times[STATIC_REFERENCE]:8.2f}" if (
-            r["path"] in times and times.get(STATIC_REFERENCE)) else f"{'-':>8}"
-        lines.append(f"{r['layer']:34} {r['input']:18} {r['mode']:5} {r['path']:12} {r['source']:10} "
-                     f"{ratio}  {timings}")
-    return "\n".join(lines)
-
-
 def share_generator(convs: Sequence[PEDConv2d]) -> None:
     """Partial sharing (Appendix D, Table 2): one generator for the dynamic convs of a residual block.
 
@@ -809,178 +661,3 @@ def share_generator(convs: Sequence[PEDConv2d]) -> None:
         leader.infomax_decoder = leader._make_decoder(total).to(device=ref.device, dtype=ref.dtype)
 
 
-#: a key fragment only the authors' PEDConv layout has
-AUTHORS_MARKER = ".attn.fc_share."
-_AUTHORS_KEYS = (
-    (re.compile(r"(^|\.)attn\.fc_share\."), r"\1generator.fc_share."),
-    (re.compile(r"(^|\.)attn\.fc_inp\."), r"\1generator.heads.0.fc_phi."),
-    (re.compile(r"(^|\.)attn\.fc_oup\."), r"\1generator.heads.0.fc_gamma."),
-    (re.compile(r"(^|\.)attn\.fc_k\."), r"\1generator.heads.0.fc_psi."),
-    (re.compile(r"(^|\.)attn\.decoder\."), r"\1infomax_decoder."),
-)
-
-
-#: a converted head's key; group 1 is the layer's module path, absent for a bare layer's state dict
-_HEAD_KEY = re.compile(r"^(?:(.*)\.)?generator\.heads\.0\.fc_")
-
-
-def _member(layer: str, name: str) -> str:
-    """``layer.name``, or ``name`` for a bare layer (``layer`` empty)."""
-    return f"{layer}.{name}" if layer else name
-
-
-def _authors_rank(converted: Mapping[str, Any], layer: str) -> Tuple[int, Dict[str, int]]:
-    """Rank R and component lengths of one converted authors' layer, from its heads and base weight."""
-    base = converted.get(_member(layer, "weight"))
-    if not isinstance(base, Tensor) or base.dim() != 4:
-        raise ValueError(f"convert_authors_state_dict: cannot infer the rank of {layer or 'the layer'}: "
-                         f"its base weight {_member(layer, 'weight')} is missing")
-    cout, cin_g, kh, kw = base.shape
-    dims = {"phi": cin_g, "gamma": cout, "psi": kh * kw}
-    rows = {name: converted[_member(layer, f"generator.heads.0.fc_{name}.weight")].shape[0]
-            for name in COMPONENTS if _member(layer, f"generator.heads.0.fc_{name}.weight") in converted}
-    ranks = {name: n // dims[name] for name, n in rows.items() if n % dims[name] == 0}
-    if len(ranks) != len(rows) or len(set(ranks.values())) != 1 or 0 in ranks.values():
-        found = ", ".join(f"fc_{name} {n} rows" for name, n in rows.items())
-        raise ValueError(f"convert_authors_state_dict: {layer or 'the layer'}: heads ({found}) are no common rank R of "
-                         f"C_in/g={cin_g}, C_out={cout}, k*k={kh * kw}")
-    return next(iter(ranks.values())), {name: dims[name] for name in rows}
-
-
-def _rank_major(t: Tensor, dim: int, rank: int, axis: int) -> Tensor:
-    """Reorder ``axis`` of ``t`` from the authors' (dim, R) order to PEDConv2d's (R, dim) order."""
-    moved = t.movedim(axis, 0)
-    out = moved.reshape(dim, rank, *moved.shape[1:]).transpose(0, 1).reshape(moved.shape)
-    return out.movedim(0, axis).contiguous()
-
-
-def convert_authors_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """Map a state dict of the authors' PEDConv release onto :class:`PEDConv2d` names.
-
-    Accepts the checkpoint dict itself (a ``'state_dict'`` entry is unwrapped). Strips a ``module.``
-    prefix from every key; renames ``P.attn.fc_share``/``fc_inp`` (phi)/``fc_oup`` (gamma)/``fc_k`` (psi)
-    to ``P.generator.fc_share``/``P.generator.heads.0.fc_{phi,gamma,psi}`` and ``P.attn.decoder.{0,2}``
-    to ``P.infomax_decoder.{0,2}``. The decoder input order is the same as the authors'
-    ([phi; gamma; psi], pre-sigmoid). Other keys (``P.weight``, BatchNorm, fc, ...) are kept unchanged.
-
-    Rank R (the authors' ``Attn4d_CP`` with ``r > 1``): their heads output ``dim * R`` values read as
-    ``view(B, dim, R)`` (row ``d * R + r``), where :class:`PEDConv2d` reads ``view(B, R, dim)`` (row
-    ``r * dim + d``). R is inferred per layer from the head sizes and the base weight ``P.weight``;
-    rows of the heads (weights and biases) and the matching columns of the decoder's first layer are
-    reordered. A layer whose heads are no common multiple of its component lengths, or whose base
-    weight is missing, or whose decoder input width is not ``R (C_in/g + C_out + k*k)``, raises
-    ValueError naming the layer: nothing is loaded silently wrong.
-    """
-    inner = state_dict.get("state_dict") if isinstance(state_dict.get("state_dict"), Mapping) else None
-    source = inner if inner is not None else state_dict
-    converted: Dict[str, Any] = {}
-    for key, value in source.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        for pattern, repl in _AUTHORS_KEYS:
-            name = pattern.sub(repl, name)
-        converted[name] = value
-    layers = sorted({m.group(1) or "" for m in map(_HEAD_KEY.match, converted) if m is not None})
-    for layer in layers:
-        rank, dims = _authors_rank(converted, layer)
-        if rank == 1:
-            continue
-        for name, dim in dims.items():
-            for field in ("weight", "bias"):
-                key = _member(layer, f"generator.heads.0.fc_{name}.{field}")
-                if key in converted:
-                    converted[key] = _rank_major(converted[key], dim, rank, 0)
-        key = _member(layer, "infomax_decoder.0.weight")
-        if key in converted:
-            decoder = converted[key]
-            width = rank * sum(dims.values())
-            if decoder.dim() != 2 or decoder.shape[1] != width:
-                raise ValueError(f"convert_authors_state_dict: {key} reads {decoder.shape[-1]} inputs, rank {rank} "
-                                 f"heads give {width}")
-            pieces, start = [], 0
-            for name in COMPONENTS:
-                if name in dims:
-                    size = rank * dims[name]
-                    pieces.append(_rank_major(decoder[:, start:start + size], dims[name], rank, 1))
-                    start += size
-            converted[key] = torch.cat(pieces, 1)
-    return converted
-
-
-def pedconv_layer_macs(c_in: int, c_out: int, k: int, out_hw: Sequence[int], groups: int = 1, hidden: int = 0,
-                       rank: int = 1, reduction: int = 16) -> int:
-    """PEDConv, BMVC 2021, Sec. 3 complexity: ``HW C_out C_in k^2 + (2C_in + C_out + k^2) C_in/r + 2R C_out C_in k^2``.
-
-    ``C_in / g`` replaces ``C_in`` in the conv, the input-side head and the scaling for grouped
-    convs; ``hidden`` (default ``C_in // r``) is the generator bottleneck; rank R multiplies heads
-    and scaling.
-    """
-    hidden = hidden or max(MIN_HIDDEN, c_in // reduction)
-    cin_g = c_in // groups
-    generator = c_in * hidden + hidden * rank * (c_out + cin_g + k * k)
-    return int(out_hw[0]) * int(out_hw[1]) * c_out * cin_g * k * k + generator + 2 * rank * c_out * cin_g * k * k
-
-
-def pedconv_layer_params(c_in: int, c_out: int, k: int, groups: int = 1, hidden: int = 0, rank: int = 1,
-                         reduction: int = 16) -> int:
-    """Deploy parameters of one PEDConv layer (no conv bias): base weight + generator with biases."""
-    hidden = hidden or max(MIN_HIDDEN, c_in // reduction)
-    heads = rank * (c_out + c_in // groups + k * k)
-    return c_out * (c_in // groups) * k * k + c_in * hidden + hidden + hidden * heads + heads
-
-
-def _cp_products(a: Tensor, b: Tensor, c: Tensor, square: bool) -> Tensor:
-    """``sum_b c_b`` (or ``sum_b c_b^2``) of the rank-R CP tensors ``c_b = sum_r a_br o b_br o c_br``."""
-    if not square:
-        return torch.einsum("bro,bri,brt->oit", a, b, c)
-    # c_b^2 = sum_{r,s} (a_r a_s) o (b_r b_s) o (c_r c_s)
-    aa = a[:, :, None] * a[:, None]
-    bb = b[:, :, None] * b[:, None]
-    cc = c[:, :, None] * c[:, None]
-    return torch.einsum("brso,brsi,brst->oit", aa, bb, cc)
-
-
-def pedconv_weight_sums(module: PEDConv2d, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(sum_b W(x_b), sum_b W(x_b)^2, per-sample ||W(x_b)||_F) of a PEDConv layer from its factors, in float64,
-    without materialising the B per-sample weights (the CP products are summed over the batch first)."""
-    gamma, phi, psi = (f.double() for f in module.factors(x))  # B x R x dim each
-    weight = module.weight.detach().double()
-    shape = weight.shape
-    w = weight.reshape(shape[0], shape[1], -1)  # O x I x T
-    s1 = _cp_products(gamma, phi, psi, square=False)
-    s2 = _cp_products(gamma, phi, psi, square=True)
-    batch = x.shape[0]
-    # per-sample sum_oit w^2 c_b^2 (multiplicative) through the same pair expansion, one sample at a time
-    norms = []
-    for i in range(batch):
-        g, p, k = gamma[i:i + 1], phi[i:i + 1], psi[i:i + 1]
-        c1 = _cp_products(g, p, k, square=False)
-        c2 = _cp_products(g, p, k, square=True)
-        if module.reparam == "multiplicative":
-            norms.append(float((w * w * c2).sum()))
-        else:
-            norms.append(float((w * w + 2 * w * c1 + c2).sum()))
-    norms_t = torch.tensor(norms, dtype=torch.float64).clamp_min(0).sqrt()
-    if module.reparam == "multiplicative":
-        total, squares = w * s1, w * w * s2
-    else:
-        total, squares = batch * w + s1, batch * w * w + 2 * w * s1 + s2
-    return total.reshape(shape), squares.reshape(shape), norms_t
-
-
-def _is_authors_layout(state_dict: Mapping[str, Any]) -> bool:
-    inner = state_dict.get("state_dict")
-    keys = inner if isinstance(inner, Mapping) else state_dict
-    # a model's keys hold ".attn.fc_share."; a bare layer's start with "attn.fc_share."
-    return any(AUTHORS_MARKER in str(key) or str(key).startswith(AUTHORS_MARKER[1:]) for key in keys)
-
-
-#: the authors' PEDConv release (``P.attn.fc_share`` ...), loaded through :func:`convert_authors_state_dict`
-AUTHORS_LAYOUT = ForeignLayout(
-    description="the authors' PEDConv layout",
-    detect=_is_authors_layout,
-    convert=convert_authors_state_dict,
-    accepts=lambda spec: spec.name == "pedconv",
-    mismatch="{label} is in the authors' PEDConv layout (operator pedconv), model is operator {conv}",
-    implied_spec="pedconv",  # the authors' README evaluates their checkpoints without naming the operator
-)
-PEDConv2d.foreign_layouts = (AUTHORS_LAYOUT,)  # set here: the converter is defined after the class

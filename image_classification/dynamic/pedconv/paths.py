@@ -21,7 +21,7 @@ Adding a path is one entry, e.g. a CUDA kernel for the multiplicative rank-1 con
 after which ``pedconv:path=triton_igemm`` is a valid spec and ``path=auto`` times it where applicable.
 The registry must be complete before models are built (spec validation reads :func:`path_names`).
 
-Paths (see :mod:`.pedconv_kernels` for the lean Functions):
+Paths (see :mod:`.kernels` for the lean Functions):
 
 * ``reference``   - per sample, ``F.conv2d`` with the effective weight (the plain formula; never tuned).
 * ``materialize`` - the per-sample effective weights, one grouped conv, or one batched matmul for 1x1
@@ -35,7 +35,7 @@ Paths (see :mod:`.pedconv_kernels` for the lean Functions):
   (C_in/g*k*k) x (B*H_out*W_out) matrix, one matmul with W_base forward and one for grad-W. Lean.
 * ``factored``    - psi as k*k shifted 1x1 convolutions weighted per sample (autograd; inference only).
 * ``unfold``      - per-sample patch matmuls ``W_base @ patches_b`` (autograd; inference only).
-* ``triton``      - the fused Triton implicit GEMM (:mod:`.triton_pedconv`): each loaded input element
+* ``triton``      - the fused Triton implicit GEMM (:mod:`.triton`): each loaded input element
   scaled by ``phi * psi`` on the fly, ``gamma`` in the epilogue; static-conv FLOPs and traffic. Lean.
   ``auto`` offers it on CUDA only (rank 1, multiplicative, groups 1, fp32/fp16/bf16, not under
   deterministic algorithms in training); ``path=triton`` elsewhere is a one-line error naming why,
@@ -55,12 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .pedconv_kernels import materialized_conv, scaled_conv
-from .triton_pedconv import path_applicable as _triton_applicable
-from .triton_pedconv import run_path as _run_triton
+from .kernels import materialized_conv, scaled_conv
+from .triton import path_applicable as _triton_applicable
+from .triton import run_path as _run_triton
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pedconv import PEDConv2d
+    from .layer import PEDConv2d
 
 __all__ = [
     "Factors",
@@ -376,7 +376,7 @@ register_path(PathSpec("unfold", _activation_scaled(_psi_unfold_conv), "psi-scal
 register_path(PathSpec("patch_gemm", _run_patch_gemm,
                        "phi(x)psi-scaled patches of all samples as one matrix: one GEMM forward, one for grad-W",
                        applicable=_multiplicative, lean=True))
-# the fused Triton implicit GEMM (CUDA; rank 1, multiplicative, groups 1; see .triton_pedconv)
+# the fused Triton implicit GEMM (CUDA; rank 1, multiplicative, groups 1; see .triton)
 register_path(PathSpec("triton", _run_triton,
                        "fused Triton implicit GEMM gamma * conv(phi * x, W * psi), CUDA only (rank 1, groups 1)",
                        applicable=_triton_applicable, lean=True))

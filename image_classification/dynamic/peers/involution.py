@@ -31,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .base import DynamicConv2d
-from .protocol import ExportRoute
-from .registry import Option, register_operator
+from ..base import DynamicConv2d
+from ..protocol import ExportRoute
+from ..registry import Option, register_operator
 
 __all__ = ["Involution2d"]
 

@@ -29,7 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .pedconv_common import (
+from ..protocol import ExportRoute
+from ..registry import register_operator
+from .common import (
     COMPONENTS,
     CP_OPTIONS,
     MIN_HIDDEN,
@@ -39,8 +41,6 @@ from .pedconv_common import (
     normal_init,
     ordered_components,
 )
-from .protocol import ExportRoute
-from .registry import register_operator
 
 __all__ = ["SpatialPEDConv2d"]
 

@@ -117,9 +117,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import DynamicConv2d
-from .protocol import ExportRoute, ForeignLayout, OperatorProtocol, PerSampleUnfoldConv2d
-from .registry import ConvSpec, Option, register_operator
+from ..base import DynamicConv2d
+from ..protocol import ExportRoute, ForeignLayout, OperatorProtocol, PerSampleUnfoldConv2d
+from ..registry import ConvSpec, Option, register_operator
 
 __all__ = [
     "DCDConv2d",

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused rank-1 PEDConv convolution (see :mod:`.triton_pedconv` for the API).
+"""Triton kernels of the fused rank-1 PEDConv convolution (see :mod:`.triton` for the API).
 
 PEDConv, BMVC 2021, Eq. 2 with ``W_b = W_base * (gamma_b o phi_b o psi_b)`` and the algebra
 ``conv(x_b, W_b) = gamma_b * conv(phi_b * x_b, W_base * psi_b)``. Every kernel is an implicit GEMM
@@ -12,7 +12,7 @@ so NCHW and channels_last work alike (channels_last is the coalesced layout on a
 
 This module imports triton at import time and decorates with ``triton.jit`` then, so whether the
 kernels run compiled or in Triton's interpreter (``TRITON_INTERPRET=1``) is fixed when it is first
-imported; :mod:`.triton_pedconv` imports it lazily.
+imported; :mod:`.triton` imports it lazily.
 """
 
 from __future__ import annotations

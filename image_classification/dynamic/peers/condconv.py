@@ -35,8 +35,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..registry import ConvSpec, Option, register_operator
 from .kernel_mixture import KernelMixtureConv2d
-from .registry import ConvSpec, Option, register_operator
 
 __all__ = ["CondConv2d", "BlockRouting", "ROUTINGS", "share_block_routing"]
 
