@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from .protocol import OperatorProtocol
+from .registry import check_options
 
 __all__ = ["DynamicConv2d", "infomax_loss", "set_epoch", "dynamic_modules"]
 
@@ -64,6 +65,11 @@ class DynamicConv2d(nn.Module, OperatorProtocol):
         if min(self.padding) < 0:
             raise ValueError(f"{type(self).__name__}: padding must be >= 0, got {self.padding}")
         self.use_bias = bias
+
+    def check_options(self, **values: Any) -> None:
+        """Check constructor arguments against this operator's registered spec Options (type, choices,
+        minimum): one place validates an option, whether it comes from a spec string or a constructor."""
+        check_options(type(self), values)
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial output size, identical to nn.Conv2d's formula."""

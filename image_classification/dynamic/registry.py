@@ -72,12 +72,28 @@ class Option:
         return value
 
     def check(self, op: str, key: str, value: Any) -> None:
-        if self.choices is not None and self.type != "set" and value not in self.choices:
+        """Raise a one-line ValueError naming ``op`` and ``key`` when ``value`` is not of this option's type,
+        outside its choices or below its minimum."""
+        def bad(what: str) -> ValueError:
+            return ValueError(f"option {key!r} of operator {op!r} must be {what}, got {value!r}")
+
+        if self.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad("an integer" + (f" >= {self.minimum:g}" if self.minimum is not None else ""))
+        if self.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad("a number")
+        if self.type is bool and not isinstance(value, bool):
+            raise bad("true or false")
+        if self.type == "set":
+            items = tuple(part for part in value.split("+") if part) if isinstance(value, str) else tuple(value)
+            if not items or any(item not in (self.choices or ()) for item in items):
+                raise bad(f"a non-empty subset of {'/'.join(self.choices or ())}")
+            return
+        if self.choices is not None and value not in self.choices:
             raise ValueError(
                 f"bad value {value!r} for option {key!r} of operator {op!r}; valid: {', '.join(map(str, self.choices))}"
             )
         if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"option {key!r} of operator {op!r} must be >= {self.minimum}, got {value!r}")
+            raise ValueError(f"option {key!r} of operator {op!r} must be >= {self.minimum:g}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,19 @@ def unregister_operator(name: str) -> None:
     if name not in OPERATORS:
         raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(list_operators())}")
     del OPERATORS[name]
+
+
+def check_options(cls: type, values: Mapping[str, Any]) -> None:
+    """Check constructor arguments against the Options registered for operator class ``cls`` (the first
+    registered class in its MRO); arguments without a registered Option, and unregistered classes, pass."""
+    for klass in cls.__mro__:
+        for name, entry in OPERATORS.items():
+            if entry.cls is klass:
+                for key, value in values.items():
+                    option = entry.options.get(key)
+                    if option is not None:
+                        option.check(name, key, value)
+                return
 
 
 def list_operators() -> Sequence[str]:

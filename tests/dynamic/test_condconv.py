@@ -83,7 +83,7 @@ def test_static_seed_copies_every_expert():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="option 'k' of operator 'condconv' must be >= 1"):
         CondConv2d(8, 8, 3, k=0)
     with pytest.raises(ValueError, match="must be >= 1"):
         parse_spec("condconv:k=-1")

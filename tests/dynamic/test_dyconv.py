@@ -105,7 +105,7 @@ def test_static_weight_copied_into_every_kernel_gives_the_static_conv():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="option 'k' of operator 'dyconv' must be >= 1"):
         DyConv2d(8, 8, 3, k=0)
     with pytest.raises(ValueError, match=">= 1"):
         parse_spec("dyconv:k=0")

@@ -244,3 +244,28 @@ def test_spec_parsing_round_trips(name: str) -> None:
             continue
         changed = parse_spec(name, **{key: value})
         assert parse_spec(str(changed)) == changed, (name, key)
+
+
+def _bad_values(option: Any) -> list:
+    """Constructor arguments each registered Option must refuse."""
+    if option.type == "set":
+        return [(), ("nonsense",)]
+    if option.choices is not None:
+        return ["nonsense"]
+    bad: list = ["3"] if option.type in (int, float) else ["yes"]
+    if option.type is int:
+        bad.append(1.5)
+    if option.minimum is not None:
+        bad.append(option.minimum - 1)
+    return bad
+
+
+@pytest.mark.parametrize("name", list_operators())
+def test_constructors_check_their_registered_options(name: str) -> None:
+    """Every operator validates its constructor arguments through the registered Options (one helper on the
+    base, :meth:`DynamicConv2d.check_options`): a bad value gets the same one-line message as in a spec string."""
+    entry = OPERATORS[name]
+    for key, option in entry.options.items():
+        for value in _bad_values(option):
+            with pytest.raises(ValueError, match=f"option '{key}' of operator '{name}'"):
+                entry.cls(8, 8, 3, **{key: value})

@@ -305,13 +305,8 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         path: str = "auto",
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        for key, value in (("rank", rank), ("reduction", reduction), ("context", context), ("reparam", reparam),
-                           ("sampling", sampling), ("noise_std", noise_std)):
-            _OPTIONS[key].check("pedconv", key, value)
-        if path != "auto" and path not in PATH_REGISTRY:
-            raise ValueError(f"pedconv: invalid path {path!r}; choose from {'/'.join(path_names())}")
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise ValueError(f"PEDConv2d: rank must be an integer >= 1, got {rank!r}")
+        self.check_options(rank=rank, reduction=reduction, components=components, context=context, reparam=reparam,
+                           sampling=sampling, noise_std=noise_std, infomax=infomax, path=path)
         self.rank = rank
         self.reduction = reduction
         self.components = ordered_components("PEDConv2d", components)

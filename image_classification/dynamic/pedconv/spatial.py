@@ -82,8 +82,8 @@ class SpatialPEDConv2d(BaseWeightInfomaxConv2d):
         infomax: bool = True,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        for key, value in (("rank", rank), ("reduction", reduction), ("sampling", sampling), ("noise_std", noise_std)):
-            _OPTIONS[key].check("pedconv_spatial", key, value)
+        self.check_options(rank=rank, reduction=reduction, components=components, sampling=sampling,
+                           noise_std=noise_std, infomax=infomax)
         self.rank = rank
         self.components = ordered_components("SpatialPEDConv2d", components)
         self.sampling = sampling

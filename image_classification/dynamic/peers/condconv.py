@@ -71,8 +71,7 @@ class CondConv2d(KernelMixtureConv2d):
         routing: str = "conv",
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels=k)
-        if routing not in ROUTINGS:
-            raise ValueError(f"CondConv2d: routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        self.check_options(routing=routing)
         self.routing_mode = routing
         # own routing function; share_block_routing() removes it when the block's one takes over
         self.routing: Optional[nn.Linear] = nn.Linear(in_channels, k)

@@ -269,20 +269,9 @@ class DCDConv2d(DynamicConv2d):
         sizing: str = "auto",
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        if mode not in ("channel", "joint"):
-            raise ValueError(f"DCDConv2d: mode must be 'channel' or 'joint', got {mode!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"DCDConv2d: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if sizing not in SIZINGS:
-            raise ValueError(f"DCDConv2d: sizing must be one of {', '.join(SIZINGS)}, got {sizing!r}")
-        for name, value, low in (("blocks", blocks, 1), ("latent", latent, 0), ("latent_kernel", latent_kernel, 0),
-                                 ("reduction", reduction, 1), ("pool", pool, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"DCDConv2d: {name} must be an integer >= {low}, got {value!r}")
-        components = tuple(components)
-        bad = [c for c in components if c not in ("lambda", "phi")]
-        if bad or not components:
-            raise ValueError(f"DCDConv2d: components must be a non-empty subset of lambda/phi, got {components!r}")
+        self.check_options(mode=mode, blocks=blocks, latent=latent, latent_kernel=latent_kernel, reduction=reduction,
+                           pool=pool, components=components, variant=variant, sizing=sizing)
+        components = tuple(components.split("+")) if isinstance(components, str) else tuple(components)
         self.use_lambda = "lambda" in components
         self.use_phi = "phi" in components
         self.variant = variant

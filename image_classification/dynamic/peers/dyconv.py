@@ -66,13 +66,8 @@ class DyConv2d(KernelMixtureConv2d):
         anneal_epochs: int = 10,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_kernels=k)
-        for name, value in (("reduction", reduction), ("min_hidden", min_hidden)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DyConv2d: {name} must be an integer >= 1, got {value!r}")
-        if not temperature > 0:
-            raise ValueError(f"DyConv2d: temperature must be > 0, got {temperature!r}")
-        if not isinstance(anneal_epochs, int) or anneal_epochs < 0:
-            raise ValueError(f"DyConv2d: anneal_epochs must be an integer >= 0, got {anneal_epochs!r}")
+        self.check_options(reduction=reduction, min_hidden=min_hidden, temperature=temperature,
+                           anneal_epochs=anneal_epochs)
         self.hidden = max(min_hidden, in_channels // reduction)
         self.fc1 = nn.Linear(in_channels, self.hidden)
         self.fc2 = nn.Linear(self.hidden, k)

@@ -70,9 +70,7 @@ class Involution2d(DynamicConv2d):
         reduction: int = 4,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        for name, value in (("group_channels", group_channels), ("reduction", reduction)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Involution2d: {name} must be an integer >= 1, got {value!r}")
+        self.check_options(group_channels=group_channels, reduction=reduction)
         if in_channels % group_channels:
             raise ValueError(
                 f"Involution2d: in_channels ({in_channels}) must be divisible by group_channels ({group_channels})"

@@ -41,10 +41,7 @@ class KernelMixtureConv2d(DynamicConv2d):
         num_kernels: int = 4,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        if not isinstance(num_kernels, int) or num_kernels < 1:
-            raise ValueError(
-                f"{type(self).__name__}: the number of kernels k must be an integer >= 1, got {num_kernels!r}"
-            )
+        self.check_options(k=num_kernels)  # the subclasses register the number of kernels as ``k``
         self.num_kernels = num_kernels
         kh, kw = self.kernel_size
         self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels // groups, kh, kw))

@@ -165,12 +165,7 @@ class ODConv2d(DynamicConv2d):
         path: str = "auto",
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"ODConv2d: the number of kernels k must be an integer >= 1, got {k!r}")
-        if isinstance(anneal_epochs, bool) or not isinstance(anneal_epochs, int) or anneal_epochs < 0:
-            raise ValueError(f"ODConv2d: anneal_epochs must be an integer >= 0, got {anneal_epochs!r}")
-        for key, value in (("reduction", reduction), ("temperature", temperature), ("path", path)):
-            _OPTIONS[key].check("odconv", key, value)
+        self.check_options(k=k, reduction=reduction, temperature=temperature, anneal_epochs=anneal_epochs, path=path)
         self.num_kernels = k
         self.reduction = float(reduction)
         self.path = path
