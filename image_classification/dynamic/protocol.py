@@ -175,12 +175,22 @@ class OperatorProtocol:
         raise ValueError(f"operator class {cls.__name__} cannot share a generator between convs")
 
     @classmethod
+    def from_static(cls, conv: nn.Conv2d, **options: Any) -> nn.Module:
+        """This operator with ``conv``'s geometry, device and dtype and a spec's ``options``; the static weight
+        (and bias) become its base weight where it has one (``load_static_weight``), so torchvision's static
+        checkpoints serve as base weights (:func:`.registry.conv_from_static` calls it)."""
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, **options)
+        loader = getattr(module, "load_static_weight", None)
+        if loader is not None:
+            loader(conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
+        return module.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    @classmethod
     def dynamic_classifier(cls, spec: ConvSpec, linear: nn.Linear) -> nn.Module:
         """Placement ``+cls``: the dynamic replacement of the classifier ``linear`` (the static weights kept)."""
-        from .registry import conv_from_static
-
         conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None)
         conv.weight.data.copy_(linear.weight.detach().reshape_as(conv.weight))
         if linear.bias is not None:
             conv.bias.data.copy_(linear.bias.detach())
-        return LinearAsConv(conv_from_static(spec, conv.to(linear.weight.device, linear.weight.dtype)))
+        return LinearAsConv(cls.from_static(conv.to(linear.weight.device, linear.weight.dtype), **spec.options))

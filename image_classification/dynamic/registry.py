@@ -270,12 +270,5 @@ def conv_from_static(spec: str | ConvSpec, conv: nn.Conv2d, **overrides: Any) ->
         raise ValueError(f"dynamic operators support padding_mode='zeros' only, got {conv.padding_mode!r}")
     if isinstance(conv.padding, str):
         raise ValueError(f"string padding {conv.padding!r} is not supported by dynamic operators")
-    module = build_conv(
-        spec, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-        **overrides,
-    )
-    loader = getattr(module, "load_static_weight", None)
-    if loader is not None:
-        loader(conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
-    return module.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    parsed = parse_spec(spec, **overrides)
+    return OPERATORS[parsed.name].cls.from_static(conv, **parsed.options)

@@ -57,7 +57,7 @@ import torch.nn as nn
 
 from ..dynamic.base import DynamicConv2d
 from ..dynamic.protocol import LinearAsConv
-from ..dynamic.registry import OPERATORS, ConvSpec, conv_from_static, list_operators, parse_spec
+from ..dynamic.registry import ConvSpec, conv_from_static, list_operators, operator_class, parse_spec
 from .module_utils import set_module
 
 __all__ = [
@@ -260,7 +260,7 @@ def _share_generators(cls: type, model: nn.Module, names: List[str], sites: List
 def _site_overrides(spec: ConvSpec, model: nn.Module, site: ConvSite) -> Optional[Dict[str, Any]]:
     """Per-conv option overrides from the operator's ``site_options`` hook (None: keep the conv static)."""
     block = model.get_submodule(site.block) if site.block != site.name else None
-    return OPERATORS[spec.name].cls.site_options(spec.options, model.get_submodule(site.name), block)
+    return operator_class(spec).site_options(spec.options, model.get_submodule(site.name), block)
 
 
 def convert_model(
@@ -275,9 +275,9 @@ def convert_model(
     """
     spec = parse_spec(conv)
     pl = parse_placement(placement)
-    cls = OPERATORS[spec.name].cls
+    cls = operator_class(spec)
     if "share" in pl.extras and not cls.shares_generator:
-        sharing = ", ".join(name for name in list_operators() if OPERATORS[name].cls.shares_generator)
+        sharing = ", ".join(name for name in list_operators() if operator_class(name).shares_generator)
         raise ValueError(f"placement '+share' applies to {sharing or 'no registered operator'} only, not {spec.name!r}")
     sites = conv_sites(model)
     names = select_convs(model, pl)
