@@ -82,7 +82,7 @@ def config_path(op: str) -> Path:
 def read_recipe(op: str) -> Dict[str, Any]:
     """The op's recipe as main.py reads it (``base:`` applied): ``{dest: value}`` of the keys it sets."""
     from image_classification.training.cli import build_parser as main_parser
-    from image_classification.training.cli import load_config
+    from image_classification.training.config import load_config
 
     return load_config(main_parser(), str(config_path(op)))
 

@@ -21,7 +21,8 @@ from image_classification.dynamic import parse_spec
 from image_classification.models import build_model, list_archs, parse_placement
 from image_classification.tools import train_detection as det_train
 from image_classification.tools import train_segmentation as seg_train
-from image_classification.training.cli import build_parser, load_config, parse_args, read_recipe_chain
+from image_classification.training.cli import build_parser, parse_args
+from image_classification.training.config import load_config, read_recipe_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 # detection/segmentation recipes (Tables 2-3) belong to their own scripts: tests/dense/test_recipes.py

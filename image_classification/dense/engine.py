@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ from image_classification.training.checkpoint import (
     set_rng_state,
     trust_checkpoints,
 )
-from image_classification.training.cli import load_config
+from image_classification.training.config import load_config
 from image_classification.training.distributed import DistEnv, all_reduce_sum, barrier
 from image_classification.training.logger import Progress, RaportWriter
 from image_classification.training.optim import build_optimizer
@@ -259,38 +259,47 @@ def _amp_context(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def train(
-    args: argparse.Namespace,
-    task: Task,
-    model: nn.Module,
-    train_loader: Optional[Iterable],
-    val_loader: Optional[Iterable],
-    env: DistEnv,
-) -> int:
-    """Run ``args.iterations`` iterations (or only evaluate); returns the exit status."""
-    device = env.device
-    model.to(device)
-    resume = None
+@dataclass
+class DenseRun:
+    """What one dense training run works on (built by :func:`prepare_run`)."""
+
+    args: argparse.Namespace
+    task: Task
+    model: nn.Module  # unwrapped
+    wrapped: nn.Module  # what runs the forward (DDP or the model)
+    env: DistEnv
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: Optional[torch.amp.GradScaler]
+    raport: RaportWriter
+    start: int = 0  # iterations done before this process
+    best: float = -math.inf  # best value of task.best_metric so far
+
+
+def load_start(args: argparse.Namespace, task: Task,
+               model: nn.Module) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The weights a run starts from, loaded into ``model``: the ``--resume`` checkpoint (``auto``: the
+    workspace's, if any) or ``--weights``. Returns the resume checkpoint and its path (None, None otherwise)."""
     resume_path = args.resume
     if resume_path == "auto":
         resume_path = os.path.join(args.workspace, "checkpoint.pth.tar")
         resume_path = resume_path if os.path.isfile(resume_path) else None
+    fields = task.checkpoint_fields
+    expected = {"expected_arch": fields.get("arch"), "expected_conv": fields.get("conv")}
     if resume_path:
         resume = load_checkpoint(resume_path)
         _check_fields(resume, task, resume_path)
-        load_model_weights(model, resume, expected_arch=task.checkpoint_fields.get("arch"),
-                           expected_conv=task.checkpoint_fields.get("conv"))
-    elif args.weights:
-        load_model_weights(model, args.weights, expected_arch=task.checkpoint_fields.get("arch"),
-                           expected_conv=task.checkpoint_fields.get("conv"))
+        load_model_weights(model, resume, **expected)
+        return resume, resume_path
+    if args.weights:
+        load_model_weights(model, args.weights, **expected)
+    return None, None
 
-    if args.evaluate:
-        metrics = task.evaluate(model, val_loader, device) if env.is_main else {}
-        if env.is_main:
-            print(f"{task.prog}: evaluation " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-        return 0
 
-    assert train_loader is not None
+def prepare_run(args: argparse.Namespace, task: Task, model: nn.Module, env: DistEnv,
+                resume: Optional[Dict[str, Any]], resume_path: Optional[str]) -> DenseRun:
+    """Optimizer, iteration LR schedule, grad scaler, DDP wrapper and raport, restored from ``resume``."""
+    device = env.device
     wrapped = model
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -316,7 +325,6 @@ def train(
         rngs = resume.get("rng_per_rank") or []
         if len(rngs) == env.world_size:
             set_rng_state(rngs[env.rank])
-
     raport = RaportWriter(None)
     if env.is_main:
         workspace = check_workspace_writable(args.workspace)
@@ -325,71 +333,104 @@ def train(
         raport.log_parameters(dict(vars(args), task=task.name, world_size=env.world_size, device=str(device),
                                    **task.checkpoint_fields))
     barrier()
+    return DenseRun(args, task, model, wrapped, env, optimizer, scheduler, scaler, raport, start, best)
 
-    def checkpoint(iteration: int, is_best: bool) -> None:
-        own = rng_state()
-        per_rank: List[Any] = [own]
-        if env.distributed:
-            import torch.distributed as dist
 
-            per_rank = [None] * env.world_size
-            dist.all_gather_object(per_rank, own)
+def save_state(run: DenseRun, iteration: int, is_best: bool) -> None:
+    """The run's checkpoint (atomic; every rank's random state gathered to rank 0)."""
+    own = rng_state()
+    per_rank: List[Any] = [own]
+    if run.env.distributed:
+        import torch.distributed as dist
+
+        per_rank = [None] * run.env.world_size
+        dist.all_gather_object(per_rank, own)
+    if run.env.is_main:
+        state = {"task": run.task.name, **run.task.checkpoint_fields, "iteration": iteration,
+                 "state_dict": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
+                 "best_metric": run.best, "rng_per_rank": per_rank, "args": dict(vars(run.args))}
+        save_checkpoint(state, run.args.workspace, "checkpoint.pth.tar", is_best=is_best)
+    barrier()
+
+
+def evaluate_and_track(run: DenseRun, val_loader: Optional[Iterable], iteration: int) -> bool:
+    """Validate on rank 0 (unless ``--no-eval``), log the metrics; whether the best metric improved. Every rank
+    returns the same answer: a best checkpoint is a collective (it gathers the ranks' random states)."""
+    args, task = run.args, run.task
+    metrics: Dict[str, float] = {}
+    if run.env.is_main and not args.no_eval and val_loader is not None:
+        metrics = task.evaluate(run.model, val_loader, run.env.device)
+        run.raport.log((iteration,), metrics)
+        print(f"{task.prog}: iteration {iteration} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+              flush=True)
+    flag = [1.0 if metrics.get(task.best_metric, -math.inf) > run.best else 0.0]
+    improved = all_reduce_sum(flag, run.env.device)[0] > 0
+    if improved and metrics:
+        run.best = metrics[task.best_metric]
+    return bool(improved)
+
+
+def train_step(run: DenseRun, batch: Any, iteration: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Forward, loss (task terms plus the weighted info-max term), backward and one optimizer and LR-schedule
+    step; a non-finite loss is a :class:`TrainingError` naming ``iteration`` and every term."""
+    args, device = run.args, run.env.device
+    with _amp_context(device, args.amp):
+        terms = run.task.losses(run.wrapped, batch, device)
+        loss = sum(terms.values())
+        extra = infomax_loss(run.model)
+        if extra is not None and args.infomax_weight > 0:
+            terms["infomax"] = args.infomax_weight * extra
+            loss = loss + terms["infomax"]
+    if not torch.isfinite(loss):
+        raise TrainingError(f"loss is {loss.item()} at iteration {iteration + 1} "
+                            f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
+                            "lower --lr or check the data; the last checkpoint is kept")
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.optimizer.step()
+    run.scheduler.step()
+    return loss, terms
+
+
+def train(
+    args: argparse.Namespace,
+    task: Task,
+    model: nn.Module,
+    train_loader: Optional[Iterable],
+    val_loader: Optional[Iterable],
+    env: DistEnv,
+) -> int:
+    """Run ``args.iterations`` iterations (or only evaluate); returns the exit status."""
+    device = env.device
+    model.to(device)
+    resume, resume_path = load_start(args, task, model)
+    if args.evaluate:
+        metrics = task.evaluate(model, val_loader, device) if env.is_main else {}
         if env.is_main:
-            state = {"task": task.name, **task.checkpoint_fields, "iteration": iteration,
-                     "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                     "best_metric": best, "rng_per_rank": per_rank, "args": dict(vars(args))}
-            save_checkpoint(state, args.workspace, "checkpoint.pth.tar", is_best=is_best)
-        barrier()
-
-    def evaluate(iteration: int) -> Dict[str, float]:
-        nonlocal best
-        metrics: Dict[str, float] = {}
-        if env.is_main and not args.no_eval and val_loader is not None:
-            metrics = task.evaluate(model, val_loader, device)
-            raport.log((iteration,), metrics)
-            print(f"{task.prog}: iteration {iteration} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-                  flush=True)
-        flag = [1.0 if metrics.get(task.best_metric, -math.inf) > best else 0.0]
-        improved = all_reduce_sum(flag, device)[0] > 0
-        if improved and metrics:
-            best = metrics[task.best_metric]
-        return metrics if improved else {}
-
-    batches = infinite_batches(train_loader, start_epoch=start // max(1, _length(train_loader)))
+            print(f"{task.prog}: evaluation " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        return 0
+    assert train_loader is not None
+    run = prepare_run(args, task, model, env, resume, resume_path)
+    raport = run.raport
+    batches = infinite_batches(train_loader, start_epoch=run.start // max(1, _length(train_loader)))
     for name in ("train.loss", "train.lr", "train.total_ips"):
         raport.metadata(name, _metric_meta(name))
     progress = Progress(f"{task.name} train", args.iterations, args.print_freq, enabled=env.is_main)
-    progress._done = start
-    if progress._bar is not None:
-        progress._bar.update(start)
+    progress.skip_to(run.start)
     window: Dict[str, float] = {}
     seen, tic = 0, time.perf_counter()
-    iteration = start
+    iteration = run.start
     model.train()
     with GracefulShutdown() as shutdown:
         while iteration < args.iterations:
             batch = next(batches)
-            with _amp_context(device, args.amp):
-                terms = task.losses(wrapped, batch, device)
-                loss = sum(terms.values())
-                extra = infomax_loss(model)
-                if extra is not None and args.infomax_weight > 0:
-                    terms["infomax"] = args.infomax_weight * extra
-                    loss = loss + terms["infomax"]
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at iteration {iteration + 1} "
-                                    f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
-                                    "lower --lr or check the data; the last checkpoint is kept")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
+            loss, terms = train_step(run, batch, iteration)
             iteration += 1
             seen += _batch_size(batch)
             for key, value in [("loss", loss), *terms.items()]:
@@ -397,7 +438,7 @@ def train(
             if iteration % args.print_freq == 0 or iteration == args.iterations:
                 count = args.print_freq if iteration % args.print_freq == 0 else iteration % args.print_freq
                 record = {k: v / count for k, v in window.items()}
-                record["train.lr"] = optimizer.param_groups[0]["lr"]
+                record["train.lr"] = run.optimizer.param_groups[0]["lr"]
                 record["train.total_ips"] = seen * env.world_size / max(1e-9, time.perf_counter() - tic)
                 raport.log((iteration,), record)
                 progress.update(iteration, {k: v for k, v in record.items() if k != "train.total_ips"})
@@ -407,10 +448,10 @@ def train(
             is_best = False
             if (args.eval_every and iteration % args.eval_every == 0) or boundary:
                 model.eval()
-                is_best = bool(evaluate(iteration))
+                is_best = evaluate_and_track(run, val_loader, iteration)
                 model.train()
             if boundary or stop or (args.save_every and iteration % args.save_every == 0) or is_best:
-                checkpoint(iteration, is_best)
+                save_state(run, iteration, is_best)
             if stop:
                 progress.close()
                 where = os.path.join(args.workspace, "checkpoint.pth.tar")
@@ -420,6 +461,7 @@ def train(
                 raport.close()
                 return 128 + int(shutdown.signum or 15)
     progress.close()
+    best = run.best
     summary = {"summary.iterations": iteration}
     if best > -math.inf:
         summary[f"summary.best_{task.best_metric.split('.', 1)[-1]}"] = best

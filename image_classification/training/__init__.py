@@ -8,9 +8,7 @@ weight-decay groups, LR schedules), :mod:`.adversarial` (free adversarial traini
 reader is :func:`image_classification.reporting.read_raport`), :mod:`.distributed` (process group,
 collectives, argument agreement across ranks), :mod:`.peers` (heartbeats and naming a lost rank).
 
-Checkpoints: :mod:`.checkpoint_save` (atomic writes), :mod:`.checkpoint_load` (safe reading),
-:mod:`.weight_loading` (weights into a model, foreign layouts), :mod:`.random_state` (RNG capture and
-restore), :mod:`.shutdown` (SIGTERM/SIGINT as a flag), :mod:`.workspace` (writability check, workspace lock,
-files of an earlier run), :mod:`.errors` (:class:`CheckpointError`); :mod:`.checkpoint` gathers their public
-names.
+Checkpoints: the :mod:`.checkpoint` package (atomic writes, safe reading, weights into a model and foreign
+layouts, RNG capture and restore, SIGTERM/SIGINT as a flag, writability check, workspace lock, files of an
+earlier run, :class:`CheckpointError`); its ``__init__`` is the one door to it.
 """

@@ -53,9 +53,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine import LoopConfig, TrainingSetup, _forward_loss, _optimizer_step
+from .checkpoint import derive_seed
+from .engine import BatchResults, LoopConfig, MicroBatches, TrainingSetup, backward, forward_loss, optimizer_step
 from .logger import Progress
-from .random_state import derive_seed
 
 __all__ = ["PixelSpace", "FreeAdversarialTraining", "PGDAttack", "build_free_adversarial_training",
            "build_attacks", "validate_under_attack", "attack_metadata", "perturbation_checkpoint", "PIXEL_LEVELS"]
@@ -120,8 +120,7 @@ class FreeAdversarialTraining:
                              f"not fit the perturbation buffer {tuple(self.perturbation.shape)}")
         return self.perturbation[index, :n]
 
-    def train_group(self, comp: TrainingSetup, cfg: LoopConfig, batches: Sequence[MicroBatch]
-                    ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], float]:
+    def train_group(self, comp: TrainingSetup, cfg: LoopConfig, batches: MicroBatches) -> Tuple[BatchResults, float]:
         """Replay the mini-batches of one optimizer step ``replays`` times (one optimizer step per replay).
 
         Returns, per mini-batch, ``(task loss, info-max loss, correct, n)`` averaged over the replays (as the
@@ -142,15 +141,14 @@ class FreeAdversarialTraining:
                 if j != last and hasattr(comp.model, "no_sync"):
                     sync = comp.model.no_sync()
                 with sync:
-                    loss, task, infomax, correct = _forward_loss(comp, cfg, adversarial, target)
-                    scaled = loss / cfg.accumulation
-                    (comp.scaler.scale(scaled) if comp.scaler is not None else scaled).backward()
+                    loss, task, infomax, correct = forward_loss(comp, cfg, adversarial, target)
+                    backward(comp, cfg, loss)
                 grad = delta.grad
                 # the sign is scale-invariant; a non-finite (overflowed fp16) gradient leaves delta where it is
                 step = torch.where(torch.isfinite(grad).all(), self.step_size * grad.sign(), torch.zeros_like(grad))
                 slot.add_(step).clamp_(-self.eps, self.eps)
                 sums[j] += torch.stack([task.detach().double(), infomax.detach().double(), correct.double()])
-            _optimizer_step(comp)
+            optimizer_step(comp)
         results = []
         for (images, _), total in zip(batches, sums):
             mean = total / self.replays

@@ -22,13 +22,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from image_classification.data import DataConfig, Loaders, build_loaders
 from image_classification.dynamic.registry import implied_spec
 
-from .checkpoint_load import load_checkpoint
+from .checkpoint import CheckpointError, check_model_fields, load_checkpoint, load_model_weights, recorded_arch
 from .cli import FALLBACK_ARCH
 from .distributed import DistEnv, broadcast_int
 from .engine import LoopConfig, TrainingSetup
-from .errors import CheckpointError
 from .optim import build_optimizer, build_scheduler, optimizer_name
-from .weight_loading import check_model_fields, load_model_weights, recorded_arch
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_training_setup",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",

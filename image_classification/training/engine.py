@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,11 +24,28 @@ from image_classification.dynamic import infomax_loss
 from .distributed import all_reduce_sum, any_rank, is_active
 from .logger import Progress, RaportWriter
 
-__all__ = ["TrainingSetup", "LoopConfig", "EpochResult", "NonFiniteLossError", "train_one_epoch", "validate",
+__all__ = ["Adversary", "BatchResults", "MicroBatches", "TrainingSetup", "LoopConfig", "backward", "forward_loss",
+           "optimizer_step", "EpochResult", "NonFiniteLossError", "train_one_epoch", "validate",
            "check_finite_validation"]
 
 
 _STOP_CHECK_EVERY = 5  # optimizer steps between stop-flag checks under DDP
+
+
+#: one optimizer step's mini-batches, (images, target) each
+MicroBatches = Sequence[Tuple[torch.Tensor, torch.Tensor]]
+#: per mini-batch: (task loss, info-max loss, correct predictions, images)
+BatchResults = List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
+
+
+class Adversary(Protocol):
+    """What :func:`train_one_epoch` asks of an adversarial trainer (``TrainingSetup.adversary``; e.g.
+    :class:`.adversarial.FreeAdversarialTraining`): take over the optimizer steps of one accumulation group.
+    It works through the public step functions :func:`forward_loss`, :func:`backward` and :func:`optimizer_step`."""
+
+    def train_group(self, comp: TrainingSetup, cfg: LoopConfig, batches: MicroBatches) -> Tuple[BatchResults, float]:
+        """Train on ``batches`` (one optimizer step's mini-batches); their results and the learning rate used."""
+        ...
 
 
 @dataclass
@@ -44,7 +61,7 @@ class TrainingSetup:
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[torch.optim.swa_utils.AveragedModel] = None
     mixup: Optional[Callable] = None
-    adversary: Optional[Any] = None  # adversarial.FreeAdversarialTraining: replays each optimizer step's batches
+    adversary: Optional[Adversary] = None  # replays each optimizer step's mini-batches (free adversarial training)
 
 
 @dataclass
@@ -145,7 +162,10 @@ class _Window:
         return metrics
 
 
-def _forward_loss(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor):
+def forward_loss(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one mini-batch (mixup, autocast): ``(loss, task loss, info-max loss, correct predictions)``, the
+    loss being the task loss plus the weighted info-max term (PEDConv, BMVC 2021, Eq. 6)."""
     soft = target
     if comp.mixup is not None:
         images, soft = comp.mixup(images, target)
@@ -159,7 +179,14 @@ def _forward_loss(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, ta
     return loss, task, infomax, correct
 
 
-def _optimizer_step(comp: TrainingSetup) -> None:
+def backward(comp: TrainingSetup, cfg: LoopConfig, loss: torch.Tensor) -> None:
+    """Backward of one mini-batch's share of an accumulated step (through the AMP grad scaler when there is one)."""
+    scaled = loss / cfg.accumulation
+    (comp.scaler.scale(scaled) if comp.scaler is not None else scaled).backward()
+
+
+def optimizer_step(comp: TrainingSetup) -> None:
+    """One optimizer step (through the grad scaler), gradients cleared, the LR schedule and the EMA advanced."""
     if comp.scaler is not None:
         comp.scaler.step(comp.optimizer)
         comp.scaler.update()
@@ -217,12 +244,11 @@ def _train_step(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, targ
     if not boundary and hasattr(comp.model, "no_sync"):
         sync = comp.model.no_sync()
     with sync:
-        loss, task, infomax, correct = _forward_loss(comp, cfg, images, target)
-        scaled = loss / cfg.accumulation
-        (comp.scaler.scale(scaled) if comp.scaler is not None else scaled).backward()
+        loss, task, infomax, correct = forward_loss(comp, cfg, images, target)
+        backward(comp, cfg, loss)
     lr = comp.optimizer.param_groups[0]["lr"]  # the lr this step uses
     if boundary:
-        _optimizer_step(comp)
+        optimizer_step(comp)
     return task, infomax, correct, lr
 
 

@@ -190,6 +190,12 @@ class Progress:
             self._bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
         self._done = 0
 
+    def skip_to(self, iteration: int) -> None:
+        """Count the iterations before ``iteration`` as done without printing (a resumed run)."""
+        if self.enabled and self._bar is not None:
+            self._bar.update(iteration - self._done)
+        self._done = iteration
+
     def update(self, iteration: int, metrics: Dict[str, float]) -> None:
         """``iteration`` (1-based) is done; ``metrics`` are the latest window averages."""
         if not self.enabled:

@@ -30,7 +30,19 @@ from image_classification.dynamic import autotune, set_epoch
 
 from . import build
 from .adversarial import attack_metadata, build_attacks, perturbation_checkpoint, validate_under_attack
-from .checkpoint_save import remove_temporaries, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    GracefulShutdown,
+    Interrupted,
+    WorkspaceLock,
+    check_workspace_writable,
+    existing_run_files,
+    load_checkpoint,
+    remove_temporaries,
+    rng_state,
+    save_checkpoint,
+)
+from .checkpoint import set_rng_state as restore_rng
 from .cli import parse_args
 from .distributed import (
     DistEnv,
@@ -51,14 +63,9 @@ from .engine import (
     train_one_epoch,
     validate,
 )
-from .errors import CheckpointError
 from .logger import Progress, RaportWriter
 from .peers import PeerMonitor, is_peer_failure
 from .precise_bn import recompute_bn_statistics
-from .random_state import rng_state
-from .random_state import set_rng_state as restore_rng
-from .shutdown import GracefulShutdown, Interrupted
-from .workspace import WorkspaceLock, check_workspace_writable, existing_run_files
 
 __all__ = ["main", "run", "run_parsed"]
 
@@ -168,7 +175,6 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     build.seed_everything(args, env)
     pretrained = None
     if args.pretrained_weights is not None and resume is None:
-        from .checkpoint_load import load_checkpoint
 
         pretrained = load_checkpoint(args.pretrained_weights, trusted=args.trust_checkpoints)
     elif args.pretrained_weights is not None and env.is_main:

@@ -11,7 +11,7 @@ from image_classification.tools import paper_tables as counts
 from image_classification.tools import profiler as profile
 from image_classification.tools import train_detection as det_train
 from image_classification.tools import train_segmentation as seg_train
-from image_classification.training.cli import read_recipe_chain
+from image_classification.training.config import read_recipe_chain
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE2 = sorted((ROOT / "configs" / "pedconv_table2").glob("[!_]*.yaml"))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from image_classification.training import checkpoint_save as checkpoint  # noqa: E402
 from image_classification.training import trainer  # noqa: E402
+from image_classification.training.checkpoint import save as checkpoint  # noqa: E402
 
 
 def _die() -> None:

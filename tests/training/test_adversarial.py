@@ -20,8 +20,8 @@ from image_classification.training.adversarial import (
     PixelSpace,
     validate_under_attack,
 )
+from image_classification.training.checkpoint import derive_seed
 from image_classification.training.engine import LoopConfig, TrainingSetup, validate
-from image_classification.training.random_state import derive_seed
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 EPS, STEP = 4 / 255, 4 / 255

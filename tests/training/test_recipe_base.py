@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from image_classification.tools import train_segmentation as seg_train
-from image_classification.training.cli import parse_args, read_recipe_chain
+from image_classification.training.cli import parse_args
+from image_classification.training.config import read_recipe_chain
 
 
 def _write(path: Path, text: str) -> Path:

@@ -137,7 +137,7 @@ def test_second_run_in_a_locked_workspace_is_refused(tmp_path: Path, capsys: pyt
 def test_checkpoints_respect_the_umask(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     previous = os.umask(0o027)
     try:
-        from image_classification.training import checkpoint_save as module
+        from image_classification.training.checkpoint import save as module
 
         module._file_mode.cache_clear()
         _ok([*TINY, "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
@@ -230,7 +230,7 @@ def test_full_disk_is_named(tmp_path: Path, capsys: pytest.CaptureFixture, monke
     """torch's zip writer reports ENOSPC as "enforce fail ... unexpected pos"; the user must read 'No space'."""
     import shutil as shutil_module
 
-    from image_classification.training import checkpoint_save as module
+    from image_classification.training.checkpoint import save as module
 
     def full_save(obj, handle, *args, **kwargs):
         handle.write(b"PK partial")

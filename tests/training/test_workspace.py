@@ -1,4 +1,4 @@
-"""The one writability check (training/workspace.py) and the checkpoint modules' public names."""
+"""The one writability check (training/checkpoint/workspace.py) and the checkpoint package's facade."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from image_classification.training import checkpoint
-from image_classification.training.workspace import (
+from image_classification.training.checkpoint.workspace import (
     check_workspace_writable,
     directory_write_problem,
     nearest_existing_directory,
@@ -44,22 +44,35 @@ def test_nearest_existing_directory(tmp_path: Path) -> None:
     assert nearest_existing_directory(tmp_path) == tmp_path
 
 
-def test_checkpoint_module_reexports_every_public_name() -> None:
-    """Callers import checkpoint names from training.checkpoint; each is the object its own module defines."""
-    from image_classification.training import (
-        checkpoint_load,
-        checkpoint_save,
-        errors,
-        random_state,
-        shutdown,
-        weight_loading,
-        workspace,
-    )
+def test_checkpoint_package_reexports_every_public_name() -> None:
+    """Callers import checkpoint names from the package; each is the object one of its modules defines."""
+    from image_classification.training.checkpoint import errors, load, random_state, save, shutdown, weights, workspace
 
-    homes = (checkpoint_load, checkpoint_save, errors, random_state, shutdown, weight_loading, workspace)
+    homes = (load, save, errors, random_state, shutdown, weights, workspace)
     for name in checkpoint.__all__:
         owners = [module for module in homes if getattr(module, name, None) is getattr(checkpoint, name)]
         assert owners, name
+
+
+def test_checkpoint_package_is_used_through_its_facade() -> None:
+    """No library module outside training/checkpoint/ imports one of its modules, and no module inside it
+    imports another's private name."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "image_classification"
+    package = root / "training" / "checkpoint"
+    offences = []
+    for path in root.rglob("*.py"):
+        inside = package in path.parents
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            module = node.module or ""
+            if not inside and "checkpoint." in module and "training" in (module + str(path)):
+                offences.append(f"{path.relative_to(root)} imports {module}")
+            if inside and node.level and any(alias.name.startswith("_") for alias in node.names):
+                offences.append(f"{path.relative_to(root)} imports private names of .{module}")
+    assert not offences, offences
 
 
 def test_refused_probe_is_reported_by_main_argument_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

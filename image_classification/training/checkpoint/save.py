@@ -25,14 +25,14 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from .errors import CheckpointError, PathLike, _one_line
+from .errors import CheckpointError, PathLike, one_line
 
 try:  # numpy is optional: torch runs without it
     import numpy as np
 except ImportError:  # pragma: no cover - exercised only where numpy is absent
     np = None  # type: ignore[assignment]
 
-__all__ = ["BEST_FILENAME", "remove_temporaries", "save_checkpoint"]
+__all__ = ["BEST_FILENAME", "numbered_copies", "remove_temporaries", "save_checkpoint"]
 
 BEST_FILENAME = "model_best.pth.tar"
 _LOG = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _split_suffix(filename: str) -> Tuple[str, str]:
     return filename, ""
 
 
-def _gathered(workspace: Path, filename: str) -> List[Tuple[int, Path]]:
+def numbered_copies(workspace: Path, filename: str) -> List[Tuple[int, Path]]:
     stem, suffix = _split_suffix(filename)
     pattern = re.compile(rf"{re.escape(stem)}-(\d{{4,}}){re.escape(suffix)}")
     found = []
@@ -220,7 +220,7 @@ def _write_failure(exc: BaseException, directory: Path) -> str:
         if free is not None and free < 64 * 2**20:
             return f"No space left on device ({_free_space(directory)})"
         return f"the write failed part-way (disk full, quota or I/O error?; {_free_space(directory)})"
-    return _one_line(message)
+    return one_line(message)
 
 
 def _free_space(directory: Path) -> str:
@@ -283,7 +283,7 @@ def save_checkpoint(
             stem, suffix = _split_suffix(filename)
             current = directory / f"{stem}-{epoch:04d}{suffix}"
             _copy_atomic(target, current)
-            older = [path for number, path in _gathered(directory, filename) if number <= epoch]
+            older = [path for number, path in numbered_copies(directory, filename) if number <= epoch]
             for path in older[: max(0, len(older) - gather)]:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

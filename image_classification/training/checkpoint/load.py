@@ -1,7 +1,7 @@
 """Safe checkpoint reading: :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``.
 
 Every failure (missing, empty, truncated, corrupt, not a checkpoint, a global that could run code) is a
-one-line :class:`~image_classification.training.errors.CheckpointError` naming the file. Files whose pickle
+one-line :class:`~.errors.CheckpointError` naming the file. Files whose pickle
 names only plain-data globals (numpy scalars/arrays, ``argparse.Namespace``, as older trainers saved them)
 are read in full.
 """
@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from .errors import CheckpointError, PathLike, _one_line
+from .errors import CheckpointError, PathLike, one_line
 
-__all__ = ["TRUST_HINT", "load_checkpoint", "trust_checkpoints", "add_trust_flag"]
+__all__ = ["MAX_LISTED", "TRUST_HINT", "add_trust_flag", "load_checkpoint", "looks_like_state_dict",
+           "trust_checkpoints"]
 
 _TRUSTED = {"all": False}
 
@@ -34,7 +35,7 @@ def add_trust_flag(parser: Any) -> None:
                         help="load checkpoints with full unpickling, allowing objects outside torch's weights_only "
                         "allowlist: this can run code, use it only for files you trust")
 
-_MAX_LISTED = 5
+MAX_LISTED = 5
 
 
 # Globals that hold plain data and that older trainers (DeepLearningExamples included) left in
@@ -74,7 +75,7 @@ def _torch_load(path: Path, map_location: Any, weights_only: bool) -> Any:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
 
 
-def _looks_like_state_dict(obj: Any) -> bool:
+def looks_like_state_dict(obj: Any) -> bool:
     return (
         isinstance(obj, Mapping)
         and len(obj) > 0
@@ -126,12 +127,12 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu", trusted: Optional
     checkpoint = dict(obj)
     state_dict = checkpoint.get("state_dict")
     if state_dict is None:
-        if isinstance(checkpoint.get("model"), Mapping) and _looks_like_state_dict(checkpoint["model"]):
+        if isinstance(checkpoint.get("model"), Mapping) and looks_like_state_dict(checkpoint["model"]):
             checkpoint["state_dict"] = checkpoint["model"]
-        elif _looks_like_state_dict(checkpoint):
+        elif looks_like_state_dict(checkpoint):
             checkpoint = {"state_dict": checkpoint}
         else:
-            keys = ", ".join(sorted(map(str, checkpoint))[:_MAX_LISTED]) or "nothing"
+            keys = ", ".join(sorted(map(str, checkpoint))[:MAX_LISTED]) or "nothing"
             raise CheckpointError(f"checkpoint {file} has no 'state_dict' (top-level keys: {keys})")
     elif not isinstance(state_dict, Mapping):
         raise CheckpointError(f"checkpoint {file}: 'state_dict' is a {type(state_dict).__name__}, not a dict")
@@ -148,7 +149,7 @@ def _corrupt_reason(exc: BaseException) -> str:
         message = exc.strerror
     else:
         message = message.split(". ", 1)[0]  # torch's zip reader appends several sentences of advice
-    return f"truncated, corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {_one_line(message, 160)})"
+    return f"truncated, corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {one_line(message, 160)})"
 
 
 TRUST_HINT = "if you trust its source, load it with --trust-checkpoints (from Python: trusted=True)"
@@ -170,7 +171,7 @@ def _load_with_benign_globals(file: Path, map_location: Any, message: str, exc: 
         refused = [match.group(1)]
     if refused:
         raise CheckpointError(
-            f"checkpoint {file} references {', '.join(refused[:_MAX_LISTED])}, which torch.load(weights_only=True) "
+            f"checkpoint {file} references {', '.join(refused[:MAX_LISTED])}, which torch.load(weights_only=True) "
             f"refuses to unpickle (it could run code); {TRUST_HINT}"
         ) from None
     try:  # every global the pickle names is plain data: the full unpickler runs no foreign code

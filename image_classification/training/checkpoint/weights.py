@@ -17,8 +17,8 @@ import torch.nn as nn
 from image_classification.dynamic.protocol import ForeignLayout
 from image_classification.dynamic.registry import find_foreign_layout, parse_spec
 
-from .checkpoint_load import _MAX_LISTED, _looks_like_state_dict, load_checkpoint
-from .errors import CheckpointError, PathLike, _one_line
+from .errors import CheckpointError, PathLike, one_line
+from .load import MAX_LISTED, load_checkpoint, looks_like_state_dict
 
 __all__ = ["load_model_weights", "check_model_fields", "recorded_arch"]
 
@@ -72,8 +72,8 @@ def _strip_prefixes(state_dict: Mapping[str, Any], model_keys: Sequence[str]) ->
 
 
 def _listing(kind: str, items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = f", ... {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    shown = ", ".join(items[:MAX_LISTED])
+    more = f", ... {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
     return f"{len(items)} {kind} ({shown}{more})"
 
 
@@ -156,9 +156,9 @@ def load_model_weights(
         label = "checkpoint"
         checkpoint: Dict[str, Any] = dict(source)
         if not isinstance(checkpoint.get("state_dict"), Mapping):
-            if isinstance(checkpoint.get("model"), Mapping) and _looks_like_state_dict(checkpoint["model"]):
+            if isinstance(checkpoint.get("model"), Mapping) and looks_like_state_dict(checkpoint["model"]):
                 checkpoint["state_dict"] = checkpoint["model"]
-            elif _looks_like_state_dict(checkpoint):
+            elif looks_like_state_dict(checkpoint):
                 checkpoint = {"state_dict": checkpoint}
             else:
                 raise CheckpointError("checkpoint dict has no 'state_dict' and is not a state dict itself")
@@ -179,11 +179,11 @@ def load_model_weights(
         try:
             state_dict = dict(layout.convert(state_dict))
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{label}: cannot convert {layout.description}: {_one_line(exc)}") from None
+            raise CheckpointError(f"{label}: cannot convert {layout.description}: {one_line(exc)}") from None
 
     _check_keys(label, state_dict, target, strict)
     try:
         target.load_state_dict(state_dict, strict=strict)
     except RuntimeError as exc:  # e.g. a dtype a buffer cannot take; keys and shapes were checked above
-        raise CheckpointError(f"{label}: {_one_line(exc)}") from None
+        raise CheckpointError(f"{label}: {one_line(exc)}") from None
     return checkpoint

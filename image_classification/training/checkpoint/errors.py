@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Union
 
-__all__ = ["CheckpointError", "PathLike"]
+__all__ = ["CheckpointError", "PathLike", "one_line"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -15,7 +15,7 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be written, read or applied; the message is one line naming the problem."""
 
 
-def _one_line(text: object, limit: int = 240) -> str:
+def one_line(text: object, limit: int = 240) -> str:
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 

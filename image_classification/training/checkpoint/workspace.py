@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from .checkpoint_save import BEST_FILENAME, _gathered
 from .errors import CheckpointError, PathLike
+from .save import BEST_FILENAME, numbered_copies
 
 __all__ = [
     "LOCK_FILENAME",
@@ -143,7 +143,7 @@ def existing_run_files(workspace: PathLike, filename: str, raport: Optional[Path
     if not directory.is_dir():
         return []
     found = [name for name in (filename, BEST_FILENAME) if (directory / name).is_file()]
-    found += [path.name for _, path in _gathered(directory, filename)]
+    found += [path.name for _, path in numbered_copies(directory, filename)]
     if raport is not None:
         raport_path = Path(raport)
         with contextlib.suppress(OSError):

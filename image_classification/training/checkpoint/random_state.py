@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-from .errors import CheckpointError, _one_line
+from .errors import CheckpointError, one_line
 
 try:  # numpy is optional: torch runs without it
     import numpy as np
@@ -91,4 +91,4 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             for device in range(min(len(saved), torch.cuda.device_count())):
                 torch.cuda.set_rng_state(saved[device].cpu().to(torch.uint8), device)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise CheckpointError(f"RNG state is malformed: {type(exc).__name__}: {_one_line(exc, 160)}") from None
+        raise CheckpointError(f"RNG state is malformed: {type(exc).__name__}: {one_line(exc, 160)}") from None
