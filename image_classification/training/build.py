@@ -66,7 +66,7 @@ def resolve_resume(args: argparse.Namespace) -> Tuple[Optional[str], Optional[Di
             return None, None
     if path is None:
         return None, None
-    checkpoint = load_checkpoint(path, trusted=bool(getattr(args, "trust_checkpoints", False)))
+    checkpoint = load_checkpoint(path, trusted=args.trust_checkpoints)
     if "epoch" not in checkpoint or "optimizer" not in checkpoint:
         raise CheckpointError(
             f"--resume {path} holds weights only (no epoch/optimizer state); use --pretrained-weights"
@@ -127,8 +127,8 @@ def build_data(args: argparse.Namespace, env: DistEnv) -> Loaders:
         root=args.data,
         batch_size=args.batch_size,
         val_batch_size=args.val_batch_size,
-        train_subset=getattr(args, "train_subset", None),
-        val_subset=getattr(args, "val_subset", None),
+        train_subset=args.train_subset,
+        val_subset=args.val_subset,
         workers=args.workers,
         image_size=args.image_size,
         num_classes=args.num_classes,
@@ -137,8 +137,8 @@ def build_data(args: argparse.Namespace, env: DistEnv) -> Loaders:
         seed=args.seed,
         device=env.device,
         memory_format=args.memory_format,
-        augmentation=getattr(args, "augmentation", "none"),
-        interpolation=getattr(args, "interpolation", "bilinear"),
+        augmentation=args.augmentation,
+        interpolation=args.interpolation,
     )
     if args.data_backend == "synthetic" and env.is_main and cfg.augmentation != "none":
         import sys
@@ -159,9 +159,9 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
         in_chans=loaders.in_chans,
         init=args.model_config,
         dropout=args.dropout,
-        **({"stochastic_depth_prob": args.drop_path} if getattr(args, "drop_path", None) is not None else {}),
+        **({"stochastic_depth_prob": args.drop_path} if args.drop_path is not None else {}),
     )
-    if getattr(args, "bn_momentum", None) is not None:
+    if args.bn_momentum is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = args.bn_momentum
@@ -250,8 +250,8 @@ def build_training_setup(args: argparse.Namespace, model: nn.Module, loaders: Lo
     from .adversarial import build_free_adversarial_training
 
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov, args.bn_weight_decay,
-                                optimizer=getattr(args, "optimizer", "sgd"), eps=getattr(args, "optimizer_eps", None),
-                                alpha=getattr(args, "rmsprop_alpha", None) or 0.9)
+                                optimizer=args.optimizer, eps=args.optimizer_eps,
+                                alpha=args.rmsprop_alpha or 0.9)
     adversary = build_free_adversarial_training(args, loaders, cfg)
     steps_per_epoch = math.ceil(cfg.iterations(len(loaders.train)) / cfg.accumulation)  # type: ignore[arg-type]
     if adversary is not None:  # every replay is an optimizer step: the schedule counts them all
@@ -266,9 +266,9 @@ def build_training_setup(args: argparse.Namespace, model: nn.Module, loaders: Lo
         from torchvision.transforms import v2
 
         mixup = v2.MixUp(alpha=args.mixup, num_classes=num_classes)
-    if getattr(args, "compile", False):
+    if args.compile:
         # in place (nn.Module.compile): state_dict keys stay plain; the EMA copy (made above) gets its own
-        backend = getattr(args, "compile_backend", "inductor")
+        backend = args.compile_backend
         model.compile(backend=backend, dynamic=False)
         if ema is not None:
             ema.module.compile(backend=backend, dynamic=False)
