@@ -5,7 +5,7 @@ from library modules into programs (modules with a ``__main__`` block or under `
 import circle (strongly connected component) among modules; imports under ``if TYPE_CHECKING:`` are left
 out, as they never run.
 
-Usage: python scripts/import_graph.py
+Usage: python scripts/import_graph.py    (grimp comes with requirements-dev.txt's import-linter)
 """
 from __future__ import annotations
 
@@ -68,11 +68,17 @@ def circles(nodes: list[str], arrows: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def main() -> int:
-    sys.path.insert(0, str(ROOT))
+def module_arrows() -> dict[str, set[str]]:
+    """Module -> the modules of the package it imports (imports under ``if TYPE_CHECKING:`` left out)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     graph = grimp.build_graph(PACKAGE, exclude_type_checking_imports=True)
-    modules = sorted(graph.modules)
-    arrows = {m: set(graph.find_modules_directly_imported_by(m)) for m in modules}
+    return {m: set(graph.find_modules_directly_imported_by(m)) for m in sorted(graph.modules)}
+
+
+def main() -> int:
+    arrows = module_arrows()
+    modules = sorted(arrows)
     package_of = {m: (m if (ROOT / m.replace(".", "/")).is_dir() else m.rpartition(".")[0]) for m in modules}
     rooms = sorted(set(package_of.values()))
     room_arrows = {(package_of[a], package_of[b]) for a in modules for b in arrows[a] if package_of[a] != package_of[b]}
