@@ -6,7 +6,7 @@
 # Writes to OUT_DIR: nvidia-smi.txt, check.log, triton_pedconv_check.{json,md} (exactness of the kernels on
 # the GPU, then every ResNet-18/50 PEDConv layer at batch 64, fp16 channels_last: Triton vs cuDNN forward and
 # forward+backward, CUDA events), raport.json (DLLogger lines). With PYTEST=1 it first runs
-# tests/dynamic/test_triton_pedconv.py compiled on the GPU (adds several minutes of Triton compilation).
+# tests/dynamic/pedconv/test_triton_pedconv.py compiled on the GPU (adds several minutes of Triton compilation).
 # Defaults fit one 10-minute device call (--budget-s 420 stops starting new layers; the JSON is rewritten
 # after every layer, so a run cut short still reports what it measured).
 set -uo pipefail
@@ -19,7 +19,7 @@ mkdir -p "$OUT_DIR"
 nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 status=0
 if [ "${PYTEST:-0}" = "1" ]; then
-    "$PY" -m pytest -q -x tests/dynamic/test_triton_pedconv.py 2>&1 | tee "$OUT_DIR/pytest.log" || status=1
+    "$PY" -m pytest -q -x tests/dynamic/pedconv/test_triton_pedconv.py 2>&1 | tee "$OUT_DIR/pytest.log" || status=1
 fi
 "$PY" -m image_classification.tools.triton_pedconv_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/check.log"
 rc=${PIPESTATUS[0]}

@@ -73,7 +73,7 @@ stage pytest-cuda "${T_PYTEST:-150}" "$OUT_DIR/pytest.log" \
     "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml "$OUT_DIR/pytest.xml" tests
 stage pytest-triton "${T_PYTEST_TRITON:-90}" "$OUT_DIR/pytest_triton.log" \
     "$PY" -m pytest -q -p no:cacheprovider --junitxml "$OUT_DIR/pytest_triton.xml" \
-    tests/dynamic/test_triton_pedconv.py tests/dynamic/test_triton_path.py
+    tests/dynamic/pedconv/test_triton_pedconv.py tests/dynamic/pedconv/test_triton_path.py
 stage triton-check "${T_TRITON:-80}" "$OUT_DIR/triton_check.log" \
     "$PY" -m image_classification.tools.triton_pedconv_check --out "$OUT_DIR/triton" --batch "$BATCH" \
     --dtype fp16 --memory-format nhwc --budget-s "$(( ${T_TRITON:-80} - 20 ))"

@@ -1,6 +1,7 @@
-"""The README's commands run as written after its set-up: every ``python`` / ``torchrun`` entry point in its
-code blocks answers ``--help``, every script and recipe it names exists, and the set-up says how to enter
-the environment the commands run in."""
+"""The README and its docs pages: every ``python`` / ``torchrun`` entry point in their code blocks answers
+``--help``, every script and recipe they name exists, the set-up says how to enter the environment the
+commands run in, and the README stays a hub (at most 12 KB, a table of contents, a link to every page; no
+section repeated across pages, every relative link and anchor resolves)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from script_runner import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+#: the README and the per-topic pages it links (docs/results/ holds generated reports)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _pages_text() -> str:
+    return "\n".join(page.read_text() for page in PAGES)
 
 
 def _shell_commands(text: str) -> List[str]:
@@ -58,17 +65,17 @@ def test_the_setup_says_how_to_enter_the_environment() -> None:
 
 def test_scripts_and_recipes_named_by_commands_exist() -> None:
     missing = []
-    for command in _shell_commands(README.read_text()):
+    for command in _shell_commands(_pages_text()):
         for word in shlex.split(command):
             if re.fullmatch(r"(scripts|configs)/[\w./-]+\.(sh|py|yaml)", word) and not (ROOT / word).is_file():
                 missing.append(word)
     assert not missing, missing
 
 
-ENTRY_POINTS = sorted(_entry_points(_shell_commands(README.read_text())))
+ENTRY_POINTS = sorted(_entry_points(_shell_commands(_pages_text())))
 
 
-def test_the_readme_has_the_entry_points_users_need() -> None:
+def test_the_pages_have_the_entry_points_users_need() -> None:
     names = {target for target, _ in ENTRY_POINTS}
     assert {"main.py", "multiproc.py", "classify.py", "image_classification.tools.profiler",
             "image_classification.tools.export"} <= names, names
@@ -87,3 +94,53 @@ def test_every_entry_point_answers_help(target: str, module: bool) -> None:
     assert "usage" in run.stdout.lower(), run.stdout[:500]
     if target in LOADS_CHECKPOINTS:
         assert "--trust-checkpoints" in run.stdout
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _headings(text: str) -> List[str]:
+    """The Markdown headings outside code blocks."""
+    found, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,4} ", line):
+            found.append(line.lstrip("#").strip())
+    return found
+
+
+def test_the_readme_is_a_hub_that_links_every_page() -> None:
+    text = README.read_text()
+    assert len(text.encode()) <= 12 * 1024, f"README.md is {len(text.encode())} bytes; move details to docs/"
+    assert "**Contents:**" in text
+    linked = set(re.findall(r"\]\((docs/[\w/.-]+\.md)\)", text))
+    assert {f"docs/{page.name}" for page in PAGES[1:]} <= linked, linked
+
+
+def test_no_section_is_repeated_across_pages() -> None:
+    seen: dict = {}
+    for page in PAGES:
+        for heading in _headings(page.read_text()):
+            if heading.startswith(("Contents", "Back to")):
+                continue
+            seen.setdefault(heading.lower(), []).append(page.name)
+    repeated = {h: names for h, names in seen.items() if len(names) > 1}
+    assert not repeated, repeated
+
+
+def test_relative_links_and_anchors_resolve() -> None:
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and file.suffix == ".md" and anchor not in {_slug(h) for h in _headings(file.read_text())}:
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken

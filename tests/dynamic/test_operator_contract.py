@@ -53,7 +53,7 @@ def _has_per_sample_weight(m: nn.Module, x: torch.Tensor) -> bool:
 
 
 #: paths that cannot run this test's float64 layers: checked against ``reference`` in float32/16 by their own
-#: tests (triton: tests/dynamic/test_triton_path.py)
+#: tests (triton: tests/dynamic/pedconv/test_triton_path.py)
 FLOAT32_ONLY_PATHS = {"triton"}
 
 

@@ -20,7 +20,7 @@ from image_classification.dynamic.pedconv import (
 )
 from image_classification.dynamic.pedconv.paths import heuristic_path
 
-# triton: CUDA (or the Triton interpreter) only, rank 1 groups 1; tested in tests/dynamic/test_triton_path.py
+# triton: CUDA (or the Triton interpreter) only, rank 1 groups 1; tested in tests/dynamic/pedconv/test_triton_path.py
 FAST_PATHS = [p for p in PATHS if p not in ("auto", "reference", "triton")]
 
 GEOMETRIES = [

@@ -19,7 +19,7 @@ from image_classification.inference import load_inference_model, preprocess_imag
 from image_classification.models import build_model
 from image_classification.tools.classify import classify_images, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _checkpoint(tmp_path: Path, conv: str = "odconv", dataset: str = "fashion-mnist", in_chans: int = 1,

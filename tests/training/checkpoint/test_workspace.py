@@ -59,7 +59,7 @@ def test_checkpoint_package_is_used_through_its_facade() -> None:
     imports another's private name."""
     import ast
 
-    root = Path(__file__).resolve().parents[2] / "image_classification"
+    root = Path(__file__).resolve().parents[3] / "image_classification"
     package = root / "training" / "checkpoint"
     offences = []
     for path in root.rglob("*.py"):

@@ -31,7 +31,7 @@ from image_classification.training.checkpoint import (
     set_rng_state,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def tiny_model(classes: int = 5) -> nn.Module:

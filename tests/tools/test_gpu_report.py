@@ -13,7 +13,7 @@ import torch
 
 from image_classification.tools import benchmark, gpu_report, profiler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_summary_from_benchmark_and_profiler_outputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
