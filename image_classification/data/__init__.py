@@ -64,7 +64,15 @@ iterating ``loaders.train`` / ``loaders.val`` (DALI, which prefetches, may alrea
 
 from __future__ import annotations
 
-from .backends import BACKENDS, build_loaders, list_backends, list_datasets, register_backend, validate_config
+from .backends import (
+    BACKENDS,
+    build_loaders,
+    list_backends,
+    list_datasets,
+    register_backend,
+    unregister_backend,
+    validate_config,
+)
 from .config import (
     DATASETS,
     IMAGENET_MEAN,
@@ -94,6 +102,7 @@ __all__ = [
     "list_backends",
     "list_datasets",
     "register_backend",
+    "unregister_backend",
     "resolve_memory_format",
     "shard_indices",
     "subset_indices",

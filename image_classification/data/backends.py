@@ -9,7 +9,8 @@ import torch
 
 from .config import DATASETS, SMALL_DATASETS, DataConfig, DataError, Loaders, resolve_memory_format
 
-__all__ = ["BACKENDS", "build_loaders", "list_backends", "list_datasets", "register_backend", "validate_config"]
+__all__ = ["BACKENDS", "build_loaders", "list_backends", "list_datasets", "register_backend", "unregister_backend",
+           "validate_config"]
 
 
 BackendFn = Callable[[DataConfig], Loaders]
@@ -31,6 +32,13 @@ def register_backend(name: str) -> Callable[[BackendFn], BackendFn]:
         return fn
 
     return decorator
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with :func:`register_backend` (tests that register a temporary one)."""
+    if name not in _REGISTERED:
+        raise ValueError(f"no registered data backend {name!r}; registered: {', '.join(sorted(_REGISTERED)) or 'none'}")
+    del _REGISTERED[name]
 
 
 def list_backends() -> List[str]:

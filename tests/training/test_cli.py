@@ -320,3 +320,23 @@ def test_bad_new_flags(capsys: pytest.CaptureFixture, ws: list, tmp_path: Path, 
     evaluate = ["--evaluate", "--pretrained-weights", str(weights)] if flags[:2] == ["--attack", "pgd"] and \
         len(flags) > 2 else []
     assert needle in _error(capsys, ["--data-backend", "synthetic", *flags, *evaluate, *ws])
+
+
+def test_the_data_backend_choices_come_from_the_registry(capsys: pytest.CaptureFixture) -> None:
+    """A backend added with register_backend is a valid --data-backend (the parser asks list_backends())."""
+    from image_classification.data import list_backends, register_backend, unregister_backend
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["/data", "--data-backend", "my-loader"])
+    assert "invalid choice: 'my-loader'" in capsys.readouterr().err
+
+    @register_backend("my-loader")
+    def build(cfg):  # pragma: no cover - never built here
+        raise AssertionError("not called by the parser")
+
+    try:
+        assert "my-loader" in list_backends()
+        assert build_parser().parse_args(["/data", "--data-backend", "my-loader"]).data_backend == "my-loader"
+    finally:
+        unregister_backend("my-loader")
+    assert "my-loader" not in list_backends()
