@@ -3,7 +3,7 @@
 
     python classify.py CHECKPOINT IMAGE [IMAGE ...] [--topk 5] [--class-names FILE] [--device cpu|cuda|auto]
 
-Same as ``python -m image_classification.tools.classify``; see image_classification/classify.py.
+Same as ``python -m image_classification.tools.classify``; see image_classification/tools/classify.py.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""scripts/gpu_checks.sh's summary (image_classification/gpu_report.py) from real benchmark/profiler JSON
+"""scripts/gpu_checks.sh's summary (image_classification/tools/gpu_report.py) from real benchmark/profiler JSON
 written with --out-json on the CPU, and the script's refusal without CUDA."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What PEDConv and spatial PEDConv share (dynamic/pedconv_common.py): one declaration, one log-variance init."""
+"""What PEDConv and spatial PEDConv share (dynamic/pedconv/common.py): one declaration, one log-variance init."""
 
 from __future__ import annotations
 
