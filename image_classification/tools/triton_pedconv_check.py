@@ -239,16 +239,6 @@ def measure(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _best_configs() -> Dict[str, str]:
-    out = {}
-    for name in ("fwd", "bwd_input", "bwd_weight", "grad_gamma"):
-        tuned = triton_pedconv._KERNELS.get("tuned_" + name)
-        config = getattr(tuned, "best_config", None)
-        if config is not None:
-            out[name] = str(config)
-    return out
-
-
 @dataclass
 class LayerResult:
     layer: Dict[str, Any]
@@ -312,7 +302,7 @@ def time_layer(spec: LayerSpec, batch: int, dtype: torch.dtype, channels_last: b
 
     result = LayerResult(layer=dict(asdict(spec), name=spec.name, batch=batch))
     result.errors = _layer_errors(leaves, grad_out, geometry, autotune)
-    result.configs = _best_configs() if autotune else {}
+    result.configs = triton_pedconv.best_configs() if autotune else {}
     result.ms = measure(fns, device, warmup=warmup, repeats=repeats)
     for kind in ("fwd", "train"):
         base = result.ms["static_" + kind]

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "best_configs",
     "pedconv_conv2d_triton",
     "is_available",
     "unavailable_reason",
@@ -364,6 +365,16 @@ def _tuned(name: str) -> Any:
                            ["CO", "HO", "WO", "stride_go"])(module.pedconv_grad_gamma_kernel)
         _KERNELS[key] = fn
     return _KERNELS[key]
+
+
+def best_configs() -> Dict[str, str]:
+    """The tile autotuning chose for each kernel that has run autotuned in this process (kernel -> config)."""
+    out = {}
+    for name in ("fwd", "bwd_input", "bwd_weight", "grad_gamma"):
+        config = getattr(_KERNELS.get("tuned_" + name), "best_config", None)
+        if config is not None:
+            out[name] = str(config)
+    return out
 
 
 def _with_hook(config: Any, hook: Callable[[Dict[str, Any]], None]) -> Any:
