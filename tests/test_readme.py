@@ -72,7 +72,18 @@ def test_scripts_and_recipes_named_by_commands_exist() -> None:
     assert not missing, missing
 
 
-ENTRY_POINTS = sorted(_entry_points(_shell_commands(_pages_text())))
+#: every program of image_classification/tools/ (a module with a ``__main__`` block)
+TOOLS = sorted(f"image_classification.tools.{path.stem}"
+               for path in (ROOT / "image_classification" / "tools").glob("*.py")
+               if '__name__ == "__main__"' in path.read_text())
+ENTRY_POINTS = sorted(_entry_points(_shell_commands(_pages_text())) | {(tool, True) for tool in TOOLS})
+
+
+def test_every_program_is_documented() -> None:
+    text = _pages_text()
+    assert len(TOOLS) >= 13
+    missing = [tool for tool in TOOLS if f"python -m {tool}" not in text]
+    assert not missing, f"document these programs in README.md or docs/: {missing}"
 
 
 def test_the_pages_have_the_entry_points_users_need() -> None:
