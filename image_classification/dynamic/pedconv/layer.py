@@ -24,7 +24,7 @@ of :data:`.paths.PATH_REGISTRY`: ``reference``, ``materialize``, ``fold``, ``pat
 (single-GEMM patches), ``factored`` and ``unfold`` (see :mod:`.paths`; the fast ones are lean
 custom autograd Functions, :mod:`.kernels`). ``auto`` (default) times the applicable paths on
 the first use of every (layer geometry, input shape, dtype, device, backward-or-not) and keeps the
-fastest (:mod:`..autotune`); with tuning off it uses :func:`.paths.heuristic_path`. The
+fastest (:mod:`.selection`, :mod:`..autotune`); with tuning off it uses :func:`.paths.heuristic_path`. The
 choice is made in Python before any tensor work and, under ``torch.compile``, at trace time as a
 constant (no guard, no recompilation when other shapes are tuned later). :func:`.report.path_report` lists
 the path every layer used for every input shape it has seen.
