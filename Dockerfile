@@ -2,8 +2,9 @@
 #
 # Base: NVIDIA's PyTorch container from NGC. It already carries CUDA, cuDNN, NCCL, a CUDA build of
 # torch/torchvision and NVIDIA DALI, so the dali-cpu/dali-gpu backends work out of the box.
-# Override the tag with --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3 (any tag with
-# torch >= 2.4 works).
+# The default tag, 24.12, ships torch 2.6, the oldest torch this project supports (CI tests it:
+# requirements-oldest.txt). Override it with --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3: any tag
+# with torch >= 2.6 works (24.12 or newer); an older one fails the build at the smoke test below.
 #
 # Build:  docker build -t pedconv .
 # Run:    docker run --gpus all --ipc=host -it --rm -v /path/to/imagenet:/data -v $PWD/logs:/workspace/pedconv/logs pedconv
@@ -24,6 +25,12 @@ RUN grep -v -E '^[[:space:]]*(torch|torchvision)[[:space:]]*([=<>!~;[]|$)' requi
     && python -c "import torch, torchvision, yaml, tqdm; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 COPY . .
+# Smoke test: the package imports on this image's torch (an older torch fails here in one line) and builds and runs a
+# PEDConv ResNet-18, so a broken image fails at build time instead of at the first run.
+RUN python -c "import torch; from image_classification.models import build_model; \
+m = build_model('resnet18', 'pedconv', num_classes=10).eval(); \
+y = m(torch.randn(1, 3, 64, 64)); assert y.shape == (1, 10); \
+print('image_classification OK: torch', torch.__version__, 'PEDConv ResNet-18 output', tuple(y.shape))"
 
 ENV PYTHONUNBUFFERED=1
 CMD ["bash"]

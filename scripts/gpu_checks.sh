@@ -51,6 +51,8 @@ fi
 try:
     import triton; print('triton', triton.__version__)
 except Exception as exc: print('triton missing:', exc)
+from image_classification.dynamic.pedconv.triton import unavailable_reason
+print('pedconv path=triton:', unavailable_reason('cuda') or 'offered (compiled kernels on this GPU)')
 try:
     import nvidia.dali as d; print('dali', d.__version__)
 except Exception as exc: print('dali missing:', exc)" >"$OUT_DIR/versions.txt" 2>&1

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
 # Set up the environment (scripts/setup_env.sh) and run the whole test suite: ruff, then pytest.
 # Usage: bash scripts/run_tests.sh [extra pytest args]
+#        bash scripts/run_tests.sh --oldest-torch [extra pytest args]
+#            the suite on the oldest supported torch (requirements-oldest.txt) in .venv-oldest (CI's second leg;
+#            ruff and the layering contracts read the source, not torch, so only the first leg runs ruff)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
-VENV=${VENV:-.venv}
-"$VENV/bin/ruff" check .
+setup_args=()
+if [ "${1:-}" = "--oldest-torch" ]; then
+  setup_args=(--oldest-torch)
+  shift
+  VENV=${VENV:-.venv-oldest}
+else
+  VENV=${VENV:-.venv}
+fi
+VENV="$VENV" bash scripts/setup_env.sh "${setup_args[@]}"
+[ ${#setup_args[@]} -gt 0 ] || "$VENV/bin/ruff" check .
+"$VENV/bin/python" -c "import torch; print(f'[tests] torch {torch.__version__} in $VENV')"
 # pytest-xdist: one worker per core, at most 4 (each holds torch in memory); PYTEST_WORKERS=0 runs serially.
 # Test modules stay whole on one worker (--dist loadscope): module-scoped fixtures are built once.
 cores=$(nproc 2>/dev/null || echo 1)

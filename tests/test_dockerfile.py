@@ -33,7 +33,8 @@ def test_ci_installs_the_requirements_file_the_image_installs() -> None:
     # and requirements-dev.txt includes requirements.txt
     assert "scripts/run_tests.sh" in (ROOT / ".ci" / "run").read_text()
     assert "scripts/setup_env.sh" in (ROOT / "scripts" / "run_tests.sh").read_text()
-    assert re.search(r"pip\" install .*-r requirements-dev\.txt", (ROOT / "scripts" / "setup_env.sh").read_text())
+    setup = (ROOT / "scripts" / "setup_env.sh").read_text()
+    assert re.search(r"pip\" install .*-r \"\$reqs\"", setup) and "reqs=requirements-dev.txt" in setup
     assert "-r requirements.txt" in _requirement_lines(ROOT / "requirements-dev.txt")
     # the image: COPY requirements.txt, then pip install from it (torch/torchvision filtered out)
     steps = _instructions()
@@ -64,3 +65,16 @@ def test_project_is_copied_and_workdir_set() -> None:
     assert "docker run --gpus all --ipc=host" in DOCKERFILE
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in ignore and ".venv" in ignore and "logs/*" in ignore
+
+
+def test_smoke_test_runs_the_package_on_the_images_torch() -> None:
+    """The image's build ends with a smoke test that imports the package and runs a PEDConv ResNet-18; run that
+    very command here (on this environment's torch) so it cannot rot."""
+    import sys
+
+    run = next(s for s in _instructions() if s.startswith("RUN python -c") and "image_classification" in s)
+    code = re.fullmatch(r'RUN python -c "(.*)"', run).group(1)
+    assert "build_model('resnet18', 'pedconv'" in code
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("image_classification OK: torch") and "(1, 10)" in out.stdout

@@ -43,9 +43,11 @@ odconv          ``factored`` (n = 1),  attention Gemm, Sigmoid/Softmax; Mul (a_c
 Every operator decides its own export path: its ``export_route()`` hook
 (:class:`~image_classification.dynamic.protocol.ExportRoute`: a path to set, an adapter to wrap it in such
 as :class:`PerSampleUnfoldConv2d`, or a reason to refuse). ``--exporter``: ``dynamo`` is
-``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension (torch >= 2.5 and onnxscript),
-``torchscript`` the TorchScript-based exporter with ``dynamic_axes``; ``auto`` takes ``dynamo`` where it is
-available and the TorchScript-based one otherwise.
+``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension (needs onnxscript),
+``torchscript`` the TorchScript-based exporter with ``dynamic_axes``; ``auto`` takes ``dynamo`` where torch
+itself defaults to it (torch 2.11 and the pinned torch do; on torch 2.6, which does not, it cannot convert
+CondConv, DCD or Involution) and the
+TorchScript-based one otherwise. A failed export names the other exporter.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ import torch.nn as nn
 
 from image_classification.argparsing import ArgumentParser
 from image_classification.bn_folding import FoldReport, fold_batchnorm
+from image_classification.compat import dynamo_onnx_exporter_is_default
 from image_classification.dynamic.base import DynamicConv2d
 from image_classification.dynamic.protocol import PerSampleUnfoldConv2d
 from image_classification.dynamic.registry import operator_name
@@ -174,14 +177,27 @@ def _dynamo_available() -> bool:
 
 
 def resolve_exporter(exporter: str) -> str:
-    """``auto`` -> ``dynamo`` where torch.onnx.export has it and onnxscript is installed, else ``torchscript``."""
+    """``auto`` -> ``dynamo`` where torch.onnx.export defaults to it (:func:`~image_classification.compat.
+    dynamo_onnx_exporter_is_default`) and onnxscript is installed, else ``torchscript``."""
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; valid: {', '.join(EXPORTERS)}")
     if exporter == "auto":
-        return "dynamo" if _dynamo_available() else "torchscript"
+        return "dynamo" if _dynamo_available() and dynamo_onnx_exporter_is_default() else "torchscript"
     if exporter == "dynamo" and not _dynamo_available():
-        raise ExportError("the dynamo ONNX exporter needs torch >= 2.5 and onnxscript: pip install onnxscript")
+        raise ExportError("the dynamo ONNX exporter needs onnxscript (pip install onnxscript); "
+                          "or use the other one: --exporter torchscript")
     return exporter
+
+
+def _other_exporter_hint(fmt: str, used: str) -> str:
+    """``; or try --exporter X`` naming the other ONNX exporter where it can run, else ''."""
+    if fmt != "onnx":
+        return ""
+    if used == "dynamo":
+        return "; or try the other exporter: --exporter torchscript"
+    if used == "torchscript" and _dynamo_available():
+        return "; or try the other exporter: --exporter dynamo"
+    return ""
 
 
 @contextlib.contextmanager
@@ -303,7 +319,8 @@ def export_model(model: nn.Module, path: str | Path, fmt: str = "onnx", image_si
     except ExportError:
         raise
     except Exception as exc:  # exporter failures of every kind: one line, never a deep traceback
-        raise ExportError(f"{fmt} export failed ({type(exc).__name__}: {_one_line(exc, 200)})") from None
+        raise ExportError(f"{fmt} export failed ({type(exc).__name__}: {_one_line(exc, 200)})"
+                          f"{_other_exporter_hint(fmt, used)}") from None
     return plan, used
 
 

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence,
 import torch
 import torch.nn as nn
 
+from image_classification.compat import is_compiler_error, uncompile
 from image_classification.dynamic import infomax_loss
 
 from .distributed import all_reduce_sum, any_rank, is_active
@@ -235,6 +236,29 @@ def compile_ahead(comp: TrainingSetup, cfg: LoopConfig, train_shape: Optional[Tu
                 model.train(mode)
         for p in comp.module.parameters():
             p.grad = None
+
+
+def compile_ahead_or_eager(comp: TrainingSetup, cfg: LoopConfig, train_shape: Optional[Tuple[int, ...]],
+                           eval_shape: Tuple[int, ...]) -> Optional[str]:
+    """:func:`compile_ahead`, and where torch.compile cannot compile the model on this torch (a dynamo or backend
+    error, e.g. an older dynamo that cannot trace a construct), the model and its EMA copy made eager again.
+
+    Returns None when compiled, else one line saying why the run goes on eager. Errors of the model itself (those
+    eager execution raises too) propagate."""
+    try:
+        compile_ahead(comp, cfg, train_shape, eval_shape)
+    except Exception as exc:  # noqa: BLE001 (only compiler errors are answered; the rest propagate below)
+        if not is_compiler_error(exc):
+            raise
+        for module in [comp.module] + ([comp.ema.module] if comp.ema is not None else []):
+            uncompile(module)
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return (f"torch.compile cannot compile this model on torch {torch.__version__} "
+                f"({type(exc).__name__}: {first[:200]}); running eager")
+    return None
 
 
 def _train_step(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, target: torch.Tensor, boundary: bool):

@@ -59,7 +59,7 @@ from .engine import (
     NonFiniteLossError,
     TrainingSetup,
     check_finite_validation,
-    compile_ahead,
+    compile_ahead_or_eager,
     train_one_epoch,
     validate,
 )
@@ -584,9 +584,10 @@ def _compile_ahead(run: _Run) -> None:
                                                              f" and validation at batch {val_batch}") +
               "; minutes on a CPU, and SIGTERM/SIGINT stop it at once", flush=True)
     started = time.perf_counter()
-    compile_ahead(run.comp, run.cfg, (args.batch_size, *size), (val_batch, *size))
+    eager_because = compile_ahead_or_eager(run.comp, run.cfg, (args.batch_size, *size), (val_batch, *size))
     if run.env.is_main:
-        print(f"main.py: compiled in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"main.py: {eager_because}" if eager_because else
+              f"main.py: compiled in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def _interrupted(run: _Run, shutdown: GracefulShutdown) -> int:

@@ -12,6 +12,7 @@ import torch.nn as nn
 from small_nets import SmallConvNet
 
 from image_classification.bn_folding import fold_batchnorm
+from image_classification.compat import dynamo_onnx_exporter_is_default
 from image_classification.dynamic import list_operators
 from image_classification.inference import strip_training_parts
 from image_classification.models import build_model, convert_model
@@ -32,6 +33,8 @@ SPECS = {  # one small model per registered operator
     "dyconv": "dyconv", "condconv": "condconv", "involution": "involution:group_channels=4", "odconv": "odconv:k=2",
 }
 TOL = 1e-4
+#: operators torch 2.6's dynamo ONNX exporter cannot convert (ConversionError); torch that defaults to it converts all
+DYNAMO_BEFORE_DEFAULT_REFUSES = {"condconv", "dcd", "involution"}
 
 
 def small_model(spec: str) -> nn.Module:
@@ -75,7 +78,14 @@ def test_onnx_equals_eager_at_batch_1_3_and_8(op: str, exporter: str, tmp_path: 
     model = small_model(SPECS[op])
     folded = small_model(SPECS[op])
     fold_batchnorm(folded)
-    export_model(folded, tmp_path / "m.onnx", "onnx", image_size=12, in_chans=3, exporter=exporter)
+    try:
+        export_model(folded, tmp_path / "m.onnx", "onnx", image_size=12, in_chans=3, exporter=exporter)
+    except ExportError as exc:
+        if exporter != "dynamo" or dynamo_onnx_exporter_is_default() or op not in DYNAMO_BEFORE_DEFAULT_REFUSES:
+            raise
+        assert "\n" not in str(exc) and str(exc).endswith("--exporter torchscript"), exc
+        pytest.xfail(f"torch {torch.__version__}'s dynamo ONNX exporter (not yet torch's default) cannot convert {op}; "
+                     "refused in one line naming --exporter torchscript")
     errors = verify_export(model, tmp_path / "m.onnx", "onnx", 12, 3, batches=(1, 3, 8))
     assert set(errors) == {1, 3, 8} and max(errors.values()) < TOL, errors
     proto = onnx.load(str(tmp_path / "m.onnx"))

@@ -120,6 +120,13 @@ def _scratch(shape: Sequence[int], like: Tensor) -> Tensor:
     return view
 
 
+def _times(y: Tensor, scale: Tensor) -> Tensor:
+    """``y * scale`` into ``y``, a fresh output nothing else holds; out of place when compiled, where inductor fuses
+    the product anyway and torch 2.11's inductor corrupts the heap on the in-place form inside an autograd.Function
+    (the ``fold`` path's training forward)."""
+    return y * scale if torch.compiler.is_compiling() else y.mul_(scale)
+
+
 def _as_matrix(t: Tensor, shape: Tuple[int, int]) -> Tensor:
     """``t.reshape(shape)``; for a scratch temporary, the buffer's cached view of that shape (no dispatch)."""
     buffers = getattr(_SCRATCH, "buffers", None)
@@ -194,7 +201,7 @@ def _dense_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], scale: Opti
                                   None if phi is None else phi.view(-1, 1, 1), None, geometry)
     u = x * _expand_phi(phi, groups) if phi is not None else x
     y = F.conv2d(u, weight, None, stride, padding, dilation, groups)
-    return y.mul_(scale.view(scale.shape[0], scale.shape[1], 1, 1)) if scale is not None else y
+    return _times(y, scale.view(scale.shape[0], scale.shape[1], 1, 1)) if scale is not None else y
 
 
 class _DenseScaledConv(torch.autograd.Function):
@@ -272,7 +279,7 @@ def _grouped_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Tens
     if x.shape[0] == 1:
         return _folded_batch1(x, weight, gamma, phi, psi, geometry)
     y = _grouped_conv(x, _fold_kernels(weight, phi, psi)[0], geometry)
-    return y.mul_(gamma.view(gamma.shape[0], gamma.shape[1], 1, 1)) if gamma is not None else y
+    return _times(y, gamma.view(gamma.shape[0], gamma.shape[1], 1, 1)) if gamma is not None else y
 
 
 class _GroupedScaledConv(torch.autograd.Function):
@@ -327,7 +334,7 @@ def _loop_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Tensor,
     outs = [F.conv2d(x[b : b + 1], _sample_kernel(weight, phi, psi, b), None, stride, padding, dilation, groups)
             for b in range(x.shape[0])]
     y = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return y.mul_(gamma.view(gamma.shape[0], gamma.shape[1], 1, 1)) if gamma is not None else y
+    return _times(y, gamma.view(gamma.shape[0], gamma.shape[1], 1, 1)) if gamma is not None else y
 
 
 class _LoopScaledConv(torch.autograd.Function):
@@ -481,7 +488,7 @@ def _gemm_nhwc_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Op
     y = z.view(batch, ho, wo, cout)
     if gamma is not None:
         scale = gamma.view(batch, 1, 1, cout)
-        y = y * scale if torch.compiler.is_compiling() else y.mul_(scale)
+        y = _times(y, scale)
     return y.permute(0, 3, 1, 2)
 
 
@@ -550,7 +557,7 @@ def _gemm_forward(x: Tensor, weight: Tensor, phi: Optional[Tensor], psi: Optiona
         patches = _unfold(x, (kh, kw), geometry).view(groups, k, length)
         z = torch.bmm(w_g, patches * scale.view(groups, k, 1))
         y = z.view(1, cout, ho, wo)
-        return y.mul_(gamma.view(1, cout, 1, 1)) if gamma is not None else y
+        return _times(y, gamma.view(1, cout, 1, 1)) if gamma is not None else y
     _, scaled = _scaled_patches(x, scale, (kh, kw), geometry)
     z = torch.bmm(w_g, scaled)  # g x C_out/g x B*L
     z_nchw = z.view(cout, batch, length).permute(1, 0, 2)
@@ -776,7 +783,7 @@ def _output_gamma(y: Tensor, gamma: Optional[Tensor], bias: Optional[Tensor] = N
         return y
     if bias is not None:
         return torch.addcmul(bias.view(-1, 1, 1), y, gamma)
-    return y * gamma if torch.compiler.is_compiling() else y.mul_(gamma)
+    return _times(y, gamma)
 
 
 def weight_folded_conv(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor],

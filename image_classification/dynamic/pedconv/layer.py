@@ -520,11 +520,13 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         the patch matrix for k x k kernels). Eval mode, rank 1, multiplicative, GAP context, no shared
         generator, no autocast, not compiled or traced.
         """
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None  # checked first: the memo below is a module-dict write, which torch 2.6's dynamo cannot trace
         lean = self.__dict__.get("_lean")
         if lean is None:
             lean = self.__dict__["_lean"] = {} if self._lean_applies() else False
-        if (lean is False or self.training or _any_autocast() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing() or x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != self.in_channels):
+        if (lean is False or self.training or _any_autocast() or x.dim() != 4 or x.shape[0] != 1
+                or x.shape[1] != self.in_channels):
             return None
         # one memo for the path choice and the plan, checked against the autotuner's state as _select_path's
         key = (x.shape, x.stride(), x.dtype, x.device)

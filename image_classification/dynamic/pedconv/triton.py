@@ -44,6 +44,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ...compat import custom_op
+
 __all__ = [
     "best_configs",
     "pedconv_conv2d_triton",
@@ -102,7 +104,7 @@ def unavailable_reason(device: Union[str, torch.device, None] = None) -> Optiona
 
         if type(tl.cdiv).__name__ == "JITFunction":  # triton was imported before TRITON_INTERPRET=1 was set
             return "TRITON_INTERPRET=1 must be set before triton is first imported"
-        return None
+        return _interpreter_reason()
     dev = torch.device(device) if device is not None else torch.device("cuda")
     if dev.type != "cuda":
         return f"device {dev.type!r} needs TRITON_INTERPRET=1 (Triton's interpreter); compiled kernels need CUDA"
@@ -111,6 +113,27 @@ def unavailable_reason(device: Union[str, torch.device, None] = None) -> Optiona
     if torch.cuda.get_device_capability(dev) < (7, 0):
         return "the GPU is older than compute capability 7.0 (no tensor cores for tl.dot)"
     return None
+
+
+def _interpreter_reason() -> Optional[str]:
+    """None where Triton's interpreter runs the kernels' loops, else why not (probed once per process)."""
+    if "interpreter_reason" not in _KERNELS:
+        module = importlib.import_module(".triton_kernels", __package__)
+        out = torch.zeros(1, dtype=torch.int32)
+        try:
+            module.loop_bound_probe_kernel[(1,)](out, 10, BLOCK=4)
+            failure = None if int(out[0]) == 3 else f"counted {int(out[0])} iterations instead of 3"
+        except Exception as exc:  # noqa: BLE001 (whatever the interpreter raises, the kernels cannot run)
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if failure is None:
+            _KERNELS["interpreter_reason"] = None
+        else:
+            import numpy
+
+            _KERNELS["interpreter_reason"] = (
+                f"Triton {triton_version()}'s interpreter cannot run the kernels' loops with numpy {numpy.__version__} "
+                f"({failure}); install numpy 1.x (pip install 'numpy<2') or a torch that ships a newer Triton")
+    return _KERNELS["interpreter_reason"]
 
 
 def is_available(device: Union[str, torch.device, None] = None) -> bool:
@@ -616,9 +639,9 @@ def _autograd_backward(ctx: Any, grad: Tensor, _grad_z: Optional[Tensor]) -> Tup
 
 
 def _register_ops() -> Tuple[Any, Any]:
-    forward = torch.library.custom_op(f"{_OP_NAMESPACE}::conv2d", mutates_args=())(_op_forward)
+    forward = custom_op(f"{_OP_NAMESPACE}::conv2d", _op_forward)
     forward.register_fake(_fake_forward)
-    backward = torch.library.custom_op(f"{_OP_NAMESPACE}::conv2d_backward", mutates_args=())(_op_backward)
+    backward = custom_op(f"{_OP_NAMESPACE}::conv2d_backward", _op_backward)
     backward.register_fake(_fake_backward)
     forward.register_autograd(_autograd_backward, setup_context=_setup_context)
     return forward, backward

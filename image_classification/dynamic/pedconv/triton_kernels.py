@@ -25,7 +25,20 @@ __all__ = [
     "pedconv_bwd_input_kernel",
     "pedconv_bwd_weight_kernel",
     "pedconv_grad_gamma_kernel",
+    "loop_bound_probe_kernel",
 ]
+
+
+@triton.jit
+def loop_bound_probe_kernel(out_ptr, N, BLOCK: tl.constexpr):
+    """out[0] = cdiv(N, BLOCK), counted by a loop whose bound is a runtime value, as the kernels below loop.
+
+    Run once in Triton's interpreter (:func:`.triton.unavailable_reason`): the interpreter of Triton 3.2 (torch
+    2.6's) turns such a bound into a Python int through numpy, which numpy 2.4 refuses (``TypeError``)."""
+    count = 0
+    for _ in range(0, tl.cdiv(N, BLOCK)):
+        count += 1
+    tl.store(out_ptr, count)
 
 
 @triton.jit

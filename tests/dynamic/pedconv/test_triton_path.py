@@ -27,6 +27,15 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
+@pytest.fixture
+def kernels_run() -> None:
+    """Skip, printing why, where the kernels cannot run here (an interpreter that cannot run their loops: Triton
+    3.2/3.6 with numpy 2.4; the path's own one-line refusal is tested below)."""
+    reason = triton_pedconv.unavailable_reason(DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+
+
 def randomize(module: nn.Module, std: float = 0.3) -> nn.Module:
     """Move the generator away from its near-constant init so that the factors vary per sample."""
     with torch.no_grad():
@@ -70,7 +79,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_forced_path_matches_reference_forward_and_every_gradient(case: str) -> None:
+def test_forced_path_matches_reference_forward_and_every_gradient(case: str, kernels_run: None) -> None:
     cin, cout, k, s, p, d, rank, components, size, batch, nhwc = CASES[case]
     torch.manual_seed(0)
     module = randomize(PEDConv2d(cin, cout, k, s, p, d, 1, bias=True, rank=rank, components=components,
@@ -88,7 +97,7 @@ def test_forced_path_matches_reference_forward_and_every_gradient(case: str) -> 
     assert_same(got, want, names, 1e-5 if not CUDA else 5e-3)
 
 
-def test_forced_path_in_inference_and_under_autocast() -> None:
+def test_forced_path_in_inference_and_under_autocast(kernels_run: None) -> None:
     torch.manual_seed(1)
     module = randomize(PEDConv2d(6, 8, 3, padding=1, sampling="none")).to(DEVICE).eval()
     x = torch.randn(2, 6, 5, 5, device=DEVICE)
@@ -153,7 +162,7 @@ def test_forced_path_where_it_does_not_apply_is_a_one_line_error(kwargs, message
     assert "\n" not in str(info.value) and str(info.value).startswith("pedconv: path=triton cannot run this layer: ")
 
 
-def test_forced_path_refuses_float64_and_deterministic_training() -> None:
+def test_forced_path_refuses_float64_and_deterministic_training(kernels_run: None) -> None:
     layer = PEDConv2d(4, 4, 3, padding=1, path="triton").to(DEVICE)
     with pytest.raises(ValueError, match="float32/float16/bfloat16 only"):
         layer.double()(torch.randn(2, 4, 5, 5, dtype=torch.float64, device=DEVICE))
@@ -174,6 +183,32 @@ def test_forced_path_on_cpu_without_the_interpreter_names_why(monkeypatch: pytes
     layer = PEDConv2d(4, 4, 3, padding=1, path="triton")
     with pytest.raises(ValueError, match="device 'cpu' needs TRITON_INTERPRET=1.*compiled kernels need CUDA"):
         layer(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's probe: the CPU runs (compiled kernels do not use it)")
+def test_an_interpreter_that_cannot_run_the_loops_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter is probed once per process with a loop whose bound is a runtime value, as the kernels loop.
+    Triton 3.2's interpreter (torch 2.6's) fails that on numpy 2.4: the path then says so, naming the remedy."""
+    if triton_pedconv.unavailable_reason("cpu") is not None:
+        pytest.skip(f"the real probe already fails here: {triton_pedconv.unavailable_reason('cpu')}")
+    kernels = triton_pedconv._kernels()
+
+    class _Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(kernels, "loop_bound_probe_kernel", _Failing())
+    monkeypatch.delitem(triton_pedconv._KERNELS, "interpreter_reason")
+    reason = triton_pedconv.unavailable_reason("cpu")
+    assert reason is not None and "interpreter cannot run the kernels' loops with numpy" in reason
+    assert "pip install 'numpy<2'" in reason and "only 0-dimensional arrays" in reason
+    layer = build_conv("pedconv:path=triton", 4, 4, 3, padding=1)
+    with pytest.raises(ValueError, match=r"^pedconv: path=triton cannot run this layer: Triton .* numpy") as info:
+        layer(torch.randn(2, 4, 5, 5))
+    assert "\n" not in str(info.value)
+    monkeypatch.delitem(triton_pedconv._KERNELS, "interpreter_reason")  # probed afresh by the next test
 
 
 def test_spec_string_selects_it() -> None:
@@ -237,7 +272,7 @@ def test_tile_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         triton_pedconv.tile_mode()
 
 
-def test_heuristic_tile_mode_turns_kernel_autotuning_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heuristic_tile_mode_turns_kernel_autotuning_off(monkeypatch: pytest.MonkeyPatch, kernels_run: None) -> None:
     seen: List[bool] = []
     original = triton_pedconv.pedconv_conv2d_triton
 

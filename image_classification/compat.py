@@ -1,0 +1,90 @@
+"""What differs between the torch releases this project supports, in one place.
+
+The supported range is ``torch >= MIN_TORCH`` (pyproject.toml's dependency; CI runs the whole suite on the
+pinned torch of requirements.txt and on the oldest one of requirements-oldest.txt). Code that must behave
+differently on an older torch asks a *feature* question here (does dynamo trace this, does the exporter
+honour that), never a version string, so each answer says why it exists and can go when the range moves.
+
+This module sits in the library's bottom layer: it imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "MIN_TORCH",
+    "MIN_TORCHVISION",
+    "torch_version_tuple",
+    "check_torch_version",
+    "custom_op",
+    "dynamo_onnx_exporter_is_default",
+    "is_compiler_error",
+    "uncompile",
+]
+
+#: the oldest torch (and its torchvision) the project supports: NGC's pytorch:24.12-py3 container ships 2.6
+MIN_TORCH: Tuple[int, int] = (2, 6)
+MIN_TORCHVISION: Tuple[int, int] = (0, 21)
+
+
+def torch_version_tuple(version: Optional[str] = None) -> Tuple[int, int]:
+    """``(major, minor)`` of a torch version string (the installed torch's by default): ``"2.6.0+cu124"`` -> (2, 6);
+    NVIDIA's container builds (``"2.6.0a0+ecf3bae40a.nv25.01"``) count as their release."""
+    match = re.match(r"(\d+)\.(\d+)", version if version is not None else torch.__version__)
+    if match is None:
+        raise ValueError(f"cannot read a torch version from {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_torch_version(version: Optional[str] = None) -> None:
+    """Raise ImportError, in one line naming the installed and the required version, on a torch older than
+    :data:`MIN_TORCH` (the package's ``__init__`` calls it, so the failure comes before any other)."""
+    installed = version if version is not None else torch.__version__
+    if torch_version_tuple(installed) < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise ImportError(f"image_classification needs torch >= {need}, but torch {installed} is installed; "
+                          f"upgrade it (pip install 'torch>={need}') or use an NGC pytorch:24.12-py3 or newer image")
+
+
+def custom_op(name: str, fn: Callable[..., Any], *, mutates_args: Tuple[str, ...] = ()) -> Any:
+    """``torch.library.custom_op(name, mutates_args=...)(fn)`` for a function whose annotations are strings
+    (``from __future__ import annotations``).
+
+    torch 2.6's schema inference evaluates string annotations in its own namespace, where ``Tuple`` and the
+    function's imports do not exist (``NameError``); later releases resolve them. Resolving them here with
+    :func:`typing.get_type_hints` (in ``fn``'s own module) works on every release.
+    """
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+
+
+
+def dynamo_onnx_exporter_is_default() -> bool:
+    """Whether ``torch.onnx.export`` exports through ``torch.export`` (``dynamo=True``) unless told otherwise.
+
+    Releases that still default to the TorchScript exporter (torch 2.6) carry a dynamo exporter that cannot yet
+    convert every model (e.g. CondConv's, DCD's and Involution's ``ConversionError``); ``export --exporter auto``
+    takes the dynamo exporter only where torch itself does."""
+    parameter = inspect.signature(torch.onnx.export).parameters.get("dynamo")
+    return parameter is not None and parameter.default is True
+
+
+def is_compiler_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch.compile failing to trace or to compile (a dynamo or backend error), as opposed to
+    an error of the model itself, which eager execution would raise too."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
+
+
+def uncompile(module: torch.nn.Module) -> None:
+    """Undo ``module.compile()`` (``nn.Module.compile`` keeps the compiled callable in ``_compiled_call_impl``;
+    clearing it makes the module call its eager forward again). A module that was never compiled is left as it is."""
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        module._compiled_call_impl = None
