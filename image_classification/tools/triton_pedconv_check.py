@@ -32,6 +32,7 @@ for every candidate tile (run it without ``TRITON_INTERPRET``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -444,6 +445,8 @@ def ptx_report(tiles: Sequence[Tuple[int, int, int, int, int]], capability: int 
                      stages, warps))
         jobs.append(("bwd_weight", kernels.pedconv_bwd_weight_kernel, dict(geometry, **flags, **tile), stages, warps))
     jobs.append(("grad_gamma", kernels.pedconv_grad_gamma_kernel, dict(BLOCK_P=64, BLOCK_O=64), 1, 4))
+    # Triton >= 3.3 names the constexpr values ``constexprs``; 3.2 (torch 2.6's) ``constants``
+    consts_keyword = "constexprs" if "constexprs" in inspect.signature(ASTSource.__init__).parameters else "constants"
     rows = []
     for name, kernel, consts, stages, warps in jobs:
         fn = kernel if type(kernel).__name__ == "JITFunction" else triton.runtime.jit.JITFunction(kernel.fn)
@@ -452,7 +455,7 @@ def ptx_report(tiles: Sequence[Tuple[int, int, int, int, int]], capability: int 
         row: Dict[str, Any] = dict(kernel=name, tile={k: v for k, v in consts.items() if k.startswith("BLOCK")},
                                    num_stages=stages, num_warps=warps)
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target,
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, **{consts_keyword: consts}), target=target,
                                       options=dict(num_warps=warps, num_stages=stages))
             ptx = compiled.asm["ptx"]
             row.update(wgmma="wgmma" in ptx, shared_bytes=int(compiled.metadata.shared))
