@@ -56,7 +56,9 @@ import argparse
 import contextlib
 import copy
 import inspect
+import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -102,7 +104,7 @@ class _Mismatch(ExportError):
 
 
 def _one_line(text: object, limit: int = 300) -> str:
-    flat = " ".join(str(text).split())
+    flat = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(text)).split())  # without the exporters' terminal colours
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
@@ -220,11 +222,18 @@ def _atomic_target(path: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporters' warnings and progress prints (deprecations, tracer notes)."""
+    """Silence the exporters' warnings, progress prints and log records (deprecations, tracer notes, and the
+    tracebacks torch's loggers write to the terminal when a conversion fails, which the one-line error replaces)."""
+    torch_logger = logging.getLogger("torch")
+    level = torch_logger.level
     with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
             contextlib.redirect_stderr(devnull):
         warnings.simplefilter("ignore")
-        yield
+        torch_logger.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            torch_logger.setLevel(level)
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: Optional[int], exporter: str,
