@@ -45,7 +45,7 @@ from image_classification.training.checkpoint import (
     trust_checkpoints,
 )
 from image_classification.training.config import load_config
-from image_classification.training.distributed import DistEnv, all_reduce_sum, barrier
+from image_classification.training.distributed import DistEnv, align_gradient_strides, all_reduce_sum, barrier
 from image_classification.training.logger import Progress, RaportWriter
 from image_classification.training.optim import build_optimizer
 
@@ -304,6 +304,7 @@ def prepare_run(args: argparse.Namespace, task: Task, model: nn.Module, env: Dis
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
+        align_gradient_strides(model)
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
     schedule = IterationSchedule(args.lr_schedule, args.iterations, args.warmup_iters, args.lr_steps,

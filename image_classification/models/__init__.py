@@ -25,6 +25,7 @@ from .convert import (
     select_convs,
 )
 from .init import INITS, init_weights, set_bn_gamma
+from .layout import to_channels_last
 
 __all__ = [
     "ARCHS",
@@ -41,6 +42,7 @@ __all__ = [
     "list_archs",
     "parse_placement",
     "select_convs",
+    "to_channels_last",
 ]
 
 

@@ -24,7 +24,7 @@ from image_classification.dynamic.registry import implied_spec
 
 from .checkpoint import CheckpointError, check_model_fields, load_checkpoint, load_model_weights, recorded_arch
 from .cli import FALLBACK_ARCH
-from .distributed import DistEnv, broadcast_int
+from .distributed import DistEnv, align_gradient_strides, broadcast_int
 from .engine import LoopConfig, TrainingSetup
 from .optim import build_optimizer, build_scheduler, optimizer_name
 
@@ -149,7 +149,7 @@ def build_data(args: argparse.Namespace, env: DistEnv) -> Loaders:
 
 
 def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: DistEnv) -> nn.Module:
-    from image_classification.models import build_model
+    from image_classification.models import build_model, to_channels_last
 
     model = build_model(
         args.arch,
@@ -167,7 +167,7 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
                 module.momentum = args.bn_momentum
     model = model.to(env.device)
     if args.memory_format == "nhwc":
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     tune_paths(args, model, loaders, env)
     return model
 
@@ -274,6 +274,7 @@ def build_training_setup(args: argparse.Namespace, model: nn.Module, loaders: Lo
             ema.module.compile(backend=backend, dynamic=False)
     wrapped = model
     if env.distributed:
+        align_gradient_strides(model)
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)

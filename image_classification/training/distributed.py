@@ -155,6 +155,33 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def align_gradient_strides(model: torch.nn.Module) -> int:
+    """Make every gradient arrive with its parameter's strides where they can differ only in name; returns how many
+    parameters got a hook.
+
+    A tensor with size-1 dimensions (a 1x1 kernel ``C_out x C_in x 1 x 1``, a depthwise kernel ``C x 1 x k x k``)
+    has several stride tuples for one memory layout, and the operators' backwards pick one or another (a
+    convolution's backward in channels_last, a matrix product viewed as a kernel). DDP's gradient buckets take the
+    parameter's strides and compare them exactly: a mismatch copies the gradient every step and warns "Grad strides
+    do not match bucket view strides" on every rank. The hook re-describes such a gradient with the parameter's
+    strides (``as_strided`` of the same memory: no copy) when the strides differ in size-1 dimensions only."""
+    count = 0
+    for param in model.parameters():
+        if not param.requires_grad or 1 not in param.shape:
+            continue
+
+        def _hook(grad: torch.Tensor, param: torch.Tensor = param) -> torch.Tensor:
+            if grad.stride() == param.stride() or grad.shape != param.shape:
+                return grad
+            if all(g == p for g, p, size in zip(grad.stride(), param.stride(), grad.shape) if size != 1):
+                return grad.as_strided(param.shape, param.stride(), grad.storage_offset())
+            return grad
+
+        param.register_hook(_hook)
+        count += 1
+    return count
+
+
 class RanksDisagree(ValueError):
     """The ranks of one job were started with different run-defining arguments (exit status 2)."""
 

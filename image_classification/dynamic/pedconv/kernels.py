@@ -522,7 +522,13 @@ def _gemm_nhwc_backward(saved: Tuple[Optional[Tensor], ...], needs: Tuple[bool, 
         if psi is not None:
             patches = patches.mul_(psi.view(batch, 1, 1, kh * kw, 1))
         grad_w = torch.mm(grad_z.t(), patches.view(batch * ho * wo, -1))
-        grad_w = grad_w.view(cout, kh, kw, channels).permute(0, 3, 1, 2).contiguous()
+        if kh * kw == 1:
+            # already C_out x C_in: viewed, it has the weight's own strides. The permuted form of a 1x1 kernel counts
+            # as contiguous, so .contiguous() would keep its channels_last strides, and DDP, whose gradient buckets
+            # take the parameter's strides, would copy it every step with a "Grad strides do not match" warning
+            grad_w = grad_w.view(weight.shape)
+        else:
+            grad_w = grad_w.view(cout, kh, kw, channels).permute(0, 3, 1, 2).contiguous()
     if need_x or need_phi:
         assert grad_patches is not None
         if psi is not None:
