@@ -1,8 +1,11 @@
 """Process-group setup and the few collectives the trainer needs.
 
 One code path for every launch: ``python main.py`` (one process, no process group), ``torchrun`` /
-``multiproc.py`` (``env://`` rendezvous from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``). The
-backend is NCCL when the processes compute on CUDA and gloo otherwise (CPU DDP for tests and smoke runs).
+``multiproc.py`` (``env://`` rendezvous from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), and
+SLURM's ``srun`` with one task per GPU, whose variables (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``,
+``SLURM_LOCALID``, the step's node list) stand in for torchrun's when those are absent
+(:func:`slurm_launch_environment`). The backend is NCCL when the processes compute on CUDA and gloo otherwise
+(CPU DDP for tests and smoke runs).
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,6 +24,10 @@ import torch.distributed as dist
 __all__ = [
     "DistEnv",
     "env_world_size",
+    "expand_hostlist",
+    "slurm_launch_environment",
+    "apply_slurm_environment",
+    "align_gradient_strides",
     "init_distributed",
     "RanksDisagree",
     "check_same_arguments",
@@ -53,8 +61,62 @@ class DistEnv:
         return self.rank == 0
 
 
+#: MASTER_PORT under srun when the job does not set one: this base plus the job id modulo 20000, so that two jobs
+#: sharing a first node do not collide (torchrun's default, 29500, would)
+SLURM_PORT_BASE = 20000
+
+
+def expand_hostlist(hostlist: str) -> List[str]:
+    """SLURM's compressed host list as host names: ``"gpu[01-03,7],cpu5"`` -> gpu01 gpu02 gpu03 gpu7 cpu5
+    (what ``scontrol show hostnames`` prints; zero padding kept, one bracket group per name)."""
+    hosts: List[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", hostlist):
+        prefix, ranges, suffix = match.group(1), match.group(2), match.group(3)
+        if ranges is None:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            if not last:
+                hosts.append(prefix + first + suffix)
+                continue
+            width = len(first)
+            hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(first), int(last) + 1))
+    return hosts
+
+
+def slurm_launch_environment(environ: Mapping[str, str] = os.environ) -> Optional[Dict[str, str]]:
+    """torchrun's rendezvous variables from SLURM's, for a process that ``srun`` started (one task per GPU), or
+    None where torchrun's are already set or srun did not start this process.
+
+    ``SLURM_STEP_NUM_TASKS`` tells an srun task from the batch script itself (which sees the job's
+    ``SLURM_NTASKS`` but is one process): ``python main.py`` straight in an sbatch script stays one process.
+    MASTER_ADDR is the step's first node, MASTER_PORT the job's own unless set (:data:`SLURM_PORT_BASE`)."""
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        return None
+    tasks, rank = environ.get("SLURM_STEP_NUM_TASKS"), environ.get("SLURM_PROCID")
+    if tasks is None or rank is None:
+        return None
+    nodes = expand_hostlist(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost")
+    job = int(re.sub(r"\D", "", environ.get("SLURM_JOB_ID", "0")) or 0)
+    return {"RANK": rank, "WORLD_SIZE": tasks, "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0],
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or nodes[0],
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(SLURM_PORT_BASE + job % 20000)}
+
+
+def apply_slurm_environment(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Set torchrun's variables from SLURM's where :func:`slurm_launch_environment` finds them; True if it did."""
+    derived = slurm_launch_environment(environ)
+    if derived is None:
+        return False
+    environ.update(derived)
+    return True
+
+
 def env_world_size() -> int:
-    """World size announced by the launcher (1 when started without one)."""
+    """World size announced by the launcher: torchrun's ``WORLD_SIZE``, else srun's (1 when started without one)."""
+    apply_slurm_environment()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -77,7 +139,7 @@ def init_distributed(device: str = "auto", timeout_s: Optional[float] = None) ->
     ``timeout_s`` bounds every collective (``--dist-timeout``): a rank that waits longer for a stalled
     or lost peer raises instead of hanging for the backend's default (30 min for gloo).
     """
-    world_size = env_world_size()
+    world_size = env_world_size()  # also takes srun's variables where torchrun's are absent
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = resolve_device(device, local_rank)

@@ -1,0 +1,104 @@
+"""SLURM: main.py under srun (one task per GPU) takes its rank, world size, local rank and rendezvous address from
+SLURM's variables, and scripts/slurm/train.sbatch saves and requeues itself on the preemption signal, then resumes.
+
+No SLURM here: the launch runs two local processes over gloo with the variables srun sets
+(tests/training/slurm_fakes/srun), and scontrol is a fake that records its arguments."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from image_classification.training.distributed import (
+    apply_slurm_environment,
+    expand_hostlist,
+    slurm_launch_environment,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+FAKES = Path(__file__).resolve().parent / "slurm_fakes"
+SRUN_TASK = {"SLURM_JOB_ID": "731", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "4",
+             "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "4"}
+
+
+@pytest.mark.parametrize("hostlist,hosts", [
+    ("gpu07", ["gpu07"]),
+    ("gpu[07-09]", ["gpu07", "gpu08", "gpu09"]),
+    ("gpu[7,9-10],cpu-a1", ["gpu7", "gpu9", "gpu10", "cpu-a1"]),
+    ("rack1-n[001-002]-ib", ["rack1-n001-ib", "rack1-n002-ib"]),
+])
+def test_expand_hostlist(hostlist: str, hosts: list) -> None:
+    assert expand_hostlist(hostlist) == hosts
+
+
+def test_an_srun_task_gets_torchruns_variables() -> None:
+    assert slurm_launch_environment(SRUN_TASK) == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(20000 + 731)}
+    env = dict(SRUN_TASK, MASTER_PORT="29400")
+    assert apply_slurm_environment(env) and env["MASTER_PORT"] == "29400" and env["RANK"] == "3"
+
+
+def test_torchrun_and_the_batch_script_itself_are_left_alone() -> None:
+    assert slurm_launch_environment(dict(SRUN_TASK, RANK="0", WORLD_SIZE="8")) is None  # torchrun inside srun
+    batch_script = {k: v for k, v in SRUN_TASK.items() if not k.startswith("SLURM_STEP")}
+    assert slurm_launch_environment(batch_script) is None  # `python main.py` straight in the sbatch script
+    assert slurm_launch_environment({}) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sbatch(workspace: Path, log: Path, extra: list) -> subprocess.Popen:
+    """scripts/slurm/train.sbatch as SLURM would start it for a 2-task job on this machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+    env.update(PATH=f"{FAKES}:{env['PATH']}", PYTHON=sys.executable, FAKE_SCONTROL_LOG=str(log), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+               SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=str(_free_port()))
+    args = ["--data-backend", "synthetic", "--arch", "cifar_resnet20", "--image-size", "16", "--num-classes", "3",
+            "-b", "2", "-j", "0", "--lr", "0.05", "--seed", "1", "-p", "1", "--no-autotune", *extra]
+    return subprocess.Popen(["bash", "scripts/slurm/train.sbatch", str(workspace), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_tasks_train_then_save_requeue_and_resume_on_the_preemption_signal(tmp_path: Path) -> None:
+    workspace, log = tmp_path / "ws", tmp_path / "scontrol.log"
+    # 2 epochs of 40 iterations: long enough that SIGUSR1 lands mid-epoch
+    job = _sbatch(workspace, log, ["--epochs", "2", "--prof", "40"])
+    seen = []
+    deadline = time.monotonic() + 150
+    assert job.stdout is not None
+    for line in job.stdout:  # wait until both ranks train
+        seen.append(line)
+        if "Epoch 0 train [3/" in line or time.monotonic() > deadline:
+            break
+    job.send_signal(signal.SIGUSR1)  # SLURM's --signal=B:USR1@300 goes to the batch shell
+    out, _ = job.communicate(timeout=150)
+    first = "".join(seen) + out
+    assert job.returncode == 0, first[-3000:]
+    assert "[slurm] SIGUSR1 received: asking main.py to save a checkpoint" in first
+    assert "SIGTERM received at epoch 0" in first, first[-3000:]
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert (workspace / "checkpoint.pth.tar").exists()
+    # the requeued job: the same script and arguments, continuing from the checkpoint to the end
+    job = _sbatch(workspace, log, ["--epochs", "2", "--prof", "40"])
+    out, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, out[-3000:]
+    assert "[rank 0] finished: 2/2 epochs" in out and "[rank 1] finished: 2/2 epochs" in out
+    assert "[slurm] main.py finished with exit status 0" in out
+    assert log.read_text().split() == ["requeue", "4242"]  # not requeued again
+    stopped = int(re.search(r"SIGTERM received at epoch 0 iteration (\d+)", first).group(1))
+    steps = [int(n) for n in re.findall(r"Epoch 0 train \[(\d+)/40\]", out)]
+    assert steps and min(steps) >= stopped and stopped + 1 in steps, out[:2000]  # continues after the saved step
