@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from image_classification.argparsing import ArgumentParser
 from image_classification.data import list_backends, list_datasets
 from image_classification.data.augment import AUGMENTATIONS, INTERPOLATIONS
+from image_classification.reporting.tensorboard import require_tensorboard
 
 from .checkpoint import directory_write_problem, nearest_existing_directory
 from .config import load_config
@@ -249,6 +250,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                        help="DLLogger JSON-lines raport, relative to --workspace (default: raport.json)")
     group.add_argument("-p", "--print-freq", type=_positive_int, default=10, metavar="N",
                        help="log every N iterations (default: 10)")
+    group.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                       help="also write the raport's scalars as TensorBoard event files (rank 0) to DIR, relative to "
+                       "--workspace (no DIR: the workspace itself); needs the tensorboard package")
     group.add_argument("--resume", default=None, metavar="PATH",
                        help="checkpoint to continue from ('auto': the workspace checkpoint if it exists)")
     group.add_argument("--pretrained-weights", default=None, metavar="PATH",
@@ -485,6 +489,14 @@ def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     existing = nearest_existing_directory(os.path.dirname(os.path.abspath(raport)))
     if directory_write_problem(existing) is not None:
         parser.error(f"--raport-file {args.raport_file}: cannot be created ({existing} is not a writable directory)")
+    if args.tensorboard is not None:
+        try:
+            require_tensorboard()
+        except ImportError as exc:
+            parser.error(str(exc))
+        logdir = os.path.join(args.workspace, args.tensorboard)
+        if os.path.exists(logdir) and not os.path.isdir(logdir):
+            parser.error(f"--tensorboard {args.tensorboard}: {logdir} is a file, not a directory")
     if args.data is None and args.data_backend != "synthetic" and args.dataset == "imagenet":
         parser.error(f"DATA is required for --data-backend {args.data_backend} (the directory with train/ and val/)")
 

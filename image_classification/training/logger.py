@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from datetime import datetime
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from image_classification.reporting.raport import raport_values, read_raport
 
@@ -72,6 +72,9 @@ class RaportWriter:
     def __init__(self, path: Optional[str], append: bool = False) -> None:
         self.path = path
         self.start = datetime.now()
+        #: sinks that get every LOG record too (``log(step, data)``, ``close()``): the TensorBoard writer of
+        #: ``--tensorboard`` (:class:`image_classification.reporting.tensorboard.TensorBoardScalars`)
+        self.mirrors: List[Any] = []
         if path and append:
             _drop_torn_last_line(path)
         self._file = open(path, "a" if append else "w", buffering=1) if path else None
@@ -98,6 +101,8 @@ class RaportWriter:
                 data=data,
             )
         )
+        for mirror in self.mirrors:
+            mirror.log(step, data)
 
     def metadata(self, metric: str, meta: Dict[str, Any]) -> None:
         now, elapsed = self._times()
@@ -123,6 +128,9 @@ class RaportWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for mirror in self.mirrors:
+            mirror.close()
+        self.mirrors = []
 
 
 def _drop_torn_last_line(path: str) -> None:

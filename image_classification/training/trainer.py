@@ -27,6 +27,7 @@ import torch
 
 from image_classification.data import DataError, worker_failure
 from image_classification.dynamic import autotune, set_epoch
+from image_classification.reporting.tensorboard import TensorBoardScalars
 
 from . import build
 from .adversarial import attack_metadata, build_attacks, perturbation_checkpoint, validate_under_attack
@@ -248,6 +249,9 @@ def _open_workspace(run: _Run) -> None:
             raport_writer = RaportWriter(path, append=run.resumed)
         except OSError as exc:
             raise CheckpointError(f"cannot write --raport-file {path}: {exc.strerror or exc}") from None
+        if args.tensorboard is not None:
+            logdir = os.path.join(args.workspace, args.tensorboard)
+            raport_writer.mirrors.append(TensorBoardScalars(logdir, run.cfg.iterations(len(run.loaders.train))))
     barrier()
     run.raport = raport_writer
     params = dict(vars(args), conv=run.conv, world_size=env.world_size, device=str(env.device))
