@@ -117,6 +117,7 @@ class Row:
     static_train_img_s: Optional[float] = None
     paths: str = ""  # PEDConv path=auto: the path chosen for inference / training at this batch size
     note: str = ""
+    train_note: str = ""  # why no training step was timed (e.g. ODConv's attention BatchNorm at batch 1)
 
 
 _sync = synchronize
@@ -178,8 +179,11 @@ def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device, amp:
     """Bytes of a training step of ``module`` + BatchNorm: CUDA peak above baseline, or distinct
     saved-for-backward tensors on CPU."""
     xg = x.detach().clone().requires_grad_(True)
+    training = module.training
+    module.eval()  # one sample in eval mode: an attention BatchNorm (ODConv) cannot train on one
     with torch.no_grad():
         channels = module(x[:1]).shape[1]
+    module.train(training)
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     module = nn.Sequential(module, nn.BatchNorm2d(channels)).to(x.device, memory_format=fmt).train()
     if device.type == "cuda":
@@ -275,28 +279,35 @@ def run_benchmark(
                 m.eval()
             fwd = {name: _fwd_fn(callables[name], x, amp) for name in candidates}
             times_fwd = _measure(fwd, dev, repeats, max(warmup, 1) if compile else warmup, target_s)
-            for m in candidates.values():
+            # an operator that cannot take a training step at this batch (ODConv's attention BatchNorm at batch 1)
+            # keeps its inference timing; its training columns say why they are empty
+            train_notes = {op: problem for op, m in runnable.items()
+                           if (problem := _probe(m, x, amp, training=True)) is not None}
+            trainable = {name: m for name, m in candidates.items() if name not in train_notes}
+            for m in trainable.values():
                 m.train()
-            train = {name: _train_fn(callables[name], x, list(candidates[name].parameters()), amp)
-                     for name in candidates}
+            train = {name: _train_fn(callables[name], x, list(trainable[name].parameters()), amp)
+                     for name in trainable}
             times_train = _measure(train, dev, repeats, warmup, target_s)
-            mem = {name: _train_memory(m, x, dev, amp) for name, m in candidates.items()}
+            mem = {name: _train_memory(m, x, dev, amp) for name, m in trainable.items()}
             base_fwd = times_fwd["static"]
             base_train = times_train["static"]
             for op in ops:
                 if op in batch_notes:
                     rows.append(Row(shape_name, op, batch, note=batch_notes[op]))
                     continue
+                timed = op in trainable
                 rows.append(Row(
                     shape_name, op, batch,
                     fwd_ratio=times_fwd[op] / base_fwd,
-                    train_ratio=times_train[op] / base_train,
-                    mem_ratio=mem[op] / mem["static"] if mem["static"] else None,
+                    train_ratio=times_train[op] / base_train if timed else None,
+                    mem_ratio=mem[op] / mem["static"] if timed and mem["static"] else None,
                     static_fwd_ms=1e3 * base_fwd,
                     static_train_ms=1e3 * base_train,
-                    train_img_s=batch / times_train[op],
+                    train_img_s=batch / times_train[op] if timed else None,
                     static_train_img_s=batch / base_train,
                     paths=_auto_paths(modules[op], batch),
+                    train_note="" if timed else f"train skipped: {train_notes[op]}",
                 ))
             for m in candidates.values():
                 for p in m.parameters():
@@ -306,14 +317,22 @@ def run_benchmark(
     return rows
 
 
-def _probe(module: nn.Module, x: torch.Tensor, amp: str) -> Optional[str]:
-    """None when ``module`` runs on ``x`` (one inference forward), else the one-line reason it cannot."""
-    module.eval()
+def _probe(module: nn.Module, x: torch.Tensor, amp: str, training: bool = False) -> Optional[str]:
+    """None when ``module`` runs on ``x`` (one inference forward, or with ``training`` one training-mode forward),
+    else the one-line reason it cannot. Buffers (BatchNorm statistics) are restored after a training probe."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()} if training else {}
+    module.train(training)
     try:
-        with torch.no_grad(), autocast_context(x.device, amp):
+        with torch.set_grad_enabled(training), autocast_context(x.device, amp):
             module(x)
     except (ValueError, NotImplementedError) as exc:
         return str(exc).splitlines()[0]
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+        module.eval()
     return None
 
 
@@ -334,9 +353,10 @@ def format_table(rows: Sequence[Row], memory_kind: str) -> str:
         mem = f"{r.mem_ratio:6.2f}" if r.mem_ratio is not None else f"{'-':>6}"
         static = f"{r.static_fwd_ms:.2f} / {r.static_train_ms:.2f}"
         img_s = f"{r.train_img_s:8.0f}" if r.train_img_s is not None else f"{'-':>8}"
+        train = f"{r.train_ratio:8.2f}" if r.train_ratio is not None else f"{'-':>8}"
         lines.append(
-            f"{r.shape:<20} {r.batch:>5} {r.op:<{width}} {r.fwd_ratio:7.2f} {r.train_ratio:8.2f} {mem} {img_s}  "
-            f"{static:<19}  {r.paths}".rstrip()
+            f"{r.shape:<20} {r.batch:>5} {r.op:<{width}} {r.fwd_ratio:7.2f} {train} {mem} {img_s}  "
+            f"{static:<19}  {r.paths or r.train_note}".rstrip()
         )
     lines.append("")
     lines.append(f"ratios to nn.Conv2d in the same run (min over interleaved repeats); img/s = training throughput "

@@ -108,3 +108,17 @@ def test_progress_callback_after_every_shape_and_batch():
     seen = []
     rows = benchmark.run_benchmark(["dcd"], ["tiny"], (1, 2), repeats=1, warmup=0, on_progress=seen.append)
     assert [len(r) for r in seen] == [1, 2] and seen[-1] == rows
+
+
+def test_default_operators_at_batch_1_include_odconv_without_a_training_step(capsys):
+    """docs/performance.md's first benchmark line: odconv is a default operator and cannot train at batch 1 (its
+    attention's BatchNorm): its inference is timed, its training columns say why they are empty, exit 0."""
+    code = benchmark.main(["--shapes", "tiny", "--batch-sizes", "1,2", "--repeats", "1", "--warmup", "0",
+                           "--threads", "1", "--json"])
+    assert code == 0
+    rows = {(r["op"], r["batch"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
+    single = rows[("odconv", 1)]
+    assert single["fwd_ratio"] > 0 and single["train_ratio"] is None and single["mem_ratio"] is None
+    assert single["train_note"].startswith("train skipped: ODConv2d: the attention's BatchNorm needs at least 2")
+    assert rows[("odconv", 2)]["train_ratio"] > 0 and rows[("odconv", 2)]["train_note"] == ""
+    assert all(r["fwd_ratio"] > 0 and r["note"] == "" for r in rows.values())
