@@ -21,7 +21,7 @@ from image_classification.data import list_backends, list_datasets
 from image_classification.data.augment import AUGMENTATIONS, INTERPOLATIONS
 from image_classification.reporting.tensorboard import require_tensorboard
 
-from .checkpoint import directory_write_problem, nearest_existing_directory
+from .checkpoint import TRUST_WARNING, add_trust_flag, directory_write_problem, nearest_existing_directory
 from .config import load_config
 from .distributed import env_world_size
 from .optim import LR_SCHEDULES, OPTIMIZERS
@@ -270,9 +270,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overwrite", action="store_true",
                        help="start a new run in a workspace that already holds one (its checkpoints and raport are "
                        "replaced); without it such a workspace is refused unless --resume is given")
-    group.add_argument("--trust-checkpoints", action="store_true",
-                       help="load --resume/--pretrained-weights with full unpickling, allowing objects outside "
-                       "torch's weights_only allowlist: this can run code, use it only for files you trust")
+    add_trust_flag(group, help="load --resume/--pretrained-weights with full unpickling, allowing objects outside "
+                   "torch's weights_only allowlist: this can run code, use it only for files you trust (command line "
+                   "only: a recipe cannot set it)")
     group.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                        help="under torchrun: give up when a collective waits longer than this for a stalled or "
                        "lost rank, naming it (default: 600)")
@@ -528,5 +528,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     _validate_recipe_options(parser, args, argv)
     _validate_paths(parser, args)
     _validate_compile(parser, args, argv)
+    if args.trust_checkpoints and os.environ.get("RANK", "0") == "0":  # said once, by rank 0, before any load
+        print(f"main.py: {TRUST_WARNING}", file=sys.stderr, flush=True)
     return args
 

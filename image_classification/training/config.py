@@ -144,5 +144,10 @@ def load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
         if unknown:
             parser.error(f"unknown key(s) in --config {recipe.path}: {', '.join(unknown)}")
         for key, value in recipe.values.items():
+            if getattr(names[key], "command_line_only", False):  # marked by the flag's definition (add_trust_flag)
+                flag = names[key].option_strings[0]
+                parser.error(f"--config {recipe.path}: key {key!r} is accepted on the command line only (it lets a "
+                             f"checkpoint run code, so a recipe cannot turn it on); pass {flag} yourself if you trust "
+                             "the files")
             values[names[key].dest] = _check_config_value(parser, key, names[key], value)
     return values

@@ -340,3 +340,25 @@ def test_the_data_backend_choices_come_from_the_registry(capsys: pytest.CaptureF
     finally:
         unregister_backend("my-loader")
     assert "my-loader" not in list_backends()
+
+
+@pytest.mark.parametrize("key", ["trust-checkpoints", "trust_checkpoints"])
+def test_a_recipe_cannot_turn_on_checkpoint_code_execution(capsys: pytest.CaptureFixture, tmp_path: Path, ws: list,
+                                                           key: str) -> None:
+    """A downloaded recipe naming a pickled payload as --pretrained-weights must not also enable unpickling it."""
+    config = tmp_path / "trust.yaml"
+    config.write_text(f"{key}: true\ndata-backend: synthetic\n")
+    line = _error(capsys, ["--config", str(config), *ws])
+    assert f"key {key!r} is accepted on the command line only" in line and "pass --trust-checkpoints" in line
+
+
+def test_trust_checkpoints_on_the_command_line_warns(capsys: pytest.CaptureFixture, ws: list,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    args = parse_args(["--data-backend", "synthetic", "--trust-checkpoints", *ws])
+    assert args.trust_checkpoints
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["main.py: warning: --trust-checkpoints: checkpoints are loaded with full unpickling, which runs "
+                   "any code a file carries; use it only for files whose source you trust"]
+    parse_args(["--data-backend", "synthetic", *ws])
+    assert capsys.readouterr().err == ""

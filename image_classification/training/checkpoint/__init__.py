@@ -17,7 +17,7 @@ a module named for what it holds, and no module of the package uses another's pr
 """
 
 from .errors import CheckpointError, PathLike
-from .load import TRUST_HINT, add_trust_flag, load_checkpoint, trust_checkpoints
+from .load import TRUST_HINT, TRUST_WARNING, add_trust_flag, load_checkpoint, trust_checkpoints
 from .random_state import derive_seed, rng_state, set_rng_state
 from .save import BEST_FILENAME, remove_temporaries, save_checkpoint
 from .shutdown import GracefulShutdown, Interrupted
@@ -40,6 +40,7 @@ __all__ = [
     "Interrupted",
     "PathLike",
     "WorkspaceLock",
+    "TRUST_WARNING",
     "add_trust_flag",
     "check_model_fields",
     "check_workspace_writable",

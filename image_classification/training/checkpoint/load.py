@@ -9,6 +9,7 @@ are read in full.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -17,23 +18,37 @@ import torch
 
 from .errors import CheckpointError, PathLike, one_line
 
-__all__ = ["MAX_LISTED", "TRUST_HINT", "add_trust_flag", "load_checkpoint", "looks_like_state_dict",
+__all__ = ["MAX_LISTED", "TRUST_HINT", "TRUST_WARNING", "add_trust_flag", "load_checkpoint", "looks_like_state_dict",
            "trust_checkpoints"]
 
 _TRUSTED = {"all": False}
 
 
-def trust_checkpoints(enabled: bool) -> None:
+#: printed (stderr) whenever a program turns --trust-checkpoints on
+TRUST_WARNING = ("warning: --trust-checkpoints: checkpoints are loaded with full unpickling, which runs any code a "
+                 "file carries; use it only for files whose source you trust")
+
+
+def trust_checkpoints(enabled: bool, program: str = "") -> None:
     """Process-wide default of :func:`load_checkpoint`'s ``trusted``: what a program's ``--trust-checkpoints``
-    sets once, for every checkpoint it loads (a classifier, a pretrained backbone, a resume)."""
+    sets once, for every checkpoint it loads (a classifier, a pretrained backbone, a resume). Turning it on
+    prints :data:`TRUST_WARNING`, prefixed by ``program``."""
     _TRUSTED["all"] = bool(enabled)
+    if enabled:
+        print(f"{program}: {TRUST_WARNING}" if program else TRUST_WARNING, file=sys.stderr, flush=True)
 
 
-def add_trust_flag(parser: Any) -> None:
-    """``--trust-checkpoints``: the same flag, with the same meaning, in every program that loads checkpoints."""
-    parser.add_argument("--trust-checkpoints", action="store_true",
-                        help="load checkpoints with full unpickling, allowing objects outside torch's weights_only "
-                        "allowlist: this can run code, use it only for files you trust")
+def add_trust_flag(parser: Any, help: Optional[str] = None) -> None:
+    """``--trust-checkpoints``: the same flag, with the same meaning, in every program that loads checkpoints.
+
+    Command line only: the action is marked ``command_line_only``, which the recipe loader
+    (:func:`image_classification.training.config.load_config`) refuses as a key, so a downloaded recipe cannot
+    turn on code execution from the checkpoint it names."""
+    action = parser.add_argument(
+        "--trust-checkpoints", action="store_true",
+        help=help or ("load checkpoints with full unpickling, allowing objects outside torch's weights_only "
+                      "allowlist: this can run code, use it only for files you trust (command line only)"))
+    action.command_line_only = True
 
 MAX_LISTED = 5
 
