@@ -63,6 +63,9 @@ def resolve_resume(args: argparse.Namespace) -> Tuple[Optional[str], Optional[Di
     if path == "auto":
         path = os.path.join(args.workspace, args.checkpoint_filename)
         if not os.path.isfile(path):
+            if args.evaluate and args.pretrained_weights is None:  # nothing else to evaluate: never random weights
+                raise CheckpointError(f"--evaluate --resume auto: {path} does not exist, so there are no weights to "
+                                      "evaluate; give --pretrained-weights FILE or --resume FILE")
             return None, None
     if path is None:
         return None, None

@@ -434,3 +434,13 @@ def test_involution_trains_then_evaluates_finite(tmp_path: Path, capsys: pytest.
     params = next(r["data"] for r in records if r.get("step") == "PARAMETER")
     assert params["placement"] == "paper+last"
     assert math.isfinite(records[-1]["data"]["val.loss"])
+
+
+def test_evaluate_resume_auto_without_a_checkpoint_is_refused(e2e: SimpleNamespace, tmp_path: Path) -> None:
+    """--evaluate --resume auto on a workspace without a checkpoint would evaluate random weights: refused."""
+    res = e2e.run(["--data-backend", "synthetic", *e2e.tiny, "--num-classes", "3", "--prof", "2",
+                   "--workspace", str(tmp_path / "empty"), "--evaluate", "--resume", "auto"])
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
+    assert "--evaluate --resume auto:" in line and "no weights to evaluate" in line
+    assert not (tmp_path / "empty" / "raport.json").exists()
