@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -136,6 +136,11 @@ class PathCache:
         self._entries[key] = result
         _bump()
 
+    def drop(self, key: Hashable) -> None:
+        """Forget ``key``'s entry (if any)."""
+        if self._entries.pop(key, None) is not None:
+            _bump()
+
     def clear(self) -> None:
         self._entries.clear()
         _bump()
@@ -205,16 +210,21 @@ def measure(candidates: Mapping[str, Callable[[], Any]], device: torch.device, r
 
 
 def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any]]], device: torch.device,
-           fallback: str, references: Sequence[str] = ()) -> Tuple[str, str]:
+           fallback: str, references: Sequence[str] = (), valid: Optional[Collection[str]] = None) -> Tuple[str, str]:
     """``(path, source)`` for ``key``: the cached winner, a fresh measurement, or ``fallback``.
 
     ``candidates()`` builds the timing functions (only called when tuning happens); entries named in
     ``references`` are timed for the record (``times_ms``) but never chosen. ``source`` is the
     cache entry's (``tuned`` in this process, ``broadcast`` from DDP rank 0, ``loaded`` / ``disk``), ``only``
     when a single path applies (nothing to time), ``heuristic`` when tuning is off or none applies, ``budget``
-    when the tuning budget (:func:`set_budget`) is spent.
+    when the tuning budget (:func:`set_budget`) is spent. ``valid``: the paths that can run here; a cached winner
+    outside them (a cache file from another version that renamed a path, a ``triton`` winner replayed where the
+    kernels cannot run) is dropped and the key decided afresh.
     """
     cached = CACHE.get(key)
+    if cached is not None and valid is not None and cached.winner not in valid:
+        CACHE.drop(key)
+        cached = None
     if cached is not None:
         return cached.winner, cached.source
     if not autotune_enabled():

@@ -306,3 +306,22 @@ def test_broadcast_cache_gives_every_rank_rank0s_choices():
     for p in procs:
         p.join(timeout=60)
     assert results == [(0, 1, "fold", "tuned", False), (1, 1, "fold", "broadcast", True)]
+
+
+@pytest.mark.parametrize("stale", ["renamed_in_another_version", "triton"])
+def test_a_cached_winner_that_cannot_run_here_is_timed_again(tuning, stale):
+    """A cache file can name a path this version does not have (renamed) or one that cannot run here (a triton
+    winner replayed on a CPU): the entry is dropped and the key tuned again, instead of a KeyError in every run."""
+    from image_classification.dynamic.pedconv.selection import tuning_key
+
+    torch.manual_seed(0)
+    layer = PEDConv2d(4, 8, 3, padding=1).eval()
+    x = torch.randn(2, 4, 5, 5)
+    autotune.CACHE.load_state_dict({tuning_key(layer, x, False): {"winner": stale, "times_ms": {stale: 0.1}}},
+                                   source="disk")
+    tuning["fastest"] = "patch_gemm"
+    with torch.no_grad():
+        out = layer(x)
+    assert torch.isfinite(out).all()
+    row = path_report(nn.Sequential(layer))[0]
+    assert (row["path"], row["source"]) == ("patch_gemm", "tuned")

@@ -144,7 +144,7 @@ def resolve_path(token: int, path: str, fields: Tuple[Any, ...]) -> str:
         fallback = heuristic_path(layer, key.shape, key.grad)
         device = torch.device(key.device) if key.device != "cuda" else layer.weight.device
         chosen, source = autotune.choose(key, lambda: timing_candidates(layer, key, names), device, fallback,
-                                         references=(STATIC_REFERENCE,))
+                                         references=(STATIC_REFERENCE,), valid=(*names, fallback))
         cached = autotune.CACHE.get(key)
         times = dict(cached.times_ms) if cached is not None else {}
     if layer is not None:
