@@ -789,7 +789,7 @@ def _output_gamma(y: Tensor, gamma: Optional[Tensor], bias: Optional[Tensor] = N
         return y
     if bias is not None:
         return torch.addcmul(bias.view(-1, 1, 1), y, gamma)
-    return _times(y, gamma)
+    return y * gamma if torch.compiler.is_compiling() else y.mul_(gamma)  # _times inlined: batch-1 hot path
 
 
 def weight_folded_conv(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor],
