@@ -397,10 +397,17 @@ def check_resume_position(checkpoint: Dict[str, Any], state: RunState, args: arg
     if that iteration lies inside the epoch (``iterations`` = iterations of a full epoch of this run)."""
     if not state.step_in_epoch:
         return
+    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    changed = [f"--{key.replace('_', '-')} {saved[key]} -> {getattr(args, key)}" for key in MID_EPOCH_FLAGS
+               if key in saved and saved[key] != getattr(args, key)]
+    if changed:
+        raise CheckpointError(
+            f"--resume: the checkpoint stopped part-way through epoch {state.epoch} (iteration {state.step_in_epoch}), "
+            f"and this run changes what the rest of the epoch reads ({'; '.join(changed)}): resume with the "
+            "checkpoint's values to finish the epoch (they may change at an epoch boundary)")
     if state.step_in_epoch >= iterations:
         raise CheckpointError(f"--resume: checkpoint field 'step_in_epoch' is {state.step_in_epoch}, but epoch "
                               f"{state.epoch} has only {iterations} iteration(s) at -b {args.batch_size}")
-    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     per_rank = checkpoint.get("rng_per_rank")
     old_world = checkpoint.get("world_size", len(per_rank) if isinstance(per_rank, (list, tuple)) else None)
     old_batch = saved.get("batch_size")
@@ -414,6 +421,9 @@ def check_resume_position(checkpoint: Dict[str, Any], state: RunState, args: arg
             f"{env.world_size}, which would continue at another image: resume with -b {old_batch} on {old_world} "
             "process(es) to finish the epoch (the batch size may change at the next resume, at an epoch boundary)")
 
+
+# flags that decide which images the rest of an interrupted epoch reads, and how: a mid-epoch resume refuses a change
+MID_EPOCH_FLAGS = ("seed", "train_subset", "image_size", "dataset", "data_backend", "augmentation", "interpolation")
 
 # flags whose change on --resume alters the training (the user is told they are taken from the command line)
 SCHEDULE_FLAGS = ("lr", "epochs", "lr_schedule", "warmup", "lr_steps", "lr_decay", "end_lr", "momentum",

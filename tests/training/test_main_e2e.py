@@ -444,3 +444,28 @@ def test_evaluate_resume_auto_without_a_checkpoint_is_refused(e2e: SimpleNamespa
     line = res.stderr.strip().splitlines()[-1]
     assert "--evaluate --resume auto:" in line and "no weights to evaluate" in line
     assert not (tmp_path / "empty" / "raport.json").exists()
+
+
+@pytest.mark.parametrize("flag,value,shown", [("--seed", "4", "--seed 3 -> 4"),
+                                              ("--train-subset", "6", "--train-subset None -> 6"),
+                                              ("--image-size", "20", "--image-size 16 -> 20")])
+def test_a_mid_epoch_resume_refuses_another_data_order_or_input(flag: str, value: str, shown: str,
+                                                                e2e: SimpleNamespace, trained: Path,
+                                                                jpeg_folder: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """The rest of an interrupted epoch must read the images the interrupted run would have read: another seed
+    (the shuffle), training subset or image size mid-epoch is refused, naming the change."""
+    import torch
+
+    checkpoint = load_checkpoint(trained / "checkpoint.pth.tar")
+    checkpoint.update(epoch=1, step_in_epoch=1, pending_validation=False)
+    mid = tmp_path / "mid.pth.tar"
+    torch.save(checkpoint, mid)
+    tiny = list(e2e.tiny)
+    if flag in tiny:
+        tiny[tiny.index(flag) + 1] = value
+    else:
+        tiny += [flag, value]
+    line = _in_process_error([str(jpeg_folder), *tiny, "--epochs", "2", "--resume", str(mid),
+                              "--workspace", str(tmp_path / "ws")], capsys)
+    assert "the checkpoint stopped part-way through epoch 1 (iteration 1)" in line and shown in line, line
