@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NoReturn
 
@@ -31,12 +32,22 @@ def _long_names(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
     return names
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 4, 60, 60
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr for error messages: a YAML alias bomb (nested lists of aliases, billions of items once
+    expanded) is shown as a few items, never expanded."""
+    return _SHOWN.repr(value)
+
+
 def _check_config_value(parser: argparse.ArgumentParser, key: str, action: argparse.Action, value: Any) -> Any:
     if isinstance(value, bool) and action.nargs == "?" and action.const is not None:
         return action.const if value else action.default
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
-            parser.error(f"config key {key!r} must be true or false, got {value!r}")
+            parser.error(f"config key {key!r} must be true or false, got {_shown(value)}")
         return (not value) if isinstance(action, argparse._StoreFalseAction) else value
     multiple = action.nargs in ("+", "*")
     if value is None:
@@ -46,14 +57,14 @@ def _check_config_value(parser: argparse.ArgumentParser, key: str, action: argpa
     if isinstance(value, dict):
         parser.error(f"config key {key!r}: expected a single value, got a mapping")
     if isinstance(value, list) and not multiple:
-        parser.error(f"config key {key!r}: expected a single value, got a list {value}")
+        parser.error(f"config key {key!r}: expected a single value, got a list {_shown(value)}")
     items = value if isinstance(value, list) else [value]
     if multiple and not items:
         parser.error(f"config key {key!r}: expected at least one value, got an empty list")
     for item in items:
         if isinstance(item, (bool, list, dict)) or item is None:
             kind = "a number" if action.type not in (None, str) else "a string"
-            parser.error(f"config key {key!r}: expected {kind}, got {item!r}")
+            parser.error(f"config key {key!r}: expected {kind}, got {_shown(item)}")
     if action.type is None:  # strings (paths, specs): YAML numbers are taken as written
         value = [str(v) for v in items] if multiple else str(value)
     if multiple and not isinstance(value, list):
@@ -67,10 +78,10 @@ def _check_config_value(parser: argparse.ArgumentParser, key: str, action: argpa
         try:
             value = action.type(str(value))
         except (ValueError, argparse.ArgumentTypeError) as exc:
-            parser.error(f"config key {key!r}: invalid value {value!r} ({exc})")
+            parser.error(f"config key {key!r}: invalid value {_shown(value)} ({exc})")
     if action.choices is not None and value is not None and value not in action.choices:
         choices = ", ".join(map(str, action.choices))
-        parser.error(f"config key {key!r}: invalid choice {value!r} (choose from {choices})")
+        parser.error(f"config key {key!r}: invalid choice {_shown(value)} (choose from {choices})")
     return value
 
 

@@ -362,3 +362,19 @@ def test_trust_checkpoints_on_the_command_line_warns(capsys: pytest.CaptureFixtu
                    "any code a file carries; use it only for files whose source you trust"]
     parse_args(["--data-backend", "synthetic", *ws])
     assert capsys.readouterr().err == ""
+
+
+def test_a_yaml_alias_bomb_in_a_valid_key_is_refused_quickly(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                             ws: list) -> None:
+    """Nested aliases (9**9 items once expanded) under a real key: the error shows a few items, never the expansion
+    (formatting it whole took all the machine's memory)."""
+    levels = ["&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    config = tmp_path / "bomb.yaml"
+    config.write_text(f"lr-steps: [{', '.join(levels)}]\n")
+    import time
+
+    started = time.perf_counter()
+    line = _error(capsys, ["--config", str(config), "--data-backend", "synthetic", *ws])
+    assert time.perf_counter() - started < 10
+    assert "config key 'lr-steps': expected a number, got [1, 1, 1, 1, ...]" in line and len(line) < 400
