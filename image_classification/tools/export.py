@@ -257,14 +257,34 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: Opt
     accepted = inspect.signature(torch.onnx.export).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}  # e.g. external_data is newer than dynamo
+    if opset is not None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if opset > newest:
+            raise ExportError(f"--opset {opset}: the installed onnx knows opsets up to {newest}")
     with _quiet():
         if exporter != "dynamo":
             torch.onnx.export(model, (example,), str(path), **kwargs)
-            return
-        kwargs.pop("external_data", None)
-        program = torch.onnx.export(model, (example,), None, **kwargs)
-        _fold_constants(program.model)
-        program.save(str(path), external_data=False)
+        else:
+            kwargs.pop("external_data", None)
+            program = torch.onnx.export(model, (example,), None, **kwargs)
+            _fold_constants(program.model)
+            program.save(str(path), external_data=False)
+    written = onnx_opset(path)
+    if opset is not None and written != opset:  # an exporter that cannot target it writes its own instead
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
+        raise ExportError(f"--opset {opset}: the {exporter} exporter wrote opset {written} instead (it cannot target "
+                          f"opset {opset}); choose another --opset or try the other exporter: --exporter {other}")
+
+
+def onnx_opset(path: str | Path) -> int:
+    """The default-domain ONNX opset an exported file declares."""
+    _require("onnx", "reading ONNX files")
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(int(entry.version) for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def _fold_constants(model: object) -> None:

@@ -212,3 +212,22 @@ def test_cli_writes_only_a_checked_file_with_the_umasks_permissions(tmp_path: Pa
         os.umask(old)
     assert "exporting with torch.jit.trace" in capsys.readouterr().out
     assert out.stat().st_mode & 0o777 == 0o640 and out.read_bytes() != b"previous export"
+
+
+@needs_ort
+def test_an_opset_the_exporter_cannot_target_is_refused_not_ignored(tmp_path: Path) -> None:
+    """The dynamo exporter writes opset 18 when asked for 11 (and did for 5 and 99, exit 0): the request is checked
+    against the written file, and an opset newer than the installed onnx knows is refused before exporting."""
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    model = small_model("static")
+    # the pinned torch writes opset 18 instead (refused by the check); torch 2.6's exporter fails to convert at 11
+    with pytest.raises(ExportError, match=r"^(--opset 11: the dynamo exporter wrote opset \d+ instead|onnx export "
+                       r"failed) .*--exporter torchscript$") as info:
+        export_model(model, tmp_path / "m.onnx", "onnx", image_size=12, in_chans=3, opset=11, exporter="dynamo")
+    assert "\n" not in str(info.value) and not (tmp_path / "m.onnx").exists()
+    with pytest.raises(ExportError, match=r"--opset 999: the installed onnx knows opsets up to \d+"):
+        export_model(model, tmp_path / "m.onnx", "onnx", image_size=12, in_chans=3, opset=999, exporter="torchscript")
+    export_model(model, tmp_path / "m.onnx", "onnx", image_size=12, in_chans=3, opset=17, exporter="torchscript")
+    from image_classification.tools.export import onnx_opset
+
+    assert onnx_opset(tmp_path / "m.onnx") == 17
