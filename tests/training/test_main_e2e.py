@@ -469,3 +469,13 @@ def test_a_mid_epoch_resume_refuses_another_data_order_or_input(flag: str, value
     line = _in_process_error([str(jpeg_folder), *tiny, "--epochs", "2", "--resume", str(mid),
                               "--workspace", str(tmp_path / "ws")], capsys)
     assert "the checkpoint stopped part-way through epoch 1 (iteration 1)" in line and shown in line, line
+
+
+@pytest.mark.parametrize("conv", ["dyconv", "condconv", "odconv"])
+def test_nhwc_trains_the_operators_with_kernel_banks(conv: str, e2e: SimpleNamespace, tmp_path: Path) -> None:
+    """--memory-format nhwc laid out the model with model.to(memory_format=...), which refuses the 5-D kernel banks
+    of DY-Conv, CondConv and ODConv (a crash before the first step)."""
+    res = e2e.run(["--data-backend", "synthetic", *e2e.tiny, "--num-classes", "3", "--prof", "2", "--epochs", "1",
+                   "--conv", conv, "--memory-format", "nhwc", "--no-autotune", "--workspace", str(tmp_path / "ws")])
+    _ok(res)
+    assert "finished: 1/1 epochs" in res.stdout
