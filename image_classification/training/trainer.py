@@ -246,7 +246,9 @@ def _open_workspace(run: _Run) -> None:
         path = _raport_path(args)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            raport_writer = RaportWriter(path, append=run.resumed)
+            # never replaced without --overwrite: a resumed run, a restart of a run stopped before its first
+            # checkpoint and a repeated evaluation all continue the file after its records
+            raport_writer = RaportWriter(path, append=run.resumed or (os.path.isfile(path) and not args.overwrite))
         except OSError as exc:
             raise CheckpointError(f"cannot write --raport-file {path}: {exc.strerror or exc}") from None
         if args.tensorboard is not None:

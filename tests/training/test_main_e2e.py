@@ -479,3 +479,24 @@ def test_nhwc_trains_the_operators_with_kernel_banks(conv: str, e2e: SimpleNames
                    "--conv", conv, "--memory-format", "nhwc", "--no-autotune", "--workspace", str(tmp_path / "ws")])
     _ok(res)
     assert "finished: 1/1 epochs" in res.stdout
+
+
+def test_no_raport_is_replaced_without_overwrite(e2e: SimpleNamespace, tmp_path: Path) -> None:
+    """A finished run without checkpoints, then --resume auto in the same workspace (which starts again: there is no
+    checkpoint), then two evaluations in another workspace: every earlier record stays; --overwrite replaces."""
+    ws, common = tmp_path / "ws", ["--data-backend", "synthetic", *e2e.tiny, "--num-classes", "3", "--prof", "2",
+                                   "--epochs", "1", "--no-autotune"]
+    _ok(e2e.run([*common, "--no-checkpoints", "--workspace", str(ws)]))
+    first = read_raport(ws / "raport.json")
+    _ok(e2e.run([*common, "--resume", "auto", "--lr", "0.03", "--workspace", str(ws)]))
+    both = read_raport(ws / "raport.json")
+    assert both[:len(first)] == first and len(both) > len(first)
+    assert [r["data"]["lr"] for r in both if r.get("step") == "PARAMETER"] == [0.05, 0.03]
+    evaluated = tmp_path / "eval"
+    for _ in range(2):
+        _ok(e2e.run([*common, "--evaluate", "--pretrained-weights", str(ws / "checkpoint.pth.tar"),
+                     "--workspace", str(evaluated)]))
+    assert sum(r.get("step") == "PARAMETER" for r in read_raport(evaluated / "raport.json")) == 2
+    _ok(e2e.run([*common, "--evaluate", "--overwrite", "--pretrained-weights", str(ws / "checkpoint.pth.tar"),
+                 "--workspace", str(evaluated)]))
+    assert sum(r.get("step") == "PARAMETER" for r in read_raport(evaluated / "raport.json")) == 1
