@@ -78,9 +78,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         translated = torchrun_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
+
+    if not torch.cuda.is_available():
+        print(f"multiproc.py: note: no CUDA device here: the {args.nproc_per_node} process(es) on this node train on "
+              "the CPU (gloo), sharing its cores", file=sys.stderr, flush=True)
 
     try:
         torchrun_main(translated)

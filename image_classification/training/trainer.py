@@ -214,6 +214,10 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
             raise UsageError(ValueError(f"--resume {resume_path} has completed {state.epoch} epochs, more than "
                                         f"--epochs {args.epochs}"))
         resume_rng = _rank_rng(resume, env)
+        if env.is_main and not args.evaluate:
+            where = (f"epoch {state.epoch}, iteration {state.step_in_epoch}" if state.step_in_epoch
+                     else f"the start of epoch {state.epoch}")
+            print(f"main.py: resuming from {resume_path} at {where}", file=sys.stderr, flush=True)
         changes = build.changed_flags(resume.get("args"), args)
         if changes and env.is_main:
             print(f"main.py: note: resuming {resume_path} with {', '.join(changes)}: the learning-rate schedule "

@@ -184,6 +184,8 @@ def test_ddp_two_processes_agree(e2e: SimpleNamespace, jpeg_folder: Path, tmp_pa
                        "--workspace", str(tmp_path / "ddp")],
                       launcher=[str(e2e.repo / "multiproc.py"), "--nproc_per_node", "2"], timeout=240)
     _ok(result)
+    # no GPU here: multiproc.py says the ranks train on the CPU before they start
+    assert "multiproc.py: note: no CUDA device here: the 2 process(es) on this node train on the CPU" in result.stderr
     finished = re.findall(r"\[rank (\d)\] finished: 2/2 epochs, best top1 ([\d.]+)", result.stdout)
     assert sorted(rank for rank, _ in finished) == ["0", "1"] and finished[0][1] == finished[1][1]
     records = read_raport(tmp_path / "ddp" / "raport.json")

@@ -97,6 +97,7 @@ def test_two_tasks_train_then_save_requeue_and_resume_on_the_preemption_signal(t
     out, _ = job.communicate(timeout=240)
     assert job.returncode == 0, out[-3000:]
     assert "[rank 0] finished: 2/2 epochs" in out and "[rank 1] finished: 2/2 epochs" in out
+    assert f"main.py: resuming from {workspace}/checkpoint.pth.tar at epoch 0, iteration" in out
     assert "[slurm] main.py finished with exit status 0" in out
     assert log.read_text().split() == ["requeue", "4242"]  # not requeued again
     stopped = int(re.search(r"SIGTERM received at epoch 0 iteration (\d+)", first).group(1))
