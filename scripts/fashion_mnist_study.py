@@ -12,9 +12,12 @@ one process, :func:`image_classification.tools.profiler.measure_latency`) and wr
 * ``<out>/<name>.png``: learning curves (training loss, test top-1 per epoch) and final accuracy.
 
 Runs are resumable: a run whose raport is complete for the requested schedule is skipped, an
-interrupted one continues from its checkpoint (``--resume auto``), a run made with other settings is
-started again. Default settings take about an hour on 2 CPU cores (see docs/results/fashion_mnist.md
-for the measured time).
+interrupted one continues from its checkpoint (``--resume auto``); each schedule (epochs, training and test
+subsets) has its own folder under ``--logs``, so a study with other settings never replaces finished runs,
+and results go next to them unless ``--out`` says otherwise (the committed ``docs/results`` files were written
+with ``--out docs/results``). Ctrl-C (or SIGTERM) asks the running ``main.py`` to save its checkpoint and
+waits for it; rerunning the same command continues. Default settings take about an hour on 2 CPU cores
+(see docs/results/fashion_mnist.md for the measured time).
 
 Usage:
     python scripts/fashion_mnist_study.py                      # all operators, defaults below
@@ -24,9 +27,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
-import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,8 +91,57 @@ def read_recipe(op: str) -> Dict[str, Any]:
     return load_config(main_parser(), str(config_path(op)))
 
 
-def run_dir(logs: Path, op: str, seed: int) -> Path:
-    return logs / op / f"seed{seed}"
+def settings_tag(args: argparse.Namespace) -> str:
+    """The folder of one schedule's runs under --logs: runs made with other settings live beside them, never over
+    them (``e2-train5000-testall``)."""
+    return (f"e{args.epochs}-train{args.train_subset or 'all'}-test{args.val_subset or 'all'}")
+
+
+def run_dir(logs: Path, op: str, seed: int, tag: str = "") -> Path:
+    return (logs / tag if tag else logs) / op / f"seed{seed}"
+
+
+def _set_aside(workspace: Path) -> Path:
+    """Rename a run made with other settings (a recipe edited since) to ``<name>.old-N``; nothing is deleted."""
+    n = 1
+    while (aside := workspace.with_name(f"{workspace.name}.old-{n}")).exists():
+        n += 1
+    workspace.rename(aside)
+    return aside
+
+
+class StudyInterrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM during a training run: main.py was told, saved its checkpoint and exited."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def run_main(cmd: List[str]) -> int:
+    """main.py as a child in a session of its own, so that a terminal's Ctrl-C reaches only this script, which then
+    forwards exactly one SIGINT and waits for main.py's checkpoint (a second signal would cut the save short).
+    SIGTERM is forwarded the same way. Raises :class:`StudyInterrupted` after such a stop."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    received: List[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            print(f"\n[study] {signal.Signals(signum).name}: asking main.py to save its checkpoint, then stopping "
+                  "(rerun the same command to continue)", file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise StudyInterrupted(128 + received[0])
+    return code
 
 
 def _wanted(args: argparse.Namespace, op: str, seed: int) -> Dict[str, Any]:
@@ -132,16 +185,19 @@ def run_all(args: argparse.Namespace) -> None:
     """Train every missing (op, seed) run; completed ones are skipped."""
     for op in args.ops:
         for seed in args.seeds:
-            workspace = run_dir(args.logs, op, seed)
+            workspace = run_dir(args.logs, op, seed, settings_tag(args))
             state = run_state(workspace, _wanted(args, op, seed))
             if state == "done":
                 print(f"[study] {op} seed {seed}: complete in {workspace}, skipped", flush=True)
                 continue
             if state == "stale" and workspace.exists():
-                print(f"[study] {op} seed {seed}: {workspace} holds a run with other settings; starting again",
-                      flush=True)
-                if not args.dry_run:
-                    shutil.rmtree(workspace)
+                if args.dry_run:
+                    print(f"[study] {op} seed {seed}: {workspace} holds a run with other settings; it would be "
+                          "renamed and the run started again", flush=True)
+                else:
+                    aside = _set_aside(workspace)
+                    print(f"[study] {op} seed {seed}: {workspace} held a run with other settings (kept as {aside}); "
+                          "starting again", flush=True)
             resume = state == "partial"  # --resume auto: from the checkpoint, or again if none was written
             cmd = train_command(args, op, seed, workspace, resume)
             print(f"[study] {op} seed {seed}{' (resuming)' if resume else ''}: {shlex.join(cmd)}", flush=True)
@@ -149,7 +205,7 @@ def run_all(args: argparse.Namespace) -> None:
                 continue
             workspace.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            code = subprocess.call(cmd, cwd=ROOT)
+            code = run_main(cmd)
             if code == EXIT_DIVERGED:
                 print(f"[study] {op} seed {seed}: diverged (main.py stopped it on a NaN/inf loss); reported as "
                       "such", flush=True)
@@ -219,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-freq", type=int, default=5,
                         help="log the training loss every N iterations (default: 5)")
     parser.add_argument("--logs", type=Path, default=ROOT / "logs" / "fashion_mnist_study",
-                        help="run workspaces: LOGS/<op>/seed<k>/ (default: logs/fashion_mnist_study)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results",
-                        help="where <name>.md/.csv/.png go (default: docs/results)")
+                        help="run workspaces: LOGS/<settings>/<op>/seed<k>/, one <settings> folder per schedule "
+                        "(e.g. e2-train5000-testall), so no run replaces another (default: logs/fashion_mnist_study)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where <name>.md/.csv/.png go (default: LOGS/<settings>/; the committed results were "
+                        "written with --out docs/results)")
     parser.add_argument("--name", default="fashion_mnist",
                         help="base name of the result files (default: fashion_mnist)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the latency measurement (default: 2)")
@@ -267,6 +325,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         setattr(args, name, value or None)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must be distinct")
+    if args.out is None:
+        args.out = args.logs / settings_tag(args)
     if not args.dry_run and not Path(args.data).is_dir():
         parser.error(f"--data {args.data}: no such directory (install Debian's dataset-fashion-mnist, or pass --data)")
     return args
@@ -288,11 +348,17 @@ def _error(exc: Exception) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(argv)
     command = "python scripts/fashion_mnist_study.py " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
-    run_all(args)
+    try:
+        run_all(args)
+    except StudyInterrupted as stop:
+        print("[study] stopped; finished runs and the interrupted run's checkpoint are kept: rerun the same command to "
+              "continue", file=sys.stderr, flush=True)
+        return stop.status
     if args.dry_run:
         return 0
+    tag = settings_tag(args)
     try:
-        results = [load_run(run_dir(args.logs, op, seed), op, seed) for op in args.ops for seed in args.seeds]
+        results = [load_run(run_dir(args.logs, op, seed, tag), op, seed) for op in args.ops for seed in args.seeds]
     except ValueError as exc:  # a run without results, an unreadable raport: one line, status 2
         return _error(exc)
     profiles = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -250,7 +251,7 @@ def test_study_exits_2_with_one_line_error_on_a_run_without_results(tmp_path: Pa
     argv = ["--ops", "static", "--seeds", "0", "--epochs", "1", "--train-subset", "100", "--logs",
             str(tmp_path / "logs"), "--python", str(fake), "--data", str(tmp_path), "--out", str(tmp_path / "out")]
     done = run_script(str(SCRIPTS / "fashion_mnist_study.py"), argv, cwd=ROOT)
-    raport = tmp_path / "logs" / "static" / "seed0" / "raport.json"
+    raport = tmp_path / "logs" / "e1-train100-testall" / "static" / "seed0" / "raport.json"
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"error: {raport} holds no val.top1 record (did the run fail?)"]
     assert not (tmp_path / "out").exists()
@@ -273,7 +274,7 @@ def test_study_reports_a_run_main_py_stopped_as_diverged(tmp_path: Path) -> None
             str(tmp_path / "logs"), "--python", str(fake), "--data", str(tmp_path)]
     args = study.parse(argv)
     study.run_all(args)
-    workspace = study.run_dir(args.logs, "involution", 0)
+    workspace = study.run_dir(args.logs, "involution", 0, study.settings_tag(args))
     assert (workspace / study.DIVERGED_MARKER).is_file()
     assert study.run_state(workspace, study._wanted(args, "involution", 0)) == "done"  # not retrained
     result = study.load_run(workspace, "involution", 0)
@@ -282,3 +283,71 @@ def test_study_reports_a_run_main_py_stopped_as_diverged(tmp_path: Path) -> None
     study.write_report([result], profiles, ["involution"], tmp_path / "out", "fm", "cmd", "1 epoch", "machine")
     text = (tmp_path / "out" / "fm.md").read_text()
     assert "| Involution | `involution` | diverged | 1 |" in text and "Involution seed 0" in text
+
+
+def test_a_study_with_other_settings_keeps_the_finished_runs_and_the_results(tmp_path: Path) -> None:
+    """The README's second study command after the first deleted the first's finished runs, and every study wrote
+    over the committed docs/results files: each schedule has its own folder, results go beside the runs."""
+    fake = _fake_python(
+        tmp_path,
+        "value = lambda flag: args[args.index(flag) + 1]\n"
+        "writer = RaportWriter(value('--workspace') + '/raport.json')\n"
+        "writer.log_parameters({'seed': int(value('--seed')), 'epochs': int(value('--epochs')),\n"
+        "                       'train_subset': int(value('--train-subset')), 'val_subset': None, 'precise_bn': 0})\n"
+        "writer.close()\n",
+    )
+    common = ["--ops", "static", "--seeds", "0", "--logs", str(tmp_path / "logs"), "--python", str(fake), "--data",
+              str(tmp_path), "--dry-run"]
+    first = study.parse([*common, "--epochs", "1", "--train-subset", "100"])
+    second = study.parse([*common, "--epochs", "2", "--train-subset", "200"])
+    assert study.settings_tag(first) == "e1-train100-testall" and study.settings_tag(second) == "e2-train200-testall"
+    assert first.out == tmp_path / "logs" / "e1-train100-testall"  # not docs/results
+    first.dry_run = second.dry_run = False
+    study.run_all(first)
+    study.run_all(second)
+    for args in (first, second):
+        raport = study.run_dir(args.logs, "static", 0, study.settings_tag(args)) / "raport.json"
+        assert raport.is_file()
+    assert study.parse([*common, "--out", str(tmp_path / "r")]).out == tmp_path / "r"
+
+
+def test_a_run_of_a_changed_recipe_is_set_aside_not_deleted(tmp_path: Path) -> None:
+    workspace = tmp_path / "static" / "seed0"
+    workspace.mkdir(parents=True)
+    (workspace / "raport.json").write_text("old")
+    aside = study._set_aside(workspace)
+    assert aside.name == "seed0.old-1" and (aside / "raport.json").read_text() == "old" and not workspace.exists()
+    workspace.mkdir()
+    assert study._set_aside(workspace).name == "seed0.old-2"
+
+
+@pytest.mark.slow
+def test_ctrl_c_lets_main_py_save_its_checkpoint(tmp_path: Path) -> None:
+    """Ctrl-C reached the study's subprocess.call, which killed main.py before its SIGINT checkpoint was written:
+    the study now forwards one SIGINT, waits for the save and exits 130 (a rerun resumes: --resume auto)."""
+    import signal
+    import time
+
+    data = Path("/usr/share/datasets/fashion-mnist")
+    if not (data / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist)")
+    argv = [sys.executable, str(SCRIPTS / "fashion_mnist_study.py"), "--ops", "static", "--seeds", "0", "--epochs",
+            "2", "--train-subset", "4000", "--val-subset", "200", "--print-freq", "1", "--no-latency",
+            "--logs", str(tmp_path / "logs"), "--", "-b", "8", "--no-autotune", "-j", "0"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if "Epoch 0 train [3/" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert "SIGINT: asking main.py to save its checkpoint" in out and "Traceback" not in out
+    assert "main.py: SIGINT received at epoch 0" in out, out[-3000:]
+    workspace = tmp_path / "logs" / "e2-train4000-test200" / "static" / "seed0"
+    assert (workspace / "checkpoint.pth.tar").is_file()
