@@ -556,8 +556,10 @@ def _train(run: _Run) -> int:
         restore_rng(run.resume_rng)
     with GracefulShutdown() as shutdown:
         if args.compile:
+            said = ("main.py: {signal} received while compiling; nothing trained since the start or the checkpoint, "
+                    "so nothing to save") if run.env.is_main else ""
             try:
-                with shutdown.nothing_to_save():
+                with shutdown.nothing_to_save(exit_message=said):  # exits from the handler: no unwinding through C++
                     _compile_ahead(run)
             except Interrupted as exc:
                 if run.env.is_main:

@@ -4,7 +4,9 @@ a preempted run saves a checkpoint and exits instead of dying mid-epoch."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Any, Dict, Iterator, Optional, Sequence
 
@@ -41,6 +43,7 @@ class GracefulShutdown:
         self.signum: Optional[int] = None
         self.active = False
         self._previous: Dict[int, Any] = {}
+        self._exit_message: Optional[str] = None
 
     @property
     def signal_name(self) -> Optional[str]:
@@ -59,20 +62,36 @@ class GracefulShutdown:
             self.signum = signum
 
     @contextlib.contextmanager
-    def nothing_to_save(self) -> Iterator[None]:
+    def nothing_to_save(self, exit_message: Optional[str] = None) -> Iterator[None]:
         """A stretch of work whose interruption loses nothing (e.g. torch.compile tracing before the first step):
-        a signal inside it raises :class:`Interrupted` at once instead of waiting for the next iteration."""
+        a signal inside it stops the process at once instead of waiting for the next iteration.
+
+        ``exit_message`` None: the signal raises :class:`Interrupted` where the handler runs. A string (``{signal}``
+        is replaced by the signal's name; empty: nothing printed): the handler prints it on stderr and leaves with
+        ``os._exit(128 + signum)``, unwinding nothing. Use that around foreign code such as torch.compile, where an
+        exception raised by a signal handler can cross a C++ frame that cannot pass it on (``terminate called after
+        throwing an instance of 'python_error'``, an abort instead of the exit status). A signal that arrived
+        before the block raises :class:`Interrupted` on entry, either way."""
         self.immediate = True
+        self._exit_message = exit_message
         try:
             if self.requested:
                 raise Interrupted(self.signum or signal.SIGTERM)
             yield
         finally:
             self.immediate = False
+            self._exit_message = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.immediate:
             self.request(signum)
+            if self._exit_message is not None:
+                if self._exit_message:
+                    sys.stderr.write(self._exit_message.replace("{signal}", self.signal_name or str(signum)) + "\n")
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(128 + signum)
             raise Interrupted(signum)
         if not self.requested:
             self.request(signum)

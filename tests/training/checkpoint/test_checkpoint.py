@@ -593,3 +593,21 @@ def test_cuda_rng_and_cuda_tensors_round_trip(tmp_path: Path) -> None:
     set_rng_state(loaded["rng"])
     assert torch.randn(5, device="cuda").tolist() == expected
     load_model_weights(tiny_model().cuda(), loaded)
+
+
+@pytest.mark.parametrize("message,said", [("main.py: {signal} received while compiling", "main.py: SIGTERM received "
+                                                                                          "while compiling\n"),
+                                          ("", "")])
+def test_nothing_to_save_exits_from_the_handler_without_unwinding(message: str, said: str) -> None:
+    """Around foreign code (torch.compile) the handler exits at once with 128 + signum, printing the message: an
+    exception raised there could cross a C++ frame and abort the process instead (a flaky SIGTERM-while-compiling
+    run ended in "terminate called after throwing an instance of 'python_error'", status -6)."""
+    code = ("import os, signal, time\n"
+            "from image_classification.training.checkpoint import GracefulShutdown\n"
+            "with GracefulShutdown() as shutdown:\n"
+            f"    with shutdown.nothing_to_save(exit_message={message!r}):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(10)\n"
+            "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM and done.stderr == said and done.stdout == ""
