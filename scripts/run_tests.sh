@@ -20,4 +20,18 @@ VENV="$VENV" bash scripts/setup_env.sh "${setup_args[@]}"
 # pytest-xdist: one worker per core, at most 4 (each holds torch in memory); PYTEST_WORKERS=0 runs serially.
 # Test modules stay whole on one worker (--dist loadscope): module-scoped fixtures are built once.
 cores=$(nproc 2>/dev/null || echo 1)
-"$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}" --dist loadscope "$@"
+workers=${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+if [ ${#setup_args[@]} -eq 0 ]; then
+  exec "$VENV/bin/python" -m pytest -q -n "$workers" --dist loadscope "$@"
+fi
+# The torch-2.6 leg runs the tests that failed once more, alone: on torch 2.6 a two-rank gloo job occasionally stalls
+# until its timeout while the other test worker loads the machine (seen in 2 of 7 full runs, each time a different
+# multi-process test that passes alone and passes on the pinned torch). A test that fails twice fails the leg.
+status=0
+"$VENV/bin/python" -m pytest -q -n "$workers" --dist loadscope "$@" || status=$?
+if [ "$status" = 1 ]; then
+  echo "[tests] torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'): running the failed tests once more, alone"
+  "$VENV/bin/python" -m pytest -q --last-failed --last-failed-no-failures none "$@"
+else
+  exit "$status"
+fi

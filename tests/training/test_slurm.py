@@ -67,9 +67,22 @@ def _sbatch(workspace: Path, log: Path, extra: list) -> subprocess.Popen:
                PYTHONUNBUFFERED="1", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
                SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=str(_free_port()))
     args = ["--data-backend", "synthetic", "--arch", "cifar_resnet20", "--image-size", "16", "--num-classes", "3",
-            "-b", "2", "-j", "0", "--lr", "0.05", "--seed", "1", "-p", "1", "--no-autotune", *extra]
+            "-b", "2", "-j", "0", "--lr", "0.05", "--seed", "1", "-p", "1", "--no-autotune", "--dist-timeout", "60",
+            *extra]
     return subprocess.Popen(["bash", "scripts/slurm/train.sbatch", str(workspace), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(job: subprocess.Popen, timeout: float) -> str:
+    """The job's output once it exits; past ``timeout`` its whole process group is killed and the test fails with
+    the output's tail (a hung rank would otherwise wait for the collective timeout)."""
+    try:
+        out, _ = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        out, _ = job.communicate()
+        pytest.fail(f"the sbatch job did not finish in {timeout} s; its output ends with:\n{out[-4000:]}")
+    return out
 
 
 @pytest.mark.slow
@@ -85,7 +98,7 @@ def test_two_tasks_train_then_save_requeue_and_resume_on_the_preemption_signal(t
         if "Epoch 0 train [3/" in line or time.monotonic() > deadline:
             break
     job.send_signal(signal.SIGUSR1)  # SLURM's --signal=B:USR1@300 goes to the batch shell
-    out, _ = job.communicate(timeout=150)
+    out = _finish(job, 150)
     first = "".join(seen) + out
     assert job.returncode == 0, first[-3000:]
     assert "[slurm] SIGUSR1 received: asking main.py to save a checkpoint" in first
@@ -94,7 +107,7 @@ def test_two_tasks_train_then_save_requeue_and_resume_on_the_preemption_signal(t
     assert (workspace / "checkpoint.pth.tar").exists()
     # the requeued job: the same script and arguments, continuing from the checkpoint to the end
     job = _sbatch(workspace, log, ["--epochs", "2", "--prof", "40"])
-    out, _ = job.communicate(timeout=240)
+    out = _finish(job, 240)
     assert job.returncode == 0, out[-3000:]
     assert "[rank 0] finished: 2/2 epochs" in out and "[rank 1] finished: 2/2 epochs" in out
     assert f"main.py: resuming from {workspace}/checkpoint.pth.tar at epoch 0, iteration" in out
