@@ -116,3 +116,13 @@ def test_two_tasks_train_then_save_requeue_and_resume_on_the_preemption_signal(t
     stopped = int(re.search(r"SIGTERM received at epoch 0 iteration (\d+)", first).group(1))
     steps = [int(n) for n in re.findall(r"Epoch 0 train \[(\d+)/40\]", out)]
     assert steps and min(steps) >= stopped and stopped + 1 in steps, out[:2000]  # continues after the saved step
+
+
+def test_sbatch_script_and_setup_refuse_bad_arguments_in_one_line() -> None:
+    job = subprocess.run(["bash", "scripts/slurm/train.sbatch"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert job.returncode == 2 and job.stderr.strip() == (
+        "usage: sbatch scripts/slurm/train.sbatch WORKSPACE [main.py arguments ...]")
+    setup = subprocess.run(["bash", "scripts/setup_env.sh", "--oldest"], cwd=REPO, capture_output=True, text=True,
+                           timeout=30)
+    assert setup.returncode == 2
+    assert setup.stderr.strip() == "[setup] error: unknown argument --oldest (valid: --oldest-torch)"
