@@ -64,7 +64,6 @@ def custom_op(name: str, fn: Callable[..., Any], *, mutates_args: Tuple[str, ...
     return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
 
 
-
 def dynamo_onnx_exporter_is_default() -> bool:
     """Whether ``torch.onnx.export`` exports through ``torch.export`` (``dynamo=True``) unless told otherwise.
 
