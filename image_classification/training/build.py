@@ -293,6 +293,8 @@ class RunState:
     step_in_epoch: int = 0
     best_prec1: float = -1.0  # -1: nothing validated yet
     pending_validation: bool = False  # the checkpoint was written before its epoch was validated
+    #: the interrupted epoch's totals up to ``step_in_epoch`` (engine.EpochResult.totals), None when unknown
+    epoch_totals: Optional[Dict[str, float]] = None
 
 
 def restore_training_state(comp: TrainingSetup, checkpoint: Dict[str, Any], env: DistEnv,
@@ -387,7 +389,23 @@ def checkpoint_position(checkpoint: Dict[str, Any]) -> RunState:
         best = -1.0
     if isinstance(best, bool) or not isinstance(best, numbers.Real) or math.isnan(float(best)):
         raise CheckpointError(f"--resume: checkpoint field 'best_prec1' must be a number, got {best!r}")
-    return RunState(epoch, step, float(best), bool(checkpoint.get("pending_validation", False)))
+    return RunState(epoch, step, float(best), bool(checkpoint.get("pending_validation", False)),
+                    _epoch_totals(checkpoint.get("epoch_totals")) if step else None)
+
+
+_TOTALS_KEYS = ("loss_sum", "infomax_sum", "correct", "samples", "data_time", "compute_time", "batches")
+
+
+def _epoch_totals(value: Any) -> Optional[Dict[str, float]]:
+    """A mid-epoch checkpoint's ``epoch_totals`` as floats; None (the summary then covers the resumed
+    iterations only) when absent, as in checkpoints of earlier versions."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != set(_TOTALS_KEYS) or not all(
+            isinstance(value[k], numbers.Real) and not isinstance(value[k], bool) for k in _TOTALS_KEYS):
+        raise CheckpointError(f"--resume: checkpoint field 'epoch_totals' must map {', '.join(_TOTALS_KEYS)} to "
+                              f"numbers, got {str(value)[:120]}")
+    return {k: float(value[k]) for k in _TOTALS_KEYS}
 
 
 def check_resume_position(checkpoint: Dict[str, Any], state: RunState, args: argparse.Namespace, env: DistEnv,

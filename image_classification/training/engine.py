@@ -98,9 +98,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EpochResult:
+    """How far an epoch got: its summary metrics when it ended, and when it was interrupted the totals of the
+    iterations it trained (:meth:`_Window.totals`), which a mid-epoch checkpoint keeps so that the resumed
+    epoch's summary covers the whole epoch."""
+
     iterations: int
     interrupted: bool
     metrics: Dict[str, float] = field(default_factory=dict)
+    totals: Optional[Dict[str, float]] = None
 
 
 class _Window:
@@ -145,6 +150,23 @@ class _Window:
             f"{what} is {value} at epoch {epoch} iteration {first + 1}: the run diverged (lower --lr, add "
             "--warmup, or check the data); no checkpoint was written for this epoch"
         )
+
+    def totals(self) -> Dict[str, float]:
+        """The window's sums over all ranks (collective under DDP) and this rank's times: what a mid-epoch
+        checkpoint keeps of the epoch so far (plain floats)."""
+        loss, infomax, correct, n = all_reduce_sum(self.sums.tolist(), self.device)
+        return {"loss_sum": loss, "infomax_sum": infomax, "correct": correct, "samples": n,
+                "data_time": self.data_time, "compute_time": self.compute_time, "batches": float(self.batches)}
+
+    def restore(self, totals: Dict[str, float], owner: bool) -> None:
+        """Start from a checkpoint's :meth:`totals`; the sums go to one rank (``owner``) only, since
+        :meth:`flush` sums over ranks, the times (per rank) to every rank."""
+        if owner:
+            self.sums += torch.tensor([totals["loss_sum"], totals["infomax_sum"], totals["correct"],
+                                       totals["samples"]], dtype=torch.float64, device=self.device)
+        self.data_time += totals["data_time"]
+        self.compute_time += totals["compute_time"]
+        self.batches += int(totals["batches"])
 
     def flush(self) -> Dict[str, float]:
         """The window's metrics, summed over ranks (then :meth:`check_finite` on them)."""
@@ -284,13 +306,18 @@ def train_one_epoch(
     raport: RaportWriter,
     stop_requested: Callable[[], bool],
     start_iteration: int = 0,
+    resumed_totals: Optional[Dict[str, float]] = None,
 ) -> EpochResult:
     """Train ``epoch`` from ``start_iteration`` (batches before it are drawn and skipped, so the data
     order equals an uninterrupted epoch). Stops early, at an optimizer-step boundary, when
-    ``stop_requested()`` is true on any rank."""
+    ``stop_requested()`` is true on any rank; the result then holds the epoch's totals so far.
+    ``resumed_totals``: those of the interrupted run (its checkpoint's), so that the epoch summary covers
+    the iterations before ``start_iteration`` too."""
     comp.model.train()
     total = cfg.iterations(len(loader))  # type: ignore[arg-type]
     window, epoch_window = _Window(cfg.device), _Window(cfg.device)
+    if start_iteration and resumed_totals is not None:
+        epoch_window.restore(resumed_totals, owner=cfg.is_main)
     progress = Progress(f"Epoch {epoch} train", total, cfg.print_freq, enabled=cfg.is_main)
     if start_iteration:
         progress.update(start_iteration, {})
@@ -346,7 +373,7 @@ def train_one_epoch(
         epoch_window.check_finite(epoch, summary["train.loss"], summary["train.infomax"])
     progress.close({k: summary[k] for k in ("train.loss", "train.top1", "train.total_ips")} if summary else None,
                    stopped_at=done if interrupted else None)
-    return EpochResult(done, interrupted, summary)
+    return EpochResult(done, interrupted, summary, epoch_window.totals() if interrupted else None)
 
 
 @torch.inference_mode()

@@ -432,6 +432,8 @@ def _checkpoint_state(run: _Run, epoch: int, step_in_epoch: int) -> Dict[str, An
     return {
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
+        # the interrupted epoch's loss/top-1/sample/time totals: its summary after the resume covers the whole epoch
+        "epoch_totals": run.state.epoch_totals if step_in_epoch else None,
         "world_size": run.env.world_size,
         "arch": args.arch,
         "conv": run.conv,
@@ -523,7 +525,7 @@ def _end_epoch(run: _Run, epoch: int, train_metrics: Dict[str, float]) -> None:
     _precise_bn(run, epoch)
     record = dict(train_metrics)
     is_best = False
-    state.epoch, state.step_in_epoch = epoch + 1, 0
+    state.epoch, state.step_in_epoch, state.epoch_totals = epoch + 1, 0, None
     if not args.training_only:
         # the trained epoch reaches the disk before validation (a bad val image or a crash there loses
         # nothing); the checkpoint says so, and --resume validates it first
@@ -571,9 +573,10 @@ def _train(run: _Run) -> int:
             run.loaders.set_epoch(epoch)
             set_epoch(comp.module, epoch)
             result = train_one_epoch(comp, run.cfg, run.loaders.train, epoch, run.raport,
-                                     lambda: shutdown.requested, start_iteration=state.step_in_epoch)
+                                     lambda: shutdown.requested, start_iteration=state.step_in_epoch,
+                                     resumed_totals=state.epoch_totals)
             if result.interrupted:
-                state.step_in_epoch = result.iterations
+                state.step_in_epoch, state.epoch_totals = result.iterations, result.totals
                 _sync_models(run)
                 _check_finite_weights(run, epoch, result.iterations)
                 _save(run, epoch, result.iterations)

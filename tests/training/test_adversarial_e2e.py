@@ -92,8 +92,8 @@ def test_interrupted_mid_epoch_resumes_identically(jpeg_folder: Path, tmp_path: 
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     original = trainer.train_one_epoch
 
-    def stop_after_one_step(comp, cfg, loader, epoch, raport, stop_requested, start_iteration=0):  # noqa: ANN001
-        return original(comp, cfg, loader, epoch, raport, lambda: epoch == 1, start_iteration)
+    def stop_after_one_step(comp, cfg, loader, epoch, raport, stop_requested, **kwargs):  # noqa: ANN001
+        return original(comp, cfg, loader, epoch, raport, lambda: epoch == 1, **kwargs)
 
     ws = tmp_path / "ws"
     monkeypatch.setattr(trainer, "train_one_epoch", stop_after_one_step)

@@ -502,3 +502,33 @@ def test_no_raport_is_replaced_without_overwrite(e2e: SimpleNamespace, tmp_path:
     _ok(e2e.run([*common, "--evaluate", "--overwrite", "--pretrained-weights", str(ws / "checkpoint.pth.tar"),
                  "--workspace", str(evaluated)]))
     assert sum(r.get("step") == "PARAMETER" for r in read_raport(evaluated / "raport.json")) == 1
+
+
+def test_an_epoch_resumed_mid_way_is_summarised_whole(e2e: SimpleNamespace, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """A run stopped after the first iteration of epoch 1 and resumed from its checkpoint logs the same epoch-1
+    summary (loss, info-max, top-1 over all 3 iterations) as the uninterrupted run, not one of the resumed
+    iterations only; the mid-epoch checkpoint carries the totals of the iterations before the stop."""
+    from image_classification.training import trainer
+
+    common = ["--data-backend", "synthetic", *e2e.tiny, "--num-classes", "3", "--prof", "3", "--epochs", "2",
+              "--conv", "pedconv", "--no-autotune"]
+    capsys.readouterr()
+    assert trainer.main([*common, "--workspace", str(tmp_path / "full")]) == 0
+    original = trainer.train_one_epoch
+
+    def stop_in_epoch_one(comp, cfg, loader, epoch, raport, stop_requested, **kwargs):  # noqa: ANN001
+        return original(comp, cfg, loader, epoch, raport, lambda: epoch == 1, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", stop_in_epoch_one)
+    assert trainer.main([*common, "--workspace", str(tmp_path / "part")]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    saved = load_checkpoint(tmp_path / "part" / "checkpoint.pth.tar")
+    assert saved["step_in_epoch"] == 1 and saved["epoch_totals"]["samples"] == 4
+    assert trainer.main([*common, "--resume", "auto", "--workspace", str(tmp_path / "part")]) == 0
+    summaries = [{r["step"][0]: r["data"] for r in _epoch_records(read_raport(tmp_path / w / "raport.json"))
+                  if "train.loss" in r["data"]} for w in ("full", "part")]
+    for metric in ("train.loss", "train.infomax", "train.top1"):
+        assert summaries[1][1][metric] == pytest.approx(summaries[0][1][metric], rel=1e-6), metric
+    capsys.readouterr()

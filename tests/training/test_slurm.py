@@ -22,6 +22,7 @@ from image_classification.training.distributed import (
     expand_hostlist,
     slurm_launch_environment,
 )
+from image_classification.training.logger import read_raport
 
 REPO = Path(__file__).resolve().parents[2]
 FAKES = Path(__file__).resolve().parent / "slurm_fakes"
@@ -116,6 +117,15 @@ def test_two_tasks_train_then_save_requeue_and_resume_on_the_preemption_signal(t
     stopped = int(re.search(r"SIGTERM received at epoch 0 iteration (\d+)", first).group(1))
     steps = [int(n) for n in re.findall(r"Epoch 0 train \[(\d+)/40\]", out)]
     assert steps and min(steps) >= stopped and stopped + 1 in steps, out[:2000]  # continues after the saved step
+    # the epoch's summary covers all 40 iterations (both runs' share), as their per-iteration records (-p 1, 4 images
+    # each over the two ranks) say, not only those after the resume
+    records = [r for r in read_raport(workspace / "raport.json") if r["type"] == "LOG" and isinstance(r["step"], list)]
+    per_iteration = {r["step"][1]: r["data"] for r in records if r["step"][:1] == [0] and len(r["step"]) == 2}
+    summary = next(r["data"] for r in records if r["step"] == [0] and "train.loss" in r["data"])
+    assert sorted(per_iteration) == list(range(1, 41))
+    for metric in ("train.loss", "train.top1"):
+        whole = sum(d[metric] for d in per_iteration.values()) / 40
+        assert summary[metric] == pytest.approx(whole, rel=1e-6), metric
 
 
 def test_sbatch_script_and_setup_refuse_bad_arguments_in_one_line() -> None:
