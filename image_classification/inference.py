@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence
 
@@ -201,13 +202,18 @@ def load_class_names(path: str, num_classes: int) -> List[str]:
 def _open_image(path: str, mode: str):
     from PIL import Image, UnidentifiedImageError
 
+    from .data.imagefolder import scale_to_8bit
+
     if not os.path.isfile(path):
         raise DataError(f"image {path} not found" if not os.path.exists(path) else f"image path {path} is not a file")
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             image.load()
-            return image.convert(mode)
+            image, note = scale_to_8bit(image, path)
+        if note is not None:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        return image.convert(mode)
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {path}: not a recognised image format") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files

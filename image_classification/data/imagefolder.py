@@ -25,12 +25,51 @@ from .sharding import effective_drop_last, subset_indices
 IMG_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 
 
+#: PIL's single-channel modes wider than 8 bits: ``convert("L"/"RGB")`` clips them to 0..255 instead of scaling
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def scale_to_8bit(image: Image.Image, path: str) -> Tuple[Image.Image, Optional[str]]:
+    """``image`` with 16-bit, 32-bit integer or float pixels rescaled to an 8-bit ``L`` image, and a one-line note
+    when the scale had to be guessed (None otherwise); 8-bit images are returned as they are.
+
+    PIL's own conversion clips such pixels (a 16-bit PNG turns almost white, a [0, 1] float TIFF black). 16-bit
+    images (and 32-bit integer ones whose values fit 16 bits, as older PIL reads 16-bit PNGs) scale by 255 / 65535;
+    float images in [0, 1] by 255; other ranges are stretched from their min..max, and the note says so.
+    """
+    if image.mode not in _WIDE_MODES:
+        return image, None
+    import numpy as np
+
+    pixels = np.asarray(image, dtype=np.float64)
+    finite = pixels[np.isfinite(pixels)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    note = None
+    if image.mode.startswith("I;16") or (image.mode == "I" and 0 <= low and high <= 65535):
+        scale, offset = 255.0 / 65535.0, 0.0
+    elif image.mode == "F" and 0 <= low and high <= 1:
+        scale, offset = 255.0, 0.0
+    else:
+        kind = "float" if image.mode == "F" else "32-bit integer"
+        scale, offset = (255.0 / (high - low) if high > low else 0.0), low
+        note = (f"image {path}: {kind} pixels span [{low:g}, {high:g}], outside the ranges with a known scale "
+                f"({'[0, 1]' if image.mode == 'F' else '0..65535'}); stretched from that span to 8 bits")
+    scaled = np.clip(np.nan_to_num((pixels - offset) * scale), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(scaled), note  # a 2-D uint8 array is an "L" image
+
+
 def load_image(path: str) -> Image.Image:
-    """Open and fully decode ``path`` as RGB, raising :class:`DataError` naming the file on failure."""
+    """Open and fully decode ``path`` as RGB, raising :class:`DataError` naming the file on failure (16-bit and float
+    images are scaled to 8 bits first, :func:`scale_to_8bit`; a guessed scale is a warning)."""
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             image.load()
+            image, note = scale_to_8bit(image, path)
+            if note is not None:
+                import warnings
+
+                warnings.warn(note, stacklevel=2)
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {path}: not a recognised image format") from None

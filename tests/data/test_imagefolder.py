@@ -246,3 +246,27 @@ def test_killed_worker_is_one_line(image_folder: Path) -> None:
     with pytest.raises(DataError) as info:
         list(loader)
     assert "DataLoader worker" in str(info.value) and "lower -j/--workers (now 1)" in str(info.value)
+
+
+def test_training_images_of_16_bits_or_floats_load_as_their_8_bit_equal(tmp_path: Path) -> None:
+    """load_image (the ImageFolder, DALI check, COCO and ADE20K readers) scales wide pixels instead of clipping them;
+    an unknown float scale is stretched with a warning naming the file."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from image_classification.data.imagefolder import load_image
+
+    eight = np.random.default_rng(1).integers(0, 256, (12, 12)).astype(np.uint8)
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    Image.fromarray(eight.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    Image.fromarray(eight.astype(np.float32) * 4).save(tmp_path / "wide.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expected = np.asarray(load_image(str(tmp_path / "eight.png")))
+        for name in ("sixteen.png", "float.tif"):
+            assert np.array_equal(np.asarray(load_image(str(tmp_path / name))), expected), name
+    with pytest.warns(UserWarning, match=r"wide.tif: float pixels span \[\d+, \d+\].*stretched"):
+        load_image(str(tmp_path / "wide.tif"))

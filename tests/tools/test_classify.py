@@ -150,3 +150,31 @@ def test_ema_weights(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main([str(path), str(_png(tmp_path / "i.png", (28, 28))), "--ema"])
     assert "holds no EMA weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset,size,chans", [("fashion-mnist", 28, 1), ("imagenet", 64, 3)])
+def test_16_bit_and_float_images_read_as_their_8_bit_equal(dataset: str, size: int, chans: int, tmp_path: Path,
+                                                          capsys) -> None:
+    """A 16-bit PNG (PIL mode I;16) and a [0, 1] float TIFF (mode F) of an 8-bit image are preprocessed exactly as
+    that image, not clipped to white or black by PIL's own conversion, and without a note."""
+    gen = np.random.default_rng(0)
+    eight = gen.integers(0, 256, (40, 40)).astype(np.uint8)
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # 255 -> 65535
+    Image.fromarray(eight.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I") and Image.open(tmp_path / "float.tif").mode == "F"
+    batch = preprocess_images([str(tmp_path / n) for n in ("eight.png", "sixteen.png", "float.tif")], dataset, size,
+                              chans)
+    assert torch.equal(batch[1], batch[0]) and torch.equal(batch[2], batch[0])
+    assert "note" not in capsys.readouterr().err
+
+
+def test_a_float_image_of_unknown_scale_is_stretched_with_a_note(tmp_path: Path, capsys) -> None:
+    pixels = np.linspace(-2, 6, 28 * 28, dtype=np.float32).reshape(28, 28)
+    Image.fromarray(pixels).save(tmp_path / "wide.tif")
+    Image.fromarray(((pixels + 2) / 8 * 255).round().astype(np.uint8)).save(tmp_path / "eight.png")
+    batch = preprocess_images([str(tmp_path / "wide.tif"), str(tmp_path / "eight.png")], "fashion-mnist", 28, 1)
+    assert torch.equal(batch[0], batch[1])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"note: image {tmp_path / 'wide.tif'}: float pixels span [-2, 6], outside the " \
+                                   "ranges with a known scale ([0, 1]); stretched from that span to 8 bits" in err
