@@ -303,7 +303,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.main_args and args.main_args[0] == "--":
         args.main_args = args.main_args[1:]
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
-    args.imagenet_cost = [a.strip() for a in args.imagenet_cost.split(",") if a.strip()]
+    # "none" is what the help names as the default: no ImageNet network
+    args.imagenet_cost = [a.strip() for a in args.imagenet_cost.split(",") if a.strip() and a.strip() != "none"]
     from image_classification.models import list_archs
 
     for arch in args.imagenet_cost:
@@ -325,6 +326,10 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         setattr(args, name, value or None)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must be distinct")
+    from image_classification.training.cli import MAX_SEED
+
+    if any(not 0 <= seed <= MAX_SEED for seed in args.seeds):  # what main.py --seed takes
+        parser.error(f"--seeds must lie in [0, {MAX_SEED}], got {' '.join(map(str, args.seeds))}")
     if args.out is None:
         args.out = args.logs / settings_tag(args)
     if not args.dry_run and not Path(args.data).is_dir():

@@ -158,6 +158,10 @@ def test_study_cli_validation_and_commands(tmp_path: Path, capsys: pytest.Captur
         study.parse(["--imagenet-cost", "resnet18,alexnet", "--dry-run"])
     assert "--imagenet-cost: unknown arch 'alexnet'" in capsys.readouterr().err
     assert study.parse(["--imagenet-cost", "resnet18", "--dry-run"]).imagenet_cost == ["resnet18"]
+    assert study.parse(["--imagenet-cost", "none", "--dry-run"]).imagenet_cost == []  # the default the help names
+    with pytest.raises(SystemExit):
+        study.parse(["--seeds", "0", "-1", "--dry-run"])
+    assert "--seeds must lie in [0, 4294967295], got 0 -1" in capsys.readouterr().err
     args = study.parse(["--ops", "static,pedconv", "--seeds", "3", "--epochs", "1", "--train-subset", "100",
                         "--logs", str(tmp_path), "--dry-run", "--", "--device", "cpu"])
     assert args.ops == ["static", "pedconv"] and args.val_subset is None and args.main_args == ["--device", "cpu"]

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -247,6 +248,7 @@ def run_benchmark(
     dev = resolve_device(device) if isinstance(device, str) else device
     fmt = memory_format(channels_last)
     rows: List[Row] = []
+    started, count, cells = time.perf_counter(), 0, len(shapes) * len(batch_sizes)
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         geometry = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, bias=False)
@@ -262,8 +264,10 @@ def run_benchmark(
             except (ValueError, NotImplementedError) as exc:
                 notes[op] = f"skipped: {exc}"
         for batch in batch_sizes:
+            count += 1
             if log:
-                log(f"  {shape_name} batch {batch} ...")
+                log(f"  [{count}/{cells}] {shape_name} batch {batch}: {len(ops) + 1} modules, interleaved "
+                    f"({time.perf_counter() - started:.0f} s so far) ...")
             x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=dev).contiguous(memory_format=fmt)
             runnable = {}
             batch_notes = dict(notes)
@@ -442,7 +446,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     if not args.autotune:
         set_autotune(False)
-    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def log(msg: str) -> None:  # stderr: standard output keeps the table or the JSON
+        print(msg, file=sys.stderr, flush=True)
+
     memory_kind = ("CUDA peak allocated during forward+backward" if args.device == "cuda"
                    else "bytes of non-parameter tensors saved for backward (training step)")
 
@@ -453,18 +459,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "torch": torch.__version__, "memory": memory_kind, "complete": complete,
                 "rows": [asdict(r) for r in rows]}
 
+    measured: List[Row] = []
+
     def progress(rows: List[Row]) -> None:
+        measured[:] = rows
         if args.out_json is not None:
             write_json_atomic(args.out_json, report_of(rows, False))
 
+    status = 0
     try:
         rows = run_benchmark(args.ops, args.shapes, args.batch_sizes, args.repeats, args.warmup, args.device, log,
                              compile=args.compile, amp=args.amp, channels_last=args.channels_last,
                              on_progress=progress)
+    except KeyboardInterrupt:  # Ctrl-C: the rows measured so far, then exit 130
+        rows, status = list(measured), 130
+        log(f"benchmark: interrupted; the {len(rows)} row(s) measured so far follow"
+            + (f" (also in {args.out_json}, marked incomplete)" if args.out_json is not None else ""))
     finally:
         if not args.autotune:
             set_autotune(None)
-    report = report_of(rows, True)
+    report = report_of(rows, status == 0)
     if args.out_json is not None:
         write_json_atomic(args.out_json, report)
     if args.json:
@@ -474,7 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"compile={args.compile} autotune={args.autotune} amp={args.amp} channels_last={args.channels_last} "
               f"torch={torch.__version__}")
         print(format_table(rows, memory_kind))
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@ Which of the paper's FLOP figures are reproduced, and at which input (``paper_si
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 from image_classification.macs import count_macs, count_params
+from image_classification.progress import progress
 from image_classification.models import ARCHS, build_model
 
 __all__ = ["DENSE_ROWS", "PAPER_ROWS", "DenseRow", "PaperRow", "build_dense_model", "dense_table_rows",
@@ -146,9 +149,8 @@ def profile_model(arch: str, conv: str = "static", placement: str = "paper", ima
 def table_rows(which: str = "all", rows: Optional[Sequence[PaperRow]] = None) -> List[Dict[str, Any]]:
     """Paper rows of ``which`` table with this project's counts and the differences."""
     out = []
-    for row in rows if rows is not None else PAPER_ROWS:
-        if which not in ("all", row.table):
-            continue
+    chosen = [row for row in (rows if rows is not None else PAPER_ROWS) if which in ("all", row.table)]
+    for row in progress(chosen, f"counting the {which} table rows", unit="row"):
         ours = profile_model(row.arch, row.conv, row.placement, 224)
         params_m, macs_m = ours["params_deploy"] / 1e6, ours["macs"] / 1e6
         out.append({**asdict(row), "ours_params_m": round(params_m, 3), "ours_macs_m": round(macs_m, 1),
@@ -207,7 +209,8 @@ def build_dense_model(model: str, conv: str) -> Any:
 def dense_table_rows(macs: bool = True, rows: Optional[Sequence[DenseRow]] = None) -> List[Dict[str, Any]]:
     """Paper rows with this project's parameters (and MACs when ``macs``) and the differences."""
     out = []
-    for row in rows if rows is not None else DENSE_ROWS:
+    chosen = list(rows if rows is not None else DENSE_ROWS)
+    for row in progress(chosen, "counting the dense table rows", unit="row"):
         net = build_dense_model(row.model, row.conv)
         params_m = count_params(net).deploy / 1e6
         entry = {**asdict(row), "ours_params_m": round(params_m, 3), "diff_params_m": round(params_m - row.params_m, 3)}
@@ -249,3 +252,24 @@ def format_dense_table(rows: List[Dict[str, Any]]) -> str:
                      f"{r['ours_params_m']:8.2f} {r['diff_params_m']:+7.2f} {r['gflops']:8.1f} {ours_g} {diff_g} "
                      f"{size_p} {at_p} {diff_p}  {r['note']}")
     return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m image_classification.tools.paper_tables [--table T] [--json]``: the profiler's ``--table``."""
+    from image_classification.argparsing import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m image_classification.tools.paper_tables",
+                            description="The papers' parameter and MAC tables next to this project's counts (the same "
+                            "as python -m image_classification.tools.profiler --table T).")
+    parser.add_argument("--table", choices=("pedconv", "dcd", "odconv", "all", "dense"), default="all",
+                        help="which tables (default: all classification tables; dense: PEDConv Tables 2-3)")
+    parser.add_argument("--json", action="store_true", help="print JSON rows")
+    args = parser.parse_args(argv)
+    rows = dense_table_rows() if args.table == "dense" else table_rows(args.table)
+    text = format_dense_table(rows) if args.table == "dense" else format_table(rows)
+    print(json.dumps(rows, indent=1) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

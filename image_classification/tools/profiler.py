@@ -57,6 +57,7 @@ from image_classification.argparsing import ArgumentParser
 from image_classification.dynamic import autotune
 from image_classification.dynamic.base import infomax_loss
 from image_classification.models import build_model, list_archs
+from image_classification.progress import progress
 from image_classification.timing import (
     AMP_DTYPES,
     autocast_context,
@@ -295,11 +296,12 @@ def _frozen_copies(models: Dict[str, nn.Module]) -> Tuple[Dict[str, nn.Module], 
 
 
 def _time_inference(runners: Dict[str, Any], xs: Sequence[torch.Tensor], warmup: int, grad_context,
-                    amp: str = "none") -> Dict[str, float]:
+                    amp: str = "none", what: str = "batch-1 inference") -> Dict[str, float]:
     """Median ms per batch-1 inference of each runner, interleaved (alternating order); CUDA events on a GPU."""
     times: Dict[str, List[float]] = {k: [] for k in runners}
     with grad_context(), autocast_context(xs[0].device, amp):
-        for i, x in enumerate(xs):
+        for i, x in progress(list(enumerate(xs)), f"timing {what} ({' and '.join(runners)}, interleaved, "
+                             f"{warmup} warm-up)", unit="image"):
             order = list(runners) if i % 2 == 0 else list(runners)[::-1]
             for key in order:
                 elapsed = time_calls(lambda key=key, x=x: runners[key](x), x.device)
@@ -325,7 +327,7 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     (``infer_ratio`` / ``infer_ratio_frozen``) and the training step; the memory figures stay eager.
     ``peak_rss``: also the peak RSS of a training step of each model, each in a spawned process.
     """
-    from image_classification.dynamic import path_report, reset_path_report
+    from image_classification.dynamic import auto_path_layers, path_report, reset_path_report
     from image_classification.dynamic.autotune import prepare_model
 
     dev = resolve_device(device)
@@ -352,24 +354,27 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     cache_file = autotune.default_cache_file(dev)  # the choices main.py made on this machine, and ours for it
     if autotune.autotune_enabled():
         autotune.load_cache_file(cache_file, dev)
+    print(f"profiler: {arch} static and {conv}: calibrating BatchNorm statistics on 2 batches of 8", file=sys.stderr,
+          flush=True)
     calibration = [batch_of(8) for _ in range(2)]
     for m in models.values():
         calibrate_batchnorm(m, calibration)
     reset_path_report(models["dynamic"])  # the calibration forwards are not part of the measurement
     with autocast_context(dev, amp):
         prepare_model(models["dynamic"], train_shape=(train_batch, in_chans, image_size, image_size),
-                      eval_shape=(1, in_chans, image_size, image_size), device=dev, channels_last=channels_last)
+                      eval_shape=(1, in_chans, image_size, image_size), device=dev, channels_last=channels_last,
+                      layers=auto_path_layers(models["dynamic"]), show=True)
     if autotune.autotune_enabled():
         autotune.save_cache_file(cache_file, dev)
     xs = [batch_of(1) for _ in range(warmup + images)]
     if compile:
         torch._dynamo.reset()
         infer = _time_inference({k: _compiled(m, compile_backend) for k, m in models.items()}, xs, warmup,
-                                torch.no_grad, amp)
+                                torch.no_grad, amp, "compiled batch-1 inference (the first image compiles)")
         torch._dynamo.reset()
         folded_models, result["frozen_bn_folded"] = _frozen_copies(models)
         frozen = _time_inference({k: _compiled(m, compile_backend, freezing=True) for k, m in folded_models.items()},
-                                 xs, warmup, torch.no_grad, amp)
+                                 xs, warmup, torch.no_grad, amp, "frozen compiled batch-1 inference")
         del folded_models
         torch._dynamo.reset()
         for key in models:
@@ -392,7 +397,8 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     steps: Dict[str, List[float]] = {k: [] for k in models}
     for m in models.values():
         m.train()
-    for i in range(train_warmup + train_steps):
+    for i in progress(range(train_warmup + train_steps), f"timing batch-{train_batch} training steps (static and "
+                      f"dynamic, interleaved, {train_warmup} warm-up)", unit="step"):
         order = list(models) if i % 2 == 0 else list(models)[::-1]
         for key in order:
             t = _train_step(runners[key], opts[key], x, y, models[key], amp, scalers[key])
@@ -411,7 +417,8 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     if dev.type == "cuda":
         result["peak_memory_ratio"] = result["train_peak_mb_dynamic"] / result["train_peak_mb_static"]
     if peak_rss and dev.type == "cpu":
-        for key, spec in (("static", "static"), ("dynamic", conv)):
+        for key, spec in progress((("static", "static"), ("dynamic", conv)), "peak RSS of a training step, each "
+                                  "model in a fresh process (--no-rss skips)", unit="model"):
             rss = peak_rss_training(arch, spec, "paper" if key == "static" else placement, image_size, num_classes,
                                     in_chans, train_batch, threads, seed)
             result[f"rss_mb_{key}"] = None if rss is None else rss / 2**20
@@ -516,6 +523,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report["latency"]["autotune"] = autotune.autotune_enabled()
     except ValueError as exc:
         parser.error(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the tuned paths so far stay in the path cache)
+        print("profiler: interrupted; nothing measured is printed (a latency ratio needs every step)", file=sys.stderr,
+              flush=True)
+        return 130
     finally:
         autotune.set_autotune(None)
     if args.out_json is not None:

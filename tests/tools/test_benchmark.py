@@ -122,3 +122,27 @@ def test_default_operators_at_batch_1_include_odconv_without_a_training_step(cap
     assert single["train_note"].startswith("train skipped: ODConv2d: the attention's BatchNorm needs at least 2")
     assert rows[("odconv", 2)]["train_ratio"] > 0 and rows[("odconv", 2)]["train_note"] == ""
     assert all(r["fwd_ratio"] > 0 and r["note"] == "" for r in rows.values())
+
+
+def test_ctrl_c_prints_the_rows_measured_so_far_and_exits_130(capsys, monkeypatch, tmp_path):
+    """Progress goes to stderr from the start (JSON on stdout stays parseable); an interrupt in the second
+    (shape, batch) cell prints the first cell's rows, marks the JSON file incomplete and exits 130."""
+    real, calls = benchmark._measure, {"n": 0}
+
+    def measure(*args, **kwargs):  # noqa: ANN002, ANN003
+        calls["n"] += 1
+        if calls["n"] == 3:  # the forward timing of the second cell
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "_measure", measure)
+    out_json = tmp_path / "rows.json"
+    code = benchmark.main(["--ops", "dcd", "--shapes", "tiny", "--batch-sizes", "1,2", "--repeats", "1", "--warmup",
+                           "0", "--threads", "1", "--json", "--out-json", str(out_json)])
+    captured = capsys.readouterr()
+    assert code == 130 and "Traceback" not in captured.err
+    assert "[1/2] tiny batch 1: 2 modules" in captured.err and "[2/2] tiny batch 2" in captured.err
+    assert "benchmark: interrupted; the 1 row(s) measured so far follow (also in" in captured.err
+    report = json.loads(captured.out)
+    assert not report["complete"] and [(r["op"], r["batch"]) for r in report["rows"]] == [("dcd", 1)]
+    assert json.loads(out_json.read_text()) == report

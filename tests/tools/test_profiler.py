@@ -113,3 +113,22 @@ def test_cuda_latency_amp_channels_last(amp: str, capsys: pytest.CaptureFixture)
     lat = json.loads(capsys.readouterr().out)["latency"]
     assert lat["device"] == "cuda" and lat["amp"] == amp
     assert lat["throughput_ratio"] > 0 and lat["peak_memory_ratio"] > 0 and lat["train_peak_mb_dynamic"] > 0
+
+
+def test_latency_shows_progress_and_ctrl_c_is_one_line(capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["--arch", "cifar_resnet20", "--conv", "pedconv", "--num-classes", "10", "--image-size", "16", "--latency",
+            "--threads", "1", "--images", "2", "--warmup", "0", "--train-batch", "2", "--train-steps", "1", "--no-rss",
+            "--no-autotune", "--json"]
+    assert profiler.main(argv) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # progress stays off standard output
+    for line in ("profiler: cifar_resnet20 static and pedconv: calibrating BatchNorm statistics",
+                 "timing batch-1 inference (static and dynamic, interleaved, 0 warm-up): 2 image(s) ...",
+                 "timing batch-2 training steps (static and dynamic, interleaved, 2 warm-up): done (3 step(s)"):
+        assert line in captured.err
+    monkeypatch.setattr(profiler, "_time_inference", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert profiler.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        "profiler: interrupted; nothing measured is printed (a latency ratio needs every step)")
