@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 from image_classification.macs import count_macs, count_params
-from image_classification.progress import progress
 from image_classification.models import ARCHS, build_model
+from image_classification.progress import progress
 
 __all__ = ["DENSE_ROWS", "PAPER_ROWS", "DenseRow", "PaperRow", "build_dense_model", "dense_table_rows",
            "format_dense_table", "format_table", "profile_model", "table_rows"]
