@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from image_classification.data import DataConfig, Loaders, build_loaders
+from image_classification.data import DataConfig, Loaders, build_loaders, list_datasets
 from image_classification.dynamic.registry import implied_spec
 
 from .checkpoint import CheckpointError, check_model_fields, load_checkpoint, load_model_weights, recorded_arch
-from .cli import FALLBACK_ARCH
+from .cli import FALLBACK_ARCH, FALLBACK_DATASET
 from .distributed import DistEnv, align_gradient_strides, broadcast_int
 from .engine import LoopConfig, TrainingSetup
 from .optim import build_optimizer, build_scheduler, optimizer_name
@@ -103,9 +103,9 @@ def infer_conv(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -
 
 
 def infer_model_fields(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]], path: Optional[str]) -> None:
-    """``--arch``/``--placement`` not given: the checkpoint's (``--evaluate``, ``--resume``, fine-tuning), else the
-    parser's fallbacks. An explicit ``--arch``/``--conv`` the checkpoint contradicts is a :class:`CheckpointError`
-    naming both, raised here, before any model is built or tuned."""
+    """``--arch``/``--placement``/``--dataset`` not given: the checkpoint's (``--evaluate``, ``--resume``,
+    fine-tuning), else the parser's fallbacks. An explicit ``--arch``/``--conv`` the checkpoint contradicts is a
+    :class:`CheckpointError` naming both, raised here, before any model is built or tuned."""
     from image_classification.models import list_archs
 
     if checkpoint is not None:
@@ -119,6 +119,10 @@ def infer_model_fields(args: argparse.Namespace, checkpoint: Optional[Dict[str, 
         if args.placement is None and isinstance(checkpoint.get("placement"), str):
             args.placement = checkpoint["placement"]
     args.arch = args.arch or FALLBACK_ARCH
+    if args.dataset is None:  # not given: the dataset the checkpoint was trained on (its recorded arguments)
+        saved_args = checkpoint.get("args") if checkpoint is not None else None
+        saved = saved_args.get("dataset") if isinstance(saved_args, dict) else None
+        args.dataset = saved if saved in list_datasets() else FALLBACK_DATASET
     if args.drop_path is not None and not args.arch.startswith("efficientnet"):
         raise ValueError(f"--drop-path: --arch {args.arch} has no stochastic depth (efficientnet_* archs only)")
 

@@ -26,12 +26,14 @@ from .config import load_config
 from .distributed import env_world_size
 from .optim import LR_SCHEDULES, OPTIMIZERS
 
-__all__ = ["build_parser", "parse_args", "resolve_conv", "DEFAULT_DYNAMIC_SPEC", "FALLBACK_ARCH", "FALLBACK_PLACEMENT"]
+__all__ = ["build_parser", "parse_args", "resolve_conv", "DEFAULT_DYNAMIC_SPEC", "FALLBACK_ARCH", "FALLBACK_DATASET",
+           "FALLBACK_PLACEMENT"]
 
 DEFAULT_DYNAMIC_SPEC = "pedconv"
 #: --arch / --placement when neither the command line, the recipe nor a --resume/--pretrained-weights
 #: checkpoint names one
 FALLBACK_ARCH = "resnet50"
+FALLBACK_DATASET = "imagenet"
 FALLBACK_PLACEMENT = "paper"
 MAX_SEED = 2**32 - 1
 
@@ -101,8 +103,9 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--data-backend", default="pytorch", choices=list_backends(),
                        help="data loader (default: pytorch)")
-    group.add_argument("--dataset", default="imagenet", choices=list_datasets(),
-                       help="dataset layout (default: imagenet)")
+    group.add_argument("--dataset", default=None, choices=list_datasets(),
+                       help=f"dataset layout (default: the one a --resume/--pretrained-weights checkpoint records, "
+                       f"else {FALLBACK_DATASET})")
     group.add_argument("--image-size", type=_positive_int, default=None,
                        help="train/val crop size (default: 224 imagenet, 28 fashion-mnist, 32 cifar10)")
     group.add_argument("--num-classes", type=_positive_int, default=None,
@@ -497,6 +500,8 @@ def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         logdir = os.path.join(args.workspace, args.tensorboard)
         if os.path.exists(logdir) and not os.path.isdir(logdir):
             parser.error(f"--tensorboard {args.tensorboard}: {logdir} is a file, not a directory")
+    if args.dataset is None and args.resume is None and args.pretrained_weights is None:
+        args.dataset = FALLBACK_DATASET  # no checkpoint can name one (build.infer_model_fields does it otherwise)
     if args.data is None and args.data_backend != "synthetic" and args.dataset == "imagenet":
         parser.error(f"DATA is required for --data-backend {args.data_backend} (the directory with train/ and val/)")
 

@@ -329,6 +329,11 @@ def test_fashion_mnist_default_path_one_channel(e2e: SimpleNamespace, tmp_path: 
     _ok(e2e.run(["--dataset", "fashion-mnist", *args, "--epochs", "1", "--prof", "2", "--workspace", str(tmp_path)]))
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pth.tar")
     assert (checkpoint["in_chans"], checkpoint["num_classes"], checkpoint["image_size"]) == (1, 10, 28)
+    # --evaluate (and --resume) without --dataset take the checkpoint's: Fashion-MNIST from its default path
+    _ok(e2e.run([*args, "--evaluate", "--val-subset", "16", "--pretrained-weights",
+                 str(tmp_path / "checkpoint.pth.tar"), "--workspace", str(tmp_path / "eval")]))
+    records = read_raport(tmp_path / "eval" / "raport.json")
+    assert records[0]["data"]["dataset"] == "fashion-mnist" and records[-1]["data"]["val.samples"] == 16
 
 
 def test_path_tuning_is_announced_bounded_and_remembered(e2e: SimpleNamespace, tmp_path: Path) -> None:
