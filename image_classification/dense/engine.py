@@ -444,6 +444,8 @@ def train(
                 raport.log((iteration,), record)
                 progress.update(iteration, {k: v for k, v in record.items() if k != "train.total_ips"})
                 window, seen, tic = {}, 0, time.perf_counter()
+            else:
+                progress.tick(iteration)
             stop = shutdown.synchronized(device if device.type == "cuda" else None)
             boundary = iteration == args.iterations
             is_best = False

@@ -340,6 +340,8 @@ def validate_under_attack(model: nn.Module, cfg: LoopConfig, loader: Iterable, c
                                  torch.tensor(float(n), dtype=torch.float64, device=cfg.device)])
             if (i + 1) % cfg.print_freq == 0 or i + 1 == total:
                 progress.update(i + 1, {"top1": float(100 * sums[1] / sums[3])})
+            else:
+                progress.tick(i + 1)
     finally:
         model.train(was_training)
     loss_sum, correct1, correct5, n = all_reduce_sum(sums.tolist(), cfg.device)

@@ -361,6 +361,8 @@ def train_one_epoch(
             window.check_finite(epoch, metrics["train.loss"], metrics["train.infomax"])
             progress.update(done, {k: metrics[k] for k in ("train.loss", "train.top1", "train.total_ips")})
             window.reset()
+        else:
+            progress.tick(done)
         if boundary:
             steps += 1
             # under DDP the stop flag is all-reduced every few steps only (it costs a host sync)
@@ -412,6 +414,8 @@ def validate(model: nn.Module, cfg: LoopConfig, loader: Iterable, criterion: nn.
                              torch.tensor(float(n), dtype=torch.float64, device=cfg.device)])
         if (i + 1) % cfg.print_freq == 0 or i + 1 == total:
             progress.update(i + 1, {"loss": float(sums[0] / sums[3]), "top1": float(100 * sums[1] / sums[3])})
+        else:
+            progress.tick(i + 1)
     time_sum, count = all_reduce_sum([sum(latencies), len(latencies)], cfg.device)
     loss_sum, correct1, correct5, n = all_reduce_sum(sums.tolist(), cfg.device)
     n_safe = max(n, 1.0)

@@ -178,17 +178,20 @@ def _format(metrics: Dict[str, float]) -> str:
 
 
 class Progress:
-    """Per-epoch console progress: a tqdm bar on a terminal, plain lines every ``print_freq`` otherwise.
+    """Per-epoch console progress: a tqdm bar on a terminal (moving every iteration, metrics every ``print_freq``),
+    plain lines every ``print_freq`` otherwise, and in between one at least every ``quiet_s`` seconds (:meth:`tick`).
 
     Silent when ``enabled`` is false (every rank but 0).
     """
 
-    def __init__(self, desc: str, total: int, print_freq: int, enabled: bool = True, use_tqdm: Optional[bool] = None):
+    def __init__(self, desc: str, total: int, print_freq: int, enabled: bool = True, use_tqdm: Optional[bool] = None,
+                 quiet_s: float = 30.0):
         self.desc = desc
         self.total = total
         self.print_freq = max(1, print_freq)
         self.enabled = enabled
-        self.started = time.perf_counter()
+        self.started = self._last_line = time.perf_counter()
+        self.quiet_s = quiet_s
         if use_tqdm is None:
             use_tqdm = sys.stderr.isatty()
         self._bar = None
@@ -213,7 +216,22 @@ class Progress:
             self._bar.set_postfix_str(_format(metrics), refresh=False)
         else:
             print(f"{self.desc} [{iteration}/{self.total}]  {_format(metrics)}", flush=True)
+            self._last_line = time.perf_counter()
         self._done = iteration
+
+    def tick(self, iteration: int) -> None:
+        """``iteration`` is done, between two :meth:`update` s (no metrics: they cost a host sync): the bar moves on
+        every iteration; without a bar a line says how far the pass got when none was printed for ``quiet_s``."""
+        if not self.enabled or iteration <= self._done:
+            return
+        if self._bar is not None:
+            self._bar.update(iteration - self._done)
+            self._done = iteration
+        elif time.perf_counter() - self._last_line >= self.quiet_s:
+            elapsed = time.perf_counter() - self.started
+            print(f"{self.desc} [{iteration}/{self.total}]  ({elapsed:.0f} s; metrics every {self.print_freq} "
+                  "iterations)", flush=True)
+            self._last_line = time.perf_counter()
 
     def close(self, summary: Optional[Dict[str, float]] = None, stopped_at: Optional[int] = None) -> None:
         """The closing line: ``done in``, or for an epoch a signal cut short after iteration ``stopped_at``,

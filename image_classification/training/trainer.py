@@ -480,6 +480,8 @@ def _precise_bn(run: _Run, epoch: int) -> None:
     def report(done: int) -> None:
         if done % cfg.print_freq == 0 or done == total:
             progress.update(done, {})
+        else:
+            progress.tick(done)
 
     # free adversarial training: the statistics of the perturbed images that training normalises
     prepare = cfg.to_device if comp.adversary is None else comp.adversary.calibration_prepare(cfg.to_device)

@@ -98,3 +98,18 @@ def test_tqdm_progress_on_a_terminal(capsys: pytest.CaptureFixture) -> None:
     progress.close()
     captured = capsys.readouterr()
     assert "Epoch 3 train" in captured.err and "2/2" in captured.err and captured.out == ""
+
+
+def test_between_metric_lines_the_pass_shows_it_moves(capsys: pytest.CaptureFixture) -> None:
+    """tick(): on a terminal the bar counts every iteration; in a log a line appears when none came for quiet_s."""
+    bar = Progress("Epoch 0 train", total=23, print_freq=10, use_tqdm=True)
+    bar.tick(1)
+    assert bar._bar.n == 1  # moved before the first metrics line (was 0/23 until iteration 10)
+    bar.close()
+    capsys.readouterr()
+    plain = Progress("Epoch 0 train", total=23, print_freq=10, use_tqdm=False, quiet_s=3600)
+    plain.tick(1)
+    assert capsys.readouterr().out == ""  # not quiet for long enough yet
+    plain.quiet_s = 0.0
+    plain.tick(2)
+    assert capsys.readouterr().out.startswith("Epoch 0 train [2/23]  (0 s; metrics every 10 iterations)")
