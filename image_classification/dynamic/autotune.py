@@ -53,6 +53,7 @@ __all__ = [
     "autotune_enabled",
     "set_autotune",
     "measure",
+    "MeasurementCut",
     "choose",
     "broadcast_cache",
     "prepare_model",
@@ -170,9 +171,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class MeasurementCut(RuntimeError):
+    """:func:`measure` reached its deadline before every candidate had its rounds."""
+
+
 def measure(candidates: Mapping[str, Callable[[], Any]], device: torch.device, rounds: int = 3,
             max_rounds: int = 12, budget_s: float = 0.25, warmup: int = 1,
-            references: Sequence[str] = ()) -> Dict[str, float]:
+            references: Sequence[str] = (), deadline: Optional[float] = None) -> Dict[str, float]:
     """Milliseconds per call of each candidate: the minimum over interleaved rounds.
 
     Every round times each (still competitive) candidate once, so that load from other processes hits
@@ -180,18 +185,26 @@ def measure(candidates: Mapping[str, Callable[[], Any]], device: torch.device, r
     took less than ``budget_s`` in all, so that fast layers get enough samples to see through
     scheduling noise. After ``rounds`` rounds a candidate slower than ``_GIVE_UP`` times the best
     minimum drops out. ``references`` (e.g. the static conv, for the path report) are timed in every
-    round but neither compete nor drop out.
+    round but neither compete nor drop out. ``deadline`` (a ``time.perf_counter()`` value): no call starts after
+    it; a measurement it cuts short raises :class:`MeasurementCut`.
     """
     names = list(candidates)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+
+    def check_deadline() -> None:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise MeasurementCut("the timing budget ran out during the measurement")
+
     for name in names:
         for _ in range(warmup):
+            check_deadline()
             candidates[name]()
-    samples: Dict[str, List[float]] = {name: [] for name in names}
     active = list(names)
     spent = 0.0
     done = 0
     while active and (done < rounds or (done < max_rounds and spent < budget_s)):
         for name in active:
+            check_deadline()
             _sync(device)
             start = time.perf_counter()
             candidates[name]()
@@ -210,7 +223,8 @@ def measure(candidates: Mapping[str, Callable[[], Any]], device: torch.device, r
 
 
 def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any]]], device: torch.device,
-           fallback: str, references: Sequence[str] = (), valid: Optional[Collection[str]] = None) -> Tuple[str, str]:
+           fallback: str, references: Sequence[str] = (), valid: Optional[Collection[str]] = None,
+           plausible: Optional[Callable[[Mapping[str, float], str], bool]] = None) -> Tuple[str, str]:
     """``(path, source)`` for ``key``: the cached winner, a fresh measurement, or ``fallback``.
 
     ``candidates()`` builds the timing functions (only called when tuning happens); entries named in
@@ -220,6 +234,11 @@ def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any
     when the tuning budget (:func:`set_budget`) is spent. ``valid``: the paths that can run here; a cached winner
     outside them (a cache file from another version that renamed a path, a ``triton`` winner replayed where the
     kernels cannot run) is dropped and the key decided afresh.
+
+    A measurement the budget cut short is not used (source ``budget``). ``plausible(times_ms, winner)``: whether the
+    timings can be true (e.g. no path of a dynamic conv beats the static conv it contains by far); one that cannot
+    (another process's load hit the rounds unevenly) is taken again, and a second such leaves the key to
+    ``fallback`` with source ``noisy``, which, like ``budget``, is never written to disk.
     """
     cached = CACHE.get(key)
     if cached is not None and valid is not None and cached.winner not in valid:
@@ -236,13 +255,25 @@ def choose(key: Hashable, candidates: Callable[[], Mapping[str, Callable[[], Any
     if not _budget_left():  # recorded, so that DDP ranks agree on it; never written to disk
         CACHE.put(key, TuneResult(fallback, {}, "budget"))
         return fallback, "budget"
-    started = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        times = measure(fns, device, references=references)
-    _budget["spent"] = (_budget["spent"] or 0.0) + time.perf_counter() - started
-    winner = min(competing, key=times.__getitem__)
-    CACHE.put(key, TuneResult(winner, times, "tuned"))
-    return winner, "tuned"
+    times: Dict[str, float] = {}
+    for _attempt in range(2):  # an implausible measurement is taken once more
+        started = time.perf_counter()
+        limit = _budget["seconds"]
+        deadline = None if limit is None else started + limit - (_budget["spent"] or 0.0)
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                times = measure(fns, device, references=references, deadline=deadline)
+        except MeasurementCut:  # too few samples to trust: the heuristic, as for keys met after the budget
+            CACHE.put(key, TuneResult(fallback, {}, "budget"))
+            return fallback, "budget"
+        finally:
+            _budget["spent"] = (_budget["spent"] or 0.0) + time.perf_counter() - started
+        winner = min(competing, key=times.__getitem__)
+        if plausible is None or plausible(times, winner):
+            CACHE.put(key, TuneResult(winner, times, "tuned"))
+            return winner, "tuned"
+    CACHE.put(key, TuneResult(fallback, times, "noisy"))  # twice implausible: heuristic, never written to disk
+    return fallback, "noisy"
 
 
 def broadcast_cache(src: int = 0) -> int:
@@ -348,6 +379,9 @@ class _Progress:
         if sources.get("budget"):
             parts.append(f"{sources['budget']} left to the heuristic (--autotune-budget {_budget['seconds']:g} s "
                          "spent; a later run tunes them)")
+        if sources.get("noisy"):
+            parts.append(f"{sources['noisy']} left to the heuristic (their timings were implausible twice: other "
+                         "processes load this machine; a later run tunes them)")
         print(f"PEDConv paths ready in {time.perf_counter() - self.started:.1f} s: " + ", ".join(parts),
               file=sys.stderr, flush=True)
 

@@ -29,7 +29,8 @@ def tuning(monkeypatch):
             fn()
         names = list(candidates)
         winner = state["fastest"] if state["fastest"] in names else names[-1]
-        return {name: (1.0 if name == winner else 2.0 + i) for i, name in enumerate(names)}
+        # the static reference (PEDConv's yardstick) as fast as the winner: a plausible measurement
+        return {name: (1.0 if name in (winner, "static") else 2.0 + i) for i, name in enumerate(names)}
 
     monkeypatch.setattr(autotune, "measure", fake_measure)
     yield state
@@ -325,3 +326,59 @@ def test_a_cached_winner_that_cannot_run_here_is_timed_again(tuning, stale):
     assert torch.isfinite(out).all()
     row = path_report(nn.Sequential(layer))[0]
     assert (row["path"], row["source"]) == ("patch_gemm", "tuned")
+
+
+@pytest.fixture
+def real_timing():
+    """Tuning on with the real measure(), an empty cache; restored afterwards."""
+    autotune.CACHE.clear()
+    autotune.set_autotune(True)
+    yield
+    autotune.set_autotune(None)
+    autotune.set_budget(None)
+    autotune.CACHE.clear()
+
+
+def test_the_budget_bounds_a_measurement_and_a_cut_one_is_not_used(real_timing, tmp_path):
+    """--autotune-budget 0.1 with candidates of 20 ms: the measurement (2 warm-ups + 3 rounds of 2 = 160 ms) stops at
+    the budget, instead of finishing and overrunning it; the key takes the heuristic and nothing goes to disk."""
+    import time
+
+    def sleepy(ms: float):
+        return lambda: time.sleep(ms / 1e3)
+
+    autotune.set_budget(0.1)
+    started = time.perf_counter()
+    chosen = autotune.choose(("cut",), lambda: {"a": sleepy(20), "b": sleepy(20)}, torch.device("cpu"), "b")
+    assert chosen == ("b", "budget")
+    assert time.perf_counter() - started < 0.1 + 0.1  # one call past the deadline at most, plus slack
+    with pytest.raises(autotune.MeasurementCut):
+        autotune.measure({"a": sleepy(5)}, torch.device("cpu"), deadline=time.perf_counter() - 1)
+    assert autotune.save_cache_file(tmp_path / "paths.json") == 0
+
+
+def test_implausible_timings_are_taken_again_then_left_to_the_heuristic(real_timing, tmp_path, monkeypatch):
+    """A winner far below the static conv it contains is measured once more; twice implausible, the key takes the
+    heuristic (source noisy), which is never cached on disk. A plausible second measurement is used."""
+    verdicts = [False, False, False, True]
+    seen = []
+
+    def plausible(times, winner):
+        seen.append((dict(times), winner))
+        return verdicts[len(seen) - 1]
+
+    two = lambda: {"a": lambda: None, "static": lambda: None, "b": lambda: None}  # noqa: E731
+    cpu = torch.device("cpu")
+    assert autotune.choose(("noisy",), two, cpu, "b", references=("static",), plausible=plausible) == ("b", "noisy")
+    assert len(seen) == 2 and autotune.save_cache_file(tmp_path / "paths.json") == 0
+    chosen = autotune.choose(("again",), two, cpu, "b", references=("static",), plausible=plausible)
+    assert chosen[1] == "tuned" and len(seen) == 4 and autotune.save_cache_file(tmp_path / "paths.json") == 1
+
+
+def test_pedconv_calls_a_winner_far_below_the_static_conv_implausible():
+    from image_classification.dynamic.pedconv.selection import PLAUSIBLE_FRACTION_OF_STATIC, plausible_timing
+
+    assert plausible_timing({"factored": 1.0, "patch_gemm": 1.5, "static": 0.9}, "factored")
+    assert not plausible_timing({"factored": 1.0, "patch_gemm": 1.5, "static": 20.0}, "factored")  # seen under load
+    assert plausible_timing({"factored": PLAUSIBLE_FRACTION_OF_STATIC * 3.0, "static": 3.0}, "factored")
+    assert plausible_timing({"factored": 1.0}, "factored")  # no reference timed: nothing to compare with

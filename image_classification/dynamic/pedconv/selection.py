@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,18 @@ def timing_candidates(layer: PEDConv2d, key: TuningKey, names: Sequence[str]) ->
     return {name: make(name) for name in [*names, STATIC_REFERENCE]}
 
 
+#: every path computes at least the static conv's arithmetic (the conv with a rewritten weight, or R of them): a
+#: winner timed below this fraction of the static conv measured in the same rounds says the rounds were hit unevenly
+#: by other processes (seen under load: a path at "0.05x static", the static conv timed at 20 ms instead of ~0.05)
+PLAUSIBLE_FRACTION_OF_STATIC = 1 / 3
+
+
+def plausible_timing(times_ms: Mapping[str, float], winner: str) -> bool:
+    """Whether a tuning measurement can be true: its winner is not far faster than the static conv it contains."""
+    static = times_ms.get(STATIC_REFERENCE)
+    return static is None or times_ms[winner] >= PLAUSIBLE_FRACTION_OF_STATIC * static
+
+
 @torch._dynamo.assume_constant_result
 def resolve_path(token: int, path: str, fields: Tuple[Any, ...]) -> str:
     """Path for one forward of layer ``token`` with the key ``fields`` (:func:`tuning_key`); under
@@ -144,7 +156,8 @@ def resolve_path(token: int, path: str, fields: Tuple[Any, ...]) -> str:
         fallback = heuristic_path(layer, key.shape, key.grad)
         device = torch.device(key.device) if key.device != "cuda" else layer.weight.device
         chosen, source = autotune.choose(key, lambda: timing_candidates(layer, key, names), device, fallback,
-                                         references=(STATIC_REFERENCE,), valid=(*names, fallback))
+                                         references=(STATIC_REFERENCE,), valid=(*names, fallback),
+                                         plausible=plausible_timing)
         cached = autotune.CACHE.get(key)
         times = dict(cached.times_ms) if cached is not None else {}
     if layer is not None:
