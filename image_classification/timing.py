@@ -10,17 +10,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Optional
 
 import torch
 
-__all__ = ["AMP_DTYPES", "resolve_device", "synchronize", "time_calls", "autocast_context", "memory_format",
-           "write_json_atomic"]
+__all__ = ["AMP_DTYPES", "resolve_device", "synchronize", "time_calls", "autocast_context", "memory_format"]
 
 #: ``--amp`` choices: autocast dtype (None: full precision)
 AMP_DTYPES: Dict[str, Optional[torch.dtype]] = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,17 +85,3 @@ def autocast_context(device: torch.device, amp: str) -> ContextManager[Any]:
 
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

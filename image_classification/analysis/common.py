@@ -10,17 +10,16 @@ authors' released PEDConv layout); images come from the project's loaders
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from image_classification.atomic_files import replaced_atomically
 from image_classification.data import DATASETS, DataConfig, DataError, build_loaders
 from image_classification.dynamic.registry import implied_spec
 from image_classification.training.checkpoint import (
@@ -151,24 +150,11 @@ def validation_batches(
     return batches(), loaders
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def write_csv(path: str, rows: Sequence[Dict[str, Any]]) -> str:
     """Write ``rows`` (dicts with the same keys) as CSV, atomically."""
     if not rows:
         raise AnalysisError(f"nothing to write to {path}")
-    with _atomic_path(path) as tmp:
+    with replaced_atomically(path) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
             writer.writeheader()
@@ -181,7 +167,7 @@ def save_figure(fig: Any, path: str) -> str:
     """Save a matplotlib figure as PNG, atomically, and close it."""
     import matplotlib.pyplot as plt
 
-    with _atomic_path(path) as tmp:
+    with replaced_atomically(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

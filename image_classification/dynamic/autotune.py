@@ -36,13 +36,14 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+from image_classification.atomic_files import write_json_atomic
 
 __all__ = [
     "ENV_VAR",
@@ -475,14 +476,7 @@ def save_cache_file(path: Union[str, Path], device: Optional[torch.device] = Non
     payload = {"version": _FILE_VERSION, "fingerprint": mine, "entries": list(merged.values())}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_json_atomic(path, payload, indent=None)
     except OSError as exc:
         print(f"note: cannot write the PEDConv path cache {path} ({exc.strerror or exc}); the next run tunes again",
               file=sys.stderr, flush=True)

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from image_classification.argparsing import ArgumentParser
+from image_classification.atomic_files import write_json_atomic
 from image_classification.dynamic import build_conv, list_operators, parse_spec
 from image_classification.dynamic.autotune import set_autotune
 from image_classification.dynamic.pedconv import PEDConv2d
@@ -63,7 +64,6 @@ from image_classification.timing import (
     resolve_device,
     synchronize,
     time_calls,
-    write_json_atomic,
 )
 
 __all__ = ["LayerShape", "SHAPES", "DEFAULT_SHAPES", "run_benchmark", "main"]

@@ -60,7 +60,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -71,6 +70,7 @@ import torch
 import torch.nn as nn
 
 from image_classification.argparsing import ArgumentParser
+from image_classification.atomic_files import replaced_atomically
 from image_classification.bn_folding import FoldReport, fold_batchnorm
 from image_classification.compat import dynamo_onnx_exporter_is_default
 from image_classification.dynamic.base import DynamicConv2d
@@ -206,18 +206,8 @@ def _other_exporter_hint(fmt: str, used: str) -> str:
 def _atomic_target(path: Path) -> Iterator[Path]:
     """A temporary file next to ``path``, renamed over it only when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with replaced_atomically(path) as tmp:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes 0600)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 @contextlib.contextmanager

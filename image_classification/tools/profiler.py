@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_classification.argparsing import ArgumentParser
+from image_classification.atomic_files import write_json_atomic
 from image_classification.dynamic import autotune
 from image_classification.dynamic.base import infomax_loss
 from image_classification.models import build_model, list_archs
@@ -65,7 +66,6 @@ from image_classification.timing import (
     resolve_device,
     synchronize,
     time_calls,
-    write_json_atomic,
 )
 from image_classification.tools.paper_tables import (
     dense_table_rows,

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from image_classification.argparsing import ArgumentParser
+from image_classification.atomic_files import replaced_atomically, write_json_atomic
 from image_classification.dynamic.pedconv import triton as triton_pedconv
 from image_classification.dynamic.pedconv.triton import pedconv_conv2d_triton, unavailable_reason
 
@@ -505,15 +506,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _write(out_dir: str, report: Dict[str, Any]) -> None:
-    json_path = os.path.join(out_dir, "triton_pedconv_check.json")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(report, handle, indent=1, default=str)
-    os.replace(tmp, json_path)
-    md_path = os.path.join(out_dir, "triton_pedconv_check.md")
-    with open(md_path + ".tmp", "w") as handle:
-        handle.write(markdown(report))
-    os.replace(md_path + ".tmp", md_path)
+    write_json_atomic(os.path.join(out_dir, "triton_pedconv_check.json"), report)
+    with replaced_atomically(os.path.join(out_dir, "triton_pedconv_check.md")) as tmp:
+        tmp.write_text(markdown(report))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -137,13 +137,9 @@ def test_second_run_in_a_locked_workspace_is_refused(tmp_path: Path, capsys: pyt
 def test_checkpoints_respect_the_umask(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     previous = os.umask(0o027)
     try:
-        from image_classification.training.checkpoint import save as module
-
-        module._file_mode.cache_clear()
         _ok([*TINY, "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
     finally:
         os.umask(previous)
-        module._file_mode.cache_clear()
     for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
         assert (tmp_path / "ws" / name).stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
 

@@ -12,18 +12,18 @@ import argparse
 import collections
 import contextlib
 import errno
-import functools
 import logging
 import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Mapping, Optional, Tuple
 
 import torch
+
+from image_classification.atomic_files import temporary_sibling
 
 from .errors import CheckpointError, PathLike, one_line
 
@@ -99,34 +99,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-@functools.lru_cache(maxsize=1)
-def _file_mode() -> int:
-    """The mode ``open()`` gives new files under the process umask (read once; cached)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def _temporary_sibling(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary path next to ``target``; it is removed unless renamed away.
-
-    Its name carries the writer's pid (``.<name>.pid<PID>.<random>.tmp``), and it gets the permissions of
-    an ordinary new file under the umask (mkstemp's 0600 would hide checkpoints from the other users of a
-    shared cluster).
-    """
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _file_mode())
-    except OSError:  # pragma: no cover - filesystems without permissions
-        pass
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+def _temporary_sibling(target: Path) -> ContextManager[Path]:
+    """A temporary next to ``target`` whose name carries the writer's pid (``.<name>.pid<PID>.<random>.tmp``: a
+    later run removes a killed writer's), with an ordinary new file's permissions under the umask."""
+    return temporary_sibling(target, tag=f"pid{os.getpid()}.")
 
 
 def _write_atomic(state: Dict[str, Any], target: Path) -> None:
