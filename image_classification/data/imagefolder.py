@@ -83,7 +83,8 @@ def find_split(root: Optional[str], split: str) -> str:
     if not root:
         raise DataError("no DATA directory given (expected DATA/train and DATA/val class folders)")
     if not os.path.isdir(root):
-        raise DataError(f"DATA directory {root} does not exist")
+        raise DataError(f"DATA {root} is a file; give the directory holding train/ and val/" if os.path.exists(root)
+                        else f"DATA directory {root} does not exist")
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise DataError(f"DATA directory {root} has no '{split}' folder (expected {path}/<class>/<images>)")

@@ -109,8 +109,8 @@ def load_fashion_mnist(root: str, split: str) -> Tuple[torch.Tensor, torch.Tenso
     """``(images uint8 (N, 1, 28, 28), labels int64 (N,))`` of ``split`` (``train`` or ``val`` = t10k)."""
     if not os.path.isdir(root):
         raise DataError(
-            f"Fashion-MNIST directory {root} does not exist "
-            "(install Debian's dataset-fashion-mnist or pass DATA)"
+            f"Fashion-MNIST DATA {root} is a file; give the directory holding the idx files" if os.path.exists(root)
+            else f"Fashion-MNIST directory {root} does not exist (install Debian's dataset-fashion-mnist or pass DATA)"
         )
     image_stem, label_stem = FASHION_MNIST_FILES[split]
     image_path, label_path = _find_idx_file(root, image_stem), _find_idx_file(root, label_stem)
@@ -135,7 +135,8 @@ def find_cifar10_dir(root: Optional[str]) -> str:
     if not root:
         raise DataError("no DATA directory given for cifar10 (expected cifar-10-batches-py or its parent)")
     if not os.path.isdir(root):
-        raise DataError(f"CIFAR-10 directory {root} does not exist")
+        raise DataError(f"CIFAR-10 DATA {root} is a file; give the directory cifar-10-batches-py or its parent"
+                        if os.path.exists(root) else f"CIFAR-10 directory {root} does not exist")
     for candidate in (root, os.path.join(root, "cifar-10-batches-py")):
         if os.path.isfile(os.path.join(candidate, CIFAR10_TEST_BATCH)):
             return candidate

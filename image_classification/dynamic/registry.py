@@ -225,6 +225,9 @@ def parse_spec(spec: str | ConvSpec, **overrides: Any) -> ConvSpec:
             if key not in entry.options:
                 valid = ", ".join(sorted(entry.options)) or "(none)"
                 raise ValueError(f"unknown option {key!r} for operator {name!r}; valid options: {valid}")
+            if key in given:
+                raise ValueError(f"option {key!r} of operator {name!r} is given twice in {spec.strip()!r}; "
+                                 "give it once")
             given[key] = entry.options[key].parse(name, key, text.strip())
     entry = OPERATORS.get(name)
     if entry is None:

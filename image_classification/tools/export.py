@@ -437,7 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     trust_checkpoints(args.trust_checkpoints)
     require_positive(parser, args, ("opset", "image_size", "num_classes", "in_chans", "batch_size"))
-    if args.tolerance <= 0:
+    if not 0 < args.tolerance < float("inf"):  # NaN too: every comparison with it fails, so nothing would pass
         parser.error(f"--tolerance must be > 0, got {args.tolerance}")
     if args.format == "torchscript" and args.opset is not None:
         parser.error("--opset applies to --format onnx only")

@@ -479,6 +479,9 @@ def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if directory_write_problem(existing) is not None:
         parser.error(f"--workspace {args.workspace} is not writable ({existing} is not a writable directory)")
     for flag, path in (("--pretrained-weights", args.pretrained_weights), ("--resume", args.resume)):
+        if path is not None and path != "auto" and os.path.isdir(path):
+            parser.error(f"{flag} {path} is a directory, not a checkpoint file (e.g. "
+                         f"{os.path.join(path, 'checkpoint.pth.tar')} or {os.path.join(path, 'model_best.pth.tar')})")
         if path is not None and path != "auto" and not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such checkpoint file")
     name = args.checkpoint_filename

@@ -97,12 +97,34 @@ class RecipeFile:
     values: Dict[str, Any]
 
 
+def _unique_key_loader() -> type:
+    """A safe YAML loader that refuses a mapping with the same key twice (plain ``safe_load`` keeps the last one
+    silently: a recipe with two ``lr:`` lines would train with whichever came last, unnoticed)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Dict[Any, Any]:
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one",
+                        key_node.start_mark)
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def _read_yaml_mapping(path: str, what: str, error: Callable[[str], NoReturn]) -> Dict[Any, Any]:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as handle:
-            content = yaml.safe_load(handle)
+            content = yaml.load(handle, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
     except OSError as exc:
         error(f"cannot read {what}: {exc.strerror or exc}")
     except UnicodeDecodeError as exc:

@@ -45,6 +45,8 @@ def test_unknown_operator_and_option_list_valid_names():
     with pytest.raises(ValueError,
                        match="valid options: blocks, components, latent, latent_kernel, mode, pool, reduction"):
         parse_spec("dcd:rank=1")
+    with pytest.raises(ValueError, match="option 'rank' of operator 'pedconv' is given twice in 'pedconv:rank=2,"):
+        parse_spec("pedconv:rank=2,rank=4")
     with pytest.raises(ValueError, match="valid options: anneal_epochs"):
         parse_spec("dyconv", experts=2)
     with pytest.raises(ValueError, match="key=value"):

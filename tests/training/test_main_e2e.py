@@ -257,7 +257,7 @@ def _truncated(source: Path, target: Path) -> Path:
 @pytest.mark.parametrize(
     "case",
     ["missing-data", "no-val-folder", "truncated-checkpoint", "other-arch", "other-operator", "opt-batch",
-     "missing-checkpoint"],
+     "missing-checkpoint", "directory-as-checkpoint", "file-as-data"],
 )
 def test_bad_input_one_line_exit_2_nothing_written(e2e: SimpleNamespace, case: str, trained: Path, jpeg_folder: Path,
                                                    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -282,6 +282,11 @@ def test_bad_input_one_line_exit_2_nothing_written(e2e: SimpleNamespace, case: s
         extra, needle = ["--optimizer-batch-size", "6"], "--optimizer-batch-size 6"
     elif case == "missing-checkpoint":
         extra, needle = ["--resume", str(tmp_path / "gone.pth.tar")], "gone.pth.tar"
+    elif case == "directory-as-checkpoint":
+        extra = ["--evaluate", "--pretrained-weights", str(trained)]
+        needle = f"--pretrained-weights {trained} is a directory, not a checkpoint file (e.g. {trained}/checkpoint"
+    elif case == "file-as-data":
+        data, needle = str(best), f"DATA {best} is a file; give the directory holding train/ and val/"
     before = e2e.snapshot(trained)
     ws = tmp_path / "ws"
     argv = [data, *e2e.tiny, "--epochs", "1", *extra, "--workspace", str(ws)]

@@ -74,6 +74,9 @@ def test_missing_or_bad_base_named(capsys: pytest.CaptureFixture, tmp_path: Path
     _write(recipe, "base: _base.yaml\n")
     assert f"unknown key(s) in --config {tmp_path}/_base.yaml: learning-rate" in _one_line_error(
         capsys, ["--config", str(recipe), *common])
+    _write(tmp_path / "_base.yaml", "lr: 0.1\nepochs: 3\nlr: 0.2\n")  # safe_load would keep 0.2 silently
+    assert "key 'lr' appears twice (lines 1 and 3); keep one" in _one_line_error(
+        capsys, ["--config", str(recipe), *common])
 
 
 def test_dense_scripts_resolve_base(tmp_path: Path) -> None:
