@@ -297,6 +297,9 @@ def run(args: argparse.Namespace) -> int:
         failure = worker_failure(exc, args.workers)  # raised by torch's SIGCHLD handler anywhere in the step
         if failure is not None:
             return _report(failure, EXIT_BAD_INPUT, env, monitor)
+        memory = out_of_memory(exc)
+        if memory is not None:
+            return _report(UsageError(ValueError(memory)), EXIT_BAD_INPUT, env, monitor)
         if env is None or not env.distributed or monitor is None or not is_peer_failure(exc):
             _post_unexpected(exc, monitor)
             raise
@@ -314,6 +317,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if monitor is not None:
             monitor.stop()
+
+
+def out_of_memory(exc: BaseException) -> Optional[str]:
+    """One line for an allocation the device cannot serve (torch's CPU "can't allocate memory", CUDA's "out of
+    memory"), with the size asked for and what to lower; None for any other error."""
+    text = " ".join(str(exc).split())
+    if not (isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes", text)
+    size = f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked else None
+    if size is None:
+        cuda = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", text)
+        size = cuda.group(1) if cuda else "more memory than it has"
+    device = "GPU" if "CUDA" in text or "cuda" in text else "machine"
+    return (f"out of memory: the {device} cannot allocate {size} for this run; lower -b (images per process), "
+            "--image-size or the model's size (or --amp on a GPU)")
 
 
 def _report(exc: BaseException, code: int, env: Optional[DistEnv], monitor: Optional[PeerMonitor],

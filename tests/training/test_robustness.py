@@ -281,3 +281,26 @@ def test_trusted_checkpoint_flag(tmp_path: Path, capsys: pytest.CaptureFixture) 
     code, err = _run([*argv, "--workspace", str(tmp_path / "a")], capsys)
     assert code == 2 and "references datetime.date" in _error_line(err)
     _ok([*argv, "--trust-checkpoints", "--workspace", str(tmp_path / "b")], capsys)
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+     "1228800000000 bytes. Error code 12 (Cannot allocate memory)", "the machine cannot allocate 1144.4 GiB"),
+    ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.1 GiB",
+     "the GPU cannot allocate 20.00 GiB"),
+])
+def test_an_allocation_the_machine_cannot_serve_is_one_line(message: str, expected: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Absurd sizes (-b 100000000, --image-size 100000) end in one line naming the size and what to lower, exit 2,
+    instead of the allocator's traceback."""
+    from image_classification.training import build
+
+    def build_network(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(build, "build_network", build_network)
+    code, err = _run([*TINY, "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
+    line = _error_line(err)
+    assert code == 2 and line == (f"main.py: error: out of memory: {expected} for this run; lower -b (images per "
+                                  "process), --image-size or the model's size (or --amp on a GPU)")

@@ -81,11 +81,12 @@ def _check_keys(label: str, state_dict: Mapping[str, Any], target: nn.Module, st
     expected = target.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = []
+    mismatched, names = [], []
     for key, value in state_dict.items():
         if key in expected and isinstance(value, torch.Tensor) and isinstance(expected[key], torch.Tensor):
             if value.shape != expected[key].shape:
                 mismatched.append(f"{key}: checkpoint {list(value.shape)} vs model {list(expected[key].shape)}")
+                names.append(key)
     problems = []
     if strict and missing:
         problems.append(_listing("missing", missing))
@@ -94,7 +95,22 @@ def _check_keys(label: str, state_dict: Mapping[str, Any], target: nn.Module, st
     if mismatched:
         problems.append(_listing("shape mismatches", mismatched))
     if problems:
-        raise CheckpointError(f"{label}: state_dict does not match the model: " + "; ".join(problems))
+        raise CheckpointError(f"{label}: state_dict does not match the model: " + "; ".join(problems)
+                              + _remedy(target, state_dict, names))
+
+
+def _remedy(target: nn.Module, state_dict: Mapping[str, Any], mismatched: Sequence[str]) -> str:
+    """What to change when shapes differ: the class count when only the classifier differs, else the model flags."""
+    if not mismatched:
+        return ""
+    classifier = [name for name, m in target.named_modules() if isinstance(m, nn.Linear)][-1:]
+    head = {f"{name}.weight" for name in classifier} | {f"{name}.bias" for name in classifier}
+    if set(mismatched) <= head:
+        classes = state_dict[f"{classifier[0]}.weight"].shape[0] if f"{classifier[0]}.weight" in state_dict else None
+        if classes is not None:
+            return f" (the checkpoint classifies {classes} classes: give --num-classes {classes})"
+    return (" (the checkpoint's layers have other shapes: check --arch, --conv and --placement, or leave them out to "
+            "take what the checkpoint records)")
 
 
 def recorded_arch(checkpoint: Mapping[str, Any]) -> Optional[str]:

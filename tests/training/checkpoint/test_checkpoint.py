@@ -354,7 +354,14 @@ def test_key_mismatch_lists_keys_and_counts() -> None:
     assert torch.equal(target[0].weight, small[0].weight)
     with pytest.raises(CheckpointError) as exc:  # strict=False never hides a shape mismatch
         load_model_weights(nn.Sequential(nn.Linear(2, 5)), {"state_dict": small.state_dict()}, strict=False)
-    assert_one_line_naming(exc, "2 shape mismatches", "0.weight: checkpoint [2, 2] vs model [5, 2]")
+    assert_one_line_naming(exc, "2 shape mismatches", "0.weight: checkpoint [2, 2] vs model [5, 2]",
+                           "(the checkpoint classifies 2 classes: give --num-classes 2)")  # only the classifier differs
+    conv_first = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(CheckpointError) as exc:
+        load_model_weights(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4, 2)),
+                           {"state_dict": conv_first.state_dict()})
+    assert_one_line_naming(exc, "0.weight: checkpoint [4, 3, 3, 3] vs model [4, 3, 1, 1]",
+                           "(the checkpoint's layers have other shapes: check --arch, --conv and --placement")
 
 
 # ------------------------------------------------------------------------------------ authors' layout
