@@ -91,6 +91,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torchrun_main(translated)
     except ChildFailedError as exc:
         return exit_status(exc)
+    except torch.distributed.DistNetworkError as exc:  # the rendezvous store cannot listen or connect
+        text = " ".join(str(exc).split())
+        if "EADDRINUSE" in text or "address already in use" in text:
+            port, host = args.master_port or 29500, args.master_addr or "127.0.0.1"
+            parser.exit(2, f"multiproc.py: error: port {port} on {host} is in use (another job on this node?): give "
+                        "another --master_port\n")
+        parser.exit(2, f"multiproc.py: error: the rendezvous failed: {text[:300]} (check --master_addr and "
+                    "--master_port)\n")
     except SignalException as exc:  # SIGTERM/SIGINT: torchrun forwarded it; the workers checkpointed and exited
         print(f"multiproc.py: stopped by signal {int(exc.sigval)}", file=sys.stderr)
         return 128 + int(exc.sigval)

@@ -97,3 +97,21 @@ def test_peer_failure_messages_are_recognised() -> None:
         assert is_peer_failure(RuntimeError(message)), message
     assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     assert not is_peer_failure(ValueError("Connection closed by peer"))
+
+
+def test_multiproc_with_its_port_in_use_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    """The rendezvous store cannot listen on a taken --master_port: one line naming the port, exit 2 (no worker
+    starts, so the command after it never runs)."""
+    import socket
+
+    mp = _multiproc()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            mp.main(["--nproc_per_node", "1", "--master_port", str(port), "never_started.py"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"multiproc.py: error: port {port} on 127.0.0.1 is in use (another job on this "
+                                    "node?): give another --master_port")
