@@ -46,7 +46,7 @@ from image_classification.training.checkpoint import (
 )
 from image_classification.training.config import load_config
 from image_classification.training.distributed import DistEnv, align_gradient_strides, all_reduce_sum, barrier
-from image_classification.training.logger import Progress, RaportWriter
+from image_classification.training.logger import Progress, RaportError, RaportWriter
 from image_classification.training.optim import build_optimizer
 
 __all__ = ["IterationSchedule", "Task", "TaskLoader", "add_common_flags", "check_common_flags", "train",
@@ -502,7 +502,7 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
 
     try:
         return body()
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, RaportError) as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 2
     except TrainingError as exc:

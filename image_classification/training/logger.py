@@ -14,13 +14,14 @@ records have ``step`` ``[epoch, iteration]``, epoch records ``[epoch]`` and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 from datetime import datetime
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from image_classification.reporting.raport import raport_values, read_raport
 
@@ -66,6 +67,10 @@ for _prefix in ("val", "val_ema"):
 METRICS.update({"summary.best_top1": _PCT, "summary.epochs": {"unit": None, "format": ":d"}})
 
 
+class RaportError(RuntimeError):
+    """The raport could not be written (full disk, quota, I/O error): one line naming the file (exit status 2)."""
+
+
 class RaportWriter:
     """Append-only DLLogger JSON-lines writer; a no-op when ``path`` is None (non-zero ranks)."""
 
@@ -81,7 +86,24 @@ class RaportWriter:
 
     def _write(self, record: Dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write("DLLL " + json.dumps(record, default=_jsonable) + "\n")
+            try:
+                self._file.write("DLLL " + json.dumps(record, default=_jsonable) + "\n")
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> NoReturn:
+        import shutil
+
+        try:
+            free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(str(self.path)))).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        file, self._file = self._file, None  # nothing more goes to a file that cannot take it
+        with contextlib.suppress(OSError):
+            file.close()  # type: ignore[union-attr]
+        raise RaportError(f"cannot write the raport {self.path}: {exc.strerror or exc} ({free}); the records "
+                          "before this one are in it, the last checkpoint is intact: free space, then continue "
+                          "with --resume auto") from None
 
     def _times(self) -> Tuple[datetime, float]:
         now = datetime.now()
@@ -125,12 +147,17 @@ class RaportWriter:
             self.metadata(name, METRICS[name])
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        for mirror in self.mirrors:
-            mirror.close()
-        self.mirrors = []
+        mirrors, self.mirrors = self.mirrors, []
+        try:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError as exc:
+                    self._fail(exc)
+                self._file = None
+        finally:
+            for mirror in mirrors:
+                mirror.close()
 
 
 def _drop_torn_last_line(path: str) -> None:

@@ -64,7 +64,7 @@ from .engine import (
     train_one_epoch,
     validate,
 )
-from .logger import Progress, RaportWriter
+from .logger import Progress, RaportError, RaportWriter
 from .peers import PeerMonitor, is_peer_failure
 from .precise_bn import recompute_bn_statistics
 
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, env)
     except RanksDisagree as exc:  # every rank found it: rank 0 says it once
         return _report(exc, EXIT_BAD_INPUT, env, None, quiet=env is not None and not env.is_main)
-    except (DataError, CheckpointError, UsageError) as exc:
+    except (DataError, CheckpointError, UsageError, RaportError) as exc:
         return _report(exc, EXIT_BAD_INPUT, env, monitor)
     except NonFiniteLossError as exc:  # all ranks see the same summed loss: rank 0 says it once
         return _report(exc, EXIT_DIVERGED, env, None, quiet=env is not None and not env.is_main)

@@ -113,3 +113,29 @@ def test_between_metric_lines_the_pass_shows_it_moves(capsys: pytest.CaptureFixt
     plain.quiet_s = 0.0
     plain.tick(2)
     assert capsys.readouterr().out.startswith("Epoch 0 train [2/23]  (0 s; metrics every 10 iterations)")
+
+
+def test_a_raport_the_disk_cannot_take_is_one_error_naming_it(tmp_path, monkeypatch) -> None:
+    """A full disk while writing a record: RaportError naming the file, the errno's words and the free space;
+    nothing more is written to it (main.py turns this into one line and exit 2)."""
+    import errno
+
+    from image_classification.training.logger import RaportError
+
+    path = tmp_path / "raport.json"
+    writer = RaportWriter(str(path))
+    writer.log((0, 1), {"train.loss": 1.0})
+
+    class FullFile:
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    writer._file = FullFile()
+    with pytest.raises(RaportError, match=rf"cannot write the raport {path}: No space left on device \(.* MiB free\)"):
+        writer.log((0, 2), {"train.loss": 0.5})
+    writer.log((0, 3), {"train.loss": 0.25})  # the file is dropped: no second error, no write
+    writer.close()
+    assert [r["step"] for r in read_raport(path)] == [[0, 1]]

@@ -304,3 +304,22 @@ def test_an_allocation_the_machine_cannot_serve_is_one_line(message: str, expect
     line = _error_line(err)
     assert code == 2 and line == (f"main.py: error: out of memory: {expected} for this run; lower -b (images per "
                                   "process), --image-size or the model's size (or --amp on a GPU)")
+
+
+def test_a_full_disk_under_the_raport_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from image_classification.training.logger import RaportWriter
+
+    real = RaportWriter._write
+
+    def write(self, record):  # noqa: ANN001
+        if isinstance(record.get("step"), list) and record["step"]:  # the first training record
+            self._fail(OSError(errno.ENOSPC, "No space left on device"))
+        real(self, record)
+
+    monkeypatch.setattr(RaportWriter, "_write", write)
+    code, err = _run([*TINY, "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
+    line = _error_line(err)
+    assert code == 2 and "cannot write the raport" in line and "No space left on device" in line
