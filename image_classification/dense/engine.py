@@ -19,6 +19,7 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -274,6 +275,7 @@ class DenseRun:
     raport: RaportWriter
     start: int = 0  # iterations done before this process
     best: float = -math.inf  # best value of task.best_metric so far
+    shutdown: Optional[GracefulShutdown] = None  # while training: a second signal waits for a checkpoint being written
 
 
 def load_start(args: argparse.Namespace, task: Task,
@@ -351,7 +353,8 @@ def save_state(run: DenseRun, iteration: int, is_best: bool) -> None:
                  "state_dict": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
                  "best_metric": run.best, "rng_per_rank": per_rank, "args": dict(vars(run.args))}
-        save_checkpoint(state, run.args.workspace, "checkpoint.pth.tar", is_best=is_best)
+        with run.shutdown.saving() if run.shutdown is not None else contextlib.nullcontext():
+            save_checkpoint(state, run.args.workspace, "checkpoint.pth.tar", is_best=is_best)
     barrier()
 
 
@@ -428,7 +431,8 @@ def train(
     seen, tic = 0, time.perf_counter()
     iteration = run.start
     model.train()
-    with GracefulShutdown() as shutdown:
+    with GracefulShutdown(program=task.prog) as shutdown:
+        run.shutdown = shutdown
         while iteration < args.iterations:
             batch = next(batches)
             loss, terms = train_step(run, batch, iteration)

@@ -15,6 +15,7 @@ so that job schedulers see the run as interrupted rather than finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -122,6 +123,7 @@ class _Run:
     last: Dict[str, float] = field(default_factory=dict)
     lock: Optional[WorkspaceLock] = None
     paths_printed: bool = False
+    shutdown: Optional[GracefulShutdown] = None  # while training: a second signal waits for a checkpoint being written
 
 
 class UsageError(ValueError):
@@ -485,7 +487,8 @@ def _save(run: _Run, epoch: int, step_in_epoch: int = 0, is_best: bool = False, 
     if run.env.is_main:
         keep = 10**9 if args.gather_checkpoints < 0 else args.gather_checkpoints
         gather = 0 if step_in_epoch or not gather else keep
-        save_checkpoint(state, args.workspace, args.checkpoint_filename, is_best=is_best, gather=gather)
+        with run.shutdown.saving() if run.shutdown is not None else contextlib.nullcontext():
+            save_checkpoint(state, args.workspace, args.checkpoint_filename, is_best=is_best, gather=gather)
     barrier()
 
 
@@ -581,6 +584,7 @@ def _train(run: _Run) -> int:
     if run.resume_rng is not None:
         restore_rng(run.resume_rng)
     with GracefulShutdown() as shutdown:
+        run.shutdown = shutdown
         if args.compile:
             said = ("main.py: {signal} received while compiling; nothing trained since the start or the checkpoint, "
                     "so nothing to save") if run.env.is_main else ""

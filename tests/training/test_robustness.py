@@ -323,3 +323,28 @@ def test_a_full_disk_under_the_raport_is_one_line(tmp_path: Path, capsys: pytest
     code, err = _run([*TINY, "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
     line = _error_line(err)
     assert code == 2 and "cannot write the raport" in line and "No space left on device" in line
+
+
+def test_signals_during_a_checkpoint_write_wait_for_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two SIGTERMs while main.py writes its epoch checkpoint: the write completes (no temporary left), the run
+    stops after it with 143 and a complete checkpoint, the second signal said in one line."""
+    import signal
+
+    from image_classification.training import trainer
+    from image_classification.training.checkpoint import load_checkpoint
+
+    real = trainer.save_checkpoint
+
+    def save(*args, **kwargs):  # noqa: ANN002, ANN003
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    ws = tmp_path / "ws"
+    code, err = _run([*TINY, "--epochs", "3", "--workspace", str(ws)], capsys)
+    assert code == 128 + signal.SIGTERM
+    assert "main.py: SIGTERM again while the checkpoint is written: stopping once it is complete" in err
+    assert load_checkpoint(ws / "checkpoint.pth.tar")["epoch"] == 1
+    assert [p.name for p in ws.iterdir() if p.name.endswith(".tmp")] == []

@@ -30,14 +30,19 @@ class GracefulShutdown:
     """Context manager turning SIGTERM/SIGINT into a flag the training loop polls.
 
     The first signal sets ``requested`` and records ``signum``; the trainer then saves a
-    checkpoint and exits. A second signal gives up waiting: SIGINT raises ``KeyboardInterrupt``,
-    any other signal gets its default action (SIGTERM terminates). Previous handlers are restored
-    on exit. Outside the main thread (where Python cannot install handlers) it installs nothing
-    but stays usable: ``requested`` can still be set by :meth:`request`.
+    checkpoint and exits. A second signal gives up waiting: one line on stderr and the process exits at once
+    with 128 + signum (``os._exit``: no traceback, nothing unwound; nothing is half-written outside a save, and
+    the kernel releases the workspace lock). Inside :meth:`saving` it does not: a checkpoint being written
+    is finished first (cutting it would leave a partial temporary and no checkpoint). Previous handlers are
+    restored on exit. Outside the main thread (where Python cannot install handlers) it installs nothing
+    but stays usable: ``requested`` can still be set by :meth:`request`. ``program`` names the process in
+    the lines it prints.
     """
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), program: str = "main.py") -> None:
         self.signals = tuple(signals)
+        self.program = program
+        self._saving = 0
         self.immediate = False
         self.requested = False
         self.signum: Optional[int] = None
@@ -82,6 +87,20 @@ class GracefulShutdown:
             self.immediate = False
             self._exit_message = None
 
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """A checkpoint write: signals inside it are noted (one line each) and acted on once it is complete."""
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+
+    def _say(self, text: str) -> None:
+        sys.stderr.write(f"{self.program}: {text}\n")
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+
     def _handler(self, signum: int, frame: Any) -> None:
         if self.immediate:
             self.request(signum)
@@ -96,11 +115,18 @@ class GracefulShutdown:
         if not self.requested:
             self.request(signum)
             return
-        self._restore()
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = str(signum)
+        if self._saving:
+            self._say(f"{name} again while the checkpoint is written: stopping once it is complete (SIGKILL stops "
+                      "at once, losing it)")
+            return
+        self._say(f"second {name}: stopping now without saving (the last checkpoint on disk is intact)")
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(128 + signum)
 
     def _restore(self) -> None:
         for signum, previous in self._previous.items():
