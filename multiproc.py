@@ -91,9 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torchrun_main(translated)
     except ChildFailedError as exc:
         return exit_status(exc)
-    except torch.distributed.DistNetworkError as exc:  # the rendezvous store cannot listen or connect
+    except RuntimeError as exc:  # the rendezvous store cannot listen or connect
+        # torch >= 2.7 raises DistNetworkError; 2.6 a plain RuntimeError with the same EADDRINUSE text
         text = " ".join(str(exc).split())
-        if "EADDRINUSE" in text or "address already in use" in text:
+        in_use = "EADDRINUSE" in text or "address already in use" in text
+        if not (in_use or isinstance(exc, getattr(torch.distributed, "DistNetworkError", ()))):
+            raise
+        if in_use:
             port, host = args.master_port or 29500, args.master_addr or "127.0.0.1"
             parser.exit(2, f"multiproc.py: error: port {port} on {host} is in use (another job on this node?): give "
                         "another --master_port\n")
