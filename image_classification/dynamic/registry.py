@@ -21,6 +21,7 @@ from .protocol import ForeignLayout, OperatorProtocol
 
 __all__ = [
     "Option",
+    "LiveChoices",
     "ConvSpec",
     "OPERATORS",
     "register_operator",
@@ -45,6 +46,26 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean (true/false), got {text!r}")
 
 
+class LiveChoices(Sequence[str]):
+    """Choices read anew at every use from ``names()``, for a set that grows after import (PEDConv's execution
+    paths: a path registered later is a valid ``path=NAME`` from then on)."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
+        self._names = names
+
+    def __getitem__(self, index: Any) -> Any:
+        return tuple(self._names())[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __repr__(self) -> str:
+        return f"LiveChoices({tuple(self._names())!r})"
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of an operator: its type, default, allowed choices and a one-line help."""
@@ -52,7 +73,7 @@ class Option:
     type: Any  # int, float, bool, str, or "set" (a '+'-joined subset of ``choices``)
     default: Any
     help: str = ""
-    choices: Optional[Tuple[str, ...]] = None
+    choices: Optional[Sequence[str]] = None  # a tuple, or LiveChoices for a registry that grows
     minimum: Optional[float] = None
 
     def parse(self, op: str, key: str, text: str) -> Any:

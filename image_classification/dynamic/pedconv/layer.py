@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .. import autotune
 from ..protocol import ExportRoute
-from ..registry import Option, register_operator
+from ..registry import LiveChoices, Option, register_operator
 from .authors import AUTHORS_LAYOUT
 from .common import (
     COMPONENTS,
@@ -73,8 +73,9 @@ from .selection import register_layer, resolve_path, tuning_key
 
 __all__ = ["COMPONENTS", "GROUPED_MAX_WEIGHT_RATIO", "MIN_HIDDEN", "PATHS", "PEDConv2d", "share_generator"]
 
-#: ``auto`` and every registered execution path (:data:`.paths.PATH_REGISTRY`).
-PATHS: Tuple[str, ...] = path_names()
+#: ``auto`` and every registered execution path (:data:`.paths.PATH_REGISTRY`), read at each use: a path
+#: registered after this import is a valid ``path=NAME``.
+PATHS: LiveChoices = LiveChoices(path_names)
 
 _OPTIONS = {
     **CP_OPTIONS,
@@ -84,7 +85,8 @@ _OPTIONS = {
         choices=("multiplicative", "additive"),
     ),
     **SAMPLING_OPTIONS,
-    "path": Option(str, "auto", "execution path (all exact; auto = autotuned): " + "/".join(PATHS), choices=PATHS),
+    "path": Option(str, "auto", "execution path (all exact; auto = autotuned): auto or a registered path",
+                   choices=PATHS),
 }
 
 Components = Dict[str, Optional[Tensor]]
@@ -634,13 +636,14 @@ def share_generator(convs: Sequence[PEDConv2d]) -> None:
         if conv._is_follower or conv._followers:
             raise ValueError("share_generator: a layer already takes part in a shared generator")
     leader, followers = convs[0], convs[1:]
-    for conv in convs:
-        conv.__dict__.pop("_lean", None)  # the lean inference applies to unshared layers only
+    # a follower runs on the leader's generator: a different context pooling would be silently replaced
     for conv in followers:
-        for attr in ("sampling", "noise_std"):
+        for attr in ("context", "sampling", "noise_std"):
             if getattr(conv, attr) != getattr(leader, attr):
                 raise ValueError(f"share_generator: all layers need the same {attr}, got "
                                  f"{getattr(leader, attr)!r} and {getattr(conv, attr)!r}")
+    for conv in convs:
+        conv.__dict__.pop("_lean", None)  # the lean inference applies to unshared layers only
     if not followers:
         return
     assert leader.generator is not None

@@ -19,7 +19,7 @@ Adding a path is one entry, e.g. a CUDA kernel for the multiplicative rank-1 con
         help="Triton implicit GEMM of gamma * conv(phi * x, W * psi)"))
 
 after which ``pedconv:path=triton_igemm`` is a valid spec and ``path=auto`` times it where applicable.
-The registry must be complete before models are built (spec validation reads :func:`path_names`).
+Spec validation reads :func:`path_names` at each check, so a path registered at any time is valid from then on.
 
 Paths (see :mod:`.kernels` for the lean Functions):
 

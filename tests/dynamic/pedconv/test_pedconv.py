@@ -345,6 +345,42 @@ def test_share_generator_block():
         share_generator([conv1, conv2])
 
 
+@pytest.mark.parametrize("attr,value", [("context", "bilinear"), ("sampling", "learned"), ("noise_std", 0.5)])
+def test_share_generator_refuses_layers_that_differ_in_the_generator(attr, value):
+    """A follower runs on the leader's generator: a different context (or noise) would be silently replaced."""
+    leader = PEDConv2d(8, 16, 3, padding=1, bias=False)
+    follower = PEDConv2d(16, 16, 3, padding=1, bias=False, **{attr: value})
+    with pytest.raises(ValueError, match=f"same {attr}"):
+        share_generator([leader, follower])
+    assert not leader._followers and not follower._is_follower and follower.generator is not None
+
+
+def test_a_path_registered_after_import_is_a_valid_spec():
+    """register_path's promise: ``pedconv:path=NAME`` is accepted from then on, and the layer runs that path."""
+    from image_classification.dynamic.pedconv.paths import PATH_REGISTRY, PathSpec, register_path
+
+    calls = []
+
+    def run(layer, x, weight, factors):
+        calls.append(tuple(x.shape))
+        return PATH_REGISTRY["fold"].run(layer, x, weight, factors)
+
+    with pytest.raises(ValueError, match="valid: auto, reference"):
+        parse_spec("pedconv:path=my_path")
+    register_path(PathSpec("my_path", run, "fold, counted"))
+    try:
+        assert "my_path" in PATHS
+        torch.manual_seed(3)
+        module = build_conv(parse_spec("pedconv:path=my_path,sampling=none"), 8, 8, 3, padding=1).eval()
+        reference = copy.deepcopy(module)
+        reference.path = "reference"
+        x = torch.randn(2, 8, 6, 6)
+        torch.testing.assert_close(module(x), reference(x))
+        assert calls == [(2, 8, 6, 6)]
+    finally:
+        PATH_REGISTRY.pop("my_path")
+
+
 def test_spec_parsing_and_build():
     spec = parse_spec("pedconv:rank=4,components=phi+psi,sampling=learned,reparam=additive,path=factored")
     assert spec.options["rank"] == 4 and spec.options["components"] == ("phi", "psi")
