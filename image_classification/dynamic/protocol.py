@@ -4,8 +4,8 @@ An operator is one module of this package: a class registered with
 :func:`~.registry.register_operator` that derives from :class:`OperatorProtocol` (through
 :class:`~.base.DynamicConv2d` for dynamic operators). Everything outside ``dynamic/`` (model
 conversion, MAC counting, checkpoint loading, ``build_model``) reads the operator's knowledge from
-these hooks and never tests an operator's name, so adding an operator is one file plus its import
-line in ``dynamic/__init__.py``. Every hook has a default that is right for a plain dynamic conv:
+these hooks and never tests an operator's name, so adding an operator is one file in ``dynamic/peers/``
+plus its import line in ``peers/__init__.py``. Every hook has a default that is right for a plain dynamic conv:
 
 =============================  =====================================================================
 hook                           asked by / default

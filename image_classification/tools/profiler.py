@@ -34,9 +34,8 @@ after a synchronisation (:func:`image_classification.timing.time_calls`), after 
 ``--channels-last`` converts models and inputs to channels_last. On CUDA the report adds the peak
 allocated memory of a training step (``train_peak_mb_*``) and skips the peak RSS; on every device it
 gives the training throughput in images/s (``train_img_s_*``, ``throughput_ratio`` = dynamic / static).
-The module was called ``image_classification.profile`` before; it was renamed because a module named
-``profile`` shadows the standard library's (which ``cProfile`` imports) whenever the package directory
-is on ``sys.path``.
+It is not named ``profile``: a module of that name shadows the standard library's (which ``cProfile``
+imports) whenever the package directory is on ``sys.path``.
 """
 
 from __future__ import annotations

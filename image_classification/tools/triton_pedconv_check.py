@@ -1,5 +1,5 @@
-"""Device check of the fused Triton PEDConv kernels (:mod:`.triton_pedconv`): exactness on the GPU and
-per-layer timing against ``nn.Conv2d`` on cuDNN, in one call::
+"""Device check of the fused Triton PEDConv kernels (:mod:`image_classification.dynamic.pedconv.triton`): exactness
+on the GPU and per-layer timing against ``nn.Conv2d`` on cuDNN, in one call::
 
     python -m image_classification.tools.triton_pedconv_check --out DIR
         [--nets resnet18,resnet50] [--batch 64] [--dtype fp16|bf16|fp32] [--memory-format nhwc|nchw]

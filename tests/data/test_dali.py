@@ -126,7 +126,7 @@ def test_dali_gpu(image_folder: Path) -> None:
 
 
 def test_dali_empty_file_named(image_folder: Path) -> None:
-    """DALI reports "File mapping failed: <path>"; the noise filter used to drop that line with the name."""
+    """DALI reports "File mapping failed: <path>"; the noise filter keeps that line, so the error names the file."""
     empty = image_folder / "train" / "cat" / "zero.jpg"
     empty.write_bytes(b"")
     with pytest.raises(DataError) as info:

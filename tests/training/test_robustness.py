@@ -160,7 +160,8 @@ def test_partial_checkpoints_of_a_killed_run_removed_at_start(tmp_path: Path, ca
 # ------------------------------------------------------------------------------ validation after saving
 def test_a_failing_validation_loses_no_epoch(tmp_path: Path, capsys: pytest.CaptureFixture,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bad val image used to surface after a whole training epoch, which was then lost."""
+    """A validation that fails after a training epoch keeps that epoch: the checkpoint is saved with the validation
+    pending, and the resumed run validates it first."""
     from image_classification.data import DataError
 
     real_validate = trainer.validate
