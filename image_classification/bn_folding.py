@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .dynamic.base import DynamicConv2d
+from .dynamic.functional import batchnorm_affine
 from .dynamic.registry import operator_name
 from .models.module_utils import set_module
 
@@ -80,19 +81,6 @@ class FoldReport:
         if self.note:
             text += f"; {self.note}"
         return text
-
-
-def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:
-    """``(scale, shift)`` of an eval-mode BatchNorm: ``bn(y) == scale * y + shift`` per channel."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("the BatchNorm tracks no running statistics (track_running_stats=False)")
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale.detach(), shift.detach()
 
 
 def _folder(module: nn.Module) -> Optional[Callable[[Tensor, Tensor], None]]:
@@ -164,7 +152,7 @@ def fold_batchnorm(model: nn.Module) -> FoldReport:
             report.skipped.append((label, "channel counts differ"))
             continue
         try:
-            scale, shift = batchnorm_affine(bn)
+            scale, shift = (t.detach() for t in batchnorm_affine(bn))
             if isinstance(conv, nn.Conv2d) and not isinstance(conv, DynamicConv2d):
                 set_module(model, conv_name, fuse_conv_bn_eval(conv, bn))
             else:

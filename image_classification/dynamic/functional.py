@@ -1,4 +1,5 @@
-"""Convolution with a different weight for every sample of the batch, two exact ways.
+"""Functional pieces the operators share: the conv output size, an eval-mode BatchNorm as an affine map, and
+convolution with a different weight for every sample of the batch, two exact ways.
 
 ``per_sample_conv2d(x, weight)`` computes ``y[b] = conv2d(x[b], weight[b])`` for a per-sample weight
 ``B x C_out x C_in/g x kh x kw``:
@@ -19,10 +20,11 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-__all__ = ["PER_SAMPLE_METHODS", "conv_output_size", "per_sample_conv2d"]
+__all__ = ["PER_SAMPLE_METHODS", "batchnorm_affine", "conv_output_size", "per_sample_conv2d"]
 
 PER_SAMPLE_METHODS = ("grouped", "unfold")
 
@@ -33,6 +35,20 @@ def conv_output_size(size: Sequence[int], kernel_size: Tuple[int, int], stride: 
     out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
            for n, k, s, p, d in zip(size, kernel_size, stride, padding, dilation)]
     return out[0], out[1]
+
+
+def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of an eval-mode BatchNorm: ``bn(y) == scale * y + shift`` per channel, differentiable in
+    its affine parameters (BatchNorm folding detaches them; DCD's released variant trains through them)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("the BatchNorm tracks no running statistics (track_running_stats=False)")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
 
 
 def per_sample_conv2d(

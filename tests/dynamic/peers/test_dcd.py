@@ -674,7 +674,7 @@ def test_released_parameter_counts():
 @pytest.mark.parametrize("spec", ["dcd:blocks=2", "dcd:blocks=2,variant=released", "dcd:blocks=2,mode=joint"])
 def test_channels_last_keeps_the_low_rank_residual(spec: str) -> None:
     """With several blocks the B x nb flattening of a channels_last output is a copy: the residual P Phi Q^T x
-    must still reach the output (it was written into the copy and lost), forward and backward."""
+    must reach the output (not only the copy), forward and backward."""
     torch.manual_seed(0)
     layer = build_conv(spec, 32, 32, 3, padding=1)
     if "released" not in spec:
