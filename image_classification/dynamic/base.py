@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
+from .functional import conv_output_size
 from .protocol import OperatorProtocol
 from .registry import check_options
 
@@ -73,10 +74,7 @@ class DynamicConv2d(nn.Module, OperatorProtocol):
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial output size, identical to nn.Conv2d's formula."""
-        out = []
-        for size, k, s, p, d in zip((height, width), self.kernel_size, self.stride, self.padding, self.dilation):
-            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-        return out[0], out[1]
+        return conv_output_size((height, width), self.kernel_size, self.stride, self.padding, self.dilation)
 
     def static_macs(self, input_shape: Tuple[int, ...]) -> int:
         """MACs of nn.Conv2d of this geometry on an input of ``input_shape`` (B x C x H x W):

@@ -6,6 +6,7 @@ from typing import Tuple
 
 import torch.nn as nn
 
+from .functional import conv_output_size
 from .protocol import OperatorProtocol
 from .registry import register_operator
 
@@ -19,8 +20,7 @@ class StaticConv2d(nn.Conv2d, OperatorProtocol):
     def macs(self, input_shape: Tuple[int, ...]) -> int:
         """``B H_out W_out C_out (C_in / groups) k_h k_w`` (the papers' count of a convolution)."""
         batch, _, height, width = (int(s) for s in input_shape)
-        out = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
-            (height, width), self.kernel_size, self.stride, self.padding, self.dilation)]
+        out = conv_output_size((height, width), self.kernel_size, self.stride, self.padding, self.dilation)
         kh, kw = self.kernel_size
         return batch * out[0] * out[1] * self.out_channels * (self.in_channels // self.groups) * kh * kw
 

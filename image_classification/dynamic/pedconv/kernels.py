@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..functional import conv_output_size
+
 __all__ = [
     "ENGINES",
     "Geometry",
@@ -186,9 +188,7 @@ def _mul_to_contiguous(a: Tensor, b: Tensor, shape: Tuple[int, ...]) -> Tensor:
 
 def _out_hw(height: int, width: int, kernel: Tuple[int, int], geometry: Geometry) -> Tuple[int, int]:
     stride, padding, dilation, _ = geometry
-    ho = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    wo = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    return ho, wo
+    return conv_output_size((height, width), kernel, stride, padding, dilation)
 
 
 # ------------------------------------------------------------------------------------------- dense

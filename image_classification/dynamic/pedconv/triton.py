@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ...compat import custom_op
+from ..functional import conv_output_size
 
 __all__ = [
     "best_configs",
@@ -218,8 +219,7 @@ def _geometry(x: Tensor, weight: Tensor, stride: IntPair, padding: IntPair, dila
     dh, dw = _pair("dilation", dilation, 1)
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     height, width = int(x.shape[2]), int(x.shape[3])
-    ho = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = conv_output_size((height, width), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     if ho <= 0 or wo <= 0 or min(x.shape) == 0 or min(weight.shape) == 0:
         raise ValueError(f"pedconv_conv2d_triton: empty input or output (x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}, output {ho}x{wo})")
@@ -571,10 +571,7 @@ def _fake_output(x: Tensor, weight: Tensor, geo_hw: Tuple[Any, Any]) -> Tensor:
 def _output_hw(
     x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]
 ) -> Tuple[Any, Any]:
-    kh, kw = weight.shape[2], weight.shape[3]
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo
+    return conv_output_size((x.shape[2], x.shape[3]), (weight.shape[2], weight.shape[3]), stride, padding, dilation)
 
 
 def _fake_forward(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor], psi: Optional[Tensor],
