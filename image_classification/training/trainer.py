@@ -66,8 +66,8 @@ from .engine import (
     validate,
 )
 from .logger import Progress, RaportError, RaportWriter
-from .peers import PeerMonitor, is_peer_failure
 from .precise_bn import recompute_bn_statistics
+from .rank_health import PeerMonitor, is_peer_failure
 
 __all__ = ["main", "run", "run_parsed"]
 

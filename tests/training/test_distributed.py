@@ -87,7 +87,7 @@ def test_multiproc_exit_status_is_the_root_cause() -> None:
 
 
 def test_peer_failure_messages_are_recognised() -> None:
-    from image_classification.training.peers import is_peer_failure
+    from image_classification.training.rank_health import is_peer_failure
 
     for message in ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms "
                     "for recv operation to complete",

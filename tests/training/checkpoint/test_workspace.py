@@ -95,7 +95,7 @@ def test_unreachable_peer_store_is_logged(caplog: pytest.LogCaptureFixture) -> N
     """A peer monitor that cannot reach its store disables itself with a warning, never silently."""
     import logging
 
-    from image_classification.training.peers import PeerMonitor
+    from image_classification.training.rank_health import PeerMonitor
 
     monitor = PeerMonitor(rank=0, world_size=2, host="127.0.0.1", port=1)
 
@@ -103,6 +103,6 @@ def test_unreachable_peer_store_is_logged(caplog: pytest.LogCaptureFixture) -> N
         raise RuntimeError("connection refused")
 
     monitor._connect = unreachable
-    with caplog.at_level(logging.WARNING, logger="image_classification.training.peers"):
+    with caplog.at_level(logging.WARNING, logger="image_classification.training.rank_health"):
         assert monitor.start() is monitor
     assert "peer monitor disabled" in caplog.text and "connection refused" in caplog.text
