@@ -219,8 +219,8 @@ def run_all(args: argparse.Namespace) -> None:
 def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
     """Deploy params and MACs of the op's model at 28x28x1, 10 classes; batch-1 latency vs static."""
     from image_classification.dynamic import parse_spec
-    from image_classification.tools.paper_tables import profile_model
-    from image_classification.tools.profiler import measure_latency
+    from image_classification.measurement.latency import measure_latency
+    from image_classification.measurement.paper_tables import profile_model
 
     recipe = read_recipe(op)
     from image_classification.dynamic.registry import operator_class
@@ -249,7 +249,7 @@ IMAGENET_TRAIN_BATCH = 16
 def imagenet_cost(arch: str, threads: int) -> ImageNetCost:
     """PEDConv / static on ``arch`` at 224 px: batch-1 latency (40 images) and a training step (batch 16),
     interleaved in this process; about 40 s for ResNet-18 on 2 CPU cores (less with the path cache)."""
-    from image_classification.tools.profiler import measure_latency
+    from image_classification.measurement.latency import measure_latency
 
     print(f"[study] measuring PEDConv / static on {arch} at 224 px (batch-1 latency, train step; under a "
           "minute per network)", flush=True)

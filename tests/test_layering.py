@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -32,3 +33,32 @@ def test_import_linter_contracts_are_kept() -> None:
     done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
+
+
+def _imported_modules(path: Path) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_tools_holds_programs_that_only_programs_and_their_tests_import() -> None:
+    """Every module of tools/ is a program (a ``main``; synthetic_cli is the shared command line of the two
+    synthetic-set programs), and what the scripts and the top-level programs share with them lives in the
+    library: scripts/ import no tools module, main.py/multiproc.py import none, classify.py only its program."""
+    tools = ROOT / "image_classification" / "tools"
+    not_programs = [p.name for p in sorted(tools.glob("*.py"))
+                    if p.name not in ("__init__.py", "synthetic_cli.py") and "def main(" not in p.read_text()]
+    assert not_programs == []
+    offenders = {}
+    for path in [*sorted((ROOT / "scripts").rglob("*.py")), ROOT / "main.py", ROOT / "multiproc.py"]:
+        found = sorted(name for name in _imported_modules(path) if name.startswith("image_classification.tools"))
+        if found:
+            offenders[str(path.relative_to(ROOT))] = found
+    assert offenders == {}
+    assert {name for name in _imported_modules(ROOT / "classify.py") if ".tools" in name} <= {
+        "image_classification.tools.classify", "image_classification.tools.classify.main"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from image_classification.tools import paper_tables as counts
+from image_classification.measurement import paper_tables as counts
 from image_classification.tools import profiler as profile
 from image_classification.tools import train_detection as det_train
 from image_classification.tools import train_segmentation as seg_train

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from image_classification.tools import paper_tables, profiler
+from image_classification.measurement import latency, paper_tables
+from image_classification.tools import profiler
 
 
 def test_counts_json(capsys: pytest.CaptureFixture) -> None:
@@ -33,7 +34,7 @@ def test_table_rows_compare_with_papers() -> None:
 
 
 def test_latency_measures_ratios_tiny() -> None:
-    res = profiler.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=3,
+    res = latency.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=3,
                                   warmup=1, train_batch=4, train_steps=1, train_warmup=0)
     for key in ("infer_ratio", "train_ratio", "memory_ratio"):
         assert res[key] > 0
@@ -56,7 +57,7 @@ def test_bad_input_exits_2_with_one_line(argv: list, match: str, capsys: pytest.
 
 
 def test_latency_reports_paths_and_peak_rss_tiny() -> None:
-    res = profiler.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+    res = latency.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
                                   warmup=1, train_batch=4, train_steps=1, train_warmup=0, peak_rss=True)
     layers = {r["layer"] for r in res["paths"]}
     assert len(layers) == 18 and {r["mode"] for r in res["paths"]} == {"train", "eval"}
@@ -70,7 +71,7 @@ def test_latency_compiled_tiny() -> None:
     """--compile plumbing (the ``eager`` backend here, Dynamo's capture alone: AOTAutograd is tested per operator
     and through main.py, inductor in tests/dynamic/test_compile.py): both models compiled, the frozen batch-1
     figures present. ResNet-10 (9 convolutions, not ResNet-20's 19) halves the tracing."""
-    res = profiler.measure_latency("resnet10", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+    res = latency.measure_latency("resnet10", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
                                   warmup=1, train_batch=4, train_steps=1, train_warmup=1, compile=True,
                                   compile_backend="eager")
     assert res["compile"] and res["infer_ratio"] > 0 and res["infer_ratio_frozen"] > 0 and res["train_ratio"] > 0
@@ -85,7 +86,7 @@ def test_cli_prints_paths(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_latency_with_amp_channels_last_reports_throughput_tiny() -> None:
-    res = profiler.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
+    res = latency.measure_latency("cifar_resnet20", "pedconv", image_size=16, num_classes=10, threads=1, images=2,
                                   warmup=1, train_batch=4, train_steps=2, train_warmup=0, amp="bf16",
                                   channels_last=True)
     assert res["device"] == "cpu" and res["amp"] == "bf16" and res["channels_last"]
@@ -127,7 +128,7 @@ def test_latency_shows_progress_and_ctrl_c_is_one_line(capsys: pytest.CaptureFix
                  "timing batch-1 inference (static and dynamic, interleaved, 0 warm-up): 2 image(s) ...",
                  "timing batch-2 training steps (static and dynamic, interleaved, 2 warm-up): done (3 step(s)"):
         assert line in captured.err
-    monkeypatch.setattr(profiler, "_time_inference", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(latency, "_time_inference", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert profiler.main(argv) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.splitlines()[-1] == (

@@ -193,8 +193,8 @@ def test_counts_match_odconv_tables(arch, conv, params_m, macs_m):
 
 
 def test_profiler_table_and_placement() -> None:
+    from image_classification.measurement import paper_tables
     from image_classification.models import build_model
-    from image_classification.tools import paper_tables
 
     rows = [r for r in paper_tables.PAPER_ROWS if r.table == "odconv"]
     assert {(r.arch, r.conv) for r in rows} >= {("resnet18", "odconv:k=4"), ("mobilenet_v2_x1.0", "odconv")}
