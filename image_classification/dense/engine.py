@@ -504,8 +504,10 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     """Run ``body`` turning bad input into ``prog: error: <one line>`` (exit 2) and a failed run into exit 1."""
     from image_classification.data import DataError
 
+    status: Optional[int] = None
     try:
-        return body()
+        status = body()
+        return status
     except (DataError, CheckpointError, RaportError) as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 2
@@ -515,4 +517,4 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     finally:
         from image_classification.training.distributed import cleanup
 
-        cleanup()
+        cleanup(all_ranks_here=status == 0)

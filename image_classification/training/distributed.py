@@ -152,9 +152,18 @@ def init_distributed(device: str = "auto", timeout_s: Optional[float] = None) ->
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(all_ranks_here: bool = False) -> None:
+    """Destroy the process group. ``all_ranks_here``: every rank reaches this call the same way (the run ended
+    with status 0, or the ranks disagreed on their arguments): a barrier first, so they tear down together.
+
+    Without it gloo on torch 2.6 blocks for ever in ``destroy_process_group`` now and then (2 runs in 12 here)
+    when a peer has already torn down and exited; a barrier is only safe where no rank can be inside another
+    collective, hence the flag."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if all_ranks_here and _active():
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _active() -> bool:

@@ -94,8 +94,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_parsed(args: argparse.Namespace) -> int:
     """:func:`main` on arguments already parsed by :func:`~.cli.parse_args`; returns the exit status."""
+    status: Optional[int] = None
     try:
-        return run(args)
+        status = run(args)
+        return status
     except PeerLost as exc:
         # a process group that lost a peer can block in its destructors (seconds, or for ever with a frozen
         # peer): the message is out, the raport closed and the lock released, so leave at once
@@ -103,7 +105,7 @@ def run_parsed(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(exc.exit_code)
     finally:
-        cleanup()
+        cleanup(all_ranks_here=status == 0)
 
 
 @dataclass
@@ -290,11 +292,15 @@ def run(args: argparse.Namespace) -> int:
             check_same_arguments(run_defining_arguments(args), env.device)
         return _run(args, env)
     except RanksDisagree as exc:  # every rank found it: rank 0 says it once
-        return _report(exc, EXIT_BAD_INPUT, env, None, quiet=env is not None and not env.is_main)
+        code = _report(exc, EXIT_BAD_INPUT, env, None, quiet=env is not None and not env.is_main)
+        _tear_down_together(monitor)
+        return code
     except (DataError, CheckpointError, UsageError, RaportError) as exc:
         return _report(exc, EXIT_BAD_INPUT, env, monitor)
     except NonFiniteLossError as exc:  # all ranks see the same summed loss: rank 0 says it once
-        return _report(exc, EXIT_DIVERGED, env, None, quiet=env is not None and not env.is_main)
+        code = _report(exc, EXIT_DIVERGED, env, None, quiet=env is not None and not env.is_main)
+        _tear_down_together(monitor)
+        return code
     except RuntimeError as exc:
         failure = worker_failure(exc, args.workers)  # raised by torch's SIGCHLD handler anywhere in the step
         if failure is not None:
@@ -319,6 +325,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if monitor is not None:
             monitor.stop()
+
+
+def _tear_down_together(monitor: Optional[PeerMonitor]) -> None:
+    """Every rank stopped at the same collective: stop the heartbeat, then destroy the process group together."""
+    if monitor is not None:
+        monitor.stop()
+    cleanup(all_ranks_here=True)
 
 
 def out_of_memory(exc: BaseException) -> Optional[str]:
