@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from image_classification.data import DataError
 from image_classification.dynamic.base import infomax_loss
 from image_classification.dynamic.registry import parse_spec
 from image_classification.training.checkpoint import (
@@ -46,16 +47,20 @@ from image_classification.training.checkpoint import (
     trust_checkpoints,
 )
 from image_classification.training.config import load_config
-from image_classification.training.distributed import DistEnv, align_gradient_strides, all_reduce_sum, barrier
-from image_classification.training.logger import Progress, RaportError, RaportWriter
+from image_classification.training.distributed import (
+    DistEnv,
+    align_gradient_strides,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+)
+from image_classification.training.engine import NonFiniteLossError
+from image_classification.training.exit_status import error_line, expected_failure
+from image_classification.training.logger import Progress, RaportWriter
 from image_classification.training.optim import build_optimizer
 
 __all__ = ["IterationSchedule", "Task", "TaskLoader", "add_common_flags", "check_common_flags", "train",
-           "TrainingError", "infinite_batches", "load_config_defaults", "parse_task_args", "run_cli", "split_parts"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss); one-line message, exit status 1."""
+           "infinite_batches", "load_config_defaults", "parse_task_args", "run_cli", "split_parts"]
 
 
 class IterationSchedule:
@@ -213,7 +218,6 @@ class TaskLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
-        from image_classification.data import DataError
         from image_classification.data.imagefolder import reraise_one_line
 
         iterator = iter(self.loader)
@@ -239,7 +243,7 @@ def infinite_batches(loader: Iterable, start_epoch: int = 0) -> Iterator[Any]:
             empty = False
             yield batch
         if empty:
-            raise TrainingError("the training set yields no batch (fewer images than --batch-size?)")
+            raise DataError("the training set yields no batch (fewer images than --batch-size?)")
         epoch += 1
 
 
@@ -377,7 +381,8 @@ def evaluate_and_track(run: DenseRun, val_loader: Optional[Iterable], iteration:
 
 def train_step(run: DenseRun, batch: Any, iteration: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Forward, loss (task terms plus the weighted info-max term), backward and one optimizer and LR-schedule
-    step; a non-finite loss is a :class:`TrainingError` naming ``iteration`` and every term."""
+    step; a non-finite loss is a :class:`NonFiniteLossError` naming ``iteration`` and every term (exit status 3,
+    as in main.py)."""
     args, device = run.args, run.env.device
     with _amp_context(device, args.amp):
         terms = run.task.losses(run.wrapped, batch, device)
@@ -387,7 +392,7 @@ def train_step(run: DenseRun, batch: Any, iteration: int) -> Tuple[torch.Tensor,
             terms["infomax"] = args.infomax_weight * extra
             loss = loss + terms["infomax"]
     if not torch.isfinite(loss):
-        raise TrainingError(f"loss is {loss.item()} at iteration {iteration + 1} "
+        raise NonFiniteLossError(f"loss is {loss.item()} at iteration {iteration + 1} "
                             f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
                             "lower --lr or check the data; the last checkpoint is kept")
     run.optimizer.zero_grad(set_to_none=True)
@@ -501,20 +506,17 @@ def _check_fields(checkpoint: Dict[str, Any], task: Task, path: str) -> None:
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """Run ``body`` turning bad input into ``prog: error: <one line>`` (exit 2) and a failed run into exit 1."""
-    from image_classification.data import DataError
-
+    """Run ``body`` with main.py's exit policy (:mod:`image_classification.training.exit_status`): bad input and an
+    allocation the machine cannot serve are ``prog: error: <one line>`` with status 2, a diverged run status 3."""
     status: Optional[int] = None
     try:
         status = body()
         return status
-    except (DataError, CheckpointError, RaportError) as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    except Exception as exc:
+        failure = expected_failure(exc)
+        if failure is None:
+            raise
+        print(error_line(prog, failure.message), file=sys.stderr, flush=True)
+        return failure.status
     finally:
-        from image_classification.training.distributed import cleanup
-
         cleanup(all_ranks_here=status == 0)

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from image_classification.data import DataError, worker_failure
+from image_classification.data import DataError
 from image_classification.dynamic import autotune, set_epoch
 from image_classification.reporting.tensorboard import TensorBoardScalars
 
@@ -65,6 +65,13 @@ from .engine import (
     train_one_epoch,
     validate,
 )
+from .exit_status import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    UsageError,
+    error_line,
+    expected_failure,
+)
 from .logger import Progress, RaportError, RaportWriter
 from .precise_bn import recompute_bn_statistics
 from .rank_health import PeerMonitor, is_peer_failure
@@ -74,9 +81,6 @@ __all__ = ["main", "run", "run_parsed"]
 _LOG = logging.getLogger(__name__)
 
 
-# exit statuses: 0 done, 2 bad input (one line, nothing lost), 3 the run diverged (non-finite loss), 1 a lost
-# peer rank or an unexpected error, 128 + N stopped by signal N after saving a checkpoint
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
 
 class PeerLost(Exception):
@@ -126,13 +130,6 @@ class _Run:
     lock: Optional[WorkspaceLock] = None
     paths_printed: bool = False
     shutdown: Optional[GracefulShutdown] = None  # while training: a second signal waits for a checkpoint being written
-
-
-class UsageError(ValueError):
-    """A bad combination of options found while building the run (one-line message, exit status 2)."""
-
-    def __init__(self, exc: Exception) -> None:
-        super().__init__(" ".join(str(exc).split()))
 
 
 def _refuse_to_replace_a_run(args: argparse.Namespace, resumed: bool) -> None:
@@ -295,19 +292,14 @@ def run(args: argparse.Namespace) -> int:
         code = _report(exc, EXIT_BAD_INPUT, env, None, quiet=env is not None and not env.is_main)
         _tear_down_together(monitor)
         return code
-    except (DataError, CheckpointError, UsageError, RaportError) as exc:
-        return _report(exc, EXIT_BAD_INPUT, env, monitor)
     except NonFiniteLossError as exc:  # all ranks see the same summed loss: rank 0 says it once
         code = _report(exc, EXIT_DIVERGED, env, None, quiet=env is not None and not env.is_main)
         _tear_down_together(monitor)
         return code
-    except RuntimeError as exc:
-        failure = worker_failure(exc, args.workers)  # raised by torch's SIGCHLD handler anywhere in the step
+    except (DataError, CheckpointError, UsageError, RaportError, RuntimeError) as exc:
+        failure = expected_failure(exc, args.workers)
         if failure is not None:
-            return _report(failure, EXIT_BAD_INPUT, env, monitor)
-        memory = out_of_memory(exc)
-        if memory is not None:
-            return _report(UsageError(ValueError(memory)), EXIT_BAD_INPUT, env, monitor)
+            return _report(failure.message, failure.status, env, monitor)
         if env is None or not env.distributed or monitor is None or not is_peer_failure(exc):
             _post_unexpected(exc, monitor)
             raise
@@ -334,33 +326,14 @@ def _tear_down_together(monitor: Optional[PeerMonitor]) -> None:
     cleanup(all_ranks_here=True)
 
 
-def out_of_memory(exc: BaseException) -> Optional[str]:
-    """One line for an allocation the device cannot serve (torch's CPU "can't allocate memory", CUDA's "out of
-    memory"), with the size asked for and what to lower; None for any other error."""
-    text = " ".join(str(exc).split())
-    if not (isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text
-            or "out of memory" in text.lower()):
-        return None
-    import re
-
-    asked = re.search(r"allocate (\d+) bytes", text)
-    size = f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked else None
-    if size is None:
-        cuda = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", text)
-        size = cuda.group(1) if cuda else "more memory than it has"
-    device = "GPU" if "CUDA" in text or "cuda" in text else "machine"
-    return (f"out of memory: the {device} cannot allocate {size} for this run; lower -b (images per process), "
-            "--image-size or the model's size (or --amp on a GPU)")
-
-
-def _report(exc: BaseException, code: int, env: Optional[DistEnv], monitor: Optional[PeerMonitor],
+def _report(message: Any, code: int, env: Optional[DistEnv], monitor: Optional[PeerMonitor],
             quiet: bool = False) -> int:
     """One line on stderr (``[rank N]`` on ranks but 0), the error recorded for the peers; the exit status."""
     if not quiet:
-        rank = f"[rank {env.rank}] " if env is not None and env.distributed and not env.is_main else ""
-        print(f"main.py: error: {rank}{exc}", file=sys.stderr, flush=True)
+        rank = env.rank if env is not None and env.distributed else None
+        print(error_line("main.py", str(message), rank), file=sys.stderr, flush=True)
     if monitor is not None:
-        monitor.post_error(str(exc), code)
+        monitor.post_error(str(message), code)
     return code
 
 

@@ -13,16 +13,17 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
+from image_classification.data import DataError
 from image_classification.dense.engine import (
     Task,
     TaskLoader,
-    TrainingError,
     add_common_flags,
     run_cli,
     train,
 )
 from image_classification.training.checkpoint import load_checkpoint
 from image_classification.training.distributed import DistEnv
+from image_classification.training.engine import NonFiniteLossError
 from image_classification.training.logger import raport_values, read_raport
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -110,9 +111,9 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path: 
     def body() -> int:
         return train(args, task, model, TaskLoader(data, 4, True, 0, ENV, seed=0), None, ENV)
 
-    with pytest.raises(TrainingError, match="loss is nan at iteration 4"):
+    with pytest.raises(NonFiniteLossError, match="loss is nan at iteration 4"):
         body()
-    assert run_cli("toy", body) == 1
+    assert run_cli("toy", body) == 3  # main.py's status for a diverged run
     assert "toy: error: loss is nan" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "ws" / "checkpoint.pth.tar")["iteration"] == 2
 
@@ -129,3 +130,31 @@ def test_resume_refuses_another_tasks_checkpoint(tmp_path: Path, capsys) -> None
 
     assert run_cli("toy", body) == 2
     assert "is for arch 'linear', this run has 'other'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error,status,line", [
+    (lambda: NonFiniteLossError("loss is nan at iteration 3"), 3, "loss is nan at iteration 3"),
+    (lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1228800000000 bytes."),
+     2, "out of memory: the machine cannot allocate 1144.4 GiB for this run; lower -b"),
+    (lambda: DataError("no images in /x"), 2, "no images in /x"),
+])
+def test_dense_tasks_exit_as_main_py_does(capsys: pytest.CaptureFixture, error, status: int, line: str) -> None:
+    """One exit policy (training/exit_status.py): the same failure ends with the same status and line in the
+    dense tasks' loop as in main.py's."""
+    from image_classification.training.exit_status import expected_failure
+
+    def body() -> int:
+        raise error()
+
+    assert run_cli("toy", body) == status
+    assert capsys.readouterr().err.startswith(f"toy: error: {line}")
+    failure = expected_failure(error())
+    assert failure is not None and failure.status == status and failure.message.startswith(line)
+
+
+def test_an_unexpected_error_keeps_its_traceback() -> None:
+    def body() -> int:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run_cli("toy", body)
