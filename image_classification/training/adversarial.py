@@ -189,7 +189,7 @@ class FreeAdversarialTraining:
 def build_free_adversarial_training(args: argparse.Namespace, loaders: Any, cfg: LoopConfig
                                     ) -> Optional[FreeAdversarialTraining]:
     """The free adversarial trainer of ``--adv-train free`` (None without it, and for ``--evaluate``)."""
-    if getattr(args, "adv_train", "none") != "free" or args.evaluate:
+    if args.adv_train != "free" or args.evaluate:
         return None
     pixels = PixelSpace(loaders.mean, loaders.std, cfg.device, cfg.channels_last)
     shape = (cfg.accumulation, args.batch_size, loaders.in_chans, loaders.image_size, loaders.image_size)
@@ -283,7 +283,7 @@ class PGDAttack:
 
 def build_attacks(args: argparse.Namespace, loaders: Any, cfg: LoopConfig) -> List[PGDAttack]:
     """One :class:`PGDAttack` per ``--attack-steps`` value (none without ``--attack pgd``)."""
-    if getattr(args, "attack", "none") != "pgd":
+    if args.attack != "pgd":
         return []
     pixels = PixelSpace(loaders.mean, loaders.std, cfg.device, cfg.channels_last)
     return [PGDAttack(pixels, args.attack_eps / PIXEL_LEVELS, args.attack_step_size / PIXEL_LEVELS, steps,

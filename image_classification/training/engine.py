@@ -64,6 +64,11 @@ class TrainingSetup:
     mixup: Optional[Callable] = None
     adversary: Optional[Adversary] = None  # replays each optimizer step's mini-batches (free adversarial training)
 
+    def evaluated_models(self) -> List[Tuple[str, nn.Module]]:
+        """The unwrapped model and, with ``--use-ema``, its EMA copy, each with its metric prefix (``val``,
+        ``val_ema``): every model that is validated, attacked, re-estimated (precise BN) and checked for NaN."""
+        return [("val", self.module)] + ([("val_ema", self.ema.module)] if self.ema is not None else [])
+
 
 @dataclass
 class LoopConfig:
@@ -228,7 +233,7 @@ def compile_ahead(comp: TrainingSetup, cfg: LoopConfig, train_shape: Optional[Tu
     so that tracing and code generation happen now, in one place a signal may interrupt at once, instead of
     inside the first iteration and the first validation. Leaves no trace: BatchNorm statistics and every
     buffer restored, gradients cleared, global random streams unchanged, the train/eval mode as it was."""
-    models = [comp.module] + ([comp.ema.module] if comp.ema is not None else [])
+    models = [module for _, module in comp.evaluated_models()]
     saved = [{name: b.detach().clone() for name, b in m.named_buffers()} for m in models]
     modes = [m.training for m in models]
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -272,7 +277,7 @@ def compile_ahead_or_eager(comp: TrainingSetup, cfg: LoopConfig, train_shape: Op
     except Exception as exc:  # noqa: BLE001 (only compiler errors are answered; the rest propagate below)
         if not is_compiler_error(exc):
             raise
-        for module in [comp.module] + ([comp.ema.module] if comp.ema is not None else []):
+        for _, module in comp.evaluated_models():
             uncompile(module)
         import torch._dynamo
 

@@ -228,6 +228,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args, steps_per_epoch: int
     end_ratio = args.end_lr / args.lr if args.lr > 0 else 0.0
     schedule = LRSchedule(
         args.lr_schedule, steps_per_epoch, args.epochs, args.warmup, args.lr_steps, args.lr_decay, end_ratio,
-        getattr(args, "lr_decay_epochs", None) or 0.0,
+        args.lr_decay_epochs or 0.0,
     )
     return LambdaLR(optimizer, schedule)

@@ -361,15 +361,14 @@ def _run(args: argparse.Namespace, env: DistEnv) -> int:
 
 def _sync_models(run: _Run) -> None:
     """Rank 0's BatchNorm statistics everywhere (model and EMA) before validating or saving."""
-    sync_buffers(run.comp.module)
-    if run.comp.ema is not None:
-        sync_buffers(run.comp.ema.module)
+    for _, module in run.comp.evaluated_models():
+        sync_buffers(module)
     autotune.broadcast_cache()  # PEDConv paths tuned since the last sync: rank 0's choice everywhere
 
 
 def _print_paths(run: _Run) -> None:
     """``--print-paths``: the path of every PEDConv layer per input shape, once per invocation."""
-    if not getattr(run.args, "print_paths", False) or run.paths_printed or not run.env.is_main:
+    if not run.args.print_paths or run.paths_printed or not run.env.is_main:
         return
     from image_classification.dynamic import format_path_report, path_report
 
@@ -381,9 +380,9 @@ def _print_paths(run: _Run) -> None:
 def _validate_all(run: _Run, epoch: int) -> Dict[str, float]:
     comp, cfg = run.comp, run.cfg
     # the unwrapped model: shards differ in batch count, so no per-batch collective (DDP's buffer broadcast)
-    metrics = validate(comp.module, cfg, run.loaders.val, comp.criterion, "val", epoch)
-    if comp.ema is not None:
-        metrics.update(validate(comp.ema.module, cfg, run.loaders.val, comp.criterion, "val_ema", epoch))
+    metrics: Dict[str, float] = {}
+    for name, module in comp.evaluated_models():
+        metrics.update(validate(module, cfg, run.loaders.val, comp.criterion, name, epoch))
     return metrics
 
 
@@ -414,16 +413,15 @@ def _evaluate(run: _Run) -> int:
 def _robust_descriptions(run: _Run) -> List[Tuple[str, str]]:
     """``(metric prefix, attack)`` of every model and ``--attack-steps`` value: ``val_pgd10``, ``val_ema_pgd10``."""
     attacks = build_attacks(run.args, run.loaders, run.cfg)
-    names = ["val"] + (["val_ema"] if run.comp.ema is not None else [])
-    return [(f"{name}_pgd{attack.steps}", attack.describe()) for name in names for attack in attacks]
+    return [(f"{name}_pgd{attack.steps}", attack.describe()) for name, _ in run.comp.evaluated_models()
+            for attack in attacks]
 
 
 def _attack_all(run: _Run, epoch: int) -> Dict[str, float]:
     """``--attack pgd``: top-1 of the model (and the EMA model) under each PGD attack, on the validation set."""
     comp, cfg = run.comp, run.cfg
     metrics: Dict[str, float] = {}
-    models = [("val", comp.module)] + ([("val_ema", comp.ema.module)] if comp.ema is not None else [])
-    for name, model in models:
+    for name, model in comp.evaluated_models():
         for attack in build_attacks(run.args, run.loaders, cfg):
             metrics.update(validate_under_attack(model, cfg, run.loaders.val, comp.criterion, attack,
                                                  f"{name}_pgd{attack.steps}", epoch, run.args.seed, run.env.rank))
@@ -484,7 +482,7 @@ def _precise_bn(run: _Run, epoch: int) -> None:
     if requested <= 0:
         return
     cfg, comp = run.cfg, run.comp
-    models = [comp.module] + ([comp.ema.module] if comp.ema is not None else [])
+    models = [module for _, module in comp.evaluated_models()]
     total = min(requested, cfg.iterations(len(run.loaders.train)))  # type: ignore[arg-type]
     progress = Progress(f"Epoch {epoch} precise-bn", total, cfg.print_freq, enabled=cfg.is_main)
 
@@ -521,8 +519,8 @@ def _validate_epoch(run: _Run, epoch: int, record: Dict[str, float]) -> bool:
 def _check_finite_weights(run: _Run, epoch: int, iteration: Optional[int] = None) -> None:
     """Refuse to save (or validate) weights or BatchNorm statistics holding NaN/inf: the previous checkpoint
     stays the last good one."""
-    models = [("model", run.comp.module)] + ([("EMA model", run.comp.ema.module)] if run.comp.ema is not None else [])
-    for label, model in models:
+    for name, model in run.comp.evaluated_models():
+        label = "EMA model" if name == "val_ema" else "model"
         tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
         if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             where = f"epoch {epoch}" + (f" iteration {iteration}" if iteration is not None else "")
@@ -635,7 +633,7 @@ def _summary(run: _Run) -> None:
     if run.state.best_prec1 >= 0:
         data["summary.best_top1"] = run.state.best_prec1
     run.raport.log((), data)
-    if getattr(run.args, "compile", False) and run.env.is_main:
+    if run.args.compile and run.env.is_main:
         from torch._dynamo.utils import counters
 
         print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled", flush=True)

@@ -174,7 +174,8 @@ def test_build_optimizer_kinds_and_options() -> None:
 
 
 def test_scheduler_state_round_trip() -> None:
-    args = SimpleNamespace(lr=0.4, end_lr=0.0, lr_schedule="cosine", epochs=4, warmup=1, lr_steps=[2], lr_decay=0.1)
+    args = SimpleNamespace(lr=0.4, end_lr=0.0, lr_schedule="cosine", epochs=4, warmup=1, lr_steps=[2], lr_decay=0.1,
+                           lr_decay_epochs=None)
     opt = build_optimizer(_net(), 0.4, 0.9, 1e-4)
     sched = build_scheduler(opt, args, steps_per_epoch=5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.4 / 5)
