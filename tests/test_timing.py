@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import List
 
 import pytest
@@ -71,3 +72,41 @@ def test_autocast_context() -> None:
         assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="--amp 'fp8'"):
         timing.autocast_context(torch.device("cpu"), "fp8")
+
+
+def test_interleaved_samples_rounds_warmup_number_and_alternation() -> None:
+    """The one harness: warm-up calls first, then rounds that call every function once (reversed every other round
+    with ``alternate``), ``number`` calls per sample (per function from a mapping), ``repeats`` samples each."""
+    from image_classification.timing import interleaved_samples
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    samples = interleaved_samples(fns, torch.device("cpu"), 2, warmup=1, number={"a": 2, "b": 1, "c": 1},
+                                  alternate=True, first_round=1)
+    assert calls == ["a", "b", "c",  # warm-up
+                     "c", "b", "a", "a",  # round 1: reversed (first_round 1 is odd); a twice per sample
+                     "a", "a", "b", "c"]
+    assert {name: len(values) for name, values in samples.items()} == {"a": 2, "b": 2, "c": 2}
+    assert all(value >= 0 for values in samples.values() for value in values)
+
+
+def test_interleaved_samples_stops_where_before_call_raises() -> None:
+    from image_classification.timing import interleaved_samples
+
+    calls = []
+
+    def deadline() -> None:
+        if len(calls) >= 3:
+            raise TimeoutError("budget")
+
+    with pytest.raises(TimeoutError):
+        interleaved_samples({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"),
+                            5, before_call=deadline)
+    assert calls == ["a", "b", "a"]
+
+
+def test_calls_for_duration_is_bounded() -> None:
+    from image_classification.timing import calls_for_duration
+
+    assert calls_for_duration(lambda: None, torch.device("cpu"), 10.0, cap=7) == 7
+    assert calls_for_duration(lambda: time.sleep(0.02), torch.device("cpu"), 0.001) == 1

@@ -44,6 +44,7 @@ from typing import Any, Callable, Collection, Dict, Hashable, Iterator, List, Ma
 import torch
 
 from image_classification.atomic_files import write_json_atomic
+from image_classification.timing import interleaved_samples
 
 __all__ = [
     "ENV_VAR",
@@ -167,11 +168,6 @@ class PathCache:
 CACHE = PathCache()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class MeasurementCut(RuntimeError):
     """:func:`measure` reached its deadline before every candidate had its rounds."""
 
@@ -196,23 +192,16 @@ def measure(candidates: Mapping[str, Callable[[], Any]], device: torch.device, r
         if deadline is not None and time.perf_counter() > deadline:
             raise MeasurementCut("the timing budget ran out during the measurement")
 
-    for name in names:
-        for _ in range(warmup):
-            check_deadline()
-            candidates[name]()
+    interleaved_samples(candidates, device, 0, warmup=warmup, before_call=check_deadline)
     active = list(names)
     spent = 0.0
     done = 0
     while active and (done < rounds or (done < max_rounds and spent < budget_s)):
-        for name in active:
-            check_deadline()
-            _sync(device)
-            start = time.perf_counter()
-            candidates[name]()
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            samples[name].append(elapsed)
-            spent += elapsed
+        # one round at a time: after each, the slow candidates drop out and the budget is checked
+        for name, values in interleaved_samples({n: candidates[n] for n in active}, device, 1,
+                                                before_call=check_deadline).items():
+            samples[name].extend(values)
+            spent += sum(values)
         done += 1
         competing = [n for n in active if n not in references]
         if done >= rounds and competing:

@@ -21,6 +21,7 @@ from image_classification.progress import progress
 from image_classification.timing import (
     AMP_DTYPES,
     autocast_context,
+    interleaved_samples,
     memory_format,
     resolve_device,
     synchronize,
@@ -251,11 +252,11 @@ def _time_inference(runners: Dict[str, Any], xs: Sequence[torch.Tensor], warmup:
     with grad_context(), autocast_context(xs[0].device, amp):
         for i, x in progress(list(enumerate(xs)), f"timing {what} ({' and '.join(runners)}, interleaved, "
                              f"{warmup} warm-up)", unit="image"):
-            order = list(runners) if i % 2 == 0 else list(runners)[::-1]
-            for key in order:
-                elapsed = time_calls(lambda key=key, x=x: runners[key](x), x.device)
+            # one round per image (a new input each time), the order alternating between images
+            fns = {key: (lambda run=run, x=x: run(x)) for key, run in runners.items()}
+            for key, samples in interleaved_samples(fns, x.device, 1, alternate=True, first_round=i).items():
                 if i >= warmup:
-                    times[key].append(elapsed)
+                    times[key].extend(samples)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 

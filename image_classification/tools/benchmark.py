@@ -60,10 +60,11 @@ from image_classification.dynamic.pedconv.paths import PATH_REGISTRY
 from image_classification.timing import (
     AMP_DTYPES,
     autocast_context,
+    calls_for_duration,
+    interleaved_samples,
     memory_format,
     resolve_device,
     synchronize,
-    time_calls,
 )
 
 __all__ = ["LayerShape", "SHAPES", "DEFAULT_SHAPES", "run_benchmark", "main"]
@@ -147,32 +148,17 @@ def _train_fn(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return run
 
 
-def _timed(fn: Callable[[], None], device: torch.device, number: int = 1) -> float:
-    """Seconds per call of ``fn`` averaged over ``number`` back-to-back calls (CUDA events on a GPU)."""
-    return time_calls(fn, device, number)
-
-
-def _calibrate(fns: Dict[str, Callable[[], None]], device: torch.device, target_s: float) -> int:
-    """Calls per sample so that the static conv's sample lasts about ``target_s`` (at least 1)."""
-    once = min(_timed(fns["static"], device) for _ in range(3))
-    return max(1, min(100, int(target_s / max(once, 1e-6))))
-
-
 def _measure(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int,
              target_s: float) -> Dict[str, float]:
-    """Interleaved timing: every repeat times each function in turn; the minimum per function.
+    """Interleaved timing (:func:`image_classification.timing.interleaved_samples`), every sample as many calls as
+    make the static conv's last ``target_s``; the minimum per function, in seconds per call.
 
     The minimum (as ``timeit`` recommends) is used because other processes only ever add time;
     on a shared machine the median still carries their noise.
     """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    number = _calibrate(fns, device, target_s)
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(_timed(fn, device, number))
+    interleaved_samples(fns, device, 0, warmup=warmup)
+    number = calls_for_duration(fns["static"], device, target_s, trials=3)
+    samples = interleaved_samples(fns, device, repeats, number=number)
     return {name: min(values) for name, values in samples.items()}
 
 

@@ -50,6 +50,7 @@ from image_classification.argparsing import ArgumentParser
 from image_classification.atomic_files import replaced_atomically, write_json_atomic
 from image_classification.dynamic.pedconv import triton as triton_pedconv
 from image_classification.dynamic.pedconv.triton import pedconv_conv2d_triton, unavailable_reason
+from image_classification.timing import calls_for_duration, interleaved_samples, synchronize
 
 __all__ = ["LayerSpec", "network_layers", "check_exactness", "time_layer", "ptx_report", "main"]
 
@@ -204,41 +205,16 @@ def check_exactness(device: torch.device, cases: Sequence[tuple] = EXACTNESS_CAS
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _sample_ms(fn: Callable[[], Any], device: torch.device, inner: int) -> float:
-    """Milliseconds per call over ``inner`` back-to-back calls (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / inner
-    begin = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - begin) * 1e3 / inner
-
-
 def measure(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int = 3, repeats: int = 7,
             target_ms: float = 10.0) -> Dict[str, float]:
-    """Warm up each function (compilation and autotuning happen here), then interleaved samples of
-    enough calls to last ``target_ms``; the median per function, in milliseconds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    inner = {name: max(1, min(50, int(target_ms / max(_sample_ms(fn, device, 1), 1e-3)))) for name, fn in fns.items()}
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(_sample_ms(fn, device, inner[name]))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Warm up each function (compilation and autotuning happen here), then interleaved samples of enough calls
+    to last ``target_ms`` (:func:`image_classification.timing.interleaved_samples`); the median per function, in
+    milliseconds."""
+    interleaved_samples(fns, device, 0, warmup=warmup)
+    synchronize(device)
+    number = {name: calls_for_duration(fn, device, target_ms / 1e3, cap=50) for name, fn in fns.items()}
+    samples = interleaved_samples(fns, device, repeats, number=number)
+    return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
 
 
 @dataclass
