@@ -67,7 +67,7 @@ def test_all_paths_skips_a_path_that_cannot_run_here(capsys, monkeypatch):
     from image_classification.dynamic.pedconv import triton as triton_pedconv
     from image_classification.dynamic.pedconv.paths import PATH_REGISTRY
 
-    monkeypatch.setattr(triton_pedconv, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_pedconv, "interpreting", lambda: False)
     args = benchmark.parse_args(["--ops", "pedconv", "--all-paths"])
     assert args.ops == ["pedconv", *(f"pedconv:path={p}" for p in PATH_REGISTRY if p != "reference")]
     benchmark.main(["--ops", "pedconv:path=fold,pedconv:path=triton", "--shapes", "tiny", "--batch-sizes", "1",

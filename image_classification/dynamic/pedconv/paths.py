@@ -55,9 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import triton as triton_ops
 from .kernels import materialized_conv, scaled_conv
-from .triton import path_applicable as _triton_applicable
-from .triton import run_path as _run_triton
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import PEDConv2d
@@ -75,6 +74,8 @@ __all__ = [
     "candidate_paths",
     "heuristic_path",
     "effective_weight",
+    "triton_applicable",
+    "triton_unsupported_reason",
 ]
 
 Shape = Tuple[int, ...]
@@ -376,10 +377,91 @@ register_path(PathSpec("unfold", _activation_scaled(_psi_unfold_conv), "psi-scal
 register_path(PathSpec("patch_gemm", _run_patch_gemm,
                        "phi(x)psi-scaled patches of all samples as one matrix: one GEMM forward, one for grad-W",
                        applicable=_multiplicative, lean=True))
-# the fused Triton implicit GEMM (CUDA; rank 1, multiplicative, groups 1; see .triton)
+register_path(PathSpec("reference", _run_reference, "per-sample F.conv2d with the effective weight (the formula)",
+                       tune=False))
+register_path(PathSpec("materialize", _run_materialize, "per-sample effective weights, one grouped conv",
+                       applicable=_materialize_applicable, lean=True))
+register_path(PathSpec("fold", _run_fold, "gamma * conv(x, W * (phi (x) psi)_b): grouped per-sample kernel",
+                       applicable=_fold_applicable, lean=True))
+register_path(PathSpec("sample_loop", _run_sample_loop,
+                       "one dense conv per sample with W * (phi (x) psi)_b, gamma on the output",
+                       applicable=_sample_loop_applicable, lean=True))
+register_path(PathSpec("factored", _activation_scaled(_psi_shift_conv),
+                       "psi as k*k shifted 1x1 convs weighted per sample", applicable=_inference_only))
+register_path(PathSpec("unfold", _activation_scaled(_psi_unfold_conv), "psi-scaled patches, per-sample matmuls",
+                       applicable=_inference_only))
+register_path(PathSpec("patch_gemm", _run_patch_gemm,
+                       "phi(x)psi-scaled patches of all samples as one matrix: one GEMM forward, one for grad-W",
+                       applicable=_multiplicative, lean=True))
+# ------------------------------------------------------------------------------------------- triton
+# the fused Triton implicit GEMM (CUDA; rank 1, multiplicative, groups 1; kernels and launchers: .triton)
+def triton_unsupported_reason(layer: PEDConv2d, dtype: torch.dtype, device: torch.device, grad: bool) -> Optional[str]:
+    """Why the ``triton`` path cannot run ``layer`` on an input of ``dtype`` on ``device`` (None: it can).
+
+    ``dtype`` is the compute dtype (the autocast dtype under autocast). Device: compiled kernels need
+    CUDA; Triton's interpreter (``TRITON_INTERPRET=1``) runs them anywhere. A backward under
+    ``torch.use_deterministic_algorithms(True)`` (``main.py --deterministic``) is refused: its float32
+    atomics add in an unspecified order.
+    """
+    if layer.reparam != "multiplicative":
+        return "it computes the multiplicative form only (this layer has reparam=additive)"
+    if layer.groups != 1:
+        return f"it supports groups = 1 only (this layer has groups = {layer.groups})"
+    if dtype not in triton_ops.SUPPORTED_DTYPES:
+        return f"it supports float32/float16/bfloat16 only (the input computes in {dtype})"
+    if (grad and torch.are_deterministic_algorithms_enabled()
+            and not torch.is_deterministic_algorithms_warn_only_enabled()):
+        return ("its backward adds float32 partial sums with atomics, which torch.use_deterministic_algorithms(True) "
+                "(--deterministic) forbids")
+    if torch.compiler.is_compiling():
+        return None  # traced: the operator checks the device when it runs
+    return triton_ops.unavailable_reason(device)
+
+
+def _triton_compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def triton_applicable(layer: PEDConv2d, shape: Tuple[int, ...], grad: bool) -> bool:
+    """Whether ``path=auto`` times the ``triton`` path: compiled kernels on a CUDA device (never the
+    interpreter), a single rank-1 term, and everything :func:`triton_unsupported_reason` accepts."""
+    weight = layer.weight
+    if not weight.is_cuda or triton_ops.interpreting():
+        return False
+    single_term = layer.rank == 1 or len(layer.components) == 1
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight.dtype
+    return single_term and triton_unsupported_reason(layer, dtype, weight.device, grad) is None
+
+
+def _run_triton(layer: PEDConv2d, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
+    """``PathSpec.run`` of the ``triton`` path: ``sum_r gamma_r * conv(phi_r * x, W_base * psi_r)`` with the
+    fused kernel, one launch per rank-1 term (factors B x R x dim, None for a left-out component)."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    reason = triton_unsupported_reason(layer, _triton_compute_dtype(x), x.device, grad)
+    if reason is not None:
+        raise ValueError(f"pedconv: path=triton cannot run this layer: {reason}")
+    gamma, phi, psi = factors
+    rank = layer.rank
+    if len(layer.components) == 1 and rank > 1:  # a single component: sum_r W * c_r = W * sum_r c_r
+        gamma, phi, psi = (None if c is None else c.sum(dim=1, keepdim=True) for c in (gamma, phi, psi))
+        rank = 1
+    autotune = triton_ops.tile_mode() != "heuristic"
+    out: Optional[Tensor] = None
+    for r in range(rank):
+        terms = [None if c is None else c.select(1, r) for c in (gamma, phi, psi)]
+        y = triton_ops.pedconv_conv2d_triton(x, weight, *terms, stride=tuple(layer.stride),
+                                             padding=tuple(layer.padding), dilation=tuple(layer.dilation),
+                                             autotune=autotune)
+        out = y if out is None else out + y
+    assert out is not None
+    return out
+
+
 register_path(PathSpec("triton", _run_triton,
                        "fused Triton implicit GEMM gamma * conv(phi * x, W * psi), CUDA only (rank 1, groups 1)",
-                       applicable=_triton_applicable, lean=True))
+                       applicable=triton_applicable, lean=True))
 
 
 def candidate_paths(layer: PEDConv2d, shape: Shape, grad: bool) -> List[str]:

@@ -28,7 +28,7 @@ split-K, grad-phi, grad-psi), so it is not bitwise deterministic:
 
 Forward and backward are ``torch.library`` custom operators with fake implementations, so that
 ``torch.compile(fullgraph=True)`` traces callers without a graph break. PEDConv2d runs it as its
-``triton`` path (:func:`run_path`, :func:`path_applicable`; registered in :mod:`.paths`).
+``triton`` path (registered in :mod:`.paths` with ``triton_applicable`` and ``triton_unsupported_reason``).
 """
 
 from __future__ import annotations
@@ -53,15 +53,14 @@ __all__ = [
     "is_available",
     "unavailable_reason",
     "triton_version",
-    "path_unsupported_reason",
     "tile_mode",
-    "path_applicable",
-    "run_path",
+    "interpreting",
+    "SUPPORTED_DTYPES",
 ]
 
 IntPair = Union[int, Sequence[int]]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 #: tiles used in Triton's interpreter (CPU tests). The interpreter's cost is per operation, not per
 #: element, so these are as large as a test shape that still spans several tiles allows.
@@ -89,7 +88,7 @@ def triton_version() -> Optional[str]:
     return str(getattr(triton, "__version__", "unknown"))
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     """Whether the kernels run (or, not loaded yet, will run) in Triton's interpreter."""
     if "module" in _KERNELS:
         return bool(_KERNELS["interpret"])
@@ -100,7 +99,7 @@ def unavailable_reason(device: Union[str, torch.device, None] = None) -> Optiona
     """Why :func:`pedconv_conv2d_triton` cannot run on ``device`` (None: it can)."""
     if triton_version() is None:
         return "triton is not installed (it ships with the CUDA builds of torch)"
-    if _interpreting():
+    if interpreting():
         import triton.language as tl
 
         if type(tl.cdiv).__name__ == "JITFunction":  # triton was imported before TRITON_INTERPRET=1 was set
@@ -145,7 +144,7 @@ def is_available(device: Union[str, torch.device, None] = None) -> bool:
 
 def _kernels() -> ModuleType:
     if "module" not in _KERNELS:
-        reason = unavailable_reason(None) if _interpreting() else None
+        reason = unavailable_reason(None) if interpreting() else None
         if reason is not None:
             raise RuntimeError(f"pedconv_conv2d_triton: {reason}")
         module = importlib.import_module(".triton_kernels", __package__)
@@ -198,7 +197,7 @@ def _check_factor(name: str, value: Optional[Tensor], batch: int, dim: int, x: T
         raise ValueError(f"pedconv_conv2d_triton: {name} must have shape {wanted}, got {tuple(value.shape)}")
     if value.device != x.device:
         raise ValueError(f"pedconv_conv2d_triton: {name} is on {value.device}, x on {x.device}")
-    if value.dtype not in _DTYPES:
+    if value.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"pedconv_conv2d_triton: {name} must be float32/float16/bfloat16, got {value.dtype}")
     return value.reshape(batch, dim).contiguous()
 
@@ -406,7 +405,7 @@ def _with_hook(config: Any, hook: Callable[[Dict[str, Any]], None]) -> Any:
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda" and not _interpreting():
+    if device.type == "cuda" and not interpreting():
         return int(torch.cuda.get_device_properties(device).multi_processor_count)
     return 4
 
@@ -690,7 +689,7 @@ def pedconv_conv2d_triton(
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
-    if x.dtype not in _DTYPES:
+    if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"pedconv_conv2d_triton: x must be float32/float16/bfloat16, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise ValueError(f"pedconv_conv2d_triton: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
@@ -698,68 +697,3 @@ def pedconv_conv2d_triton(
     y, _ = _FORWARD_OP(x, weight, gamma, phi, psi, [geo.sh, geo.sw], [geo.ph, geo.pw], [geo.dh, geo.dw], store_z,
                        bool(autotune))
     return y
-
-
-# ----------------------------------------------------------------------------------- PEDConv2d path
-# The ``triton`` entry of PEDConv's path registry (:mod:`.paths`): ``pedconv:path=triton``.
-def path_unsupported_reason(layer: Any, dtype: torch.dtype, device: torch.device, grad: bool) -> Optional[str]:
-    """Why the ``triton`` path cannot run ``layer`` on an input of ``dtype`` on ``device`` (None: it can).
-
-    ``dtype`` is the compute dtype (the autocast dtype under autocast). Device: compiled kernels need
-    CUDA; Triton's interpreter (``TRITON_INTERPRET=1``) runs them anywhere. A backward under
-    ``torch.use_deterministic_algorithms(True)`` (``main.py --deterministic``) is refused: its float32
-    atomics add in an unspecified order.
-    """
-    if layer.reparam != "multiplicative":
-        return "it computes the multiplicative form only (this layer has reparam=additive)"
-    if layer.groups != 1:
-        return f"it supports groups = 1 only (this layer has groups = {layer.groups})"
-    if dtype not in _DTYPES:
-        return f"it supports float32/float16/bfloat16 only (the input computes in {dtype})"
-    if (grad and torch.are_deterministic_algorithms_enabled()
-            and not torch.is_deterministic_algorithms_warn_only_enabled()):
-        return ("its backward adds float32 partial sums with atomics, which torch.use_deterministic_algorithms(True) "
-                "(--deterministic) forbids")
-    if torch.compiler.is_compiling():
-        return None  # traced: the operator checks the device when it runs
-    return unavailable_reason(device)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def path_applicable(layer: Any, shape: Tuple[int, ...], grad: bool) -> bool:
-    """Whether ``path=auto`` times the ``triton`` path: compiled kernels on a CUDA device (never the
-    interpreter), a single rank-1 term, and everything :func:`path_unsupported_reason` accepts."""
-    weight = layer.weight
-    if not weight.is_cuda or _interpreting():
-        return False
-    single_term = layer.rank == 1 or len(layer.components) == 1
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight.dtype
-    return single_term and path_unsupported_reason(layer, dtype, weight.device, grad) is None
-
-
-def run_path(layer: Any, x: Tensor, weight: Tensor, factors: Any) -> Tensor:
-    """``PathSpec.run`` of the ``triton`` path: ``sum_r gamma_r * conv(phi_r * x, W_base * psi_r)`` with the
-    fused kernel, one launch per rank-1 term (factors B x R x dim, None for a left-out component)."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    reason = path_unsupported_reason(layer, _compute_dtype(x), x.device, grad)
-    if reason is not None:
-        raise ValueError(f"pedconv: path=triton cannot run this layer: {reason}")
-    gamma, phi, psi = factors
-    rank = layer.rank
-    if len(layer.components) == 1 and rank > 1:  # a single component: sum_r W * c_r = W * sum_r c_r
-        gamma, phi, psi = (None if c is None else c.sum(dim=1, keepdim=True) for c in (gamma, phi, psi))
-        rank = 1
-    autotune = tile_mode() != "heuristic"
-    out: Optional[Tensor] = None
-    for r in range(rank):
-        terms = [None if c is None else c.select(1, r) for c in (gamma, phi, psi)]
-        y = pedconv_conv2d_triton(x, weight, *terms, stride=tuple(layer.stride), padding=tuple(layer.padding),
-                                  dilation=tuple(layer.dilation), autotune=autotune)
-        out = y if out is None else out + y
-    assert out is not None
-    return out

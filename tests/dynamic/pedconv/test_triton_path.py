@@ -19,7 +19,11 @@ import torch.nn as nn
 pytest.importorskip("triton", reason="triton is not installed")
 
 from image_classification.dynamic import autotune, build_conv  # noqa: E402
-from image_classification.dynamic.pedconv import PATHS, PEDConv2d  # noqa: E402
+from image_classification.dynamic.pedconv import (  # noqa: E402
+    PATHS,
+    PEDConv2d,
+    paths,  # noqa: E402
+)
 from image_classification.dynamic.pedconv import triton as triton_pedconv  # noqa: E402
 from image_classification.dynamic.pedconv.paths import PATH_REGISTRY, candidate_paths  # noqa: E402
 
@@ -117,7 +121,7 @@ def test_forced_path_in_inference_and_under_autocast(kernels_run: None) -> None:
 def test_auto_never_offers_it_off_cuda() -> None:
     layer = PEDConv2d(8, 8, 3, padding=1)
     for grad in (False, True):
-        assert not triton_pedconv.path_applicable(layer, (2, 8, 6, 6), grad)
+        assert not paths.triton_applicable(layer, (2, 8, 6, 6), grad)
         assert "triton" not in candidate_paths(layer, (2, 8, 6, 6), grad)
 
 
@@ -130,25 +134,25 @@ def _fake_cuda_layer(**changes) -> SimpleNamespace:
 
 def test_applicability_rules_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rules ``auto`` applies on a CUDA device, checked without one (a stand-in layer)."""
-    monkeypatch.setattr(triton_pedconv, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_pedconv, "interpreting", lambda: False)
     monkeypatch.setattr(triton_pedconv, "unavailable_reason", lambda device=None: None)
     shape = (4, 8, 7, 7)
-    assert triton_pedconv.path_applicable(_fake_cuda_layer(), shape, True)
-    assert triton_pedconv.path_applicable(_fake_cuda_layer(rank=3, components=("psi",)), shape, True)
-    assert not triton_pedconv.path_applicable(_fake_cuda_layer(rank=2), shape, True)
-    assert not triton_pedconv.path_applicable(_fake_cuda_layer(groups=2), shape, True)
-    assert not triton_pedconv.path_applicable(_fake_cuda_layer(reparam="additive"), shape, False)
+    assert paths.triton_applicable(_fake_cuda_layer(), shape, True)
+    assert paths.triton_applicable(_fake_cuda_layer(rank=3, components=("psi",)), shape, True)
+    assert not paths.triton_applicable(_fake_cuda_layer(rank=2), shape, True)
+    assert not paths.triton_applicable(_fake_cuda_layer(groups=2), shape, True)
+    assert not paths.triton_applicable(_fake_cuda_layer(reparam="additive"), shape, False)
     double = SimpleNamespace(is_cuda=True, dtype=torch.float64, device=torch.device("cuda"))
-    assert not triton_pedconv.path_applicable(_fake_cuda_layer(weight=double), shape, False)
+    assert not paths.triton_applicable(_fake_cuda_layer(weight=double), shape, False)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert not triton_pedconv.path_applicable(_fake_cuda_layer(), shape, True)
-        assert triton_pedconv.path_applicable(_fake_cuda_layer(), shape, False)  # the forward has no atomics
+        assert not paths.triton_applicable(_fake_cuda_layer(), shape, True)
+        assert paths.triton_applicable(_fake_cuda_layer(), shape, False)  # the forward has no atomics
     finally:
         torch.use_deterministic_algorithms(previous)
     monkeypatch.setattr(triton_pedconv, "unavailable_reason", lambda device=None: "CUDA is not available")
-    assert not triton_pedconv.path_applicable(_fake_cuda_layer(), shape, True)
+    assert not paths.triton_applicable(_fake_cuda_layer(), shape, True)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -179,7 +183,7 @@ def test_forced_path_refuses_float64_and_deterministic_training(kernels_run: Non
 
 
 def test_forced_path_on_cpu_without_the_interpreter_names_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(triton_pedconv, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_pedconv, "interpreting", lambda: False)
     layer = PEDConv2d(4, 4, 3, padding=1, path="triton")
     with pytest.raises(ValueError, match="device 'cpu' needs TRITON_INTERPRET=1.*compiled kernels need CUDA"):
         layer(torch.randn(2, 4, 5, 5))

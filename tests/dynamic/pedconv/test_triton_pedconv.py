@@ -265,7 +265,7 @@ def test_availability_reports(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RuntimeError, match="triton is not installed"):
         pedconv_conv2d_triton(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 1), None, None, None)
     monkeypatch.undo()
-    monkeypatch.setattr(triton_pedconv, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_pedconv, "interpreting", lambda: False)
     assert "TRITON_INTERPRET=1" in unavailable_reason("cpu")
 
 
