@@ -10,7 +10,7 @@ from torch.nn.modules.utils import _pair
 
 from .functional import conv_output_size
 from .protocol import OperatorProtocol
-from .registry import check_options
+from .spec import check_options
 
 __all__ = ["DynamicConv2d", "infomax_loss", "set_epoch", "dynamic_modules"]
 

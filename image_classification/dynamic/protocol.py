@@ -44,15 +44,13 @@ hook                           asked by / default
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .functional import per_sample_conv2d
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .registry import ConvSpec
+from .spec import ConvSpec, Option
 
 __all__ = ["ExportRoute", "ForeignLayout", "LinearAsConv", "OperatorProtocol", "PerSampleUnfoldConv2d"]
 
@@ -136,6 +134,9 @@ class OperatorProtocol:
     shares_generator: ClassVar[bool] = False
     #: whether ``dynamic_weight(x)`` (when defined) is one B x C_out x C_in/g x kh x kw weight per sample
     per_sample_weight: ClassVar[bool] = True
+    #: the registered name and spec options (:func:`~.registry.register_operator` sets both)
+    registered_name: ClassVar[str] = ""
+    spec_options: ClassVar[Mapping[str, Option]] = {}
 
     def analysis_coefficients(self, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
         """The coefficients generated for input ``x``, each samples x entries, by name; None: none to analyse."""

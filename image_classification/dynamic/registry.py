@@ -12,12 +12,13 @@ validated in one place and errors list the valid choices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import torch.nn as nn
 
 from .protocol import ForeignLayout, OperatorProtocol
+from .spec import ConvSpec, LiveChoices, Option
 
 __all__ = [
     "Option",
@@ -35,86 +36,6 @@ __all__ = [
     "build_conv",
     "conv_from_static",
 ]
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean (true/false), got {text!r}")
-
-
-class LiveChoices(Sequence[str]):
-    """Choices read anew at every use from ``names()``, for a set that grows after import (PEDConv's execution
-    paths: a path registered later is a valid ``path=NAME`` from then on)."""
-
-    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
-        self._names = names
-
-    def __getitem__(self, index: Any) -> Any:
-        return tuple(self._names())[index]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._names()
-
-    def __repr__(self) -> str:
-        return f"LiveChoices({tuple(self._names())!r})"
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option of an operator: its type, default, allowed choices and a one-line help."""
-
-    type: Any  # int, float, bool, str, or "set" (a '+'-joined subset of ``choices``)
-    default: Any
-    help: str = ""
-    choices: Optional[Sequence[str]] = None  # a tuple, or LiveChoices for a registry that grows
-    minimum: Optional[float] = None
-
-    def parse(self, op: str, key: str, text: str) -> Any:
-        try:
-            if self.type == "set":
-                value: Any = tuple(part for part in text.split("+") if part)
-                bad = [v for v in value if self.choices and v not in self.choices]
-                if bad or not value:
-                    raise ValueError(f"choose a '+'-joined subset of {'/'.join(self.choices or ())}")
-                return value
-            if self.type is bool:
-                return _parse_bool(text)
-            value = self.type(text)
-        except ValueError as exc:
-            raise ValueError(f"bad value {text!r} for option {key!r} of operator {op!r}: {exc}") from None
-        self.check(op, key, value)
-        return value
-
-    def check(self, op: str, key: str, value: Any) -> None:
-        """Raise a one-line ValueError naming ``op`` and ``key`` when ``value`` is not of this option's type,
-        outside its choices or below its minimum."""
-        def bad(what: str) -> ValueError:
-            return ValueError(f"option {key!r} of operator {op!r} must be {what}, got {value!r}")
-
-        if self.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise bad("an integer" + (f" >= {self.minimum:g}" if self.minimum is not None else ""))
-        if self.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise bad("a number")
-        if self.type is bool and not isinstance(value, bool):
-            raise bad("true or false")
-        if self.type == "set":
-            items = tuple(part for part in value.split("+") if part) if isinstance(value, str) else tuple(value)
-            if not items or any(item not in (self.choices or ()) for item in items):
-                raise bad(f"a non-empty subset of {'/'.join(self.choices or ())}")
-            return
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(
-                f"bad value {value!r} for option {key!r} of operator {op!r}; valid: {', '.join(map(str, self.choices))}"
-            )
-        if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"option {key!r} of operator {op!r} must be >= {self.minimum:g}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -144,6 +65,8 @@ def register_operator(
             raise TypeError(f"operator {name!r}: {cls!r} must be an nn.Module deriving from OperatorProtocol "
                             "(e.g. a DynamicConv2d)")
         OPERATORS[name] = _Entry(cls, dict(options or {}), help or (cls.__doc__ or "").strip().split("\n")[0])
+        cls.registered_name = name  # the class carries its name and option schema (spec.check_options reads them)
+        cls.spec_options = OPERATORS[name].options
         return cls
 
     return decorate
@@ -154,19 +77,6 @@ def unregister_operator(name: str) -> None:
     if name not in OPERATORS:
         raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(list_operators())}")
     del OPERATORS[name]
-
-
-def check_options(cls: type, values: Mapping[str, Any]) -> None:
-    """Check constructor arguments against the Options registered for operator class ``cls`` (the first
-    registered class in its MRO); arguments without a registered Option, and unregistered classes, pass."""
-    for klass in cls.__mro__:
-        for name, entry in OPERATORS.items():
-            if entry.cls is klass:
-                for key, value in values.items():
-                    option = entry.options.get(key)
-                    if option is not None:
-                        option.check(name, key, value)
-                return
 
 
 def list_operators() -> Sequence[str]:
@@ -199,30 +109,6 @@ def implied_spec(state_dict: Mapping[str, Any]) -> Optional[str]:
     """The operator spec a state dict in a foreign layout implies when its checkpoint names none, or None."""
     layout = find_foreign_layout(state_dict)
     return None if layout is None else layout.implied_spec
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """A parsed operator spec: the operator name and its complete option values (defaults filled)."""
-
-    name: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_static(self) -> bool:
-        return self.name == "static"
-
-    def __str__(self) -> str:
-        entry = OPERATORS[self.name]
-        changed = []
-        for key, value in self.options.items():
-            if value != entry.options[key].default:
-                if isinstance(value, tuple):
-                    text = "+".join(value)
-                else:
-                    text = str(value).lower() if isinstance(value, bool) else str(value)
-                changed.append(f"{key}={text}")
-        return self.name + (":" + ",".join(changed) if changed else "")
 
 
 def parse_spec(spec: str | ConvSpec, **overrides: Any) -> ConvSpec:
@@ -260,7 +146,7 @@ def parse_spec(spec: str | ConvSpec, **overrides: Any) -> ConvSpec:
         entry.options[key].check(name, key, value)
         given[key] = value
     options = {key: given.get(key, opt.default) for key, opt in entry.options.items()}
-    return ConvSpec(name, options)
+    return ConvSpec(name, options, {key: opt.default for key, opt in entry.options.items()})
 
 
 def build_conv(

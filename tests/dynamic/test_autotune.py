@@ -382,3 +382,20 @@ def test_pedconv_calls_a_winner_far_below_the_static_conv_implausible():
     assert not plausible_timing({"factored": 1.0, "patch_gemm": 1.5, "static": 20.0}, "factored")  # seen under load
     assert plausible_timing({"factored": PLAUSIBLE_FRACTION_OF_STATIC * 3.0, "static": 3.0}, "factored")
     assert plausible_timing({"factored": 1.0}, "factored")  # no reference timed: nothing to compare with
+
+
+def test_a_layers_path_log_goes_with_it():
+    """The path log lives in the selection module, keyed by the layer's token; it is dropped with the layer."""
+    import gc
+
+    from image_classification.dynamic.pedconv import selection
+
+    layer = PEDConv2d(4, 8, 3, padding=1)
+    layer(torch.randn(1, 4, 5, 5))
+    token = layer._token
+    assert len(selection.logged_paths(token)) == 1
+    layer.forget_paths()
+    assert selection.logged_paths(token) == {}
+    del layer
+    gc.collect()
+    assert token not in selection._PATH_LOGS

@@ -10,7 +10,7 @@ layers (including the learned log-variance heads) and :class:`BaseWeightInfomaxC
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ __all__ = [
     "CP_OPTIONS",
     "SAMPLING_OPTIONS",
     "BaseWeightInfomaxConv2d",
+    "PEDConvLayer",
     "normal_init",
     "logvar_init_bias",
     "ordered_components",
@@ -60,6 +61,32 @@ SAMPLING_OPTIONS: Dict[str, Option] = {
     "noise_std": Option(float, 0.1, "std of the fixed training noise on the pre-sigmoid components", minimum=0.0),
     "infomax": Option(bool, True, "build the training-only info-max decoder (Eq. 6)"),
 }
+
+
+class PEDConvLayer(Protocol):
+    """What the execution paths, the path selection and the counts read of a PEDConv layer: nn.Conv2d's geometry,
+    the CP options, the base weight and the generated factors. :class:`~.layer.PEDConv2d` is one; typing against
+    this instead of the layer keeps those modules below it (no import back into ``layer.py``)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    rank: int
+    reparam: str
+    components: Tuple[str, ...]
+    weight: Tensor
+
+    def conv_kwargs(self) -> Dict[str, Any]: ...
+
+    def output_size(self, height: int, width: int) -> Tuple[int, int]: ...
+
+    def component_dims(self) -> Dict[str, int]: ...
+
+    def factors(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]: ...
 
 
 def normal_init(layer: nn.Module, bias_value: float = 0.0) -> None:

@@ -3,15 +3,12 @@ per-sample weights computed from the CP factors (for the weight-variation analys
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .common import MIN_HIDDEN
-
-if TYPE_CHECKING:
-    from .layer import PEDConv2d
+from .common import MIN_HIDDEN, PEDConvLayer
 
 __all__ = ["pedconv_layer_macs", "pedconv_layer_params", "pedconv_weight_sums"]
 
@@ -49,7 +46,7 @@ def _cp_products(a: Tensor, b: Tensor, c: Tensor, square: bool) -> Tensor:
     return torch.einsum("brso,brsi,brst->oit", aa, bb, cc)
 
 
-def pedconv_weight_sums(module: PEDConv2d, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def pedconv_weight_sums(module: PEDConvLayer, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(sum_b W(x_b), sum_b W(x_b)^2, per-sample ||W(x_b)||_F) of a PEDConv layer from its factors, in float64,
     without materialising the B per-sample weights (the CP products are summed over the batch first)."""
     gamma, phi, psi = (f.double() for f in module.factors(x))  # B x R x dim each

@@ -69,7 +69,7 @@ from .paths import (
     effective_weight,
     path_names,
 )
-from .selection import register_layer, resolve_path, tuning_key
+from .selection import forget_paths, logged_paths, register_layer, resolve_path, tuning_key
 
 __all__ = ["COMPONENTS", "GROUPED_MAX_WEIGHT_RATIO", "MIN_HIDDEN", "PATHS", "PEDConv2d", "share_generator"]
 
@@ -332,10 +332,8 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         self._register()
 
     def _register(self) -> None:
-        """A fresh token for the autotuner's layer look-up and an empty path log."""
+        """A fresh token for the autotuner's layer look-up and the path log (kept by :mod:`.selection`)."""
         self._token = register_layer(self)
-        #: (input shape, backward follows) -> {"path", "source", "times_ms"}: what forward used
-        self._path_log: Dict[Tuple[Tuple[int, ...], bool], Dict[str, Any]] = {}
         self._path_memo: Dict[Any, Tuple[Any, str]] = {}  # eager look-ups, see _select_path
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -495,17 +493,14 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         self._path_memo[memo_key] = (stamp, path)
         return path
 
-    def log_path(self, shape: Tuple[int, ...], grad: bool, entry: Dict[str, Any]) -> None:
-        """Record the path a forward on ``shape`` used (:func:`.selection.resolve_path` calls it)."""
-        self._path_log[(shape, grad)] = entry
-
     def logged_paths(self) -> Dict[Tuple[Tuple[int, ...], bool], Dict[str, Any]]:
-        """(input shape, backward follows) -> {"path", "source", "times_ms"} of the forwards seen so far."""
-        return dict(self._path_log)
+        """(input shape, backward follows) -> {"path", "source", "times_ms"} of the forwards seen so far
+        (:func:`.selection.resolve_path` records them)."""
+        return logged_paths(self._token)
 
     def forget_paths(self) -> None:
         """Forget the logged paths and the memoised choices (the autotuner's cache stays)."""
-        self._path_log.clear()
+        forget_paths(self._token)
         self._path_memo.clear()
 
     def _lean_inference(self, x: Tensor) -> Optional[Tensor]:

@@ -49,17 +49,15 @@ of them into the per-sample weight (``materialize``, ``reference``). The additiv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import triton as triton_ops
+from .common import PEDConvLayer
 from .kernels import materialized_conv, scaled_conv
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .layer import PEDConv2d
 
 __all__ = [
     "Factors",
@@ -88,7 +86,7 @@ class Factors(NamedTuple):
     phi: Optional[Tensor]
     psi: Optional[Tensor]
 
-    def full(self, layer: PEDConv2d, like: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def full(self, layer: PEDConvLayer, like: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(gamma, phi, psi) with ones for left-out components."""
         batch = like.shape[0]
         dims = _dims(layer)
@@ -103,9 +101,9 @@ class PathSpec:
     """One exact execution path of PEDConv (see the module docstring)."""
 
     name: str
-    run: Callable[[PEDConv2d, Tensor, Tensor, Factors], Tensor]
+    run: Callable[[PEDConvLayer, Tensor, Tensor, Factors], Tensor]
     help: str = ""
-    applicable: Callable[[PEDConv2d, Shape, bool], bool] = lambda layer, shape, grad: True
+    applicable: Callable[[PEDConvLayer, Shape, bool], bool] = lambda layer, shape, grad: True
     lean: bool = False
     tune: bool = True
 
@@ -142,16 +140,17 @@ def path_names() -> Tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _dims(layer: PEDConv2d) -> Dict[str, int]:
+def _dims(layer: PEDConvLayer) -> Dict[str, int]:
     return {"gamma": layer.out_channels, "phi": layer.in_channels // layer.groups,
             "psi": layer.kernel_size[0] * layer.kernel_size[1]}
 
 
-def _geometry(layer: PEDConv2d):
+def _geometry(layer: PEDConvLayer):
     return (tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
 
 
-def _rank_terms(layer: PEDConv2d, f: Factors) -> Iterator[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
+def _rank_terms(layer: PEDConvLayer, f: Factors
+                ) -> Iterator[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
     """Rank-1 terms (gamma_r, phi_r, psi_r), each B x dim or None; one term when a single component is present."""
     gamma, phi, psi = f.gamma, f.phi, f.psi
     rank = layer.rank
@@ -167,7 +166,7 @@ def _rank_terms(layer: PEDConv2d, f: Factors) -> Iterator[Tuple[Optional[Tensor]
 
 
 def _sum_terms(
-    layer: PEDConv2d, f: Factors, term: Callable[[Optional[Tensor], Optional[Tensor], Optional[Tensor]], Tensor]
+    layer: PEDConvLayer, f: Factors, term: Callable[[Optional[Tensor], Optional[Tensor], Optional[Tensor]], Tensor]
 ) -> Tensor:
     if layer.rank == 1:  # the common case, without the generator machinery
         return term(*(None if c is None else c.view(c.shape[0], c.shape[2]) for c in f))
@@ -179,22 +178,22 @@ def _sum_terms(
     return out
 
 
-def effective_weight(layer: PEDConv2d, weight: Tensor, gamma: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
+def effective_weight(layer: PEDConvLayer, weight: Tensor, gamma: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
     """Per-sample weight B x C_out x C_in/g x kh x kw: ``W * CP`` (Eq. 2) or ``W + CP`` (Appendix E)."""
     cp = torch.einsum("brt,brs,brk->btsk", gamma, phi, psi).reshape(gamma.shape[0], *weight.shape)
     return weight * cp if layer.reparam == "multiplicative" else weight + cp
 
 
-def _is_1x1(layer: PEDConv2d) -> bool:
+def _is_1x1(layer: PEDConvLayer) -> bool:
     return layer.kernel_size[0] * layer.kernel_size[1] == 1
 
 
-def _engine_for_fold(layer: PEDConv2d, psi: Optional[Tensor]) -> str:
+def _engine_for_fold(layer: PEDConvLayer, psi: Optional[Tensor]) -> str:
     return "dense" if (psi is None or _is_1x1(layer)) else "grouped"
 
 
 # -------------------------------------------------------------------------------------- additive
-def _lowrank_term(layer: PEDConv2d, x: Tensor, gamma: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
+def _lowrank_term(layer: PEDConvLayer, x: Tensor, gamma: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
     """``conv(x, sum_r gamma_r (x) phi_r (x) psi_r)`` (Appendix E) via channel sums and a depthwise psi conv."""
     batch, _, height, width = x.shape
     groups, rank = layer.groups, layer.rank
@@ -211,46 +210,46 @@ def _lowrank_term(layer: PEDConv2d, x: Tensor, gamma: Tensor, phi: Tensor, psi: 
     return out.reshape(batch, layer.out_channels, y.shape[-2], y.shape[-1])
 
 
-def _run_additive(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+def _run_additive(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     out = F.conv2d(x, weight, None, groups=layer.groups, **layer.conv_kwargs())
     return out + _lowrank_term(layer, x, *f.full(layer, x))
 
 
 # ------------------------------------------------------------------------------------------- paths
-def _run_reference(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+def _run_reference(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     weights = effective_weight(layer, weight, *f.full(layer, x))
     outs = [F.conv2d(x[b : b + 1], weights[b], None, groups=layer.groups, **layer.conv_kwargs())
             for b in range(x.shape[0])]
     return torch.cat(outs, dim=0)
 
 
-def _run_materialize(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+def _run_materialize(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     gamma, phi, psi = f.full(layer, x)
     return materialized_conv(x, weight, gamma, phi, psi, _geometry(layer), layer.reparam == "additive")
 
 
-def _run_fold(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+def _run_fold(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     if layer.reparam == "additive":
         return _run_additive(layer, x, weight, f)
     geometry = _geometry(layer)
     return _sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, _engine_for_fold(layer, s)))
 
 
-def _run_sample_loop(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+def _run_sample_loop(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     if layer.reparam == "additive":
         return _run_additive(layer, x, weight, f)
     geometry = _geometry(layer)
     return _sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, "loop"))
 
 
-def _run_patch_gemm(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+def _run_patch_gemm(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     if layer.reparam == "additive":
         return _run_additive(layer, x, weight, f)
     geometry = _geometry(layer)
     return _sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, "gemm"))
 
 
-def _psi_shift_conv(layer: PEDConv2d, u: Tensor, weight: Tensor, psi: Tensor) -> Tensor:
+def _psi_shift_conv(layer: PEDConvLayer, u: Tensor, weight: Tensor, psi: Tensor) -> Tensor:
     """k*k shifted 1x1 convolutions, each weighted by its psi value per sample."""
     batch = u.shape[0]
     kh, kw = layer.kernel_size
@@ -268,7 +267,7 @@ def _psi_shift_conv(layer: PEDConv2d, u: Tensor, weight: Tensor, psi: Tensor) ->
     return out
 
 
-def _psi_unfold_conv(layer: PEDConv2d, u: Tensor, weight: Tensor, psi: Tensor) -> Tensor:
+def _psi_unfold_conv(layer: PEDConvLayer, u: Tensor, weight: Tensor, psi: Tensor) -> Tensor:
     """The k*k patches scaled by psi per sample, then a per-sample matmul with W_base."""
     batch = u.shape[0]
     kh, kw = layer.kernel_size
@@ -281,10 +280,10 @@ def _psi_unfold_conv(layer: PEDConv2d, u: Tensor, weight: Tensor, psi: Tensor) -
     return y.view(batch, layer.out_channels, ho, wo)
 
 
-def _activation_scaled(psi_conv: Callable[[PEDConv2d, Tensor, Tensor, Tensor], Tensor]):
+def _activation_scaled(psi_conv: Callable[[PEDConvLayer, Tensor, Tensor, Tensor], Tensor]):
     """A plain-autograd path: gamma and phi on activations, ``psi_conv`` for the per-sample psi."""
 
-    def run(layer: PEDConv2d, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+    def run(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
         if layer.reparam == "additive":
             return _run_additive(layer, x, weight, f)
         batch = x.shape[0]
@@ -312,21 +311,21 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _activation_numel(layer: PEDConv2d, shape: Shape) -> int:
+def _activation_numel(layer: PEDConvLayer, shape: Shape) -> int:
     ho, wo = layer.output_size(shape[2], shape[3])
     return _numel(shape) + shape[0] * layer.out_channels * ho * wo
 
 
-def _per_sample_weight_numel(layer: PEDConv2d, batch: int) -> int:
+def _per_sample_weight_numel(layer: PEDConvLayer, batch: int) -> int:
     return batch * layer.weight.numel()
 
 
-def _materialize_applicable(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
+def _materialize_applicable(layer: PEDConvLayer, shape: Shape, grad: bool) -> bool:
     return (shape[0] == 1 or _per_sample_weight_numel(layer, shape[0])
             <= MATERIALIZE_MAX_WEIGHT_RATIO * _activation_numel(layer, shape))
 
 
-def _grouped_fits(layer: PEDConv2d, shape: Shape) -> bool:
+def _grouped_fits(layer: PEDConvLayer, shape: Shape) -> bool:
     """Whether the per-sample kernel W * psi_b is cheap next to the convolution's activations.
 
     Batch 1: ``W * (phi (x) psi)`` (C_out x C_in/g x kk) is at most ``BATCH1_FOLD_MAX_RATIO`` times the
@@ -341,23 +340,23 @@ def _grouped_fits(layer: PEDConv2d, shape: Shape) -> bool:
     return layer.out_channels * kh * kw <= GROUPED_MAX_WEIGHT_RATIO * ho * wo
 
 
-def _fold_applicable(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
+def _fold_applicable(layer: PEDConvLayer, shape: Shape, grad: bool) -> bool:
     if layer.reparam == "additive":
         return True  # the low-rank path of the additive form (shared by the activation-scaled paths)
     return shape[0] == 1 or _is_1x1(layer) or "psi" not in layer.components or _grouped_fits(layer, shape)
 
 
-def _multiplicative(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
+def _multiplicative(layer: PEDConvLayer, shape: Shape, grad: bool) -> bool:
     return layer.reparam == "multiplicative"
 
 
-def _sample_loop_applicable(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
+def _sample_loop_applicable(layer: PEDConvLayer, shape: Shape, grad: bool) -> bool:
     # batch 1, 1x1 kernels or no psi: the same computation as fold
     return (shape[0] > 1 and layer.reparam == "multiplicative" and not _is_1x1(layer)
             and "psi" in layer.components)
 
 
-def _inference_only(layer: PEDConv2d, shape: Shape, grad: bool) -> bool:
+def _inference_only(layer: PEDConvLayer, shape: Shape, grad: bool) -> bool:
     return not grad and layer.reparam == "multiplicative" and not _is_1x1(layer) and "psi" in layer.components
 
 
@@ -395,7 +394,8 @@ register_path(PathSpec("patch_gemm", _run_patch_gemm,
                        applicable=_multiplicative, lean=True))
 # ------------------------------------------------------------------------------------------- triton
 # the fused Triton implicit GEMM (CUDA; rank 1, multiplicative, groups 1; kernels and launchers: .triton)
-def triton_unsupported_reason(layer: PEDConv2d, dtype: torch.dtype, device: torch.device, grad: bool) -> Optional[str]:
+def triton_unsupported_reason(layer: PEDConvLayer, dtype: torch.dtype, device: torch.device,
+                              grad: bool) -> Optional[str]:
     """Why the ``triton`` path cannot run ``layer`` on an input of ``dtype`` on ``device`` (None: it can).
 
     ``dtype`` is the compute dtype (the autocast dtype under autocast). Device: compiled kernels need
@@ -424,7 +424,7 @@ def _triton_compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def triton_applicable(layer: PEDConv2d, shape: Tuple[int, ...], grad: bool) -> bool:
+def triton_applicable(layer: PEDConvLayer, shape: Tuple[int, ...], grad: bool) -> bool:
     """Whether ``path=auto`` times the ``triton`` path: compiled kernels on a CUDA device (never the
     interpreter), a single rank-1 term, and everything :func:`triton_unsupported_reason` accepts."""
     weight = layer.weight
@@ -435,7 +435,7 @@ def triton_applicable(layer: PEDConv2d, shape: Tuple[int, ...], grad: bool) -> b
     return single_term and triton_unsupported_reason(layer, dtype, weight.device, grad) is None
 
 
-def _run_triton(layer: PEDConv2d, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
+def _run_triton(layer: PEDConvLayer, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
     """``PathSpec.run`` of the ``triton`` path: ``sum_r gamma_r * conv(phi_r * x, W_base * psi_r)`` with the
     fused kernel, one launch per rank-1 term (factors B x R x dim, None for a left-out component)."""
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -464,13 +464,13 @@ register_path(PathSpec("triton", _run_triton,
                        applicable=triton_applicable, lean=True))
 
 
-def candidate_paths(layer: PEDConv2d, shape: Shape, grad: bool) -> List[str]:
+def candidate_paths(layer: PEDConvLayer, shape: Shape, grad: bool) -> List[str]:
     """Paths ``auto`` times for this layer and input shape (lean ones only when a backward follows)."""
     return [name for name, spec in PATH_REGISTRY.items()
             if spec.tune and (spec.lean or not grad) and spec.applicable(layer, shape, grad)]
 
 
-def heuristic_path(layer: PEDConv2d, shape: Shape, grad: bool) -> str:
+def heuristic_path(layer: PEDConvLayer, shape: Shape, grad: bool) -> str:
     """Deterministic choice when tuning is off (a shape rule from 2-core CPU timings; the paths: docs/performance.md).
 
     Additive: ``materialize`` at batch 1, else ``fold`` (the low-rank path). Depthwise-like layers

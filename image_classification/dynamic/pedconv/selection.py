@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import autotune
+from .common import PEDConvLayer
 from .kernels import compute_dtype
 from .paths import PATH_REGISTRY, Factors, candidate_paths, heuristic_path
 
-if TYPE_CHECKING:
-    from .layer import PEDConv2d
-
-__all__ = ["KEY_REVISION", "STATIC_REFERENCE", "TuningKey", "register_layer", "resolve_path", "timing_candidates",
-           "tuning_key"]
+__all__ = ["KEY_REVISION", "STATIC_REFERENCE", "TuningKey", "forget_paths", "logged_paths", "register_layer",
+           "resolve_path", "timing_candidates", "tuning_key"]
 
 #: first item of a tuning key; a new revision when the paths' speeds change, so the tuning caches on disk
 #: (keyed by the machine, not by this code) time them again instead of replaying stale choices
@@ -62,7 +60,7 @@ class TuningKey(NamedTuple):
     grad: bool  # a backward follows
 
 
-def tuning_key(layer: PEDConv2d, x: Tensor, grad: bool) -> Tuple[Any, ...]:
+def tuning_key(layer: PEDConvLayer, x: Tensor, grad: bool) -> Tuple[Any, ...]:
     """The key of one forward of ``layer`` on ``x``: the fields of :class:`TuningKey` as a plain tuple (what
     torch.compile passes into :func:`resolve_path` at trace time, which reads it as a :class:`TuningKey`)."""
     compute = compute_dtype(x)
@@ -75,19 +73,34 @@ def tuning_key(layer: PEDConv2d, x: Tensor, grad: bool) -> Tuple[Any, ...]:
     )
 
 
-# Layers by token, for the trace-time look-up (weak: layers are never kept alive by it).
-_LAYERS: weakref.WeakValueDictionary[int, PEDConv2d] = weakref.WeakValueDictionary()
+# Layers by token, for the trace-time look-up (weak: layers are never kept alive by it), and what each layer's
+# forwards used, by token: (input shape, backward follows) -> {"path", "source", "times_ms"}
+_LAYERS: weakref.WeakValueDictionary[int, PEDConvLayer] = weakref.WeakValueDictionary()
+_PATH_LOGS: Dict[int, Dict[Tuple[Tuple[int, ...], bool], Dict[str, Any]]] = {}
 _TOKENS = itertools.count()
 
 
-def register_layer(layer: PEDConv2d) -> int:
-    """A fresh token by which :func:`resolve_path` finds ``layer`` (a copy of a layer registers anew)."""
+def register_layer(layer: PEDConvLayer) -> int:
+    """A fresh token by which :func:`resolve_path` finds ``layer`` and its path log (a copy of a layer registers
+    anew, with an empty log); the log goes when the layer does."""
     token = next(_TOKENS)
     _LAYERS[token] = layer
+    _PATH_LOGS[token] = {}
+    weakref.finalize(layer, _PATH_LOGS.pop, token, None)
     return token
 
 
-def timing_candidates(layer: PEDConv2d, key: TuningKey, names: Sequence[str]) -> Dict[str, Callable[[], Any]]:
+def logged_paths(token: int) -> Dict[Tuple[Tuple[int, ...], bool], Dict[str, Any]]:
+    """(input shape, backward follows) -> {"path", "source", "times_ms"} of the forwards of layer ``token``."""
+    return dict(_PATH_LOGS.get(token, {}))
+
+
+def forget_paths(token: int) -> None:
+    """Empty the path log of layer ``token``."""
+    _PATH_LOGS.get(token, {}).clear()
+
+
+def timing_candidates(layer: PEDConvLayer, key: TuningKey, names: Sequence[str]) -> Dict[str, Callable[[], Any]]:
     """Timing closures of ``names`` on random tensors of the key's shapes (no state of ``layer`` is touched)."""
     shape, grad = key.shape, key.grad
     dtype = _DTYPES_BY_NAME.get(key.dtype, layer.weight.dtype)
@@ -109,7 +122,7 @@ def timing_candidates(layer: PEDConv2d, key: TuningKey, names: Sequence[str]) ->
 
     def make(name: str) -> Callable[[], Any]:
         if name == STATIC_REFERENCE:  # nn.Conv2d of the same geometry: the report's yardstick
-            def run(layer: PEDConv2d, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
+            def run(layer: PEDConvLayer, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
                 return F.conv2d(x, weight, None, groups=layer.groups, **layer.conv_kwargs())
         else:
             run = PATH_REGISTRY[name].run
@@ -142,10 +155,10 @@ def resolve_path(token: int, path: str, fields: Tuple[Any, ...]) -> str:
     """Path for one forward of layer ``token`` with the key ``fields`` (:func:`tuning_key`); under
     torch.compile it runs once, at trace time.
 
-    Records the choice in the layer's path log (:func:`.report.path_report`).
+    Records the choice in the layer's path log (:func:`logged_paths`, :func:`.report.path_report`).
     """
     key = TuningKey._make(fields)
-    layer: Optional[PEDConv2d] = _LAYERS.get(token)
+    layer: Optional[PEDConvLayer] = _LAYERS.get(token)
     times: Dict[str, float] = {}
     if path != "auto":
         chosen, source = path, "explicit"
@@ -160,6 +173,6 @@ def resolve_path(token: int, path: str, fields: Tuple[Any, ...]) -> str:
                                          plausible=plausible_timing)
         cached = autotune.CACHE.get(key)
         times = dict(cached.times_ms) if cached is not None else {}
-    if layer is not None:
-        layer.log_path(key.shape, key.grad, {"path": chosen, "source": source, "times_ms": times})
+    if token in _PATH_LOGS:
+        _PATH_LOGS[token][(key.shape, key.grad)] = {"path": chosen, "source": source, "times_ms": times}
     return chosen
