@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 
+from ..named_registry import NamedRegistry
 from .config import DATASETS, SMALL_DATASETS, DataConfig, DataError, Loaders, resolve_memory_format
 
 __all__ = ["BACKENDS", "build_loaders", "list_backends", "list_datasets", "register_backend", "unregister_backend",
@@ -14,31 +15,26 @@ __all__ = ["BACKENDS", "build_loaders", "list_backends", "list_datasets", "regis
 
 
 BackendFn = Callable[[DataConfig], Loaders]
-BACKENDS: Dict[str, str] = {
-    # backend name -> "module:function" (imported lazily so DALI is only needed when used)
+#: built-in backends: name -> "module:function" (imported lazily so DALI is only needed when used)
+BACKENDS: NamedRegistry[str] = NamedRegistry("data backend")
+BACKENDS.update({
     "pytorch": "imagefolder:build_imagefolder_loaders",
     "dali-cpu": "dali:build_dali_loaders",
     "dali-gpu": "dali:build_dali_loaders",
     "synthetic": "synthetic:build_synthetic_loaders",
-}
-_REGISTERED: Dict[str, BackendFn] = {}
+})
+#: backends added with :func:`register_backend` (a name there overrides the built-in one)
+_REGISTERED: NamedRegistry[BackendFn] = NamedRegistry("registered data backend")
 
 
 def register_backend(name: str) -> Callable[[BackendFn], BackendFn]:
     """Register an extra backend ``fn(cfg) -> Loaders`` under ``name`` (overrides a built-in one)."""
-
-    def decorator(fn: BackendFn) -> BackendFn:
-        _REGISTERED[name] = fn
-        return fn
-
-    return decorator
+    return _REGISTERED.decorator(name, replace=True)
 
 
 def unregister_backend(name: str) -> None:
     """Remove a backend added with :func:`register_backend` (tests that register a temporary one)."""
-    if name not in _REGISTERED:
-        raise ValueError(f"no registered data backend {name!r}; registered: {', '.join(sorted(_REGISTERED)) or 'none'}")
-    del _REGISTERED[name]
+    _REGISTERED.unregister(name)
 
 
 def list_backends() -> List[str]:

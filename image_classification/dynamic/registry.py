@@ -13,10 +13,11 @@ validated in one place and errors list the valid choices.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type
 
 import torch.nn as nn
 
+from ..named_registry import NamedRegistry
 from .protocol import ForeignLayout, OperatorProtocol
 from .spec import ConvSpec, LiveChoices, Option
 
@@ -45,7 +46,7 @@ class _Entry:
     help: str
 
 
-OPERATORS: Dict[str, _Entry] = {}
+OPERATORS: NamedRegistry[_Entry] = NamedRegistry("operator")
 
 
 def register_operator(
@@ -59,12 +60,10 @@ def register_operator(
     """
 
     def decorate(cls: Type[nn.Module]) -> Type[nn.Module]:
-        if name in OPERATORS:
-            raise ValueError(f"operator {name!r} is already registered")
         if not (isinstance(cls, type) and issubclass(cls, nn.Module) and issubclass(cls, OperatorProtocol)):
             raise TypeError(f"operator {name!r}: {cls!r} must be an nn.Module deriving from OperatorProtocol "
                             "(e.g. a DynamicConv2d)")
-        OPERATORS[name] = _Entry(cls, dict(options or {}), help or (cls.__doc__ or "").strip().split("\n")[0])
+        OPERATORS.register(name, _Entry(cls, dict(options or {}), help or (cls.__doc__ or "").strip().split("\n")[0]))
         cls.registered_name = name  # the class carries its name and option schema (spec.check_options reads them)
         cls.spec_options = OPERATORS[name].options
         return cls
@@ -74,13 +73,11 @@ def register_operator(
 
 def unregister_operator(name: str) -> None:
     """Remove operator ``name`` from the registry (tests that register a temporary operator)."""
-    if name not in OPERATORS:
-        raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(list_operators())}")
-    del OPERATORS[name]
+    OPERATORS.unregister(name)
 
 
 def list_operators() -> Sequence[str]:
-    return sorted(OPERATORS)
+    return OPERATORS.names()
 
 
 def operator_class(spec: str | ConvSpec) -> Type[nn.Module]:
@@ -120,9 +117,7 @@ def parse_spec(spec: str | ConvSpec, **overrides: Any) -> ConvSpec:
             raise ValueError(f"empty operator spec; valid operators: {', '.join(list_operators())}")
         name, _, rest = spec.strip().partition(":")
         name = name.strip().lower()
-        if name not in OPERATORS:
-            raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(list_operators())}")
-        entry = OPERATORS[name]
+        entry = OPERATORS.lookup(name)
         given = {}
         for item in filter(None, (part.strip() for part in rest.split(","))):
             key, sep, text = item.partition("=")
@@ -136,9 +131,7 @@ def parse_spec(spec: str | ConvSpec, **overrides: Any) -> ConvSpec:
                 raise ValueError(f"option {key!r} of operator {name!r} is given twice in {spec.strip()!r}; "
                                  "give it once")
             given[key] = entry.options[key].parse(name, key, text.strip())
-    entry = OPERATORS.get(name)
-    if entry is None:
-        raise ValueError(f"unknown operator {name!r}; valid operators: {', '.join(list_operators())}")
+    entry = OPERATORS.lookup(name)
     for key, value in overrides.items():
         if key not in entry.options:
             valid = ", ".join(sorted(entry.options)) or "(none)"

@@ -8,12 +8,13 @@ static architecture, applies the init scheme, then converts its convs with :func
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, List, Mapping
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dynamic.registry import ConvSpec, operator_class, parse_spec
+from ..named_registry import NamedRegistry
 from . import cifar_resnet, efficientnet, mobilenet, resnet
 from .convert import (
     PLACEMENT_TOKENS,
@@ -54,7 +55,8 @@ class ArchEntry:
     help: str = ""
 
 
-ARCHS: Dict[str, ArchEntry] = {
+ARCHS: NamedRegistry[ArchEntry] = NamedRegistry("arch")
+ARCHS.update({
     "resnet10": ArchEntry(resnet.resnet10, help="ResNet-10, BasicBlock x [1,1,1,1] (DCD Table 4b)"),
     "resnet18": ArchEntry(resnet.resnet18, help="torchvision ResNet-18"),
     "resnet34": ArchEntry(resnet.resnet34, help="torchvision ResNet-34"),
@@ -65,7 +67,7 @@ ARCHS: Dict[str, ArchEntry] = {
     "cifar_resnet20": ArchEntry(cifar_resnet.cifar_resnet20, image_size=32, help="CIFAR ResNet-20 (16/32/64)"),
     "cifar_resnet56": ArchEntry(cifar_resnet.cifar_resnet56, image_size=32, help="CIFAR ResNet-56 (16/32/64)"),
     "efficientnet_b0": ArchEntry(efficientnet.efficientnet_b0, help="torchvision EfficientNet-B0"),
-}
+})
 for _w in ("1.0", "0.75", "0.5", "0.25"):
     ARCHS[f"mobilenet_v1_x{_w}"] = ArchEntry(mobilenet.mobilenet_v1, {"width_mult": float(_w)},
                                              help=f"MobileNetV1 at width {_w}")
@@ -78,14 +80,13 @@ ARCHS["mobilenet_v2"] = ArchEntry(mobilenet.mobilenet_v2, help="MobileNetV2 (wid
 
 def list_archs() -> List[str]:
     """The registered architecture names."""
-    return sorted(ARCHS)
+    return ARCHS.names()
 
 
 def get_arch(arch: str) -> ArchEntry:
-    entry = ARCHS.get(arch.strip().lower()) if isinstance(arch, str) else None
-    if entry is None:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(list_archs())}")
-    return entry
+    if not isinstance(arch, str) or arch.strip().lower() not in ARCHS:
+        raise ValueError(ARCHS.unknown(arch))
+    return ARCHS[arch.strip().lower()]
 
 
 def build_model(

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...named_registry import NamedRegistry
 from . import triton as triton_ops
 from .common import PEDConvLayer
 from .kernels import materialized_conv, scaled_conv
@@ -108,7 +109,7 @@ class PathSpec:
     tune: bool = True
 
 
-PATH_REGISTRY: Dict[str, PathSpec] = {}
+PATH_REGISTRY: NamedRegistry[PathSpec] = NamedRegistry("PEDConv path")
 
 #: ``fold`` at batch 1 (the heuristic's choice): while the folded weight is at most this many times the patch matrix
 #: (ResNet-18 at 224 px: layer3's 256 channels at 14x14 fold, layer4's 512 at 7x7 take the patch GEMM)
@@ -130,8 +131,7 @@ def register_path(spec: PathSpec) -> PathSpec:
     """Add (or replace) a path; ``pedconv:path=NAME`` and ``path=auto`` see it from then on."""
     if not spec.name or spec.name == "auto":
         raise ValueError(f"register_path: invalid path name {spec.name!r}")
-    PATH_REGISTRY[spec.name] = spec
-    return spec
+    return PATH_REGISTRY.register(spec.name, spec, replace=True)
 
 
 def path_names() -> Tuple[str, ...]:
