@@ -71,3 +71,19 @@ def test_no_type_only_imports_hide_a_circle() -> None:
     hidden = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "image_classification").rglob("*.py"))
               if "if TYPE_CHECKING" in path.read_text()]
     assert hidden == []
+
+
+def test_pre_commit_runs_the_source_checks_of_ci_and_the_type_ratchet_names_real_modules() -> None:
+    """The pre-commit hooks call the tools CI calls (ruff, mypy, lint-imports), and every module the mypy ratchet
+    still exempts exists (a rename must not drop a module from the list unnoticed)."""
+    import tomllib
+    import yaml
+
+    hooks = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())["repos"][0]["hooks"]
+    assert {hook["entry"].split()[0] for hook in hooks} == {"ruff", "mypy", "lint-imports"}
+    assert "mypy" in (ROOT / "scripts" / "run_tests.sh").read_text()
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    exempt = [name for override in config["overrides"] for name in override["module"]]
+    missing = [name for name in exempt if not (ROOT / (name.replace(".", "/") + ".py")).exists()
+               and not (ROOT / name.replace(".", "/") / "__init__.py").exists()]
+    assert exempt and missing == []

@@ -41,7 +41,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class _Entry:
-    cls: Type[nn.Module]
+    cls: Any  # an nn.Module subclass deriving from OperatorProtocol (typing has no intersection type)
     options: Mapping[str, Option]
     help: str
 
@@ -80,7 +80,7 @@ def list_operators() -> Sequence[str]:
     return OPERATORS.names()
 
 
-def operator_class(spec: str | ConvSpec) -> Type[nn.Module]:
+def operator_class(spec: str | ConvSpec) -> Any:
     """The registered class of the operator named by ``spec`` (its hooks: :mod:`.protocol`)."""
     return OPERATORS[parse_spec(spec).name].cls
 

@@ -16,6 +16,8 @@ the operator's init (e.g. PEDConv's N(0, 0.01) generator heads).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn as nn
 
 __all__ = ["INITS", "init_weights", "set_bn_gamma"]
@@ -29,7 +31,7 @@ def init_weights(model: nn.Module, scheme: str = "classic") -> nn.Module:
         raise ValueError(f"unknown init {scheme!r}; valid: {', '.join(INITS)}")
     if scheme == "classic":
         return model
-    mode = "fan_in" if scheme == "fanin" else "fan_out"
+    mode: Literal["fan_in", "fan_out"] = "fan_in" if scheme == "fanin" else "fan_out"
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")

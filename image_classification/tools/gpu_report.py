@@ -42,7 +42,7 @@ def _read_json(path: Path) -> Optional[Any]:
 
 
 def _stages(out: Path) -> List[Dict[str, Any]]:
-    rows = []
+    rows: List[Dict[str, Any]] = []
     try:
         lines = (out / "stages.tsv").read_text().splitlines()
     except OSError:

@@ -225,7 +225,7 @@ class DCDConv2d(DynamicConv2d):
         kind = type(block).__name__ if block is not None else ""
         if kind == "BasicBlock":
             return {"sizing": "resnet_basic"}
-        if kind == "InvertedResidual":
+        if kind == "InvertedResidual" and block is not None:
             first = next((m for m in block.modules() if isinstance(m, nn.Conv2d)), None)
             if first is not None and first.groups > 1 and first.groups == first.in_channels:
                 return None  # expansion 1: the released InvertedResidual ignores its 'dy' flag
