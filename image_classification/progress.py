@@ -20,7 +20,7 @@ def progress(items: Iterable[T], desc: str, total: Optional[int] = None, unit: s
              every_s: float = 30.0, use_tqdm: Optional[bool] = None) -> Iterator[T]:
     """Yield ``items`` while showing how far they got (``total`` defaults to ``len(items)`` where it has one)."""
     if total is None:
-        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]  # hasattr narrows nothing for mypy
     if use_tqdm if use_tqdm is not None else sys.stderr.isatty():
         from tqdm import tqdm
 

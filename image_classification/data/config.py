@@ -219,8 +219,8 @@ class Loaders:
 
     def __repr__(self) -> str:
         return (
-            f"Loaders(train={len(self.train)} batches/{self.train_samples} samples, "  # type: ignore[arg-type]
-            f"val={len(self.val)} batches/{self.val_samples} samples, "  # type: ignore[arg-type]
+            f"Loaders(train={len(self.train)} batches/{self.train_samples} samples, "  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
+            f"val={len(self.val)} batches/{self.val_samples} samples, "  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
             f"num_classes={self.num_classes}, in_chans={self.in_chans}, image_size={self.image_size})"
         )
 

@@ -487,7 +487,7 @@ def train(
 
 def _length(loader: Iterable) -> int:
     try:
-        return len(loader)  # type: ignore[arg-type]
+        return len(loader)  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
     except TypeError:
         return 1
 

@@ -174,7 +174,7 @@ def evaluate_segmentation(model: torch.nn.Module, loader: Any, device: torch.dev
                                                      leave=False)):
             logits = model(images.to(device))["out"].float()
             if full_masks is not None and images.shape[0] == 1:
-                masks = _load_mask(full_masks.samples[index][1])[None]  # type: ignore[attr-defined]
+                masks = _load_mask(full_masks.samples[index][1])[None]  # type: ignore[attr-defined]  # the full-size set is an ADE20K set, typed as Dataset
                 masks = torch.where(masks == 0, torch.full_like(masks, IGNORE_INDEX), masks - 1)
                 logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
             confusion.update(logits.argmax(1).cpu(), masks.cpu())

@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.evaluate or not args.no_eval:
             val_set = CocoDetection(args.data, args.val_split,
                                     categories=train_set.category_ids if train_set is not None else None)
-        num_classes = (train_set or val_set).num_classes  # type: ignore[union-attr]
+        num_classes = (train_set or val_set).num_classes  # type: ignore[union-attr]  # one of the two sets exists (the parser requires a split)
         try:
             model = build_ssd300(args.conv, args.backbone, num_classes, args.trunk_placement or "paper",
                                  args.dynamic_parts_list, args.pretrained_backbone, size=args.image_size)

@@ -77,10 +77,10 @@ def _figure(rows: List[Dict[str, object]], title: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    x = [int(r["index"]) for r in rows]  # type: ignore[arg-type]
+    x = [int(r["index"]) for r in rows]  # type: ignore[arg-type]  # the CSV rows are dicts of str -> object
     for ax, key, label in zip(axes, ("relative_variation", "norm_cv"),
                               ("RMS ||W(x) - E W|| / ||E W||", "CV of ||W(x)|| over inputs")):
-        ax.plot(x, [float(r[key]) for r in rows], marker="o", ms=3)  # type: ignore[arg-type]
+        ax.plot(x, [float(r[key]) for r in rows], marker="o", ms=3)  # type: ignore[arg-type]  # the CSV rows are dicts of str -> object
         ax.set_xlabel("dynamic layer (forward order)")
         ax.set_title(label, fontsize=9)
     fig.suptitle(f"Per-sample effective weight variation across inputs - {title}", fontsize=10)

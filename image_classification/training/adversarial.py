@@ -314,7 +314,7 @@ def validate_under_attack(model: nn.Module, cfg: LoopConfig, loader: Iterable, c
 
     was_training = model.training
     model.eval()
-    total = cfg.iterations(len(loader))  # type: ignore[arg-type]
+    total = cfg.iterations(len(loader))  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
     sums = torch.zeros(4, dtype=torch.float64, device=cfg.device)  # loss*n, correct1, correct5, n
     linf = torch.zeros((), dtype=torch.float64, device=cfg.device)
     fp16 = cfg.amp_dtype == torch.float16

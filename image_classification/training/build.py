@@ -260,7 +260,7 @@ def build_training_setup(args: argparse.Namespace, model: nn.Module, loaders: Lo
                                 optimizer=args.optimizer, eps=args.optimizer_eps,
                                 alpha=args.rmsprop_alpha or 0.9)
     adversary = build_free_adversarial_training(args, loaders, cfg)
-    steps_per_epoch = math.ceil(cfg.iterations(len(loaders.train)) / cfg.accumulation)  # type: ignore[arg-type]
+    steps_per_epoch = math.ceil(cfg.iterations(len(loaders.train)) / cfg.accumulation)  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
     if adversary is not None:  # every replay is an optimizer step: the schedule counts them all
         steps_per_epoch *= adversary.replays
     scheduler = build_scheduler(optimizer, args, max(1, steps_per_epoch))
@@ -327,7 +327,7 @@ def restore_training_state(comp: TrainingSetup, checkpoint: Dict[str, Any], env:
         comp.optimizer.load_state_dict(checkpoint["optimizer"])
         for group, values in zip(comp.optimizer.param_groups, current):
             group.update(values)
-        schedule = comp.scheduler.lr_lambdas[0]  # type: ignore[attr-defined]
+        schedule = comp.scheduler.lr_lambdas[0]  # type: ignore[attr-defined]  # LambdaLR's lr_lambdas is untyped; ours holds an LRSchedule
         steps = state.epoch * schedule.steps_per_epoch + (state.step_in_epoch // max(1, accumulation)) * replays
         set_schedule_position(comp.scheduler, steps)
         if comp.scaler is not None and checkpoint.get("scaler"):

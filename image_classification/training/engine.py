@@ -319,7 +319,7 @@ def train_one_epoch(
     ``resumed_totals``: those of the interrupted run (its checkpoint's), so that the epoch summary covers
     the iterations before ``start_iteration`` too."""
     comp.model.train()
-    total = cfg.iterations(len(loader))  # type: ignore[arg-type]
+    total = cfg.iterations(len(loader))  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
     window, epoch_window = _Window(cfg.device), _Window(cfg.device)
     if start_iteration and resumed_totals is not None:
         epoch_window.restore(resumed_totals, owner=cfg.is_main)
@@ -388,7 +388,7 @@ def validate(model: nn.Module, cfg: LoopConfig, loader: Iterable, criterion: nn.
              epoch: int = 0) -> Dict[str, float]:
     """Exact top-1/top-5/loss over the whole validation set (all ranks), plus compute throughput/latency."""
     model.eval()
-    total = cfg.iterations(len(loader))  # type: ignore[arg-type]
+    total = cfg.iterations(len(loader))  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
     sums = torch.zeros(4, dtype=torch.float64, device=cfg.device)  # loss*n, correct1, correct5, n
     latencies = []
     progress = Progress(f"Epoch {epoch} {prefix}", total, cfg.print_freq, enabled=cfg.is_main)

@@ -100,7 +100,7 @@ class RaportWriter:
             free = "free space unknown"
         file, self._file = self._file, None  # nothing more goes to a file that cannot take it
         with contextlib.suppress(OSError):
-            file.close()  # type: ignore[union-attr]
+            file.close()  # type: ignore[union-attr]  # the raport file is open whenever a write failed
         raise RaportError(f"cannot write the raport {self.path}: {exc.strerror or exc} ({free}); the records "
                           "before this one are in it, the last checkpoint is intact: free space, then continue "
                           "with --resume auto") from None

@@ -483,7 +483,7 @@ def _precise_bn(run: _Run, epoch: int) -> None:
         return
     cfg, comp = run.cfg, run.comp
     models = [module for _, module in comp.evaluated_models()]
-    total = min(requested, cfg.iterations(len(run.loaders.train)))  # type: ignore[arg-type]
+    total = min(requested, cfg.iterations(len(run.loaders.train)))  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
     progress = Progress(f"Epoch {epoch} precise-bn", total, cfg.print_freq, enabled=cfg.is_main)
 
     def report(done: int) -> None:

@@ -362,7 +362,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
     @classmethod
     def share_generators(cls, convs: Sequence[nn.Module]) -> None:
         """Placement ``+share``: :func:`share_generator` (Appendix D, Table 2)."""
-        share_generator(convs)  # type: ignore[arg-type]
+        share_generator(convs)  # type: ignore[arg-type]  # the +share placement passes PEDConv2d layers only
 
     def weight_moments(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Weight-variation moments from the factors: :func:`.counts.pedconv_weight_sums`."""

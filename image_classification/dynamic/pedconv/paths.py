@@ -159,10 +159,10 @@ def _rank_terms(layer: PEDConvLayer, f: Factors
         gamma, phi, psi = (None if c is None else c.sum(dim=1, keepdim=True) for c in (gamma, phi, psi))
         rank = 1
     if rank == 1:
-        yield tuple(None if c is None else c.view(c.shape[0], c.shape[2]) for c in (gamma, phi, psi))  # type: ignore[misc]
+        yield tuple(None if c is None else c.view(c.shape[0], c.shape[2]) for c in (gamma, phi, psi))  # type: ignore[misc]  # a 3-tuple; mypy sees a variable-length tuple
         return
     for r in range(rank):
-        yield tuple(None if c is None else c.select(1, r) for c in (gamma, phi, psi))  # type: ignore[misc]
+        yield tuple(None if c is None else c.select(1, r) for c in (gamma, phi, psi))  # type: ignore[misc]  # a 3-tuple; mypy sees a variable-length tuple
 
 
 def _sum_terms(

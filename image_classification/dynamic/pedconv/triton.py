@@ -602,7 +602,7 @@ def _op_backward(grad: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor
     if gpsi is not None:
         gpsi = gpsi.to(psi.dtype)
     empty = x.new_empty(0)
-    return tuple(t if t is not None else empty.clone() for t in (gx, gw, ggamma, gphi, gpsi))  # type: ignore[return-value]
+    return tuple(t if t is not None else empty.clone() for t in (gx, gw, ggamma, gphi, gpsi))  # type: ignore[return-value]  # a 5-tuple; mypy sees a variable-length tuple
 
 
 def _fake_backward(grad: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Optional[Tensor],

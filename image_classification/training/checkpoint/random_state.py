@@ -16,7 +16,7 @@ from .errors import CheckpointError, one_line
 try:  # numpy is optional: torch runs without it
     import numpy as np
 except ImportError:  # pragma: no cover - exercised only where numpy is absent
-    np = None  # type: ignore[assignment]
+    np = None  # type: ignore[assignment]  # numpy is optional
 
 __all__ = ["rng_state", "set_rng_state", "derive_seed"]
 

@@ -30,7 +30,7 @@ from .errors import CheckpointError, PathLike, one_line
 try:  # numpy is optional: torch runs without it
     import numpy as np
 except ImportError:  # pragma: no cover - exercised only where numpy is absent
-    np = None  # type: ignore[assignment]
+    np = None  # type: ignore[assignment]  # numpy is optional
 
 __all__ = ["BEST_FILENAME", "numbered_copies", "remove_temporaries", "save_checkpoint"]
 
@@ -54,7 +54,7 @@ def _weights_only_safe(obj: Any, where: str) -> Any:
         rebuilt = collections.OrderedDict((k, _weights_only_safe(v, f"{where}[{k!r}]")) for k, v in obj.items())
         metadata = getattr(obj, "_metadata", None)  # module versions kept by nn.Module.state_dict()
         if metadata is not None:
-            rebuilt._metadata = _weights_only_safe(metadata, f"{where}._metadata")  # type: ignore[attr-defined]
+            rebuilt._metadata = _weights_only_safe(metadata, f"{where}._metadata")  # type: ignore[attr-defined]  # state_dict's _metadata is set by nn.Module, not declared
         return rebuilt
     if isinstance(obj, Mapping):
         return {k: _weights_only_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
