@@ -19,7 +19,7 @@ mode PEDConv's coefficients are the deterministic means (no sampling noise), as 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -120,8 +120,8 @@ def collect_coefficients(model: nn.Module, batches, hist_images: int = 256,
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, OperatorProtocol):
-            handles.append(module.register_forward_pre_hook(hook_for(name)))
+        if isinstance(module, OperatorProtocol):  # (an nn.Module too: OperatorProtocol is a mixin)
+            handles.append(cast(nn.Module, module).register_forward_pre_hook(hook_for(name)))
     if not handles:
         raise AnalysisError(f"{type(model).__name__} has no dynamic layer: nothing to analyse")
     was = model.training

@@ -56,7 +56,10 @@ class ResNetTrunk(nn.Module):
         if bad or not return_layers:
             raise ValueError(f"return_layers must be a non-empty subset of {order}, got {list(return_layers)}")
         last = max(order.index(name) for name in return_layers)
-        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.conv1: nn.Module = resnet.get_submodule("conv1")
+        self.bn1: nn.Module = resnet.get_submodule("bn1")
+        self.relu: nn.Module = resnet.get_submodule("relu")
+        self.maxpool: nn.Module = resnet.get_submodule("maxpool")
         self.stages = order[: last + 1]
         for name in self.stages:
             self.add_module(name, getattr(resnet, name))

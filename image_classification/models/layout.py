@@ -24,6 +24,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
                 continue
             strides = torch.empty(tensor.shape, memory_format=torch.channels_last, device="meta").stride()
             if tensor.stride() != strides:
-                tensor.set_(torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype,
-                                                device=tensor.device).copy_(tensor))
+                replacement = torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype, device=tensor.device)
+                # Tensor.set_(Tensor) exists; torch's stubs list the storage overloads only
+                tensor.set_(replacement.copy_(tensor))  # type: ignore[call-overload]
     return model

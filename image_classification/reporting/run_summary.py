@@ -40,6 +40,10 @@ def _mean(values: Iterable[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _milliseconds(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1000.0
+
+
 def summarize(path: Path) -> RunSummary:
     """Read one raport into a :class:`RunSummary`."""
     records = read_raport(path)
@@ -70,7 +74,7 @@ def summarize(path: Path) -> RunSummary:
         best_top5=max(top5.values()) if top5 else None,
         last_val_loss=loss[max(loss)] if loss else None,
         train_ips=_mean(ips),
-        val_latency_ms=(_mean(latency.values()) * 1000.0) if latency else None,
+        val_latency_ms=_milliseconds(_mean(latency.values())),
         robust_top1=robust_summary(summary),
         complete=complete,
     )

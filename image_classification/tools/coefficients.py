@@ -89,7 +89,7 @@ def _figure(stats: Dict[str, CoefficientStats], rows: List[Dict[str, object]], b
     grid = fig.add_gridspec(2, len(components))
     top = fig.add_subplot(grid[0, :])
     for comp in components:
-        points: List[Tuple[int, float]] = [(int(r["index"]), float(r["normalized_sigma"]))  # type: ignore[arg-type]  # the CSV rows are dicts of str -> object
+        points: List[Tuple[int, float]] = [(int(r["index"]), float(r["normalized_sigma"]))  # type: ignore[call-overload, arg-type]  # the CSV rows are dicts of str -> object
                                            for r in rows if r["component"] == comp]
         top.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=comp)
     top.set_xlabel("dynamic layer (forward order)")

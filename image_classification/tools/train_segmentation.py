@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if env.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         fields = {"arch": args.arch, "conv": args.conv, "backbone": args.backbone, "num_classes": args.num_classes,
-                  "trunk_placement": model.trunk_placement, "dynamic_parts": list(model.dynamic_parts)}
+                  "trunk_placement": model.trunk_placement, "dynamic_parts": list(cast(Any, model).dynamic_parts)}
         train_loader = None if train_set is None else TaskLoader(train_set, args.batch_size, True, args.workers,
                                                                  env, args.seed)
         val_loader = None if val_set is None else TaskLoader(val_set, 1, False, args.workers, env, args.seed)

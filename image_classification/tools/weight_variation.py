@@ -77,7 +77,7 @@ def _figure(rows: List[Dict[str, object]], title: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    x = [int(r["index"]) for r in rows]  # type: ignore[arg-type]  # the CSV rows are dicts of str -> object
+    x = [int(r["index"]) for r in rows]  # type: ignore[call-overload]  # the CSV rows are dicts of str -> object
     for ax, key, label in zip(axes, ("relative_variation", "norm_cv"),
                               ("RMS ||W(x) - E W|| / ||E W||", "CV of ||W(x)|| over inputs")):
         ax.plot(x, [float(r[key]) for r in rows], marker="o", ms=3)  # type: ignore[arg-type]  # the CSV rows are dicts of str -> object

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -293,7 +293,7 @@ def _train_step(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, targ
     skips the gradient all-reduce on the other mini-batches)."""
     sync = contextlib.nullcontext()
     if not boundary and hasattr(comp.model, "no_sync"):
-        sync = comp.model.no_sync()
+        sync = cast(Any, comp.model).no_sync()  # DDP's, also through a torch.compile wrapper
     with sync:
         loss, task, infomax, correct = forward_loss(comp, cfg, images, target)
         backward(comp, cfg, loss)

@@ -100,6 +100,10 @@ def forget_paths(token: int) -> None:
     _PATH_LOGS.get(token, {}).clear()
 
 
+def _static_conv(layer: PEDConvLayer, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
+    return F.conv2d(x, weight, None, groups=layer.groups, **layer.conv_kwargs())
+
+
 def timing_candidates(layer: PEDConvLayer, key: TuningKey, names: Sequence[str]) -> Dict[str, Callable[[], Any]]:
     """Timing closures of ``names`` on random tensors of the key's shapes (no state of ``layer`` is touched)."""
     shape, grad = key.shape, key.grad
@@ -121,11 +125,8 @@ def timing_candidates(layer: PEDConvLayer, key: TuningKey, names: Sequence[str])
     grad_out = torch.randn(shape[0], layer.out_channels, ho, wo, generator=gen, dtype=dtype, device=device)
 
     def make(name: str) -> Callable[[], Any]:
-        if name == STATIC_REFERENCE:  # nn.Conv2d of the same geometry: the report's yardstick
-            def run(layer: PEDConvLayer, x: Tensor, weight: Tensor, factors: Factors) -> Tensor:
-                return F.conv2d(x, weight, None, groups=layer.groups, **layer.conv_kwargs())
-        else:
-            run = PATH_REGISTRY[name].run
+        # nn.Conv2d of the same geometry is the report's yardstick
+        run = _static_conv if name == STATIC_REFERENCE else PATH_REGISTRY[name].run
         if grad:
             return lambda: torch.autograd.grad(run(layer, x, weight, factors), leaves, grad_out, allow_unused=True)
 

@@ -9,7 +9,7 @@ unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     wrappers: Tuple[type, ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)
     while True:
         if isinstance(model, wrappers):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
             model = model._orig_mod
         else:
