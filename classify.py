@@ -6,9 +6,9 @@
 Same as ``python -m image_classification.tools.classify``; see image_classification/tools/classify.py.
 """
 
-import sys
 
+from image_classification.argparsing import run_program
 from image_classification.tools.classify import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from image_classification.argparsing import ArgumentParser  # noqa: E402
+from image_classification.argparsing import ArgumentParser, run_program  # noqa: E402
 from image_classification.reporting.raport import PREFIX, read_raport  # noqa: E402
 from image_classification.reporting.run_summary import RunSummary, markdown_table, summarize, write_csv  # noqa: E402
 
@@ -77,4 +77,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

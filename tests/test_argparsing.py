@@ -54,3 +54,20 @@ def test_main_names_the_flag_not_an_internal_type(capsys: pytest.CaptureFixture)
             parse_args(["--data-backend", "synthetic", *argv])
         err = capsys.readouterr().err
         assert needle in err and "_non_negative_int" not in err
+
+
+def test_a_program_piped_into_head_stops_quietly() -> None:
+    """``python -m ...tools.paper_tables | head -1``: the reader closes the pipe after one line; the program stops
+    with 141 (128 + SIGPIPE) and no BrokenPipeError traceback (run_program)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys\nfrom image_classification.argparsing import run_program\n"
+                             "def main():\n    for i in range(200000):\n        print('row', i)\n    return 0\n"
+                             "run_program(main)"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"row 0\n"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipeError" not in err, err[-2000:]

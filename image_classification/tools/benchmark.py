@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.atomic_files import write_json_atomic
 from image_classification.dynamic import build_conv, list_operators, parse_spec
 from image_classification.dynamic.autotune import set_autotune
@@ -478,4 +478,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_program(main)

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.data import DataError
 from image_classification.inference import (
     add_model_arguments,
@@ -129,4 +129,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -25,7 +25,6 @@ histogram of each component's values over the first ``--hist-images`` images, al
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,7 +40,7 @@ from image_classification.analysis.common import (
     validation_batches,
     write_csv,
 )
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 
 PROG = "python -m image_classification.tools.coefficients"
 
@@ -109,4 +108,4 @@ def _figure(stats: Dict[str, CoefficientStats], rows: List[Dict[str, object]], b
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -69,7 +69,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.atomic_files import replaced_atomically
 from image_classification.bn_folding import FoldReport, fold_batchnorm
 from image_classification.compat import dynamo_onnx_exporter_is_default
@@ -494,4 +494,4 @@ def _default_output(checkpoint: str, fmt: str) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 
 __all__ = ["LAYER_TRAIN_TARGET", "THROUGHPUT_TARGETS", "collect", "format_markdown", "main"]
 
@@ -200,4 +199,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

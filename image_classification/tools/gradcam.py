@@ -25,7 +25,6 @@ in ``tests/analysis/test_gradcam.py``).
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -43,7 +42,7 @@ from image_classification.analysis.common import (
     write_csv,
 )
 from image_classification.analysis.gradcam import GradCAM, cam_statistics
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 
 PROG = "python -m image_classification.tools.gradcam"
 
@@ -137,4 +136,4 @@ def _figure(pictures: torch.Tensor, per_model: Sequence[tuple], labels: Sequence
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

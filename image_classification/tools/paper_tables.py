@@ -5,10 +5,9 @@ tables next to this project's counts (the rows and the counting: :mod:`image_cla
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional, Sequence
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.measurement.paper_tables import (
     dense_table_rows,
     format_dense_table,
@@ -35,4 +34,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

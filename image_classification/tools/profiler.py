@@ -46,7 +46,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.atomic_files import write_json_atomic
 from image_classification.dynamic import autotune
 from image_classification.measurement.latency import measure_latency
@@ -208,4 +208,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.reporting.raport import read_raport
 from image_classification.reporting.tensorboard import TensorBoardScalars, iterations_per_epoch, require_tensorboard
 
@@ -90,4 +90,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -6,9 +6,9 @@ Usage: ``python -m image_classification.tools.synthetic_segmentation OUT [--trai
 
 from __future__ import annotations
 
-import sys
 from typing import Optional, Sequence
 
+from image_classification.argparsing import run_program
 from image_classification.segmentation.ade20k import write_synthetic_ade20k
 from image_classification.tools.synthetic_cli import SyntheticSetCli, synthetic_set_main
 
@@ -23,4 +23,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -18,13 +18,12 @@ Validation reports COCO bbox AP, AP50, AP75, APs, APm, APl (Table 2's columns) t
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.dense.engine import (
     Task,
     TaskLoader,
@@ -117,4 +116,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

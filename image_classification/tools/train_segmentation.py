@@ -19,14 +19,13 @@ processes (2 images per GPU are too few for per-GPU statistics).
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Dict, Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.dense.engine import (
     Task,
     TaskLoader,
@@ -141,4 +140,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

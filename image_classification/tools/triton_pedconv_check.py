@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.atomic_files import replaced_atomically, write_json_atomic
 from image_classification.dynamic.pedconv import triton as triton_pedconv
 from image_classification.dynamic.pedconv.triton import pedconv_conv2d_triton, unavailable_reason
@@ -554,4 +554,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)

@@ -24,7 +24,6 @@ writes ``weights.csv`` (layer, operator, weight shape, images and both statistic
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Dict, List, Optional, Sequence
 
 from image_classification.analysis.common import (
@@ -38,7 +37,7 @@ from image_classification.analysis.common import (
     write_csv,
 )
 from image_classification.analysis.weights import collect_weight_variation
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import ArgumentParser, run_program
 
 PROG = "python -m image_classification.tools.weight_variation"
 
@@ -89,4 +88,4 @@ def _figure(rows: List[Dict[str, object]], title: str, path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program(main)
