@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Tuple
 
 import pytest
@@ -95,6 +94,15 @@ def _failing_backend(gm, example_inputs):
     raise RuntimeError("this backend compiles nothing")
 
 
+def _setup(model: nn.Module):
+    """The training objects compile_ahead_or_eager works on, around ``model`` (no EMA copy)."""
+    from image_classification.training.engine import TrainingSetup
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return TrainingSetup(model=model, module=model, criterion=nn.CrossEntropyLoss(), optimizer=optimizer,
+                         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+
+
 def test_a_model_torch_compile_cannot_compile_runs_eager_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._dynamo.exc import TorchDynamoException
 
@@ -110,7 +118,7 @@ def test_a_model_torch_compile_cannot_compile_runs_eager_with_one_line(monkeypat
         raise TorchDynamoException("the backend compiled nothing")
 
     monkeypatch.setattr(engine, "compile_ahead", compile_ahead)
-    comp = SimpleNamespace(module=model, criterion=nn.CrossEntropyLoss(), ema=None)
+    comp = _setup(model)
     why = compile_ahead_or_eager(comp, LoopConfig(device=torch.device("cpu")), (2, 3, 6, 6), (2, 3, 6, 6))
     assert why is not None and "\n" not in why and why.endswith("; running eager")
     assert f"torch {torch.__version__}" in why
@@ -123,6 +131,6 @@ def test_a_model_torch_compile_cannot_compile_runs_eager_with_one_line(monkeypat
 
 def test_a_model_error_is_not_mistaken_for_a_compiler_error() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
-    comp = SimpleNamespace(module=model, criterion=nn.CrossEntropyLoss(), ema=None)
+    comp = _setup(model)
     with pytest.raises(RuntimeError):  # 5 input channels for a 3-channel conv: eager fails the same way
         compile_ahead_or_eager(comp, LoopConfig(device=torch.device("cpu")), None, (2, 5, 6, 6))
