@@ -64,9 +64,10 @@ def test_a_program_piped_into_head_stops_quietly() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", "import sys\nfrom image_classification.argparsing import run_program\n"
-                             "def main():\n    for i in range(200000):\n        print('row', i)\n    return 0\n"
-                             "run_program(main)"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    program = ("from image_classification.argparsing import run_program\n"
+               "def main():\n    for i in range(200000):\n        print('row', i)\n    return 0\n"
+               "run_program(main)")
+    proc = subprocess.Popen([sys.executable, "-c", program], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"row 0\n"
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
