@@ -29,8 +29,8 @@ __all__ = ["PER_SAMPLE_METHODS", "batchnorm_affine", "conv_output_size", "per_sa
 PER_SAMPLE_METHODS = ("grouped", "unfold")
 
 
-def conv_output_size(size: Sequence[int], kernel_size: Tuple[int, int], stride: Tuple[int, int],
-                     padding: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int]:
+def conv_output_size(size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int]) -> Tuple[int, int]:
     """nn.Conv2d's output size formula for an input of spatial ``size``."""
     out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
            for n, k, s, p, d in zip(size, kernel_size, stride, padding, dilation)]
@@ -72,17 +72,17 @@ def per_sample_conv2d(
     # only the batch may be symbolic (export): channel and kernel sizes are constants of the layer
     channels, out_channels = int(channels), int(weight.shape[1])
     kernel = (int(weight.shape[-2]), int(weight.shape[-1]))
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    strides, paddings, dilations = _pair(stride), _pair(padding), _pair(dilation)
     if method == "grouped":
         if batch == 1:
-            y = F.conv2d(x, weight[0], None, stride, padding, dilation, groups)
+            y = F.conv2d(x, weight[0], None, strides, paddings, dilations, groups)
         else:
             y = F.conv2d(x.reshape(1, batch * channels, height, width), weight.reshape(-1, *weight.shape[2:]), None,
-                         stride, padding, dilation, batch * groups)
+                         strides, paddings, dilations, batch * groups)
             y = y.view(batch, out_channels, y.shape[-2], y.shape[-1])
     else:
-        ho, wo = conv_output_size((int(height), int(width)), kernel, stride, padding, dilation)
-        patches = F.unfold(x, kernel, dilation, padding, stride)  # B x C_in*kh*kw x L, channel-major
+        ho, wo = conv_output_size((int(height), int(width)), kernel, strides, paddings, dilations)
+        patches = F.unfold(x, kernel, dilations, paddings, strides)  # B x C_in*kh*kw x L, channel-major
         cin_g = channels // groups
         w = weight.reshape(batch, groups, out_channels // groups, cin_g * kernel[0] * kernel[1])
         y = torch.matmul(w, patches.reshape(batch, groups, cin_g * kernel[0] * kernel[1], ho * wo))

@@ -20,7 +20,11 @@ class StaticConv2d(nn.Conv2d, OperatorProtocol):
     def macs(self, input_shape: Tuple[int, ...]) -> int:
         """``B H_out W_out C_out (C_in / groups) k_h k_w`` (the papers' count of a convolution)."""
         batch, _, height, width = (int(s) for s in input_shape)
-        out = conv_output_size((height, width), self.kernel_size, self.stride, self.padding, self.dilation)
+        if self.padding == "same":  # nn.Conv2d allows it at stride 1 only: the output keeps the input's size
+            out = (height, width)
+        else:
+            pads = (0, 0) if isinstance(self.padding, str) else self.padding  # 'valid': no padding
+            out = conv_output_size((height, width), self.kernel_size, self.stride, pads, self.dilation)
         kh, kw = self.kernel_size
         return batch * out[0] * out[1] * self.out_channels * (self.in_channels // self.groups) * kh * kw
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import torch.nn as nn
 
@@ -38,9 +38,8 @@ def set_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
         return model
     if stem.groups != 1:
         raise ValueError(f"cannot change the input channels of a grouped stem conv ({name})")
-    new = nn.Conv2d(
-        in_chans, stem.out_channels, stem.kernel_size, stride=stem.stride, padding=stem.padding,
-        dilation=stem.dilation, bias=stem.bias is not None, padding_mode=stem.padding_mode,
-    )
+    geometry: Dict[str, Any] = dict(kernel_size=stem.kernel_size, stride=stem.stride, padding=stem.padding,
+                                    dilation=stem.dilation)  # the stem's own (nn.Conv2d types them loosely)
+    new = nn.Conv2d(in_chans, stem.out_channels, **geometry, bias=stem.bias is not None, padding_mode=stem.padding_mode)
     set_module(model, name, new)
     return model

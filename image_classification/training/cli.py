@@ -464,9 +464,9 @@ def _validate_recipe_options(parser: argparse.ArgumentParser, args: argparse.Nam
         if not args.evaluate:
             parser.error("--attack measures a trained model: it needs --evaluate (e.g. --evaluate "
                          "--pretrained-weights WORKSPACE/model_best.pth.tar --attack pgd)")
-        for key, value in ATTACK_DEFAULTS.items():
+        for key, default in ATTACK_DEFAULTS.items():
             if getattr(args, key) is None:
-                setattr(args, key, value)
+                setattr(args, key, default)
         args.attack_steps = sorted(set(args.attack_steps))
     for key in ("adv_eps", "adv_step_size", "attack_eps", "attack_step_size"):
         value = getattr(args, key)

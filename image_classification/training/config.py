@@ -12,7 +12,7 @@ import argparse
 import os
 import reprlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NoReturn
+from typing import Any, Callable, Dict, List, NoReturn, Optional, cast
 
 __all__ = ["RECIPE_BASE_KEY", "RecipeFile", "load_config", "read_recipe_chain"]
 
@@ -69,14 +69,15 @@ def _check_config_value(parser: argparse.ArgumentParser, key: str, action: argpa
         value = [str(v) for v in items] if multiple else str(value)
     if multiple and not isinstance(value, list):
         value = [value]
-    if isinstance(value, list) and action.type is not None:
+    convert = cast(Optional[Callable[[str], Any]], action.type)  # a callable in every parser here, never a name
+    if isinstance(value, list) and convert is not None:
         try:
-            value = [action.type(str(v)) for v in value]
+            value = [convert(str(v)) for v in value]
         except (ValueError, argparse.ArgumentTypeError) as exc:
             parser.error(f"config key {key!r}: {exc}")
-    elif value is not None and action.type is not None and not isinstance(value, bool):
+    elif value is not None and convert is not None and not isinstance(value, bool):
         try:
-            value = action.type(str(value))
+            value = convert(str(value))
         except (ValueError, argparse.ArgumentTypeError) as exc:
             parser.error(f"config key {key!r}: invalid value {_shown(value)} ({exc})")
     if action.choices is not None and value is not None and value not in action.choices:

@@ -450,8 +450,8 @@ def _run_triton(layer: PEDConvLayer, x: Tensor, weight: Tensor, factors: Factors
     autotune = triton_ops.tile_mode() != "heuristic"
     out: Optional[Tensor] = None
     for r in range(rank):
-        terms = [None if c is None else c.select(1, r) for c in (gamma, phi, psi)]
-        y = triton_ops.pedconv_conv2d_triton(x, weight, *terms, stride=tuple(layer.stride),
+        g, p, s = (None if c is None else c.select(1, r) for c in (gamma, phi, psi))
+        y = triton_ops.pedconv_conv2d_triton(x, weight, g, p, s, stride=tuple(layer.stride),
                                              padding=tuple(layer.padding), dilation=tuple(layer.dilation),
                                              autotune=autotune)
         out = y if out is None else out + y
