@@ -376,22 +376,8 @@ register_path(PathSpec("unfold", _activation_scaled(_psi_unfold_conv), "psi-scal
 register_path(PathSpec("patch_gemm", _run_patch_gemm,
                        "phi(x)psi-scaled patches of all samples as one matrix: one GEMM forward, one for grad-W",
                        applicable=_multiplicative, lean=True))
-register_path(PathSpec("reference", _run_reference, "per-sample F.conv2d with the effective weight (the formula)",
-                       tune=False))
-register_path(PathSpec("materialize", _run_materialize, "per-sample effective weights, one grouped conv",
-                       applicable=_materialize_applicable, lean=True))
-register_path(PathSpec("fold", _run_fold, "gamma * conv(x, W * (phi (x) psi)_b): grouped per-sample kernel",
-                       applicable=_fold_applicable, lean=True))
-register_path(PathSpec("sample_loop", _run_sample_loop,
-                       "one dense conv per sample with W * (phi (x) psi)_b, gamma on the output",
-                       applicable=_sample_loop_applicable, lean=True))
-register_path(PathSpec("factored", _activation_scaled(_psi_shift_conv),
-                       "psi as k*k shifted 1x1 convs weighted per sample", applicable=_inference_only))
-register_path(PathSpec("unfold", _activation_scaled(_psi_unfold_conv), "psi-scaled patches, per-sample matmuls",
-                       applicable=_inference_only))
-register_path(PathSpec("patch_gemm", _run_patch_gemm,
-                       "phi(x)psi-scaled patches of all samples as one matrix: one GEMM forward, one for grad-W",
-                       applicable=_multiplicative, lean=True))
+
+
 # ------------------------------------------------------------------------------------------- triton
 # the fused Triton implicit GEMM (CUDA; rank 1, multiplicative, groups 1; kernels and launchers: .triton)
 def triton_unsupported_reason(layer: PEDConvLayer, dtype: torch.dtype, device: torch.device,
