@@ -55,10 +55,10 @@ class DynamicConv2d(nn.Module, OperatorProtocol):
             raise ValueError(f"{type(self).__name__}: string padding {padding!r} is not supported; give integers")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size: Tuple[int, int] = _pair(kernel_size)
+        self.stride: Tuple[int, int] = _pair(stride)
+        self.padding: Tuple[int, int] = _pair(padding)
+        self.dilation: Tuple[int, int] = _pair(dilation)
         self.groups = groups
         for name in ("kernel_size", "stride", "dilation"):
             if min(getattr(self, name)) <= 0:

@@ -44,7 +44,7 @@ hook                           asked by / default
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Protocol, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -78,6 +78,17 @@ class ForeignLayout:
     foreign_arch: Callable[[str], bool] = lambda arch: False
 
 
+class _PerSampleWeightConv(Protocol):
+    """What :class:`PerSampleUnfoldConv2d` reads of the operator it runs."""
+
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+    def dynamic_weight(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class PerSampleUnfoldConv2d(nn.Module):
     """Runs an operator's per-sample weight (``dynamic_weight(x)``) by unfold + batched matmul.
 
@@ -91,7 +102,7 @@ class PerSampleUnfoldConv2d(nn.Module):
         self.op = op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = self.op
+        op = cast(_PerSampleWeightConv, self.op)
         weight = op.dynamic_weight(x)
         bias_fn = getattr(op, "dynamic_bias", None)
         bias = bias_fn(x) if callable(bias_fn) else getattr(op, "bias", None)
@@ -180,8 +191,11 @@ class OperatorProtocol:
         """This operator with ``conv``'s geometry, device and dtype and a spec's ``options``; the static weight
         (and bias) become its base weight where it has one (``load_static_weight``), so torchvision's static
         checkpoints serve as base weights (:func:`.registry.conv_from_static` calls it)."""
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, **options)
+        # the mixin declares no constructor; every registered class is a module taking nn.Conv2d's arguments
+        constructor = cast(Callable[..., nn.Module], cls)
+        module = constructor(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                             bias=conv.bias is not None, **options)
         loader = getattr(module, "load_static_weight", None)
         if loader is not None:
             loader(conv.weight.detach(), None if conv.bias is None else conv.bias.detach())
@@ -192,6 +206,6 @@ class OperatorProtocol:
         """Placement ``+cls``: the dynamic replacement of the classifier ``linear`` (the static weights kept)."""
         conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None)
         conv.weight.data.copy_(linear.weight.detach().reshape_as(conv.weight))
-        if linear.bias is not None:
+        if linear.bias is not None and conv.bias is not None:
             conv.bias.data.copy_(linear.bias.detach())
         return LinearAsConv(cls.from_static(conv.to(linear.weight.device, linear.weight.dtype), **spec.options))

@@ -78,7 +78,11 @@ class PEDConvLayer(Protocol):
     rank: int
     reparam: str
     components: Tuple[str, ...]
-    weight: Tensor
+
+    @property
+    def weight(self) -> Tensor:
+        """The static base weight ``W_base`` (read-only here, so an ``nn.Parameter`` satisfies it)."""
+        ...
 
     def conv_kwargs(self) -> Dict[str, Any]: ...
 
@@ -89,9 +93,10 @@ class PEDConvLayer(Protocol):
     def factors(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]: ...
 
 
-def normal_init(layer: nn.Module, bias_value: float = 0.0) -> None:
+def normal_init(layer: nn.Linear | nn.Conv2d, bias_value: float = 0.0) -> None:
     """Initialise a generator/decoder Linear or 1x1 Conv2d: weight ~ N(0, INIT_STD), bias = ``bias_value``."""
     nn.init.normal_(layer.weight, 0.0, INIT_STD)
+    assert layer.bias is not None, "the generator and decoder layers are built with a bias"
     nn.init.constant_(layer.bias, bias_value)
 
 
@@ -126,6 +131,12 @@ class BaseWeightInfomaxConv2d(DynamicConv2d):
     static ``bias``) and the training-only info-max term of the last forward (``_infomax``)."""
 
     _infomax: Optional[Tensor] = None
+    components: Tuple[str, ...]
+    infomax_decoder: Optional[nn.Sequential]
+
+    def factors(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(gamma, phi, psi) for input ``x``; each subclass generates them its own way."""
+        raise NotImplementedError
 
     def _make_base_weight(self, bias: bool) -> None:
         """``weight`` (W_base, Kaiming normal, fan-out) and the optional static ``bias`` (zeros)."""

@@ -39,7 +39,7 @@ the conv, optional), ``generator.*`` (deploy-time generator: ``generator.proj`` 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -172,20 +172,25 @@ class _Generator(nn.Module):
         second = torch.sign(second) * torch.sqrt(second.abs() + 1e-6)  # signed square root
         return F.normalize(second.flatten(1), dim=1)  # l2 normalization
 
+    def head_sets(self) -> Sequence[_Heads]:
+        """Each served conv's :class:`_Heads`, in the fused order (``heads`` with its element type)."""
+        return cast("Sequence[_Heads]", self.heads)
+
     @property
     def total_dim(self) -> int:
         """Length of the fused head output: every conv's components, conv-major, phi/gamma/psi order."""
-        return sum(heads.total_dim for heads in self.heads)
+        return sum(heads.total_dim for heads in self.head_sets())
 
     def _head_params(self, logvar: bool) -> List[Tensor]:
         """The (mean or log-variance) heads' weights and biases, interleaved, in the fused order; read
         through the modules' parameter dicts (this runs on every inference forward)."""
         suffix = "_logvar" if logvar else ""
         out: List[Tensor] = []
-        for heads in self.heads._modules.values():
+        for heads in cast("Iterable[_Heads]", self.heads._modules.values()):
             modules = heads._modules
             for name in heads.dims:
-                params = modules[f"fc_{name}{suffix}"]._parameters
+                # the heads are Linears with a bias: both entries are set
+                params = cast("Dict[str, Tensor]", cast(nn.Linear, modules[f"fc_{name}{suffix}"])._parameters)
                 out.append(params["weight"])
                 out.append(params["bias"])
         return out
@@ -215,7 +220,7 @@ class _Generator(nn.Module):
         (:meth:`_stamp`).
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            linears = [lin for heads in self.heads for lin in heads.linears(logvar)]
+            linears = [lin for heads in self.head_sets() for lin in heads.linears(logvar)]
             if len(linears) == 1:
                 return linears[0].weight, linears[0].bias
             return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
@@ -232,7 +237,7 @@ class _Generator(nn.Module):
     def inference_weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(``fc_share`` weight transposed, its bias, the fused mean heads' weight transposed, their bias) for
         ``torch.addmm`` in eager inference, cached until a parameter changes (:meth:`_stamp`)."""
-        share = self.fc_share._parameters
+        share = cast("Dict[str, Tensor]", self.fc_share._parameters)  # Linear with a bias: both set
         params = [share["weight"], share["bias"], *self._head_params(False)]
         stamp = self._stamp(params)
         cached = self._fused_cache.get("inference")
@@ -254,7 +259,7 @@ class _Generator(nn.Module):
         share = self.fc_share
         hidden = F.relu(F.linear(context, share.weight, share.bias))
         weight, bias = self._fused(False)
-        learned = noise_std is not None and self.heads[0].learned
+        learned = noise_std is not None and self.head_sets()[0].learned
         if learned:
             lv_weight, lv_bias = self._fused(True)
             mean, logvar = F.linear(hidden, torch.cat([weight, lv_weight]), torch.cat([bias, lv_bias])).chunk(2, dim=1)
@@ -324,7 +329,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         self.generator.heads.append(self._make_heads(self.hidden))
         self.infomax_decoder: Optional[nn.Sequential] = None
         if infomax:
-            self.infomax_decoder = self._make_decoder(self.generator.heads[0].total_dim)
+            self.infomax_decoder = self._make_decoder(self.generator.head_sets()[0].total_dim)
         self._infomax: Optional[Tensor] = None
         self._followers: List[PEDConv2d] = []  # plain list: not registered as submodules
         self._is_follower = False
@@ -352,12 +357,10 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
 
     def _make_decoder(self, in_dim: int) -> nn.Sequential:
         assert self.generator is not None
-        decoder = nn.Sequential(
-            nn.Linear(in_dim, self.hidden), nn.ReLU(inplace=True), nn.Linear(self.hidden, self.generator.context_dim)
-        )
-        normal_init(decoder[0])
-        normal_init(decoder[2])
-        return decoder
+        first, last = nn.Linear(in_dim, self.hidden), nn.Linear(self.hidden, self.generator.context_dim)
+        normal_init(first)
+        normal_init(last)
+        return nn.Sequential(first, nn.ReLU(inplace=True), last)
 
     @classmethod
     def share_generators(cls, convs: Sequence[nn.Module]) -> None:
@@ -447,7 +450,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         convs = [self, *self._followers]
         widths: List[int] = []
         slots: List[Tuple[int, int, int, int]] = []
-        for i, heads in enumerate(self.generator.heads):
+        for i, heads in enumerate(self.generator.head_sets()):
             for name, dim in heads.dims.items():
                 widths.append(heads.rank * dim)
                 slots.append((i, ("gamma", "phi", "psi").index(name), heads.rank, dim))
@@ -522,7 +525,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         lean = self.__dict__.get("_lean")
         if lean is None:
             lean = self.__dict__["_lean"] = {} if self._lean_applies() else False
-        if (lean is False or self.training or _any_autocast() or x.dim() != 4 or x.shape[0] != 1
+        if (not isinstance(lean, dict) or self.training or _any_autocast() or x.dim() != 4 or x.shape[0] != 1
                 or x.shape[1] != self.in_channels):
             return None
         # one memo for the path choice and the plan, checked against the autotuner's state as _select_path's
@@ -535,6 +538,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         if not plan:
             return None
         kernel, specs, geometry = plan
+        assert self.generator is not None  # _lean_applies: a leader with its own generator
         share_weight_t, share_bias, heads_weight_t, heads_bias = self.generator.inference_weights()
         # GAP as a sum whose 1/HW rides on the matrix product (alpha): one pass, no division
         hidden = _addmm_relu(share_bias, x.sum((2, 3)), share_weight_t, 1.0 / (x.shape[2] * x.shape[3]))
@@ -560,7 +564,8 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
             return ()
         kh, kw = self.kernel_size
         cout, cin_g = self.out_channels, self.in_channels // self.groups
-        dims = self.generator.heads[0].dims
+        assert self.generator is not None  # _lean_applies: a leader with its own generator
+        dims = self.generator.head_sets()[0].dims
         on_weight, on_patches = batch1_plan(engine, self.weight.shape, self.output_size(height, width),
                                             "phi" in dims or "psi" in dims)
         shapes = {"gamma": ((cout, 1, 1, 1), (1, 0, 0, 0)) if on_weight else ((cout, 1, 1), (1, 0, 0)),
@@ -576,7 +581,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
     @property
     def geometry(self) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int]:
         """(stride, padding, dilation, groups) as the kernels take them."""
-        return (tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups)
+        return (self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -652,7 +657,7 @@ def share_generator(convs: Sequence[PEDConv2d]) -> None:
         conv._infomax = None
     leader._followers = followers
     if leader.infomax_decoder is not None:
-        total = sum(heads.total_dim for heads in leader.generator.heads)
+        total = sum(heads.total_dim for heads in leader.generator.head_sets())
         leader.infomax_decoder = leader._make_decoder(total).to(device=ref.device, dtype=ref.dtype)
 
 

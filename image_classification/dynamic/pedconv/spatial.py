@@ -22,7 +22,7 @@ The reparameterization is multiplicative only (the paper's spatial variant).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -145,7 +145,7 @@ class SpatialPEDConv2d(BaseWeightInfomaxConv2d):
             raise ValueError(f"SpatialPEDConv2d expects input B x {self.in_channels} x H x W, got {tuple(x.shape)}")
         centres = self._centres(x)
         batch, _, ho, wo = centres.shape
-        hidden = F.relu(self.generator.fc_share(centres))
+        hidden = F.relu(cast(nn.Conv2d, self.generator.fc_share)(centres))
         noisy = self.training and self.sampling != "none"
         pre: List[Tensor] = []
         comps: Dict[str, Optional[Tensor]] = {name: None for name in COMPONENTS}
@@ -171,8 +171,10 @@ class SpatialPEDConv2d(BaseWeightInfomaxConv2d):
         batch, rank, _, ho, wo = ref.shape
         full = {"gamma": self.out_channels, "phi": self.in_channels // self.groups,
                 "psi": self.kernel_size[0] * self.kernel_size[1]}
-        out = [comps[n] if comps[n] is not None else ref.new_ones(batch, rank, full[n], ho, wo)
-               for n in ("gamma", "phi", "psi")]
+        out: List[Tensor] = []
+        for name in ("gamma", "phi", "psi"):
+            value = comps[name]
+            out.append(value if value is not None else ref.new_ones(batch, rank, full[name], ho, wo))
         return out[0], out[1], out[2]
 
     def dynamic_weight(self, x: Tensor) -> Tensor:

@@ -476,9 +476,9 @@ def _backward_input(grad: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Ten
     batch, channels, height, width = x.shape
     out_channels = weight.shape[0]
     gx = torch.empty_like(x, memory_format=_memory_format(x)) if need_x else None
-    f32 = dict(dtype=torch.float32, device=x.device)
-    gphi = torch.empty((batch, channels), **f32) if need_phi else torch.empty(1, **f32)
-    gpsi = torch.empty((batch, geo.taps), **f32) if need_psi else torch.empty(1, **f32)
+    f32, device = torch.float32, x.device
+    gphi = torch.empty((batch, channels) if need_phi else 1, dtype=f32, device=device)
+    gpsi = torch.empty((batch, geo.taps) if need_psi else 1, dtype=f32, device=device)
     hq, wq = _cdiv(height, geo.sh), _cdiv(width, geo.sw)
     rows = batch * hq * wq
 
@@ -597,9 +597,9 @@ def _op_backward(grad: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor
         gw = _backward_weight(grad, x, w, gamma, phi, psi, geo, autotune).to(weight.dtype)
     if need_gamma and gamma is not None:
         ggamma = _grad_gamma(grad, z, autotune).to(gamma.dtype)
-    if gphi is not None:
+    if gphi is not None and phi is not None:  # gphi is returned only where phi exists (need_phi)
         gphi = gphi.to(phi.dtype)
-    if gpsi is not None:
+    if gpsi is not None and psi is not None:
         gpsi = gpsi.to(psi.dtype)
     empty = x.new_empty(0)
     return tuple(t if t is not None else empty.clone() for t in (gx, gw, ggamma, gphi, gpsi))  # type: ignore[return-value]  # a 5-tuple; mypy sees a variable-length tuple

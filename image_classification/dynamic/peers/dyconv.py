@@ -49,6 +49,8 @@ __all__ = ["DyConv2d"]
 class DyConv2d(KernelMixtureConv2d):
     """DY-Conv (Chen et al., 2020): ``W(x) = sum_k softmax(z(x) / tau)_k W_k``."""
 
+    temperature: torch.Tensor  # buffer: tau, annealed per epoch (:meth:`schedule`)
+
     def __init__(
         self,
         in_channels: int,

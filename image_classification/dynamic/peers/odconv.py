@@ -113,7 +113,7 @@ class _Attention(nn.Module):
                  depthwise: bool) -> None:
         super().__init__()
         self.fc = _kaiming_linear(nn.Linear(in_channels, hidden, bias=False))
-        self.bn = nn.BatchNorm1d(hidden)
+        self.bn: nn.Module = nn.BatchNorm1d(hidden)  # nn.Identity once folded (fold_inner_batchnorm)
         self.channel_fc = _kaiming_linear(nn.Linear(hidden, in_channels))
         self.filter_fc = None if depthwise else _kaiming_linear(nn.Linear(hidden, out_channels))
         self.spatial_fc = _kaiming_linear(nn.Linear(hidden, taps)) if taps > 1 else None
@@ -147,6 +147,8 @@ class ODConv2d(DynamicConv2d):
     options of ``odconv`` as keywords (``k`` kernels, ``reduction``, ``temperature``, ``anneal_epochs``,
     ``path``). ``bias=True`` adds a static bias after the dynamic conv. See the module docstring.
     """
+
+    temperature: Tensor  # buffer: the softmax temperature of the kernel attention, annealed per epoch
 
     def __init__(
         self,

@@ -67,11 +67,11 @@ def _outer(phi: Optional[Tensor], psi: Optional[Tensor]) -> Optional[Tensor]:
 
 def _scaled_weight(weight: Tensor, outer: Optional[Tensor], gamma: Optional[Tensor]) -> Tensor:
     """``W * outer`` (and ``* gamma`` when gamma is laid out against the weight, C_out x 1 x 1 x 1), a temporary."""
-    on_weight = gamma is not None and gamma.dim() == 4
-    if outer is None:
-        return mul_temporary(weight, gamma, weight.shape) if on_weight else weight
-    kernel = mul_temporary(weight, outer, weight.shape)
-    return kernel.mul_(gamma) if on_weight else kernel
+    if gamma is not None and gamma.dim() == 4:  # gamma laid out against the weight
+        if outer is None:
+            return mul_temporary(weight, gamma, weight.shape)
+        return mul_temporary(weight, outer, weight.shape).mul_(gamma)
+    return weight if outer is None else mul_temporary(weight, outer, weight.shape)
 
 
 def _output_gamma(y: Tensor, gamma: Optional[Tensor], bias: Optional[Tensor] = None) -> Tensor:

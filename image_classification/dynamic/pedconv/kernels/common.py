@@ -5,7 +5,7 @@ saved-tensor accounting of the memory tests."""
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, overload
 
 import torch
 from torch import Tensor
@@ -168,7 +168,14 @@ def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
+@overload
+def cast(t: Tensor, dtype: Optional[torch.dtype]) -> Tensor: ...
+@overload
+def cast(t: None, dtype: Optional[torch.dtype]) -> None: ...
+@overload
+def cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]: ...
 def cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """``t`` in ``dtype`` (None stays None; no ``dtype`` or the same one: ``t`` itself)."""
     return t if (t is None or dtype is None or t.dtype == dtype) else t.to(dtype)
 
 

@@ -67,6 +67,7 @@ class _DenseScaledConv(torch.autograd.Function):
         grad_u, grad_w = conv_backward(grad_z, u, weight, geometry, groups, need_x or need_phi, need_w)
         grad_x = grad_phi = grad_s = None
         if need_x:
+            assert grad_u is not None  # asked for: need_x
             grad_x = grad_u * phi_full if phi_full is not None else grad_u
         if need_phi and phi is not None:
             grad_phi = reduce_phi((grad_u * x).sum(dim=(2, 3)), groups)
@@ -233,14 +234,14 @@ class _LoopScaledConv(torch.autograd.Function):
 def _patch_scale(phi: Optional[Tensor], psi: Optional[Tensor], batch: int, groups: int, cin_g: int, kk: int,
                  like: Tensor) -> Tensor:
     """phi (x) psi per sample as B x g x (C_in/g * kk), in F.unfold's (channel, position) order."""
-    if phi is None and psi is None:
-        return like.new_ones(batch, groups, cin_g * kk)
-    if phi is None:
+    if phi is not None and psi is not None:
+        scale = phi.unsqueeze(2) * psi.unsqueeze(1)  # B x C_in/g x kk
+    elif psi is not None:
         scale = psi.unsqueeze(1).expand(batch, cin_g, kk)
-    elif psi is None:
+    elif phi is not None:
         scale = phi.unsqueeze(2).expand(batch, cin_g, kk)
     else:
-        scale = phi.unsqueeze(2) * psi.unsqueeze(1)  # B x C_in/g x kk
+        return like.new_ones(batch, groups, cin_g * kk)
     return scale.reshape(batch, 1, cin_g * kk).expand(batch, groups, cin_g * kk)
 
 
@@ -448,6 +449,7 @@ class _PatchGemmScaledConv(torch.autograd.Function):
         if need_w or need_scale:
             patches, scaled = _scaled_patches(x, scale, (kh, kw), geometry)
         if need_w:
+            assert scaled is not None
             grad_w = torch.bmm(grad_z, scaled.transpose(1, 2)).view(weight.shape)
         if need_x or need_scale:
             grad_scaled = torch.bmm(w_g.transpose(1, 2), grad_z)  # g x K x B*L
@@ -505,6 +507,7 @@ def _scaled_conv(x: Tensor, weight: Tensor, gamma: Optional[Tensor], phi: Option
             return _dense_forward(x, weight, phi, scale, geometry)
         return _DenseScaledConv.apply(x, weight, phi, scale, geometry)
     if engine == "grouped":
+        assert psi is not None  # without psi, 'grouped' took the dense branch above
         if not grad:
             return _grouped_forward(x, weight, phi, psi, gamma, geometry)
         return _GroupedScaledConv.apply(x, weight, phi, psi, gamma, geometry)
