@@ -5,11 +5,12 @@ defaults) and :class:`DataError` (one-line bad-input error). The contract is in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
+    "BatchLoader",
     "DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -165,13 +166,22 @@ def resolve_memory_format(memory_format: Union[str, torch.memory_format]) -> tor
     return names[key]
 
 
+class BatchLoader(Protocol):
+    """One epoch's batches: iterable (images, targets) pairs that know how many there are (a DataLoader, the
+    DALI iterator, the in-memory and synthetic loaders)."""
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+
 class Loaders:
     """Result of :func:`build_loaders`; see the module docstring for the exact contract."""
 
     def __init__(
         self,
-        train: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-        val: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        train: BatchLoader,
+        val: BatchLoader,
         num_classes: int,
         in_chans: int,
         image_size: int,
@@ -219,8 +229,8 @@ class Loaders:
 
     def __repr__(self) -> str:
         return (
-            f"Loaders(train={len(self.train)} batches/{self.train_samples} samples, "  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
-            f"val={len(self.val)} batches/{self.val_samples} samples, "  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
+            f"Loaders(train={len(self.train)} batches/{self.train_samples} samples, "
+            f"val={len(self.val)} batches/{self.val_samples} samples, "
             f"num_classes={self.num_classes}, in_chans={self.in_chans}, image_size={self.image_size})"
         )
 

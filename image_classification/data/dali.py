@@ -28,7 +28,7 @@ import os
 import re
 import time
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -154,13 +154,9 @@ def _create_pipeline(
             name="Reader",
         )
         # nvJPEG buffer sizes as in DeepLearningExamples: avoids reallocations during the first ImageNet epoch
-        padding = {"device_memory_padding": 211025920, "host_memory_padding": 140544512}
-        images = fn.decoders.image(
-            jpegs,
-            device=decoder_device,
-            output_type=types.RGB,
-            **(padding if decoder_device == "mixed" else {}),
-        )
+        padding: Dict[str, Any] = ({"device_memory_padding": 211025920, "host_memory_padding": 140544512}
+                                   if decoder_device == "mixed" else {})
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **padding)
         if train and augment:
             images = fn.random_resized_crop(
                 images,
@@ -321,7 +317,7 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
     else:
         device_id = None
     nhwc = cfg.torch_memory_format == torch.channels_last
-    common = dict(
+    common: Dict[str, Any] = dict(  # the arguments every pipeline shares
         num_threads=max(1, cfg.workers),
         device_id=device_id,
         shard_id=rank,

@@ -10,7 +10,7 @@ decode happens in a DataLoader worker process.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -63,9 +63,9 @@ def load_image(path: str) -> Image.Image:
     images are scaled to 8 bits first, :func:`scale_to_8bit`; a guessed scale is a warning)."""
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
-            image.load()
-            image, note = scale_to_8bit(image, path)
+            opened = Image.open(handle)
+            opened.load()
+            image, note = scale_to_8bit(opened, path)
             if note is not None:
                 import warnings
 
@@ -326,8 +326,8 @@ def build_imagefolder_loaders(cfg: DataConfig) -> Loaders:
     num_classes = resolve_num_classes(cfg, len(train_classes), str(cfg.root))
     train_tf, val_tf = imagenet_transforms(cfg)
 
-    train_set: Dataset = ImageFolderDataset(train_samples, train_tf)
-    val_set: Dataset = ImageFolderDataset(val_samples, val_tf)
+    train_set: ImageFolderDataset | Subset[Any] = ImageFolderDataset(train_samples, train_tf)
+    val_set: ImageFolderDataset | Subset[Any] = ImageFolderDataset(val_samples, val_tf)
     train_keep = subset_indices(len(train_set), cfg.train_subset, cfg.seed)
     if train_keep is not None:
         train_set = Subset(train_set, train_keep.tolist())
@@ -335,7 +335,7 @@ def build_imagefolder_loaders(cfg: DataConfig) -> Loaders:
     if val_keep is not None:
         val_set = Subset(val_set, val_keep.tolist())
 
-    train_sampler = DistributedSampler(
+    train_sampler: DistributedSampler[int] = DistributedSampler(
         train_set, num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=cfg.seed, drop_last=False
     )
     val_sampler = ExactShardSampler(len(val_set), cfg.rank, cfg.world_size)

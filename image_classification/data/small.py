@@ -22,7 +22,7 @@ import gzip
 import os
 import pickle
 import zlib
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -359,7 +359,7 @@ def build_small_loaders(cfg: DataConfig) -> Loaders:
     train_images, train_labels = _subset(train_images, train_labels, cfg.train_subset, cfg.seed)
     val_images, val_labels = _subset(val_images, val_labels, cfg.val_subset, cfg.seed + 1)
 
-    common = dict(
+    common: Dict[str, Any] = dict(  # the arguments both loaders share
         rank=cfg.rank,
         world_size=cfg.world_size,
         augment=cfg.augment,

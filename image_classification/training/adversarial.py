@@ -47,14 +47,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import derive_seed
-from .engine import BatchResults, LoopConfig, MicroBatches, TrainingSetup, backward, forward_loss, optimizer_step
+from .engine import (
+    Adversary,
+    BatchResults,
+    LoopConfig,
+    MicroBatches,
+    TrainingSetup,
+    backward,
+    forward_loss,
+    optimizer_step,
+)
 from .logger import Progress
 
 __all__ = ["PixelSpace", "FreeAdversarialTraining", "PGDAttack", "build_free_adversarial_training",
@@ -137,13 +146,14 @@ class FreeAdversarialTraining:
                 slot = self._slot(j, images)
                 delta = slot.detach().clone().requires_grad_(True)
                 adversarial = self.pixels.normalise((clean + delta).clamp(0.0, 1.0))
-                sync = contextlib.nullcontext()
-                if j != last and hasattr(comp.model, "no_sync"):
-                    sync = comp.model.no_sync()
+                no_sync = getattr(comp.model, "no_sync", None)  # DistributedDataParallel's
+                sync: ContextManager[Any] = (no_sync() if j != last and no_sync is not None
+                                             else contextlib.nullcontext())
                 with sync:
                     loss, task, infomax, correct = forward_loss(comp, cfg, adversarial, target)
                     backward(comp, cfg, loss)
                 grad = delta.grad
+                assert grad is not None  # delta requires grad and the loss depends on it
                 # the sign is scale-invariant; a non-finite (overflowed fp16) gradient leaves delta where it is
                 step = torch.where(torch.isfinite(grad).all(), self.step_size * grad.sign(), torch.zeros_like(grad))
                 slot.add_(step).clamp_(-self.eps, self.eps)
@@ -173,6 +183,21 @@ class FreeAdversarialTraining:
 
         return perturb
 
+    def checkpoint_entry(self, world_size: int) -> Optional[Dict[str, Any]]:
+        """What a checkpoint stores: every rank's perturbation (on CPU, gathered to rank 0; a collective under
+        DDP, None on the other ranks) and the settings it was made with."""
+        local = self.perturbation.detach().cpu()
+        per_rank: Optional[List[Any]] = [local]
+        if world_size > 1:
+            import torch.distributed as dist
+
+            per_rank = [None] * world_size if dist.get_rank() == 0 else None
+            dist.gather_object(local, per_rank, dst=0)
+            if per_rank is None:
+                return None
+        return {"method": "free", "replays": self.replays, "eps": self.eps, "step_size": self.step_size,
+                "perturbation_per_rank": per_rank}
+
     def load_perturbation(self, tensor: Any) -> Optional[str]:
         """Adopt a checkpoint's perturbation; returns why not (a note) when it does not fit this run."""
         if not isinstance(tensor, torch.Tensor) or tensor.shape != self.perturbation.shape:
@@ -197,23 +222,10 @@ def build_free_adversarial_training(args: argparse.Namespace, loaders: Any, cfg:
                                    args.adv_step_size / PIXEL_LEVELS, shape, cfg.device)
 
 
-def perturbation_checkpoint(adversary: Optional[FreeAdversarialTraining], world_size: int
-                            ) -> Optional[Dict[str, Any]]:
-    """What a checkpoint stores of free adversarial training: every rank's perturbation (on CPU, gathered
-    to rank 0; a collective under DDP, None on the other ranks)."""
-    if adversary is None:
-        return None
-    local = adversary.perturbation.detach().cpu()
-    per_rank: Optional[List[Any]] = [local]
-    if world_size > 1:
-        import torch.distributed as dist
-
-        per_rank = [None] * world_size if dist.get_rank() == 0 else None
-        dist.gather_object(local, per_rank, dst=0)
-        if per_rank is None:
-            return None
-    return {"method": "free", "replays": adversary.replays, "eps": adversary.eps, "step_size": adversary.step_size,
-            "perturbation_per_rank": per_rank}
+def perturbation_checkpoint(adversary: Optional[Adversary], world_size: int) -> Optional[Dict[str, Any]]:
+    """What a checkpoint stores of the run's adversarial training (:meth:`FreeAdversarialTraining.checkpoint_entry`;
+    a collective under DDP), None without one."""
+    return None if adversary is None else adversary.checkpoint_entry(world_size)
 
 
 class PGDAttack:

@@ -13,7 +13,7 @@ import numbers
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -22,11 +22,18 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from image_classification.data import DataConfig, Loaders, build_loaders, list_datasets
 from image_classification.dynamic.registry import implied_spec
 
-from .checkpoint import CheckpointError, check_model_fields, load_checkpoint, load_model_weights, recorded_arch
+from .checkpoint import (
+    CheckpointError,
+    check_model_fields,
+    load_checkpoint,
+    load_model_weights,
+    recorded_arch,
+    recorded_args,
+)
 from .cli import FALLBACK_ARCH, FALLBACK_DATASET
 from .distributed import DistEnv, align_gradient_strides, broadcast_int
 from .engine import LoopConfig, TrainingSetup
-from .optim import build_optimizer, build_scheduler, optimizer_name
+from .optim import LRSchedule, build_optimizer, build_scheduler, optimizer_name
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_training_setup",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",
@@ -120,8 +127,7 @@ def infer_model_fields(args: argparse.Namespace, checkpoint: Optional[Dict[str, 
             args.placement = checkpoint["placement"]
     args.arch = args.arch or FALLBACK_ARCH
     if args.dataset is None:  # not given: the dataset the checkpoint was trained on (its recorded arguments)
-        saved_args = checkpoint.get("args") if checkpoint is not None else None
-        saved = saved_args.get("dataset") if isinstance(saved_args, dict) else None
+        saved = recorded_args(checkpoint).get("dataset") if checkpoint is not None else None
         args.dataset = saved if saved in list_datasets() else FALLBACK_DATASET
     if args.drop_path is not None and not args.arch.startswith("efficientnet"):
         raise ValueError(f"--drop-path: --arch {args.arch} has no stochastic depth (efficientnet_* archs only)")
@@ -260,7 +266,7 @@ def build_training_setup(args: argparse.Namespace, model: nn.Module, loaders: Lo
                                 optimizer=args.optimizer, eps=args.optimizer_eps,
                                 alpha=args.rmsprop_alpha or 0.9)
     adversary = build_free_adversarial_training(args, loaders, cfg)
-    steps_per_epoch = math.ceil(cfg.iterations(len(loaders.train)) / cfg.accumulation)  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
+    steps_per_epoch = math.ceil(cfg.iterations(len(loaders.train)) / cfg.accumulation)
     if adversary is not None:  # every replay is an optimizer step: the schedule counts them all
         steps_per_epoch *= adversary.replays
     scheduler = build_scheduler(optimizer, args, max(1, steps_per_epoch))
@@ -313,7 +319,7 @@ def restore_training_state(comp: TrainingSetup, checkpoint: Dict[str, Any], env:
     train (``training``) must use the checkpoint's ``--optimizer``.
     """
     state = checkpoint_position(checkpoint)
-    saved_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    saved_args = recorded_args(checkpoint)
     trained_with = str(saved_args.get("optimizer") or "sgd")
     if training and trained_with != optimizer_name(comp.optimizer):
         raise CheckpointError(f"--resume: the checkpoint was trained with --optimizer {trained_with}, "
@@ -327,7 +333,7 @@ def restore_training_state(comp: TrainingSetup, checkpoint: Dict[str, Any], env:
         comp.optimizer.load_state_dict(checkpoint["optimizer"])
         for group, values in zip(comp.optimizer.param_groups, current):
             group.update(values)
-        schedule = comp.scheduler.lr_lambdas[0]  # type: ignore[attr-defined]  # LambdaLR's lr_lambdas is untyped; ours holds an LRSchedule
+        schedule = cast(LRSchedule, comp.scheduler.lr_lambdas[0])  # build_scheduler's lambda is an LRSchedule
         steps = state.epoch * schedule.steps_per_epoch + (state.step_in_epoch // max(1, accumulation)) * replays
         set_schedule_position(comp.scheduler, steps)
         if comp.scaler is not None and checkpoint.get("scaler"):
@@ -419,7 +425,7 @@ def check_resume_position(checkpoint: Dict[str, Any], state: RunState, args: arg
     if that iteration lies inside the epoch (``iterations`` = iterations of a full epoch of this run)."""
     if not state.step_in_epoch:
         return
-    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    saved = recorded_args(checkpoint)
     changed = [f"--{key.replace('_', '-')} {saved[key]} -> {getattr(args, key)}" for key in MID_EPOCH_FLAGS
                if key in saved and saved[key] != getattr(args, key)]
     if changed:

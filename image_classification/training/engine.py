@@ -42,10 +42,24 @@ BatchResults = List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
 class Adversary(Protocol):
     """What :func:`train_one_epoch` asks of an adversarial trainer (``TrainingSetup.adversary``; e.g.
     :class:`.adversarial.FreeAdversarialTraining`): take over the optimizer steps of one accumulation group.
-    It works through the public step functions :func:`forward_loss`, :func:`backward` and :func:`optimizer_step`."""
+    It works through the public step functions :func:`forward_loss`, :func:`backward` and :func:`optimizer_step`;
+    the trainer also resumes its schedule position (``replays``), checkpoints it and recomputes precise BN
+    statistics on what it trains on."""
+
+    #: optimizer steps per accumulation group (each replay of the group is one)
+    replays: int
 
     def train_group(self, comp: TrainingSetup, cfg: LoopConfig, batches: MicroBatches) -> Tuple[BatchResults, float]:
         """Train on ``batches`` (one optimizer step's mini-batches); their results and the learning rate used."""
+        ...
+
+    def calibration_prepare(self, prepare: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+                            ) -> Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+        """``prepare`` (moves a batch to the device) followed by what training does to the images, for precise BN."""
+        ...
+
+    def checkpoint_entry(self, world_size: int) -> Optional[Dict[str, Any]]:
+        """What a checkpoint stores of it (a collective under DDP; None on the ranks that do not write)."""
         ...
 
 
@@ -58,7 +72,7 @@ class TrainingSetup:
     module: nn.Module
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # build_scheduler's: one LRSchedule as its lambda
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[torch.optim.swa_utils.AveragedModel] = None
     mixup: Optional[Callable] = None

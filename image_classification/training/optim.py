@@ -13,7 +13,7 @@ epochs; the warmup replaces the first epochs' values).
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -127,15 +127,16 @@ class RMSpropTF(torch.optim.Optimizer):
         lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
         momentum, wd = group["momentum"], group["weight_decay"]
         if wd:
-            grads = torch._foreach_add(grads, params, alpha=wd)
+            grads = list(torch._foreach_add(grads, params, alpha=wd))
         torch._foreach_mul_(squares, alpha)
         torch._foreach_addcmul_(squares, grads, grads, value=1.0 - alpha)
         rms = torch._foreach_add(squares, eps)
         torch._foreach_sqrt_(rms)
         if buffers and buffers[0] is not None:
-            torch._foreach_mul_(buffers, momentum)
-            torch._foreach_addcdiv_(buffers, grads, rms, value=lr)
-            torch._foreach_sub_(params, buffers)
+            momenta = cast(List[torch.Tensor], buffers)  # made together: all set when the first is
+            torch._foreach_mul_(momenta, momentum)
+            torch._foreach_addcdiv_(momenta, grads, rms, value=lr)
+            torch._foreach_sub_(params, momenta)
         else:
             torch._foreach_addcdiv_(params, grads, rms, value=-lr)
 
@@ -156,11 +157,11 @@ def build_optimizer(
     if nesterov and (optimizer != "sgd" or momentum <= 0):
         raise ValueError("--nesterov needs --optimizer sgd and a positive --mom")
     groups = [g for g in parameter_groups(model, weight_decay, bn_weight_decay) if g["params"]]
-    eps = DEFAULT_EPS.get(optimizer) if eps is None else eps
     if optimizer == "rmsprop":
-        return RMSpropTF(groups, lr=lr, alpha=alpha, eps=eps, momentum=momentum)
+        return RMSpropTF(groups, lr=lr, alpha=alpha, eps=DEFAULT_EPS[optimizer] if eps is None else eps,
+                         momentum=momentum)
     if optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, eps=eps)
+        return torch.optim.AdamW(groups, lr=lr, eps=DEFAULT_EPS[optimizer] if eps is None else eps)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 

@@ -39,6 +39,13 @@ def batchnorm_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
     ]
 
 
+def _statistics(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(num_batches_tracked, running_mean, running_var) of a layer :func:`batchnorm_layers` returned."""
+    tracked, mean, var = bn.num_batches_tracked, bn.running_mean, bn.running_var
+    assert tracked is not None and mean is not None and var is not None  # it tracks running statistics
+    return tracked, mean, var
+
+
 @torch.no_grad()
 def recompute_bn_statistics(
     models: Sequence[nn.Module],
@@ -60,8 +67,11 @@ def recompute_bn_statistics(
     if num_batches < 1 or not any(layers):
         return 0
     modes = [[(m, m.training) for m in model.modules()] for model in models]
-    saved = [(bn, bn.momentum, bn.num_batches_tracked.clone(), bn.running_mean.clone(), bn.running_var.clone())
-             for group in layers for bn in group]
+    saved = []
+    for group in layers:
+        for bn in group:
+            tracked, mean, var = _statistics(bn)
+            saved.append((bn, bn.momentum, tracked.clone(), mean.clone(), var.clone()))
     used = 0
     try:
         for model, group in zip(models, layers):
@@ -83,19 +93,21 @@ def recompute_bn_statistics(
                 progress(used)
         for group in layers:
             for bn in group:
-                all_reduce_mean_(bn.running_mean)
-                all_reduce_mean_(bn.running_var)
+                _, running_mean, running_var = _statistics(bn)
+                all_reduce_mean_(running_mean)
+                all_reduce_mean_(running_var)
     except BaseException:
         used = 0  # a failure part-way: keep the statistics the models had
         raise
     finally:
         for bn, momentum, tracked, mean, var in saved:
             bn.momentum = momentum
-            bn.num_batches_tracked.copy_(tracked)
+            num_batches_tracked, running_mean, running_var = _statistics(bn)
+            num_batches_tracked.copy_(tracked)
             if used == 0:
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-        for group in modes:
-            for module, training in group:
+                running_mean.copy_(mean)
+                running_var.copy_(var)
+        for states in modes:
+            for module, training in states:
                 module.training = training
     return used

@@ -40,6 +40,7 @@ from .checkpoint import (
     check_workspace_writable,
     existing_run_files,
     load_checkpoint,
+    recorded_args,
     remove_temporaries,
     rng_state,
     save_checkpoint,
@@ -164,7 +165,7 @@ def _is_training_raport(path: str) -> bool:
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         _LOG.warning("cannot read the raport %s (%s); treating it as a training run's", path, exc)
         return True  # unreadable: do not replace it blindly
-    params = next((r.get("data", {}) for r in records if r.get("step") == "PARAMETER"), {})
+    params: Dict[str, Any] = next((r.get("data", {}) for r in records if r.get("step") == "PARAMETER"), {})
     return not params.get("evaluate", False)
 
 
@@ -173,7 +174,7 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     if env.is_main:
         _refuse_to_replace_a_run(args, resume is not None)
     if args.seed is None and resume is not None:  # same data order and streams as the interrupted run
-        args.seed = (resume.get("args") or {}).get("seed")
+        args.seed = recorded_args(resume).get("seed")
     build.seed_everything(args, env)
     pretrained = None
     if args.pretrained_weights is not None and resume is None:
@@ -195,7 +196,7 @@ def _prepare(args: argparse.Namespace, env: DistEnv) -> _Run:
     except ValueError as exc:
         raise UsageError(exc) from None
     for checkpoint, path in ((resume, resume_path), (pretrained, args.pretrained_weights)):
-        if checkpoint is not None:
+        if checkpoint is not None and path is not None:  # a checkpoint comes with its path
             build.load_weights(model, checkpoint, args, conv, path)
     cfg = build.loop_config(args, env)
     try:
@@ -303,14 +304,14 @@ def run(args: argparse.Namespace) -> int:
         if env is None or not env.distributed or monitor is None or not is_peer_failure(exc):
             _post_unexpected(exc, monitor)
             raise
-        failure = monitor.diagnose(exc, args.dist_timeout)
+        peer = monitor.diagnose(exc, args.dist_timeout)
         # the lowest-numbered rank that is still alive reports it (rank 0 unless rank 0 is the one lost); when
         # nobody could be named (the store went away with its host), every rank says what it saw
-        alive = [r for r in range(env.world_size) if r not in failure.lost]
-        if not failure.lost or env.rank == alive[0]:
-            prefix = f"[rank {env.rank}] " if not failure.lost and not env.is_main else ""
-            print(f"main.py: error: {prefix}{failure.message}", file=sys.stderr, flush=True)
-        raise PeerLost(failure.exit_code) from None
+        alive = [r for r in range(env.world_size) if r not in peer.lost]
+        if not peer.lost or env.rank == alive[0]:
+            prefix = f"[rank {env.rank}] " if not peer.lost and not env.is_main else ""
+            print(f"main.py: error: {prefix}{peer.message}", file=sys.stderr, flush=True)
+        raise PeerLost(peer.exit_code) from None
     except BaseException as exc:
         _post_unexpected(exc, monitor)
         raise
@@ -431,7 +432,7 @@ def _attack_all(run: _Run, epoch: int) -> Dict[str, float]:
 def _checkpoint_state(run: _Run, epoch: int, step_in_epoch: int) -> Dict[str, Any]:
     comp, args = run.comp, run.args
     own_rng = rng_state()
-    per_rank = [own_rng]
+    per_rank: List[Optional[Dict[str, Any]]] = [own_rng]
     if run.env.distributed:
         import torch.distributed as dist
 
@@ -470,9 +471,9 @@ def _save(run: _Run, epoch: int, step_in_epoch: int = 0, is_best: bool = False, 
     state = _checkpoint_state(run, epoch, step_in_epoch)  # collective under DDP: every rank builds it
     if run.env.is_main:
         keep = 10**9 if args.gather_checkpoints < 0 else args.gather_checkpoints
-        gather = 0 if step_in_epoch or not gather else keep
+        copies = 0 if step_in_epoch or not gather else keep
         with run.shutdown.saving() if run.shutdown is not None else contextlib.nullcontext():
-            save_checkpoint(state, args.workspace, args.checkpoint_filename, is_best=is_best, gather=gather)
+            save_checkpoint(state, args.workspace, args.checkpoint_filename, is_best=is_best, gather=copies)
     barrier()
 
 
@@ -483,7 +484,7 @@ def _precise_bn(run: _Run, epoch: int) -> None:
         return
     cfg, comp = run.cfg, run.comp
     models = [module for _, module in comp.evaluated_models()]
-    total = min(requested, cfg.iterations(len(run.loaders.train)))  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
+    total = min(requested, cfg.iterations(len(run.loaders.train)))
     progress = Progress(f"Epoch {epoch} precise-bn", total, cfg.print_freq, enabled=cfg.is_main)
 
     def report(done: int) -> None:

@@ -21,7 +21,7 @@ from .load import TRUST_HINT, TRUST_WARNING, add_trust_flag, load_checkpoint, tr
 from .random_state import derive_seed, rng_state, set_rng_state
 from .save import BEST_FILENAME, remove_temporaries, save_checkpoint
 from .shutdown import GracefulShutdown, Interrupted
-from .weights import check_model_fields, load_model_weights, recorded_arch
+from .weights import check_model_fields, load_model_weights, recorded_arch, recorded_args
 from .workspace import (
     LOCK_FILENAME,
     WorkspaceLock,
@@ -51,6 +51,7 @@ __all__ = [
     "load_model_weights",
     "nearest_existing_directory",
     "recorded_arch",
+    "recorded_args",
     "remove_temporaries",
     "rng_state",
     "save_checkpoint",

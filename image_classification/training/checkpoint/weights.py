@@ -20,7 +20,7 @@ from image_classification.dynamic.registry import find_foreign_layout, parse_spe
 from .errors import CheckpointError, PathLike, one_line
 from .load import MAX_LISTED, load_checkpoint, looks_like_state_dict
 
-__all__ = ["load_model_weights", "check_model_fields", "recorded_arch"]
+__all__ = ["load_model_weights", "check_model_fields", "recorded_arch", "recorded_args"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -111,6 +111,13 @@ def _remedy(target: nn.Module, state_dict: Mapping[str, Any], mismatched: Sequen
             return f" (the checkpoint classifies {classes} classes: give --num-classes {classes})"
     return (" (the checkpoint's layers have other shapes: check --arch, --conv and --placement, or leave them out to "
             "take what the checkpoint records)")
+
+
+def recorded_args(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """The command-line arguments a checkpoint recorded (its ``args`` field), or {} where it has none (a raw
+    state dict, another code base's release)."""
+    found = checkpoint.get("args")
+    return found if isinstance(found, dict) else {}
 
 
 def recorded_arch(checkpoint: Mapping[str, Any]) -> Optional[str]:

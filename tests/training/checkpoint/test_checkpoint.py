@@ -29,12 +29,21 @@ from image_classification.training.checkpoint import (
     check_workspace_writable,
     load_checkpoint,
     load_model_weights,
+    recorded_args,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+def test_recorded_args_reads_a_checkpoints_arguments_and_nothing_else() -> None:
+    """The training arguments a checkpoint recorded; {} for a raw state dict or a malformed field."""
+    assert recorded_args({"args": {"seed": 3, "dataset": "cifar10"}, "epoch": 1}) == {"seed": 3, "dataset": "cifar10"}
+    assert recorded_args({"fc.weight": torch.zeros(2, 2)}) == {}
+    assert recorded_args({"args": "--seed 3"}) == {}
+    assert recorded_args({"args": None}) == {}
 
 
 def tiny_model(classes: int = 5) -> nn.Module:
