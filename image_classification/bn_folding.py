@@ -111,16 +111,18 @@ def _conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     graph = _LeafTracer().trace(model)
     calls: Dict[str, int] = {}
     for node in graph.nodes:
-        if node.op == "call_module":
+        if node.op == "call_module" and isinstance(node.target, str):  # a call_module target is its name
             calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
+    pairs: List[Tuple[str, str]] = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), nn.BatchNorm2d):
+        if (node.op != "call_module" or not isinstance(node.target, str)
+                or not isinstance(model.get_submodule(node.target), nn.BatchNorm2d)):
             continue
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
             continue
         src = node.args[0]
-        if src.op != "call_module" or not _is_conv(model.get_submodule(src.target)):
+        if (src.op != "call_module" or not isinstance(src.target, str)
+                or not _is_conv(model.get_submodule(src.target))):
             continue
         if len(src.users) != 1 or calls[src.target] != 1 or calls[node.target] != 1:
             continue
@@ -147,6 +149,7 @@ def fold_batchnorm(model: nn.Module) -> FoldReport:
         return report
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        assert isinstance(bn, nn.BatchNorm2d)  # _conv_bn_pairs pairs BatchNorm2d layers only
         label = f"{conv_name} + {bn_name}"
         if bn.num_features != conv.out_channels:
             report.skipped.append((label, "channel counts differ"))

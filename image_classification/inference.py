@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .data import DATASETS, DataConfig, DataError
 from .dynamic.registry import implied_spec
-from .training.checkpoint import CheckpointError, add_trust_flag, load_checkpoint, load_model_weights
+from .training.checkpoint import CheckpointError, add_trust_flag, load_checkpoint, load_model_weights, recorded_args
 
 __all__ = [
     "InferenceModel",
@@ -129,7 +129,7 @@ def load_inference_model(
 
     data = load_checkpoint(checkpoint)
     state_dict = data["state_dict"]
-    args = data.get("args") if isinstance(data.get("args"), Mapping) else {}
+    args = recorded_args(data)
     arch = arch or data.get("arch")
     if not arch:
         raise CheckpointError(f"checkpoint {checkpoint} records no architecture; give it (--arch)")
@@ -208,9 +208,9 @@ def _open_image(path: str, mode: str):
         raise DataError(f"image {path} not found" if not os.path.exists(path) else f"image path {path} is not a file")
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
-            image.load()
-            image, note = scale_to_8bit(image, path)
+            opened = Image.open(handle)
+            opened.load()
+            image, note = scale_to_8bit(opened, path)
         if note is not None:
             print(f"note: {note}", file=sys.stderr, flush=True)
         return image.convert(mode)

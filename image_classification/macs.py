@@ -20,7 +20,7 @@ mode nor counted, and are excluded from the deploy parameter count.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Protocol, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -97,14 +97,23 @@ def _units(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     return units
 
 
+class _CountsOwnMacs(Protocol):
+    """A module that counts its own multiply-adds (a ``macs(input_shape)`` method)."""
+
+    def macs(self, input_shape: Tuple[int, ...]) -> int: ...
+
+
 def _unit_macs(module: nn.Module, kind: str, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """Multiply-adds of one unit of :func:`_units` (``kind`` says which rule applies)."""
     if kind == "custom":
-        return int(module.macs(tuple(inp.shape)))
+        return int(cast(_CountsOwnMacs, module).macs(tuple(inp.shape)))  # _units checked it has one
     if kind == "linear":
+        assert isinstance(module, nn.Linear)
         return linear_macs(module.in_features, module.out_features, inp.numel() // max(1, inp.shape[-1]))
+    assert isinstance(module, (nn.Conv2d, DynamicConv2d))
     macs = out.shape[0] * conv_macs(module.in_channels, module.out_channels, module.kernel_size, module.groups,
                                     out.shape[-2:])
-    if kind == "dynamic":
+    if isinstance(module, DynamicConv2d):  # kind "dynamic"
         macs += out.shape[0] * int(module.synthesis_macs())
     return macs
 
@@ -114,6 +123,7 @@ def count_macs(model: nn.Module, input_size: Union[int, Sequence[int]] = 224, in
 
     ``input_size`` is an int (square) or ``(H, W)`` or ``(C, H, W)``.
     """
+    shape: Tuple[int, ...]
     if isinstance(input_size, int):
         shape = (in_chans, input_size, input_size)
     elif len(input_size) == 2:

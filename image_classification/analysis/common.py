@@ -58,7 +58,8 @@ def load_classifier(path: str, arch: Optional[str] = None, device: str = "cpu") 
     from image_classification.models import build_model
 
     checkpoint = load_checkpoint(path)
-    state = checkpoint.get("state_dict") if isinstance(checkpoint.get("state_dict"), dict) else checkpoint
+    nested = checkpoint.get("state_dict")
+    state = nested if isinstance(nested, dict) else checkpoint
     found_arch = checkpoint.get("arch")
     if arch is not None and found_arch is not None and str(found_arch) != arch:
         raise AnalysisError(f"checkpoint {path} is for arch {found_arch}, --arch says {arch}")

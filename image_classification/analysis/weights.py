@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Protocol, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -60,14 +60,22 @@ class WeightMoments:
                 "norm_cv": float(norms.std(unbiased=False) / norms.mean()) if float(norms.mean()) > 0 else float("nan")}
 
 
-def _generic_sums(module: nn.Module, x: torch.Tensor):
-    total = squares = None
+class _PerSampleWeight(Protocol):
+    """A dynamic layer whose ``dynamic_weight(x)`` is one weight per sample (``per_sample_weight``)."""
+
+    def dynamic_weight(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _generic_sums(module: _PerSampleWeight, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    total: Optional[torch.Tensor] = None
+    squares: Optional[torch.Tensor] = None
     norms = []
     for start in range(0, x.shape[0], CHUNK):
         w = module.dynamic_weight(x[start:start + CHUNK]).detach().double()
         total = w.sum(0) if total is None else total + w.sum(0)
         squares = (w * w).sum(0) if squares is None else squares + (w * w).sum(0)
         norms.append(w.flatten(1).norm(dim=1))
+    assert total is not None and squares is not None, "an empty batch has no weight moments"
     return total, squares, torch.cat(norms)
 
 
@@ -85,8 +93,10 @@ def collect_weight_variation(model: nn.Module, batches, device: str = "cpu") -> 
     def hook_for(layer: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0]
-            own = module.weight_moments(x) if callable(getattr(module, "weight_moments", None)) else None
-            total, squares, norms = own if own is not None else _generic_sums(module, x)
+            moments_of = getattr(module, "weight_moments", None)
+            own = moments_of(x) if callable(moments_of) else None
+            # hooked below on layers with a callable dynamic_weight only
+            total, squares, norms = own if own is not None else _generic_sums(cast(_PerSampleWeight, module), x)
             entry = moments.setdefault(layer, WeightMoments(_operator(module), tuple(total.shape)))
             entry.add(total, squares, norms)
         return hook

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -235,9 +235,9 @@ def infinite_batches(loader: Iterable, start_epoch: int = 0) -> Iterator[Any]:
     """Batches of ``loader`` epoch after epoch (``set_epoch`` on its sampler before each)."""
     epoch = start_epoch
     while True:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
         empty = True
         for batch in loader:
             empty = False
@@ -291,14 +291,14 @@ def load_start(args: argparse.Namespace, task: Task,
         resume_path = os.path.join(args.workspace, "checkpoint.pth.tar")
         resume_path = resume_path if os.path.isfile(resume_path) else None
     fields = task.checkpoint_fields
-    expected = {"expected_arch": fields.get("arch"), "expected_conv": fields.get("conv")}
+    arch, conv = fields.get("arch"), fields.get("conv")
     if resume_path:
         resume = load_checkpoint(resume_path)
         _check_fields(resume, task, resume_path)
-        load_model_weights(model, resume, **expected)
+        load_model_weights(model, resume, expected_arch=arch, expected_conv=conv)
         return resume, resume_path
     if args.weights:
-        load_model_weights(model, args.weights, **expected)
+        load_model_weights(model, args.weights, expected_arch=arch, expected_conv=conv)
     return None, None
 
 
@@ -386,7 +386,7 @@ def train_step(run: DenseRun, batch: Any, iteration: int) -> Tuple[torch.Tensor,
     args, device = run.args, run.env.device
     with _amp_context(device, args.amp):
         terms = run.task.losses(run.wrapped, batch, device)
-        loss = sum(terms.values())
+        loss = cast(torch.Tensor, sum(terms.values()))  # every task returns at least one loss term
         extra = infomax_loss(run.model)
         if extra is not None and args.infomax_weight > 0:
             terms["infomax"] = args.infomax_weight * extra
@@ -474,7 +474,7 @@ def train(
                 return 128 + int(shutdown.signum or 15)
     progress.close()
     best = run.best
-    summary = {"summary.iterations": iteration}
+    summary: Dict[str, float] = {"summary.iterations": iteration}
     if best > -math.inf:
         summary[f"summary.best_{task.best_metric.split('.', 1)[-1]}"] = best
     raport.log((), summary)

@@ -34,6 +34,7 @@ from image_classification.data import IMAGENET_MEAN, IMAGENET_STD
 from image_classification.dense.backbone import build_resnet_trunk, convert_parts, stage_channels
 from image_classification.dynamic.base import DynamicConv2d
 from image_classification.dynamic.registry import parse_spec
+from image_classification.models.convert import record_build
 
 __all__ = ["SSDResNetBackbone", "PAPER_DYNAMIC_PARTS", "build_ssd300", "detector_macs", "COCO_NUM_CLASSES"]
 
@@ -79,7 +80,7 @@ class SSDResNetBackbone(nn.Module):
 def _stride_one_layer3(trunk: nn.Module) -> None:
     """NVIDIA's SSD-ResNet: conv4_x keeps stride 8 (every conv of its first block, shortcut included, at
     stride 1; static and dynamic convs both read ``stride`` at forward time)."""
-    for module in trunk.layer3[0].modules():
+    for module in trunk.get_submodule("layer3.0").modules():
         if isinstance(module, (nn.Conv2d, DynamicConv2d)):
             module.stride = (1, 1)
 
@@ -122,9 +123,10 @@ def build_ssd300(
     kwargs.setdefault("image_mean", list(IMAGENET_MEAN))
     kwargs.setdefault("image_std", list(IMAGENET_STD))
     model = SSD(body, anchors, (size, size), num_classes, head=head, **kwargs)
-    model.dynamic_convs = [f"backbone.trunk.{n}" for n in getattr(trunk, "dynamic_convs", [])] + extra_convs
-    model.arch, model.conv, model.backbone_arch = "ssd300", str(spec), backbone
-    model.trunk_placement, model.dynamic_parts = trunk_placement, parts if not spec.is_static else ()
+    trunk_convs = [f"backbone.trunk.{n}" for n in getattr(trunk, "dynamic_convs", [])]
+    record_build(model, dynamic_convs=trunk_convs + extra_convs,
+                 arch="ssd300", conv=str(spec), backbone_arch=backbone, trunk_placement=trunk_placement,
+                 dynamic_parts=parts if not spec.is_static else ())
     return model
 
 

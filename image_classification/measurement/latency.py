@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -183,7 +183,8 @@ def _compiled(model: nn.Module, backend: str = "inductor", freezing: bool = Fals
     """``torch.compile`` (static shapes); with ``freezing`` inductor's inference graphs fold the weights."""
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(model, backend=backend, dynamic=False)
+    # compiling a module gives a module (OptimizedModule); torch.compile's annotation covers functions too
+    compiled = cast(nn.Module, torch.compile(model, backend=backend, dynamic=False))
     if not freezing:
         return compiled
 
@@ -289,7 +290,7 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     models = {"static": build_model(arch, "static", "paper", num_classes=num_classes, in_chans=in_chans),
               "dynamic": build_model(arch, conv, placement, num_classes=num_classes, in_chans=in_chans)}
     for m in models.values():
-        m.to(dev, memory_format=fmt)
+        m.to(dev).to(memory_format=fmt)
     gen = torch.Generator().manual_seed(seed)
 
     def batch_of(n: int) -> torch.Tensor:

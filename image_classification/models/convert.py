@@ -51,12 +51,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Type
 
 import torch.nn as nn
 
 from ..dynamic.base import DynamicConv2d
-from ..dynamic.protocol import LinearAsConv
+from ..dynamic.protocol import LinearAsConv, OperatorProtocol
 from ..dynamic.registry import ConvSpec, conv_from_static, list_operators, operator_class, parse_spec
 from .module_utils import set_module
 
@@ -68,6 +68,7 @@ __all__ = [
     "conv_sites",
     "convert_model",
     "parse_placement",
+    "record_build",
     "select_convs",
 ]
 
@@ -243,7 +244,7 @@ def _last_linear(model: nn.Module) -> Tuple[str, nn.Linear]:
     return found[-1]
 
 
-def _share_generators(cls: type, model: nn.Module, names: List[str], sites: List[ConvSite]) -> int:
+def _share_generators(cls: Type[OperatorProtocol], model: nn.Module, names: List[str], sites: List[ConvSite]) -> int:
     """Placement ``+share``: the operator's ``share_generators`` for the converted convs of each block."""
     block_of = {s.name: s.block for s in sites}
     groups: Dict[str, List[nn.Module]] = {}
@@ -285,10 +286,16 @@ def convert_model(
         return model
     site_of = {s.name: s for s in sites}
     # decided on the static model, before any conv of a block is replaced
-    overrides = {name: _site_overrides(spec, model, site_of[name]) for name in names}
-    names = [name for name in names if overrides[name] is not None]
+    overrides: Dict[str, Dict[str, Any]] = {}
     for name in names:
-        set_module(model, name, conv_from_static(spec, model.get_submodule(name), **overrides[name]))
+        options = _site_overrides(spec, model, site_of[name])
+        if options is not None:
+            overrides[name] = options
+    names = list(overrides)
+    for name, options in overrides.items():
+        static = model.get_submodule(name)
+        assert isinstance(static, nn.Conv2d)  # select_convs names static convs only
+        set_module(model, name, conv_from_static(spec, static, **options))
     cls.after_conversion(spec, model, list(names), sites)
     if "cls" in pl.extras:
         cls_name, linear = _last_linear(model)
@@ -299,5 +306,12 @@ def convert_model(
         names = names + [cls_name]
     if "share" in pl.extras:
         _share_generators(cls, model, [n for n in names if n in {s.name for s in sites}], sites)
-    model.dynamic_convs = list(names)
+    record_build(model, dynamic_convs=list(names))
     return model
+
+
+def record_build(model: nn.Module, **fields: Any) -> None:
+    """Record how ``model`` was built as plain attributes (``dynamic_convs``, ``arch``, ``conv``...): the
+    checkpoints, counters and tables read them back (``getattr(model, "dynamic_convs", [])``)."""
+    for name, value in fields.items():
+        setattr(model, name, value)

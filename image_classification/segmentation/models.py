@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from image_classification.dense.backbone import build_resnet_trunk, convert_parts, stage_channels
 from image_classification.dynamic.registry import parse_spec
+from image_classification.models.convert import record_build
 
 __all__ = ["PSPNet", "UperNet", "SEGMENTERS", "SegmenterEntry", "build_segmenter", "list_segmenters"]
 
@@ -197,7 +198,6 @@ def build_segmenter(
     model = entry.builder(trunk, channels, num_classes, head_channels)
     head_convs = convert_parts(model, str(spec), parts)
     trunk_convs = [f"backbone.{n}" for n in getattr(trunk, "dynamic_convs", [])]
-    model.dynamic_convs = trunk_convs + head_convs
-    model.arch, model.conv, model.backbone_arch = name, str(spec), backbone
-    model.trunk_placement, model.dynamic_parts = placement, tuple(parts) if not spec.is_static else ()
+    record_build(model, dynamic_convs=trunk_convs + head_convs, arch=name, conv=str(spec), backbone_arch=backbone,
+                 trunk_placement=placement, dynamic_parts=tuple(parts) if not spec.is_static else ())
     return model

@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -172,7 +172,7 @@ def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device, amp:
         channels = module(x[:1]).shape[1]
     module.train(training)
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    module = nn.Sequential(module, nn.BatchNorm2d(channels)).to(x.device, memory_format=fmt).train()
+    module = nn.Sequential(module, nn.BatchNorm2d(channels)).to(x.device).to(memory_format=fmt).train()
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -237,16 +237,16 @@ def run_benchmark(
     started, count, cells = time.perf_counter(), 0, len(shapes) * len(batch_sizes)
     for shape_name in shapes:
         shape = SHAPES[shape_name]
-        geometry = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, bias=False)
+        geometry: Dict[str, Any] = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, bias=False)
         torch.manual_seed(0)
-        static = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, **geometry).to(dev,
-                                                                                                  memory_format=fmt)
+        static = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, **geometry).to(dev)
+        static = static.to(memory_format=fmt)
         modules: Dict[str, nn.Module] = {}
         notes: Dict[str, str] = {}
         for op in ops:
             try:
-                modules[op] = build_conv(op, shape.in_channels, shape.out_channels, shape.kernel_size,
-                                         **geometry).to(dev, memory_format=fmt)
+                conv = build_conv(op, shape.in_channels, shape.out_channels, shape.kernel_size, **geometry)
+                modules[op] = conv.to(dev).to(memory_format=fmt)
             except (ValueError, NotImplementedError) as exc:
                 notes[op] = f"skipped: {exc}"
         for batch in batch_sizes:

@@ -64,7 +64,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -111,6 +111,12 @@ def _one_line(text: object, limit: int = 300) -> str:
 # ------------------------------------------------------------------------------------------------
 # Export paths
 # ------------------------------------------------------------------------------------------------
+class _HasPath(Protocol):
+    """An operator with several execution paths (its ``path`` option), one of which an export route names."""
+
+    path: str
+
+
 @dataclass
 class ExportPlan:
     """Per dynamic layer: its name, operator and the path the export uses."""
@@ -148,7 +154,7 @@ def prepare_for_export(model: nn.Module) -> Tuple[nn.Module, ExportPlan]:
             refused.append(f"layer {name} ({op}): {route.refuse}")
             continue
         if route.path is not None:
-            module.path = route.path
+            cast(_HasPath, module).path = route.path
         if route.adapter is not None:
             _set_module(export_model_, name, route.adapter(module))
         plan.layers.append((name, op, route.label))
@@ -229,7 +235,7 @@ def _quiet() -> Iterator[None]:
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: Optional[int], exporter: str,
                  dynamic: bool = True) -> None:
     _require("onnx", "ONNX export")
-    kwargs: Dict[str, object] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    kwargs: Dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     if opset is not None:
         kwargs["opset_version"] = opset
     if exporter == "dynamo":
@@ -259,6 +265,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: Opt
         else:
             kwargs.pop("external_data", None)
             program = torch.onnx.export(model, (example,), None, **kwargs)
+            assert program is not None  # the dynamo exporter returns the program it made
             _fold_constants(program.model)
             program.save(str(path), external_data=False)
     written = onnx_opset(path)
@@ -277,7 +284,7 @@ def onnx_opset(path: str | Path) -> int:
     return next(int(entry.version) for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def _fold_constants(model: object) -> None:
+def _fold_constants(model: Any) -> None:
     """The cheap part of onnxscript's optimizer: fold constant subgraphs (the shape arithmetic of the per-tap
     ops: 11k nodes -> 1.7k for a PEDConv ResNet-20, in 2 s), drop unused nodes, merge duplicates. Best effort:
     an onnxscript / onnx_ir without these passes leaves the (equivalent, larger) graph as exported."""

@@ -108,7 +108,8 @@ def network_layers(arch: str, image_size: int = 224) -> List[LayerSpec]:
             handle.remove()
     if skipped:
         print(f"{arch}: {len(skipped)} grouped PEDConv layers skipped (the Triton path is groups = 1)")
-    return [LayerSpec(arch, *key, count=count) for key, count in seen.items()]
+    return [LayerSpec(arch, cin, cout, kernel, stride, padding, dilation, height, width, count=count)
+            for (cin, cout, kernel, stride, padding, dilation, height, width), count in seen.items()]
 
 
 def smoke_layers() -> List[LayerSpec]:
@@ -117,6 +118,17 @@ def smoke_layers() -> List[LayerSpec]:
 
 
 # -------------------------------------------------------------------------------------------- reference
+#: (x, weight, gamma, phi, psi) of one case, and (stride, padding, dilation)
+Operands = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+Geometry = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
+
+
+def _operands(tensors: Sequence[Tensor]) -> Operands:
+    """The five operands of a case, in order, as a tuple of five (so they unpack into the calls positionally)."""
+    x, weight, gamma, phi, psi = tensors
+    return x, weight, gamma, phi, psi
+
+
 def reference(x: Tensor, weight: Tensor, gamma: Tensor, phi: Tensor, psi: Tensor,
               stride: Any, padding: Any, dilation: Any) -> Tensor:
     """PEDConv Eq. 2 literally: per sample, ``F.conv2d`` with ``W_base * (gamma_b o phi_b o psi_b)``."""
@@ -174,12 +186,12 @@ def check_exactness(device: torch.device, cases: Sequence[tuple] = EXACTNESS_CAS
 
     Uses the heuristic tile (no autotuning: every dtype/geometry here is a fresh compilation); the
     tuned tiles are checked on every timed layer instead (:func:`time_layer`)."""
-    rows = []
+    rows: List[Dict[str, Any]] = []
     for name, batch, in_c, out_c, size, kernel, stride, padding, dilation, dtype_name, nhwc, tol in cases:
         dtype = _DTYPES[dtype_name]
         inputs = _random_case(batch, in_c, out_c, size, kernel, seed=len(rows))
         leaves = [t.clone().requires_grad_() for t in inputs]
-        want = reference(*leaves, stride, padding, dilation)
+        want = reference(*_operands(leaves), stride, padding, dilation)
         grad_out = torch.randn(want.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
         want_grads = torch.autograd.grad(want, leaves, grad_out)
         dev = []
@@ -188,7 +200,7 @@ def check_exactness(device: torch.device, cases: Sequence[tuple] = EXACTNESS_CAS
             if i == 0 and nhwc:
                 t = t.contiguous(memory_format=torch.channels_last)
             dev.append(t.requires_grad_())
-        got = pedconv_conv2d_triton(*dev, stride, padding, dilation, autotune=False)
+        got = pedconv_conv2d_triton(*_operands(dev), stride, padding, dilation, autotune=False)
         gy = grad_out.to(device=device, dtype=dtype)
         if nhwc:
             gy = gy.contiguous(memory_format=torch.channels_last)
@@ -262,7 +274,7 @@ def time_layer(spec: LayerSpec, batch: int, dtype: torch.dtype, channels_last: b
             pedconv_conv2d_triton(x, weight, gamma, phi, psi, *geometry, autotune=autotune)
 
     def triton_train() -> None:
-        y = pedconv_conv2d_triton(*leaves, *geometry, autotune=autotune)
+        y = pedconv_conv2d_triton(*_operands(leaves), *geometry, autotune=autotune)
         torch.autograd.grad(y, leaves, grad_out)
 
     fns: Dict[str, Callable[[], Any]] = {"static_fwd": static_fwd, "triton_fwd": triton_fwd,
@@ -273,7 +285,7 @@ def time_layer(spec: LayerSpec, batch: int, dtype: torch.dtype, channels_last: b
                 fold_composite(x, weight, gamma, phi, psi, *geometry)
 
         def fold_train() -> None:
-            y = fold_composite(*leaves, *geometry)
+            y = fold_composite(*_operands(leaves), *geometry)
             torch.autograd.grad(y, leaves, grad_out)
 
         fns.update(fold_fwd=fold_fwd, fold_train=fold_train)
@@ -290,14 +302,14 @@ def time_layer(spec: LayerSpec, batch: int, dtype: torch.dtype, channels_last: b
     return result
 
 
-def _layer_errors(leaves: List[Tensor], grad_out: Tensor, geometry: tuple, autotune: bool) -> Dict[str, float]:
+def _layer_errors(leaves: List[Tensor], grad_out: Tensor, geometry: Geometry, autotune: bool) -> Dict[str, float]:
     """Relative errors of the Triton forward and gradients vs the float32 fold composite on the same device."""
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        want = fold_composite(*ref_leaves, *geometry)
+        want = fold_composite(*_operands(ref_leaves), *geometry)
         want_grads = torch.autograd.grad(want, ref_leaves, grad_out.float())
     got_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    got = pedconv_conv2d_triton(*got_leaves, *geometry, autotune=autotune)
+    got = pedconv_conv2d_triton(*_operands(got_leaves), *geometry, autotune=autotune)
     got_grads = torch.autograd.grad(got, got_leaves, grad_out)
     errors = {"forward": _rel(got, want)}
     for label, g, w in zip(("x", "weight", "gamma", "phi", "psi"), got_grads, want_grads):
