@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from image_classification.training import trainer  # noqa: E402
+from image_classification.training import lifecycle, trainer  # noqa: E402
 from image_classification.training.checkpoint import save as checkpoint  # noqa: E402
 
 
@@ -65,14 +65,14 @@ def main() -> int:
 
         checkpoint.shutil.copyfile = copyfile
     elif moment == "validation":
-        real_validate = trainer.validate
+        real_validate = lifecycle.validate
 
         def validate(*args, **kwargs):
             if reached():
                 _die()
             return real_validate(*args, **kwargs)
 
-        trainer.validate = validate
+        lifecycle.validate = validate
     elif moment != "never":
         raise SystemExit(f"unknown moment {moment!r}")
     return trainer.main(argv)

@@ -11,7 +11,7 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from image_classification.training import trainer
+from image_classification.training import lifecycle
 from image_classification.training.checkpoint import load_checkpoint
 from image_classification.training.logger import raport_values, read_raport
 from image_classification.training.trainer import main
@@ -90,16 +90,16 @@ def test_resume_restores_the_perturbation_bit_for_bit(jpeg_folder: Path, tmp_pat
 def test_interrupted_mid_epoch_resumes_identically(jpeg_folder: Path, tmp_path: Path, free_run: Path,
                                                    capsys: pytest.CaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    original = trainer.train_one_epoch
+    original = lifecycle.train_one_epoch
 
     def stop_after_one_step(comp, cfg, loader, epoch, raport, stop_requested, **kwargs):  # noqa: ANN001
         return original(comp, cfg, loader, epoch, raport, lambda: epoch == 1, **kwargs)
 
     ws = tmp_path / "ws"
-    monkeypatch.setattr(trainer, "train_one_epoch", stop_after_one_step)
+    monkeypatch.setattr(lifecycle, "train_one_epoch", stop_after_one_step)
     code, _, err = _run([str(jpeg_folder), *FREE, "--epochs", "2", "--workspace", str(ws)], capsys)
     assert code == 143 and "received at epoch 1 iteration 2" in err  # one optimizer step = 2 mini-batches
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    monkeypatch.setattr(lifecycle, "train_one_epoch", original)
     _ok([str(jpeg_folder), *FREE, "--epochs", "2", "--resume", "auto", "--workspace", str(ws)], capsys)
     full, resumed = (load_checkpoint(w / "checkpoint.pth.tar") for w in (free_run, ws))
     _same(full["state_dict"], resumed["state_dict"])

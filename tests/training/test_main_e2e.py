@@ -417,12 +417,12 @@ def test_a_worker_killed_mid_step_is_one_line(jpeg_folder: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's SIGCHLD handler raises a killed worker's error wherever the main process is (in a forward, not
     only where the next batch is read): the same one line as the loader's, exit status 2."""
-    from image_classification.training import trainer
+    from image_classification.training import lifecycle
 
     def killed(*args, **kwargs):
         raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
 
-    monkeypatch.setattr(trainer, "train_one_epoch", killed)
+    monkeypatch.setattr(lifecycle, "train_one_epoch", killed)
     line = _in_process_error([str(jpeg_folder), "--arch", "cifar_resnet20", "--image-size", "16", "-b", "4",
                               "-j", "2", "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
     assert line == ("main.py: error: DataLoader worker (pid(s) 4242) exited unexpectedly: out of memory? lower "
@@ -520,20 +520,20 @@ def test_an_epoch_resumed_mid_way_is_summarised_whole(e2e: SimpleNamespace, tmp_
     """A run stopped after the first iteration of epoch 1 and resumed from its checkpoint logs the same epoch-1
     summary (loss, info-max, top-1 over all 3 iterations) as the uninterrupted run, not one of the resumed
     iterations only; the mid-epoch checkpoint carries the totals of the iterations before the stop."""
-    from image_classification.training import trainer
+    from image_classification.training import lifecycle, trainer
 
     common = ["--data-backend", "synthetic", *e2e.tiny, "--num-classes", "3", "--prof", "3", "--epochs", "2",
               "--conv", "pedconv", "--no-autotune"]
     capsys.readouterr()
     assert trainer.main([*common, "--workspace", str(tmp_path / "full")]) == 0
-    original = trainer.train_one_epoch
+    original = lifecycle.train_one_epoch
 
     def stop_in_epoch_one(comp, cfg, loader, epoch, raport, stop_requested, **kwargs):  # noqa: ANN001
         return original(comp, cfg, loader, epoch, raport, lambda: epoch == 1, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", stop_in_epoch_one)
+    monkeypatch.setattr(lifecycle, "train_one_epoch", stop_in_epoch_one)
     assert trainer.main([*common, "--workspace", str(tmp_path / "part")]) == 128 + signal.SIGTERM
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    monkeypatch.setattr(lifecycle, "train_one_epoch", original)
     saved = load_checkpoint(tmp_path / "part" / "checkpoint.pth.tar")
     assert saved["step_in_epoch"] == 1 and saved["epoch_totals"]["samples"] == 4
     assert trainer.main([*common, "--resume", "auto", "--workspace", str(tmp_path / "part")]) == 0

@@ -14,7 +14,7 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from image_classification.training import trainer
+from image_classification.training import lifecycle
 from image_classification.training.checkpoint import WorkspaceLock, load_checkpoint
 from image_classification.training.logger import raport_values, read_raport
 from image_classification.training.trainer import main
@@ -60,13 +60,13 @@ def test_non_finite_training_loss_stops_with_epoch_and_iteration(tmp_path: Path,
 
 def test_non_finite_validation_never_becomes_the_best_model(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    real_validate = trainer.validate
+    real_validate = lifecycle.validate
 
     def nan_validate(*args, **kwargs):
         metrics = real_validate(*args, **kwargs)
         return dict(metrics, **{"val.loss": math.nan})
 
-    monkeypatch.setattr(trainer, "validate", nan_validate)
+    monkeypatch.setattr(lifecycle, "validate", nan_validate)
     ws = tmp_path / "ws"
     code, err = _run([*TINY, "--epochs", "2", "--workspace", str(ws)], capsys)
     assert code == 3 and "validation loss of the model is nan after epoch 0" in _error_line(err)
@@ -164,18 +164,18 @@ def test_a_failing_validation_loses_no_epoch(tmp_path: Path, capsys: pytest.Capt
     pending, and the resumed run validates it first."""
     from image_classification.data import DataError
 
-    real_validate = trainer.validate
+    real_validate = lifecycle.validate
 
     def broken(*args, **kwargs):
         raise DataError("cannot read image /data/val/x/broken.jpg: truncated")
 
-    monkeypatch.setattr(trainer, "validate", broken)
+    monkeypatch.setattr(lifecycle, "validate", broken)
     ws = tmp_path / "ws"
     code, err = _run([*TINY, "--epochs", "2", "--workspace", str(ws)], capsys)
     assert code == 2 and "broken.jpg" in _error_line(err)
     saved = load_checkpoint(ws / "checkpoint.pth.tar")
     assert saved["epoch"] == 1 and saved["pending_validation"] is True
-    monkeypatch.setattr(trainer, "validate", real_validate)  # image fixed: resume validates epoch 0 first
+    monkeypatch.setattr(lifecycle, "validate", real_validate)  # image fixed: resume validates epoch 0 first
     _ok([*TINY, "--epochs", "2", "--resume", "auto", "--workspace", str(ws)], capsys)
     epochs = [r["step"] for r in read_raport(ws / "raport.json") if r["type"] == "LOG" and len(r["step"]) == 1
               and "val.top1" in r["data"]]
@@ -332,17 +332,16 @@ def test_signals_during_a_checkpoint_write_wait_for_it(tmp_path: Path, capsys: p
     stops after it with 143 and a complete checkpoint, the second signal said in one line."""
     import signal
 
-    from image_classification.training import trainer
     from image_classification.training.checkpoint import load_checkpoint
 
-    real = trainer.save_checkpoint
+    real = lifecycle.save_checkpoint
 
     def save(*args, **kwargs):  # noqa: ANN002, ANN003
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    monkeypatch.setattr(lifecycle, "save_checkpoint", save)
     ws = tmp_path / "ws"
     code, err = _run([*TINY, "--epochs", "3", "--workspace", str(ws)], capsys)
     assert code == 128 + signal.SIGTERM
