@@ -246,7 +246,7 @@ def _conv_allows_tf32() -> bool:
 
 
 def _dot_options(dtype: torch.dtype) -> Dict[str, Any]:
-    interpret = bool(_KERNELS.get("interpret"))
+    interpret = interpreting()  # asked before the first launch has loaded the kernels, too
     precision = "tf32" if dtype == torch.float32 and not interpret and _conv_allows_tf32() else "ieee"
     # the interpreter's tl.dot mishandles bfloat16 operands: give it the rounded operands as float32
     # (bf16 x bf16 products are exact in float32, so the result is the same)

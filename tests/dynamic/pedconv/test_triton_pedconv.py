@@ -147,6 +147,14 @@ def test_half_precision_matches_reference(dtype: torch.dtype, tol: float) -> Non
     check_against_reference(inputs, 1, 1, 1, dtype, True, tol)
 
 
+def test_bfloat16_as_the_first_launch_of_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bfloat16 call before any kernel is loaded (a fresh process: no kernel cache) gets the interpreter's bf16
+    dot treatment too; the launch options were read before the first launch loaded the kernels, so such a
+    first call computed garbage (relative error 3e11) and passed only after another dtype had run."""
+    monkeypatch.setattr(triton_pedconv, "_KERNELS", {})
+    check_against_reference(make_inputs(3, 16, 16, (5, 7), (3, 3), seed=3), 1, 1, 1, torch.bfloat16, True, 2.5e-2)
+
+
 @pytest.mark.parametrize("components", [("phi",), ("gamma", "psi")])
 def test_left_out_components_are_ones(components: Tuple[str, ...]) -> None:
     inputs = make_inputs(2, 10, 12, (5, 6), (3, 3), components=components, seed=4)
