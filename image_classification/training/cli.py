@@ -116,9 +116,11 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--val-batch-size", type=_positive_int, default=None, metavar="N",
                        help="validation batch size per process (default: --batch-size)")
     group.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
-                       help="train on a seeded random subset of N images (default: all)")
+                       help="train on a random subset of N images drawn with --seed (default: all; without "
+                       "--seed each run draws another)")
     group.add_argument("--val-subset", type=_positive_int, default=None, metavar="N",
-                       help="validate on a seeded random subset of N images (default: all)")
+                       help="validate on a random subset of N images drawn with --seed (default: all; give --seed "
+                       "to compare runs on the same images)")
     group.add_argument("--augmentation", default="none", choices=AUGMENTATIONS,
                        help="automatic augmentation of the training images after crop and flip: AutoAugment "
                        "(ImageNet policy), RandAugment (N=2, M=9) or TrivialAugment Wide; torchvision's on the "

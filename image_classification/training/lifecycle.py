@@ -96,7 +96,11 @@ class TrainingRun:
             _refuse_to_replace_a_run(args, resume is not None)
         if args.seed is None and resume is not None:  # same data order and streams as the interrupted run
             args.seed = recorded_args(resume).get("seed")
+        drawn = args.seed is None
         build.seed_everything(args, env)
+        if drawn and env.is_main and (args.train_subset or args.val_subset):
+            print(f"main.py: note: no --seed, so the --train-subset/--val-subset images were drawn with seed "
+                  f"{args.seed}; pass --seed {args.seed} to use the same images again", file=sys.stderr, flush=True)
         pretrained = None
         if args.pretrained_weights is not None and resume is None:
             pretrained = load_checkpoint(args.pretrained_weights, trusted=args.trust_checkpoints)

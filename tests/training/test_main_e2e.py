@@ -121,6 +121,28 @@ def test_evaluate_takes_arch_and_operator_from_the_checkpoint(trained: Path, jpe
     assert params["arch"] == "cifar_resnet20" and params["placement"] == "paper" and params["conv"] == "static"
 
 
+def test_an_unseeded_subset_names_its_seed_and_that_seed_draws_it_again(trained: Path, jpeg_folder: Path,
+                                                                         tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """--val-subset without --seed: a note names the seed drawn; --seed with it evaluates the same images (the
+    same loss), and says nothing more."""
+    import re
+
+    from image_classification.training.trainer import main
+
+    common = [str(jpeg_folder), "--evaluate", "--pretrained-weights", str(trained / "model_best.pth.tar"),
+              "--image-size", "16", "-j", "0", "--val-subset", "4"]
+    capsys.readouterr()
+    assert main([*common, "--workspace", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    note = re.search(r"main.py: note: no --seed, .* pass --seed (\d+) to use the same images again", err)
+    assert note is not None
+    assert main([*common, "--seed", note.group(1), "--workspace", str(tmp_path / "b")]) == 0
+    assert "no --seed" not in capsys.readouterr().err
+    first, second = (read_raport(tmp_path / name / "raport.json")[-1]["data"] for name in ("a", "b"))
+    assert first["val.samples"] == second["val.samples"] == 4 and first["val.loss"] == second["val.loss"]
+
+
 def test_a_conflicting_arch_is_refused_before_the_model_is_built(trained: Path, jpeg_folder: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
