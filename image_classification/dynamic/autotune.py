@@ -31,6 +31,7 @@ is its minimum (other processes only ever add time). After the first 3 rounds a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -98,6 +99,17 @@ def set_autotune(enabled: Optional[bool]) -> None:
     """Switch tuning on/off for this process; ``None`` returns to the ``PEDCONV_AUTOTUNE`` default."""
     _override["enabled"] = enabled
     _bump()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Tuning off inside the block (the heuristics decide; nothing is timed), the previous switch restored after."""
+    previous = _override["enabled"]
+    set_autotune(False)
+    try:
+        yield
+    finally:
+        set_autotune(previous)
 
 
 def set_budget(seconds: Optional[float]) -> None:

@@ -24,11 +24,12 @@ The paths used instead, per operator (the ONNX ops are those the TorchScript-bas
 operator        export path            ops (besides the static layers' Conv/Gemm/Relu/Add/Pool/Flatten)
 =============== ====================== ===================================================================
 static          nn.Conv2d              Conv
-pedconv         ``factored``           generator: ReduceMean, Gemm, Relu, Sigmoid; gamma/phi: Mul on
-                                       activations; psi: Pad, Slice and one 1x1 Conv per kernel tap,
-                                       Mul by psi, Add (1x1 kernels: one Conv, Mul). Multiplicative only:
-                                       ``reparam=additive`` is refused (its low-rank term is a grouped
-                                       conv with groups = batch).
+pedconv         an export form per     generator: ReduceMean, Gemm, Relu, Sigmoid; every Conv with a constant
+                layer (``rule``:       weight: the 0/1 tap selector (im2col), ``W_base`` as ONE 1x1 Conv
+                ``cols``, ``expand``,  (``expand``/``shift``) or a MatMul with the per-sample scaled ``W_base``
+                ``shift``,             (``cols``); gamma/phi/psi: Mul (:mod:`image_classification.dynamic.
+                ``factored``)          pedconv.export_forms`). ``reparam=additive`` is refused (its low-rank
+                                       term is a grouped conv with groups = batch).
 pedconv_spatial as trained (unfold)    1x1 Conv generator, Sigmoid, Im2Col-style Unfold (Pad, Gather...),
                                        Mul, MatMul
 dcd             ``branch``             Conv (W0), Mul/Add (Lambda, bias), MatMul (Phi Q^T, P); depthwise
@@ -73,15 +74,19 @@ from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.atomic_files import replaced_atomically
 from image_classification.bn_folding import FoldReport, fold_batchnorm
 from image_classification.compat import dynamo_onnx_exporter_is_default
+from image_classification.dynamic import autotune
 from image_classification.dynamic.base import DynamicConv2d
 from image_classification.dynamic.protocol import PerSampleUnfoldConv2d
 from image_classification.dynamic.registry import operator_name
+from image_classification.measurement.onnx_runtime import ConvShape
+from image_classification.measurement.pedconv_export import FORM_CHOICES, choose_export_forms
 
 __all__ = [
     "FORMATS",
     "ExportError",
     "ExportPlan",
     "PerSampleUnfoldConv2d",
+    "computed_conv_weights",
     "export_model",
     "main",
     "onnx_op_types",
@@ -310,9 +315,13 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> 
 
 def export_model(model: nn.Module, path: str | Path, fmt: str = "onnx", image_size: int = 224, in_chans: int = 3,
                  opset: Optional[int] = None, exporter: str = "auto",
-                 fixed_batch: Optional[int] = None) -> Tuple[ExportPlan, str]:
+                 fixed_batch: Optional[int] = None, pedconv_forms: str = "rule", threads: int = 2,
+                 tune_batch: int = 8) -> Tuple[ExportPlan, str]:
     """Write ``model`` (eval mode, already folded as wanted) to ``path`` with a dynamic batch axis.
 
+    PEDConv layers get their export form (constant convolution weights throughout) by ``pedconv_forms``
+    (:func:`~image_classification.measurement.pedconv_export.choose_export_forms`: ``rule``, ``tune`` -- timed in
+    ONNX Runtime with ``threads`` threads at batch 1 and ``tune_batch`` -- or one form's name).
     ``fixed_batch`` exports for that one batch size instead: the layers keep their own (``auto``) paths,
     so per-sample kernels become convolution weights computed in the graph (at batch 1, one dense conv
     per layer). Returns the export plan and the exporter used (``torch.jit.trace`` for TorchScript). The
@@ -333,6 +342,13 @@ def export_model(model: nn.Module, path: str | Path, fmt: str = "onnx", image_si
     # dynamic batch: trace at batch 2, so no batch-1 special case is recorded
     batch = 2 if fixed_batch is None else fixed_batch
     example = torch.randn(batch, in_chans, image_size, image_size, device=device)
+    if fixed_batch is None:
+        try:
+            choices = choose_export_forms(prepared, example, pedconv_forms, threads, tune_batch)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        forms = {choice.layer: choice.form for choice in choices}
+        plan.layers = [(name, op, forms.get(name, label)) for name, op, label in plan.layers]
     target = Path(path)
     used = "torch.jit.trace"
     try:
@@ -360,6 +376,19 @@ def onnx_op_types(path: str | Path) -> List[str]:
     for function in proto.functions:
         ops.update(node.op_type for node in function.node)
     return sorted(ops)
+
+
+def computed_conv_weights(path: str | Path) -> List[str]:
+    """The Conv nodes of an ONNX file whose weight is computed in the graph (neither an initializer nor a Constant
+    node's output): what keeps a runtime from pre-packing it, and what TensorRT's parser takes only as a constant."""
+    _require("onnx", "reading ONNX files")
+    import onnx
+
+    proto = onnx.load(str(path))
+    constants = {init.name for init in proto.graph.initializer}
+    constants.update(out for node in proto.graph.node if node.op_type == "Constant" for out in node.output)
+    return [node.name or f"Conv #{i}" for i, node in enumerate(proto.graph.node)
+            if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] not in constants]
 
 
 def _run_artifact(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -393,7 +422,10 @@ def verify_export(model: nn.Module, path: str | Path, fmt: str, image_size: int,
     errors: Dict[int, float] = {}
     for batch in batches:
         x = torch.randn(batch, in_chans, image_size, image_size, generator=gen)
-        expected = eager(x)
+        # every eager path is exact, so the reference needs no path timing (tuning a PEDConv ResNet-18 from an
+        # empty path cache took most of a minute of a 76 s export)
+        with autotune.disabled():
+            expected = eager(x)
         try:
             got = runner(x)
         except Exception as exc:
@@ -430,6 +462,21 @@ def _parser() -> argparse.ArgumentParser:
                         "per-sample kernels become conv weights computed in the graph; faster, see README)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |exported - eager| relative to the output range (default 1e-4)")
+    p.add_argument("--pedconv-forms", default="rule", choices=FORM_CHOICES,
+                   help="how PEDConv layers get their export form (all with constant conv weights; "
+                        "docs/deployment.md): rule = a measured shape rule, the same graph on every machine "
+                        "(default); tune = time every form of every layer shape in onnxruntime on this machine; "
+                        "or one form wherever it applies")
+    p.add_argument("--threads", type=int, default=2,
+                   help="onnxruntime intra-op threads of --pedconv-forms tune, --benchmark and --profile (default 2)")
+    p.add_argument("--benchmark", action="store_true",
+                   help="after writing, time the export against the static export of the same architecture in "
+                        "onnxruntime (interleaved rounds, batch 1 and --benchmark-batch) and print the ratios")
+    p.add_argument("--benchmark-batch", type=int, default=8,
+                   help="the larger batch of --benchmark/--profile and of --pedconv-forms tune (default 8)")
+    p.add_argument("--profile", action="store_true",
+                   help="with --benchmark: onnxruntime's profiler per layer, exported and static, and the op "
+                        "that holds each layer's time")
     add_model_arguments(p, image_size=False,
                         dataset_help="imagenet, fashion-mnist or cifar10 (sets the default image size)")
     return p
@@ -443,7 +490,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     trust_checkpoints(args.trust_checkpoints)
-    require_positive(parser, args, ("opset", "image_size", "num_classes", "in_chans", "batch_size"))
+    require_positive(parser, args, ("opset", "image_size", "num_classes", "in_chans", "batch_size", "threads",
+                                    "benchmark_batch"))
+    if (args.benchmark or args.profile or args.pedconv_forms == "tune") and args.format != "onnx":
+        parser.error("--benchmark, --profile and --pedconv-forms tune time ONNX files in onnxruntime: "
+                     "use them with --format onnx")
+    if args.profile and not args.benchmark:
+        parser.error("--profile is part of the benchmark: add --benchmark")
+    if args.batch_size is not None and args.pedconv_forms != "rule":
+        parser.error("--pedconv-forms chooses the forms of the dynamic-batch export; with --batch-size the layers "
+                     "keep their own paths: drop one of the two")
     if not 0 < args.tolerance < float("inf"):  # NaN too: every comparison with it fails, so nothing would pass
         parser.error(f"--tolerance must be > 0, got {args.tolerance}")
     if args.format == "torchscript" and args.opset is not None:
@@ -465,11 +521,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[export] exporting with {how} (tracing the model: seconds to a minute) ...", flush=True)
         with _atomic_target(output) as tmp:  # the file appears at --output only once it is checked
             plan, used = export_model(model, tmp, args.format, loaded.image_size, loaded.in_chans, args.opset,
-                                      args.exporter, fixed_batch=args.batch_size)
+                                      args.exporter, fixed_batch=args.batch_size, pedconv_forms=args.pedconv_forms,
+                                      threads=args.threads, tune_batch=args.benchmark_batch)
             print(f"[export] paths: {plan.summary()}")
             if args.format == "onnx":
                 with contextlib.suppress(ExportError):
                     print(f"[export] ONNX ops: {', '.join(onnx_op_types(tmp))}")
+                    computed = computed_conv_weights(tmp)
+                    print("[export] every Conv takes a constant weight (runtimes pre-pack it; TensorRT-ready)"
+                          if not computed else f"[export] note: {len(computed)} Conv(s) take a weight computed in "
+                          f"the graph (no pre-packing; TensorRT needs constant conv weights): "
+                          f"{', '.join(computed[:3])}")
             if args.verify:
                 batches = VERIFY_BATCHES if args.batch_size is None else (args.batch_size,)
                 errors = verify_export(loaded.model, tmp, args.format, loaded.image_size, loaded.in_chans, batches)
@@ -481,6 +543,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         how = f"{used} exporter" if args.format == "onnx" else used
         axis = "dynamic batch axis" if args.batch_size is None else f"fixed batch {args.batch_size}"
         print(f"[export] wrote {output} ({how}, {output.stat().st_size / 2**20:.1f} MiB, {axis})")
+        if args.benchmark:
+            _benchmark(output, loaded, args, used)
     except _Mismatch as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
@@ -488,6 +552,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {_one_line(exc)}\n")
     print(f"[export] done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _benchmark(exported: Path, loaded: Any, args: argparse.Namespace, exporter: str) -> None:
+    """The deploy benchmark: ``exported`` against the static export of the same architecture, in onnxruntime."""
+    import tempfile
+
+    from image_classification.measurement.onnx_runtime import (
+        compare_models,
+        conv_costs,
+        format_layer_costs,
+        format_timings,
+        layer_costs,
+        profile_nodes,
+    )
+    from image_classification.models import build_model
+
+    static = build_model(loaded.arch, "static", num_classes=loaded.num_classes, in_chans=loaded.in_chans).eval()
+    if args.fold_bn:
+        fold_batchnorm(static)
+    if args.batch_size is not None:  # a fixed-batch file runs at that batch only
+        batches: Tuple[int, ...] = (args.batch_size,)
+    else:
+        batches = (1, args.benchmark_batch) if args.benchmark_batch != 1 else (1,)
+    with tempfile.TemporaryDirectory(prefix="pedconv-benchmark-") as tmp:
+        static_path = Path(tmp) / "static.onnx"
+        print(f"[export] benchmark: exporting the static {loaded.arch} the same way, then timing both in onnxruntime "
+              f"at batch {' and '.join(map(str, batches))} ({args.threads} thread(s); about a minute) ...", flush=True)
+        export_model(static, static_path, "onnx", loaded.image_size, loaded.in_chans, args.opset, exporter)
+        models = {"static": static_path, str(loaded.conv): exported}
+        for line in format_timings(compare_models(models, batches, args.threads), args.threads):
+            print(f"[export] {line}")
+        if args.profile:
+            convs = _conv_shapes(static, loaded.in_chans, loaded.image_size)
+            for batch in batches:
+                dynamic_cost = layer_costs(profile_nodes(exported, batch, args.threads), list(convs))
+                static_cost = conv_costs(profile_nodes(static_path, batch, args.threads), convs)
+                print(f"[export] batch {batch}:")
+                for line in format_layer_costs({str(loaded.conv): dynamic_cost, "static": static_cost}):
+                    print(f"[export] {line}")
+
+
+def _conv_shapes(model: nn.Module, in_chans: int, image_size: int) -> Dict[str, ConvShape]:
+    """Each conv of ``model`` by name: (input shape, weight shape, output shape), batch axis dropped (one forward)."""
+    shapes: Dict[str, ConvShape] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda m, args, out, name=name: shapes.__setitem__(
+                name, (tuple(args[0].shape[1:]), tuple(m.weight.shape), tuple(out.shape[1:])))))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
 
 
 def _default_output(checkpoint: str, fmt: str) -> Path:

@@ -143,8 +143,8 @@ def test_cli_resnet18(conv: str, fmt: str, tmp_path: Path, capsys) -> None:
     assert main(args + (["--exporter", "torchscript"] if fmt == "onnx" else [])) == 0
     text = capsys.readouterr().out
     assert "outputs equal PyTorch's" in text and "folded 20 BatchNorm(s)" in text and out.is_file()
-    if conv == "pedconv":
-        assert "pedconv -> factored x16" in text
+    if conv == "pedconv":  # the measured rule at 32 px, where every map is at most 8x8: the 'shift' form
+        assert "pedconv -> shift x16" in text
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:

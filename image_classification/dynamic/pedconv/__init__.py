@@ -6,6 +6,7 @@ what is built around it.
 :mod:`.spatial`        spatially varying PEDConv (``pedconv_spatial``)
 :mod:`.common`         what both share: the CP options, the info-max base class, initialisations
 :mod:`.paths`          the exact execution paths (``reference``, ``fold``, ``patch_gemm``, ...) and the heuristic
+:mod:`.export_forms`   the export forms: paths whose convolutions take constant weights (ONNX Runtime, TensorRT)
 :mod:`.kernels`        the custom autograd Functions the fast paths run
 :mod:`.selection`      the tuning key and the autotuned choice of a path for one forward
 :mod:`.report`         which path each layer used, per input shape
@@ -17,6 +18,7 @@ what is built around it.
 
 from .authors import AUTHORS_LAYOUT, AUTHORS_MARKER, convert_authors_state_dict
 from .counts import pedconv_layer_macs, pedconv_layer_params, pedconv_weight_sums
+from .export_forms import EXPORT_FORMS, applicable_forms, form_rule
 from .layer import COMPONENTS, GROUPED_MAX_WEIGHT_RATIO, MIN_HIDDEN, PATHS, PEDConv2d, share_generator
 from .report import auto_path_layers, format_path_report, has_auto_paths, path_report, reset_path_report
 from .spatial import SpatialPEDConv2d
@@ -25,13 +27,16 @@ __all__ = [
     "AUTHORS_LAYOUT",
     "AUTHORS_MARKER",
     "COMPONENTS",
+    "EXPORT_FORMS",
     "GROUPED_MAX_WEIGHT_RATIO",
     "MIN_HIDDEN",
     "PATHS",
     "PEDConv2d",
     "SpatialPEDConv2d",
+    "applicable_forms",
     "auto_path_layers",
     "convert_authors_state_dict",
+    "form_rule",
     "format_path_report",
     "has_auto_paths",
     "path_report",

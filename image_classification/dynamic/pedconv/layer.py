@@ -61,6 +61,7 @@ from .common import (
     ordered_components,
 )
 from .counts import pedconv_weight_sums
+from .export_forms import SELECTOR_BUFFERS, applicable_forms, tap_selector
 from .kernels import batch1_plan, gemm_batch1, weight_folded_conv
 from .paths import (
     GROUPED_MAX_WEIGHT_RATIO,
@@ -372,11 +373,27 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         return pedconv_weight_sums(self, x)
 
     def export_route(self) -> ExportRoute:
-        """Export: the ``factored`` path (the batch stays a plain axis); the additive form is refused."""
+        """Export: the ``factored`` path (the batch stays a plain axis) until :meth:`set_export_form` chooses the
+        layer's form for its input size (:mod:`.export_forms`); the additive form is refused."""
         if self.reparam != "multiplicative":
             return ExportRoute(refuse="additive reparameterization: its low-rank term runs a grouped conv with "
                                       "groups = batch (no dynamic-batch path)")
         return ExportRoute(path="factored", label="factored")
+
+    def set_export_form(self, form: str) -> None:
+        """Run export form ``form`` (:data:`.export_forms.EXPORT_FORMS`), holding its 0/1 selector convolution
+        weight as a non-persistent buffer so the exported graph has it as a constant initializer (never in a
+        state dict). ValueError for a form that does not apply to this layer."""
+        forms = applicable_forms(self)
+        if form not in forms:
+            raise ValueError(f"pedconv: export form {form!r} does not apply to this layer (valid: {', '.join(forms)})")
+        for tap_major, name in SELECTOR_BUFFERS.items():
+            wanted = (form in ("expand", "cols") and not tap_major) or (form == "shift" and tap_major)
+            self._buffers.pop(name, None)
+            if wanted:
+                selector = tap_selector(self.in_channels, self.groups, self.kernel_size, tap_major, self.weight)
+                self.register_buffer(name, selector.contiguous(), persistent=False)
+        self.path = form
 
     def macs(self, input_shape: Sequence[int]) -> int:
         """``B (H_out W_out C_out C_in/g k^2 + generator + 2 R C_out C_in/g k^2)`` (PEDConv, BMVC 2021,

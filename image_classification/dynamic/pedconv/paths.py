@@ -75,6 +75,9 @@ __all__ = [
     "effective_weight",
     "triton_applicable",
     "triton_unsupported_reason",
+    "activation_scaled",
+    "run_additive",
+    "sum_terms",
 ]
 
 Shape = Tuple[int, ...]
@@ -165,7 +168,7 @@ def _rank_terms(layer: PEDConvLayer, f: Factors
         yield tuple(None if c is None else c.select(1, r) for c in (gamma, phi, psi))  # type: ignore[misc]  # a 3-tuple; mypy sees a variable-length tuple
 
 
-def _sum_terms(
+def sum_terms(
     layer: PEDConvLayer, f: Factors, term: Callable[[Optional[Tensor], Optional[Tensor], Optional[Tensor]], Tensor]
 ) -> Tensor:
     if layer.rank == 1:  # the common case, without the generator machinery
@@ -210,7 +213,7 @@ def _lowrank_term(layer: PEDConvLayer, x: Tensor, gamma: Tensor, phi: Tensor, ps
     return out.reshape(batch, layer.out_channels, y.shape[-2], y.shape[-1])
 
 
-def _run_additive(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
+def run_additive(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     out = F.conv2d(x, weight, None, groups=layer.groups, **layer.conv_kwargs())
     return out + _lowrank_term(layer, x, *f.full(layer, x))
 
@@ -230,23 +233,23 @@ def _run_materialize(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors)
 
 def _run_fold(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     if layer.reparam == "additive":
-        return _run_additive(layer, x, weight, f)
+        return run_additive(layer, x, weight, f)
     geometry = _geometry(layer)
-    return _sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, _engine_for_fold(layer, s)))
+    return sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, _engine_for_fold(layer, s)))
 
 
 def _run_sample_loop(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     if layer.reparam == "additive":
-        return _run_additive(layer, x, weight, f)
+        return run_additive(layer, x, weight, f)
     geometry = _geometry(layer)
-    return _sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, "loop"))
+    return sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, "loop"))
 
 
 def _run_patch_gemm(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
     if layer.reparam == "additive":
-        return _run_additive(layer, x, weight, f)
+        return run_additive(layer, x, weight, f)
     geometry = _geometry(layer)
-    return _sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, "gemm"))
+    return sum_terms(layer, f, lambda g, p, s: scaled_conv(x, weight, g, p, s, geometry, "gemm"))
 
 
 def _psi_shift_conv(layer: PEDConvLayer, u: Tensor, weight: Tensor, psi: Tensor) -> Tensor:
@@ -280,12 +283,12 @@ def _psi_unfold_conv(layer: PEDConvLayer, u: Tensor, weight: Tensor, psi: Tensor
     return y.view(batch, layer.out_channels, ho, wo)
 
 
-def _activation_scaled(psi_conv: Callable[[PEDConvLayer, Tensor, Tensor, Tensor], Tensor]):
+def activation_scaled(psi_conv: Callable[[PEDConvLayer, Tensor, Tensor, Tensor], Tensor]):
     """A plain-autograd path: gamma and phi on activations, ``psi_conv`` for the per-sample psi."""
 
     def run(layer: PEDConvLayer, x: Tensor, weight: Tensor, f: Factors) -> Tensor:
         if layer.reparam == "additive":
-            return _run_additive(layer, x, weight, f)
+            return run_additive(layer, x, weight, f)
         batch = x.shape[0]
 
         def term(gamma: Optional[Tensor], phi: Optional[Tensor], psi: Optional[Tensor]) -> Tensor:
@@ -298,7 +301,7 @@ def _activation_scaled(psi_conv: Callable[[PEDConvLayer, Tensor, Tensor, Tensor]
                 y = psi_conv(layer, u, weight, psi)
             return y * gamma.view(batch, -1, 1, 1) if gamma is not None else y
 
-        return _sum_terms(layer, f, term)
+        return sum_terms(layer, f, term)
 
     return run
 
@@ -369,9 +372,9 @@ register_path(PathSpec("fold", _run_fold, "gamma * conv(x, W * (phi (x) psi)_b):
 register_path(PathSpec("sample_loop", _run_sample_loop,
                        "one dense conv per sample with W * (phi (x) psi)_b, gamma on the output",
                        applicable=_sample_loop_applicable, lean=True))
-register_path(PathSpec("factored", _activation_scaled(_psi_shift_conv),
+register_path(PathSpec("factored", activation_scaled(_psi_shift_conv),
                        "psi as k*k shifted 1x1 convs weighted per sample", applicable=_inference_only))
-register_path(PathSpec("unfold", _activation_scaled(_psi_unfold_conv), "psi-scaled patches, per-sample matmuls",
+register_path(PathSpec("unfold", activation_scaled(_psi_unfold_conv), "psi-scaled patches, per-sample matmuls",
                        applicable=_inference_only))
 register_path(PathSpec("patch_gemm", _run_patch_gemm,
                        "phi(x)psi-scaled patches of all samples as one matrix: one GEMM forward, one for grad-W",
