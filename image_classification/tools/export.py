@@ -449,6 +449,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file (model_best.pth.tar, checkpoint.pth.tar, a state dict)")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx or torchscript")
     p.add_argument("--output", "-o", help="output file (default: the checkpoint's name with .onnx / .pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (default: refuse it; the file is replaced only by a checked "
+                        "export)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the checkpoint's)")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
@@ -506,6 +509,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--opset applies to --format onnx only")
     start = time.perf_counter()
     try:
+        output = Path(args.output) if args.output else _default_output(args.checkpoint, args.format)
+        if output.exists() and not args.overwrite:
+            raise ExportError(f"{output} exists; pass --overwrite to replace it (only by a checked export) or choose "
+                              f"another --output")
         loaded = load_inference_model(
             args.checkpoint, arch=args.arch, conv=args.conv, placement=args.placement, num_classes=args.num_classes,
             in_chans=args.in_chans, image_size=args.image_size, dataset=args.dataset, ema=args.ema)
@@ -515,7 +522,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.fold_bn:
             report: FoldReport = fold_batchnorm(model)
             print(f"[export] BatchNorm: {report.summary()}")
-        output = Path(args.output) if args.output else _default_output(args.checkpoint, args.format)
         how = "the dynamo exporter" if args.format == "onnx" and resolve_exporter(args.exporter) == "dynamo" else \
             "the TorchScript-based exporter" if args.format == "onnx" else "torch.jit.trace"
         print(f"[export] exporting with {how} (tracing the model: seconds to a minute) ...", flush=True)

@@ -203,15 +203,22 @@ def test_cli_writes_only_a_checked_file_with_the_umasks_permissions(tmp_path: Pa
     out.write_bytes(b"previous export")
     # a tolerance no float32 export meets: the check fails, the earlier file stays, nothing else is left
     code = main([str(ckpt), "--format", "torchscript", "--image-size", "16", "--output", str(out),
-                 "--tolerance", "1e-300"])
+                 "--tolerance", "1e-300", "--overwrite"])
     captured = capsys.readouterr()
     assert code == 1 and "differs from PyTorch" in captured.err and f"nothing written to {out}" in captured.err
     assert "wrote" not in captured.out
     assert out.read_bytes() == b"previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, "m.pt"])
+    # a user's file is never replaced without --overwrite: one line, exit 2, before anything is loaded
+    with pytest.raises(SystemExit) as info:
+        main([str(ckpt), "--format", "torchscript", "--image-size", "16", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and f"{out} exists; pass --overwrite" in err
+    assert out.read_bytes() == b"previous export"
     old = os.umask(0o027)
     try:
-        assert main([str(ckpt), "--format", "torchscript", "--image-size", "16", "--output", str(out)]) == 0
+        assert main([str(ckpt), "--format", "torchscript", "--image-size", "16", "--output", str(out),
+                     "--overwrite"]) == 0
     finally:
         os.umask(old)
     assert "exporting with torch.jit.trace" in capsys.readouterr().out
