@@ -35,14 +35,21 @@ def scale_to_8bit(image: Image.Image, path: str) -> Tuple[Image.Image, Optional[
 
     PIL's own conversion clips such pixels (a 16-bit PNG turns almost white, a [0, 1] float TIFF black). 16-bit
     images (and 32-bit integer ones whose values fit 16 bits, as older PIL reads 16-bit PNGs) scale by 255 / 65535;
-    float images in [0, 1] by 255; other ranges are stretched from their min..max, and the note says so.
+    float images in [0, 1] by 255; other ranges are stretched from their min..max, and the note says so. NaN or
+    infinite pixels have no 8-bit value: ValueError saying how many (a model would otherwise answer confidently on
+    an all-NaN image turned black).
     """
     if image.mode not in _WIDE_MODES:
         return image, None
     import numpy as np
 
     pixels = np.asarray(image, dtype=np.float64)
-    finite = pixels[np.isfinite(pixels)]
+    finite_mask = np.isfinite(pixels)
+    if not finite_mask.all():
+        bad = int(pixels.size - finite_mask.sum())
+        raise ValueError(f"{bad} of {pixels.size} pixels are NaN or infinite (no 8-bit value to give them); "
+                         f"fix or remove the file")
+    finite = pixels[finite_mask]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     note = None
     if image.mode.startswith("I;16") or (image.mode == "I" and 0 <= low and high <= 65535):
@@ -54,7 +61,7 @@ def scale_to_8bit(image: Image.Image, path: str) -> Tuple[Image.Image, Optional[
         scale, offset = (255.0 / (high - low) if high > low else 0.0), low
         note = (f"image {path}: {kind} pixels span [{low:g}, {high:g}], outside the ranges with a known scale "
                 f"({'[0, 1]' if image.mode == 'F' else '0..65535'}); stretched from that span to 8 bits")
-    scaled = np.clip(np.nan_to_num((pixels - offset) * scale), 0, 255).round().astype(np.uint8)
+    scaled = np.clip((pixels - offset) * scale, 0, 255).round().astype(np.uint8)
     return Image.fromarray(scaled), note  # a 2-D uint8 array is an "L" image
 
 
