@@ -358,7 +358,10 @@ def _validate_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    world = env_world_size()
+    try:
+        world = env_world_size()
+    except ValueError as exc:  # a launcher variable out of the job: name it, not a flag computed from it
+        parser.error(str(exc))
     step_batch = args.batch_size * world
     if args.optimizer_batch_size == -1:
         args.optimizer_batch_size = step_batch

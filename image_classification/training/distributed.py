@@ -77,12 +77,35 @@ def expand_hostlist(hostlist: str) -> List[str]:
             continue
         for part in ranges.split(","):
             first, _, last = part.partition("-")
+            if not first.isdigit() or (last and not last.isdigit()):
+                raise ValueError(f"malformed SLURM node list {hostlist!r}: {part!r} in brackets is not a number or a "
+                                 f"range of numbers (as in node[01-04,07])")
             if not last:
                 hosts.append(prefix + first + suffix)
                 continue
+            if int(last) < int(first):
+                raise ValueError(f"malformed SLURM node list {hostlist!r}: the range {part!r} runs backwards")
             width = len(first)
             hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(first), int(last) + 1))
+    if not hosts:
+        raise ValueError(f"malformed SLURM node list {hostlist!r}: no host name in it")
     return hosts
+
+
+def _int_variable(environ: Mapping[str, str], name: str, minimum: int, below: Optional[int] = None,
+                  below_name: str = "") -> int:
+    """The integer value of environment variable ``name``; ValueError naming it when it is not an integer >=
+    ``minimum`` (and < ``below``, the value of ``below_name``)."""
+    raw = environ.get(name, "")
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer; the launcher (srun, torchrun) "
+                         f"sets it: unset it to run one process") from None
+    if value < minimum or (below is not None and value >= below):
+        bound = f" and below {below_name}={below}" if below is not None else ""
+        raise ValueError(f"environment variable {name}={value} is outside the job: it must be >= {minimum}{bound}")
+    return value
 
 
 def slurm_launch_environment(environ: Mapping[str, str] = os.environ) -> Optional[Dict[str, str]]:
@@ -94,12 +117,15 @@ def slurm_launch_environment(environ: Mapping[str, str] = os.environ) -> Optiona
     MASTER_ADDR is the step's first node, MASTER_PORT the job's own unless set (:data:`SLURM_PORT_BASE`)."""
     if "RANK" in environ or "WORLD_SIZE" in environ:
         return None
-    tasks, rank = environ.get("SLURM_STEP_NUM_TASKS"), environ.get("SLURM_PROCID")
-    if tasks is None or rank is None:
+    if environ.get("SLURM_STEP_NUM_TASKS") is None or environ.get("SLURM_PROCID") is None:
         return None
+    # checked here, where they are still SLURM's names: a rank outside the job waited for peers that never come
+    tasks = _int_variable(environ, "SLURM_STEP_NUM_TASKS", 1)
+    rank = _int_variable(environ, "SLURM_PROCID", 0, tasks, "SLURM_STEP_NUM_TASKS")
+    local_rank = _int_variable(environ, "SLURM_LOCALID", 0) if "SLURM_LOCALID" in environ else 0
     nodes = expand_hostlist(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost")
     job = int(re.sub(r"\D", "", environ.get("SLURM_JOB_ID", "0")) or 0)
-    return {"RANK": rank, "WORLD_SIZE": tasks, "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+    return {"RANK": str(rank), "WORLD_SIZE": str(tasks), "LOCAL_RANK": str(local_rank),
             "LOCAL_WORLD_SIZE": environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0],
             "MASTER_ADDR": environ.get("MASTER_ADDR") or nodes[0],
             "MASTER_PORT": environ.get("MASTER_PORT") or str(SLURM_PORT_BASE + job % 20000)}
@@ -117,7 +143,7 @@ def apply_slurm_environment(environ: MutableMapping[str, str] = os.environ) -> b
 def env_world_size() -> int:
     """World size announced by the launcher: torchrun's ``WORLD_SIZE``, else srun's (1 when started without one)."""
     apply_slurm_environment()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _int_variable(os.environ, "WORLD_SIZE", 1) if "WORLD_SIZE" in os.environ else 1
 
 
 def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -139,9 +165,13 @@ def init_distributed(device: str = "auto", timeout_s: Optional[float] = None) ->
     ``timeout_s`` bounds every collective (``--dist-timeout``): a rank that waits longer for a stalled
     or lost peer raises instead of hanging for the backend's default (30 min for gloo).
     """
-    world_size = env_world_size()  # also takes srun's variables where torchrun's are absent
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    apply_slurm_environment()  # srun's variables where torchrun's are absent
+    environ = os.environ
+    world_size = _int_variable(environ, "WORLD_SIZE", 1) if "WORLD_SIZE" in environ else 1
+    rank = _int_variable(environ, "RANK", 0, world_size, "WORLD_SIZE") if "RANK" in environ else 0
+    local_rank = _int_variable(environ, "LOCAL_RANK", 0) if "LOCAL_RANK" in environ else 0
+    if world_size > 1 and "MASTER_PORT" in environ:
+        _int_variable(environ, "MASTER_PORT", 1, 65536, "65536")
     torch_device = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"

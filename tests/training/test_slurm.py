@@ -40,6 +40,51 @@ def test_expand_hostlist(hostlist: str, hosts: list) -> None:
     assert expand_hostlist(hostlist) == hosts
 
 
+@pytest.mark.parametrize("hostlist,message", [
+    ("node[a-b]", r"'a-b' in brackets is not a number"), ("node[03-01]", r"the range '03-01' runs backwards"),
+    ("node[1,x]", r"'x' in brackets is not a number"), ("", "no host name in it"),
+])
+def test_a_malformed_hostlist_is_one_line_naming_it(hostlist: str, message: str) -> None:
+    """'node[a-b]' was a ValueError from int() deep in the expansion, 'node[03-01]' an IndexError."""
+    with pytest.raises(ValueError, match=rf"malformed SLURM node list '{re.escape(hostlist)}': {message}"):
+        expand_hostlist(hostlist)
+
+
+@pytest.mark.parametrize("variables,message", [
+    ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_PROCID=3 is outside the job: it must be >= 0 and "
+                                                         "below SLURM_STEP_NUM_TASKS=2"),
+    ({"SLURM_PROCID": "-1", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_PROCID=-1 is outside the job"),
+    ({"SLURM_PROCID": "abc", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_PROCID='abc' is not an integer"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "0"}, "SLURM_STEP_NUM_TASKS=0 is outside the job: it must be >= 1"),
+])
+def test_srun_variables_outside_the_job_are_named(variables: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        slurm_launch_environment(variables)
+
+
+@pytest.mark.parametrize("variables,message", [
+    ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "1"}, "SLURM_PROCID=3 is outside the job"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "node[a-b]"},
+     "malformed SLURM node list 'node[a-b]'"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "0"}, "SLURM_STEP_NUM_TASKS=0 is outside the job"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
+     "MASTER_PORT='abc' is not an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"},
+     "RANK=2 is outside the job"),
+])
+def test_main_refuses_a_rank_outside_the_job_in_one_line(variables: dict, message: str, tmp_path: Path) -> None:
+    """Each waited for the --dist-timeout and ended in a 28-70 line DistNetworkError traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+    env.update(variables)
+    args = [sys.executable, "main.py", "--data-backend", "synthetic", "--arch", "cifar_resnet20", "--num-classes",
+            "10", "--image-size", "32", "-b", "4", "--no-autotune", "--epochs", "1", "--prof", "1",
+            "--training-only", "--no-checkpoints", "--workspace", str(tmp_path / "w"), "--dist-timeout", "15"]
+    started = time.monotonic()
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "w").exists()
+
+
 def test_an_srun_task_gets_torchruns_variables() -> None:
     assert slurm_launch_environment(SRUN_TASK) == {
         "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07",
