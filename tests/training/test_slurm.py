@@ -106,9 +106,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _sbatch(workspace: Path, log: Path, extra: list) -> subprocess.Popen:
+def _sbatch(workspace: Path, log: Path, extra: list, **more_env: str) -> subprocess.Popen:
     """scripts/slurm/train.sbatch as SLURM would start it for a 2-task job on this machine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+    env.update(more_env)
     env.update(PATH=f"{FAKES}:{env['PATH']}", PYTHON=sys.executable, FAKE_SCONTROL_LOG=str(log), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
                SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=str(_free_port()))
@@ -129,6 +130,21 @@ def _finish(job: subprocess.Popen, timeout: float) -> str:
         out, _ = job.communicate()
         pytest.fail(f"the sbatch job did not finish in {timeout} s; its output ends with:\n{out[-4000:]}")
     return out
+
+
+def test_a_failed_requeue_fails_the_job(tmp_path: Path) -> None:
+    """With an scontrol that refuses ('Requeue not permitted'), USR1 to the batch shell ended the script with exit 0:
+    the job showed COMPLETED with training unfinished."""
+    workspace, log = tmp_path / "ws", tmp_path / "scontrol.log"
+    job = _sbatch(workspace, log, ["--epochs", "1", "--prof", "400"], FAKE_SCONTROL_FAIL="1")
+    assert job.stdout is not None
+    first = job.stdout.readline()
+    assert first.startswith("[slurm] job 4242"), first
+    job.send_signal(signal.SIGUSR1)
+    out = first + _finish(job, 120)
+    assert job.returncode == 1, out
+    assert "scontrol requeue 4242 failed (exit 1" in out and "training is NOT finished; resubmit" in out
+    assert log.read_text().split() == ["requeue", "4242"]
 
 
 @pytest.mark.slow
