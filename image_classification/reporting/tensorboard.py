@@ -19,7 +19,40 @@ import math
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-__all__ = ["TensorBoardScalars", "require_tensorboard", "scalar_entries", "iterations_per_epoch"]
+__all__ = ["RUN_MARKER", "TensorBoardScalars", "event_files", "foreign_run", "iterations_per_epoch",
+           "remove_event_files", "require_tensorboard", "scalar_entries"]
+
+#: a file in a ``--tensorboard`` folder naming the raport its event files belong to (TensorBoard ignores it): a
+#: second run pointed at the same folder would otherwise add its curves to the first one's (steps 1, 1, 2, 2)
+RUN_MARKER = ".pedconv-run"
+
+
+def event_files(logdir: Union[str, os.PathLike]) -> List[str]:
+    """The TensorBoard event files directly in ``logdir`` (none when it does not exist)."""
+    if not os.path.isdir(logdir):
+        return []
+    return sorted(name for name in os.listdir(logdir) if name.startswith("events.out.tfevents."))
+
+
+def foreign_run(logdir: Union[str, os.PathLike], owner: str) -> Optional[str]:
+    """What other run's event files ``logdir`` holds (the raport its marker names, or ``an unknown run``), or None
+    when it holds none or only ``owner``'s."""
+    if not event_files(logdir):
+        return None
+    try:
+        with open(os.path.join(logdir, RUN_MARKER), encoding="utf-8") as f:
+            marked = f.read().strip()
+    except OSError:
+        return "an unknown run (no marker)"
+    return None if marked == owner else f"the run of {marked}"
+
+
+def remove_event_files(logdir: Union[str, os.PathLike]) -> int:
+    """Delete the event files directly in ``logdir`` (an overwritten run's curves); returns how many."""
+    names = event_files(logdir)
+    for name in names:
+        os.unlink(os.path.join(logdir, name))
+    return len(names)
 
 Step = Union[str, Sequence[int]]
 
@@ -62,13 +95,19 @@ class TensorBoardScalars:
     Flushed after every epoch record and on :meth:`close`, so a run stopped by a signal (whose raport is closed
     on the way out) leaves its curves complete up to the save."""
 
-    def __init__(self, logdir: Union[str, os.PathLike], per_epoch: int) -> None:
+    def __init__(self, logdir: Union[str, os.PathLike], per_epoch: int, owner: Optional[str] = None) -> None:
+        """``owner``: the raport these curves belong to, written to :data:`RUN_MARKER` in ``logdir``."""
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = str(logdir)
         self.per_epoch = max(1, int(per_epoch))
         self._writer: Optional[Any] = SummaryWriter(self.logdir)
+        if owner is not None:
+            from image_classification.atomic_files import replaced_atomically
+
+            with replaced_atomically(os.path.join(self.logdir, RUN_MARKER)) as tmp:
+                tmp.write_text(owner + "\n", encoding="utf-8")
 
     def log(self, step: Step, data: Dict[str, Any]) -> None:
         if self._writer is None:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from image_classification.argparsing import ArgumentParser
 from image_classification.data import list_backends, list_datasets
 from image_classification.data.augment import AUGMENTATIONS, INTERPOLATIONS
-from image_classification.reporting.tensorboard import require_tensorboard
+from image_classification.reporting.tensorboard import foreign_run, require_tensorboard
 
 from .checkpoint import TRUST_WARNING, add_trust_flag, directory_write_problem, nearest_existing_directory
 from .config import load_config
@@ -508,6 +508,15 @@ def _validate_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         logdir = os.path.join(args.workspace, args.tensorboard)
         if os.path.exists(logdir) and not os.path.isdir(logdir):
             parser.error(f"--tensorboard {args.tensorboard}: {logdir} is a file, not a directory")
+        existing = nearest_existing_directory(logdir)
+        problem = directory_write_problem(existing)
+        if problem is not None:  # checked before anything is written (the raport, the workspace)
+            parser.error(f"--tensorboard {args.tensorboard}: cannot create {logdir} ({existing}: {problem}); "
+                         f"choose another folder")
+        other = foreign_run(logdir, os.path.abspath(raport))
+        if other is not None and not args.overwrite:
+            parser.error(f"--tensorboard {args.tensorboard}: {logdir} holds the TensorBoard event files of {other}; "
+                         f"choose another folder (e.g. one per run), or pass --overwrite to delete them")
     if args.dataset is None and args.resume is None and args.pretrained_weights is None:
         args.dataset = FALLBACK_DATASET  # no checkpoint can name one (build.infer_model_fields does it otherwise)
     if args.data is None and args.data_backend != "synthetic" and args.dataset == "imagenet":

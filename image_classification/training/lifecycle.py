@@ -23,7 +23,7 @@ import torch
 
 from image_classification.data import Loaders
 from image_classification.dynamic import autotune, set_epoch
-from image_classification.reporting.tensorboard import TensorBoardScalars
+from image_classification.reporting.tensorboard import TensorBoardScalars, remove_event_files
 
 from . import build
 from .adversarial import attack_metadata, build_attacks, perturbation_checkpoint, validate_under_attack
@@ -192,7 +192,10 @@ class TrainingRun:
                 raise CheckpointError(f"cannot write --raport-file {path}: {exc.strerror or exc}") from None
             if args.tensorboard is not None:
                 logdir = os.path.join(args.workspace, args.tensorboard)
-                raport_writer.mirrors.append(TensorBoardScalars(logdir, self.cfg.iterations(len(self.loaders.train))))
+                if args.overwrite:  # the replaced run's curves go with its raport
+                    remove_event_files(logdir)
+                raport_writer.mirrors.append(TensorBoardScalars(logdir, self.cfg.iterations(len(self.loaders.train)),
+                                                                owner=os.path.abspath(path)))
         barrier()
         self.raport = raport_writer
         params = dict(vars(args), conv=self.conv, world_size=env.world_size, device=str(env.device))

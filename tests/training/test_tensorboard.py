@@ -74,3 +74,33 @@ def test_missing_tensorboard_is_one_line(e2e, tmp_path: Path) -> None:
     assert not (tmp_path / "ws").exists()  # refused before anything is written
     last = res.stderr.strip().splitlines()[-1]
     assert "--tensorboard needs the optional package tensorboard: pip install tensorboard" in last
+
+
+def test_unusable_tensorboard_folders_are_one_line_before_anything_is_written(e2e, tmp_path: Path) -> None:
+    """/proc/tbdir was a 35-line FileNotFoundError that left an empty raport.json; FILE/sub a NotADirectoryError."""
+    a_file = tmp_path / "tbfile"
+    a_file.write_text("not a folder")
+    for folder, message in [(f"{a_file}/sub", f"cannot create {a_file}/sub ({a_file}: not a directory)"),
+                            ("/proc/tbdir", "cannot create /proc/tbdir (/proc: ")]:
+        res = e2e.run([*ARGS, "--workspace", str(tmp_path / "ws"), "--tensorboard", folder])
+        assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+        assert res.stderr.strip().count("\n") == 0 and not (tmp_path / "ws").exists()
+
+
+def test_a_second_run_does_not_mix_into_another_runs_folder(e2e, tmp_path: Path) -> None:
+    """Two runs with their own workspaces and one --tensorboard DIR gave one curve with steps [1, 1, 2, 2]; the second
+    is refused (naming the first run's raport) unless --overwrite, which replaces the first run's event files."""
+    shared = tmp_path / "tb"
+    short = [*ARGS[:-1], "1"]  # one epoch
+    first = e2e.run([*short, "--workspace", str(tmp_path / "a"), "--tensorboard", str(shared)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(p.name for p in shared.iterdir())
+    second = e2e.run([*short, "--workspace", str(tmp_path / "b"), "--tensorboard", str(shared)])
+    assert second.returncode == 2 and not (tmp_path / "b").exists()
+    assert (f"{shared} holds the TensorBoard event files of the run of {tmp_path / 'a' / 'raport.json'}; choose "
+            "another folder (e.g. one per run), or pass --overwrite") in second.stderr
+    assert sorted(p.name for p in shared.iterdir()) == before
+    third = e2e.run([*short, "--workspace", str(tmp_path / "b"), "--tensorboard", str(shared), "--overwrite"])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert (shared / ".pedconv-run").read_text().strip() == str(tmp_path / "b" / "raport.json")
+    assert sorted(read_events(shared)["train/loss"]) == [2, 4, 5]  # the second run's steps, once each
