@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import List, Tuple
 
@@ -324,6 +325,35 @@ def test_a_full_disk_under_the_raport_is_one_line(tmp_path: Path, capsys: pytest
     code, err = _run([*TINY, "--epochs", "1", "--workspace", str(tmp_path / "ws")], capsys)
     line = _error_line(err)
     assert code == 2 and "cannot write the raport" in line and "No space left on device" in line
+
+
+def test_two_sigterms_during_an_epoch_still_save(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two SIGTERMs 50 ms apart during an epoch ended main.py at once ('second SIGTERM: stopping now without
+    saving'), with no checkpoint at all; a SIGTERM asks for the save however many arrive."""
+    import signal
+    import threading
+
+    from image_classification.training.checkpoint import load_checkpoint
+
+    real = lifecycle.train_one_epoch
+
+    def train(*args, **kwargs):  # noqa: ANN002, ANN003
+        def preempt() -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=preempt).start()
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "train_one_epoch", train)
+    ws = tmp_path / "ws"
+    code, err = _run([*TINY, "--epochs", "3", "--workspace", str(ws)], capsys)
+    assert code == 128 + signal.SIGTERM, err
+    assert "main.py: SIGTERM again: still stopping after saving a checkpoint" in err and "Traceback" not in err
+    assert (ws / "checkpoint.pth.tar").is_file() and load_checkpoint(ws / "checkpoint.pth.tar")["epoch"] >= 0
 
 
 def test_signals_during_a_checkpoint_write_wait_for_it(tmp_path: Path, capsys: pytest.CaptureFixture,

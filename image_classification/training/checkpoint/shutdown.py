@@ -30,13 +30,15 @@ class GracefulShutdown:
     """Context manager turning SIGTERM/SIGINT into a flag the training loop polls.
 
     The first signal sets ``requested`` and records ``signum``; the trainer then saves a
-    checkpoint and exits. A second signal gives up waiting: one line on stderr and the process exits at once
-    with 128 + signum (``os._exit``: no traceback, nothing unwound; nothing is half-written outside a save, and
-    the kernel releases the workspace lock). Inside :meth:`saving` it does not: a checkpoint being written
-    is finished first (cutting it would leave a partial temporary and no checkpoint). Previous handlers are
-    restored on exit. Outside the main thread (where Python cannot install handlers) it installs nothing
-    but stays usable: ``requested`` can still be set by :meth:`request`. ``program`` names the process in
-    the lines it prints.
+    checkpoint and exits. A SIGTERM asks for that save however often it comes (SLURM signals every task at
+    preemption, and a batch script may forward one more): each further one is a line on stderr, nothing else.
+    Only a second SIGINT, a person's second Ctrl-C, gives up waiting: one line saying what is lost and the
+    process exits at once with 128 + signum (``os._exit``: no traceback, nothing unwound; nothing is half-written
+    outside a save, and the kernel releases the workspace lock). Inside :meth:`saving` it does not either: a
+    checkpoint being written is finished first (cutting it would leave a partial temporary and no checkpoint).
+    Previous handlers are restored on exit. Outside the main thread (where Python cannot install handlers) it
+    installs nothing but stays usable: ``requested`` can still be set by :meth:`request`. ``program`` names the
+    process in the lines it prints.
     """
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), program: str = "main.py") -> None:
@@ -123,7 +125,12 @@ class GracefulShutdown:
             self._say(f"{name} again while the checkpoint is written: stopping once it is complete (SIGKILL stops "
                       "at once, losing it)")
             return
-        self._say(f"second {name}: stopping now without saving (the last checkpoint on disk is intact)")
+        if signum != signal.SIGINT:
+            self._say(f"{name} again: still stopping after saving a checkpoint (a SIGTERM always asks for the save; "
+                      "a second Ctrl-C or SIGKILL stops at once, losing the progress since the last checkpoint)")
+            return
+        self._say(f"second {name}: stopping now without saving (the last checkpoint on disk is intact; the "
+                  "progress since it is lost)")
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         os._exit(128 + signum)

@@ -481,9 +481,38 @@ def test_graceful_shutdown_outside_main_thread_is_inert() -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signal semantics")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterms_however_many_ask_for_the_save() -> None:
+    """Two SIGTERMs 50 ms apart (SLURM signals every task at preemption and train.sbatch forwards one more) stopped
+    the process at once with no checkpoint; now each further SIGTERM is a line and the save still happens."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from image_classification.training.checkpoint import GracefulShutdown
+        with GracefulShutdown(program="prog") as shutdown:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert shutdown.requested and shutdown.signum == signal.SIGTERM
+            with shutdown.saving():
+                print("saved", flush=True)
+        print("survived", flush=True)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["saved", "survived"], proc.stderr
+    assert proc.stderr.splitlines() == ["prog: SIGTERM again: still stopping after saving a checkpoint (a SIGTERM "
+                                        "always asks for the save; a second Ctrl-C or SIGKILL stops at once, losing "
+                                        "the progress since the last checkpoint)"] * 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signal semantics")
+@pytest.mark.parametrize("signum", [signal.SIGINT])
 def test_a_second_signal_stops_at_once_in_one_line_but_waits_for_a_checkpoint_being_written(signum: int) -> None:
-    """Outside a save the second signal exits with 128 + N and one line (SIGINT twice gave a KeyboardInterrupt
+    """Outside a save a second Ctrl-C exits with 128 + N and one line (SIGINT twice gave a KeyboardInterrupt
     traceback); inside ``saving()`` the write is finished first, each further signal saying so, and the process
     exits only after it (a second signal there left a 0-byte temporary and no checkpoint)."""
     code = textwrap.dedent(
@@ -510,7 +539,8 @@ def test_a_second_signal_stops_at_once_in_one_line_but_waits_for_a_checkpoint_be
     assert proc.returncode == 128 + signum and proc.stdout.split() == ["saved"], proc.stderr
     assert proc.stderr.splitlines() == [
         f"prog: {name} again while the checkpoint is written: stopping once it is complete (SIGKILL stops at once, "
-        "losing it)", f"prog: second {name}: stopping now without saving (the last checkpoint on disk is intact)"]
+        "losing it)", f"prog: second {name}: stopping now without saving (the last checkpoint on disk is intact; "
+        "the progress since it is lost)"]
 
 
 # ------------------------------------------------------------------------------------ workspace
