@@ -24,6 +24,7 @@ from image_classification.dynamic.registry import implied_spec
 
 from .checkpoint import (
     CheckpointError,
+    GracefulShutdown,
     check_model_fields,
     load_checkpoint,
     load_model_weights,
@@ -203,7 +204,11 @@ def tune_paths(args: argparse.Namespace, model: nn.Module, loaders: Loaders, env
             autotune.load_cache_file(path, env.device)
     size = (loaders.in_chans, loaders.image_size, loaders.image_size)
     amp = torch.autocast(env.device.type, dtype=_AMP_DTYPES[args.amp_dtype]) if args.amp else None
-    with amp if amp is not None else contextlib.nullcontext():
+    said = ("main.py: {signal} received while tuning PEDConv paths; nothing trained or written yet, so nothing to "
+            "save") if env.is_main else ""
+    # a signal here stops at once in one line (it was a KeyboardInterrupt traceback, or a silent exit 143)
+    with GracefulShutdown() as shutdown, shutdown.nothing_to_save(exit_message=said), \
+            amp if amp is not None else contextlib.nullcontext():
         autotune.prepare_model(model, None if args.evaluate else (args.batch_size, *size),
                                (args.val_batch_size or args.batch_size, *size), env.device,
                                channels_last=args.memory_format == "nhwc", layers=layers, show=env.is_main)

@@ -378,3 +378,38 @@ def test_signals_during_a_checkpoint_write_wait_for_it(tmp_path: Path, capsys: p
     assert "main.py: SIGTERM again while the checkpoint is written: stopping once it is complete" in err
     assert load_checkpoint(ws / "checkpoint.pth.tar")["epoch"] == 1
     assert [p.name for p in ws.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_tuning_pedconv_paths_is_one_line(signame: str, tmp_path: Path) -> None:
+    """Ctrl-C 3 s into 'tuning PEDConv paths' was a 40-line KeyboardInterrupt traceback; SIGTERM exited 143 silently.
+    Nothing is trained or written then: one line, 128 + N, no workspace."""
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PEDCONV_AUTOTUNE="1", PEDCONV_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    ws = tmp_path / "ws"
+    proc = subprocess.Popen([sys.executable, "main.py", "--data-backend", "synthetic", "--arch", "resnet18",
+                             "--num-classes", "10", "--image-size", "64", "-b", "8", "--epochs", "1", "--prof", "2",
+                             "--training-only", "--no-checkpoints", "--dynamic", "--workspace", str(ws)],
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        while "tuning PEDConv paths" not in seen:
+            line = proc.stderr.readline()
+            assert line, seen[-2000:]
+            seen += line
+        time.sleep(0.5)
+        signum = getattr(signal, signame)
+        proc.send_signal(signum)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, rest[-2000:]
+    assert rest.strip().splitlines()[-1] == (f"main.py: {signame} received while tuning PEDConv paths; nothing trained "
+                                             "or written yet, so nothing to save")
+    assert "Traceback" not in rest and not ws.exists()
