@@ -315,6 +315,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.check_options(rank=rank, reduction=reduction, components=components, context=context, reparam=reparam,
                            sampling=sampling, noise_std=noise_std, infomax=infomax, path=path)
+        check_rank(rank, out_channels, in_channels // groups, self.kernel_size[0] * self.kernel_size[1])
         self.rank = rank
         self.reduction = reduction
         self.components = ordered_components("PEDConv2d", components)
@@ -611,6 +612,21 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
+
+
+def max_cp_rank(out_channels: int, in_per_group: int, taps: int) -> int:
+    """The largest rank a CP decomposition of a ``C_out x C_in/g x k*k`` tensor can need: no 3-way tensor has a
+    rank above the smallest product of two of its dimensions (every tensor is a sum of that many rank-1 terms)."""
+    return min(out_channels * in_per_group, in_per_group * taps, out_channels * taps)
+
+
+def check_rank(rank: int, out_channels: int, in_per_group: int, taps: int) -> None:
+    """ValueError, before anything is allocated, for a rank beyond :func:`max_cp_rank` of the layer's weight
+    (``rank=1000000`` sat silent for a minute allocating generator heads of ``R (C_out + C_in/g + k*k)`` outputs)."""
+    bound = max_cp_rank(out_channels, in_per_group, taps)
+    if rank > bound:
+        raise ValueError(f"pedconv: rank {rank} is more than any {out_channels} x {in_per_group} x {taps} weight "
+                         f"(C_out x C_in/groups x k*k) can use: its CP rank is at most {bound}; choose rank <= {bound}")
 
 
 def _any_autocast() -> bool:

@@ -29,7 +29,7 @@ GEOMETRIES = [
     (8, 12, 3, 2, 1, 2, 2),
     (8, 8, 3, 1, 1, 1, 8),  # depthwise
     (4, 8, 3, 2, 0, 1, 4),  # depthwise with channel multiplier
-    (6, 9, 1, 2, 0, 1, 3),
+    (6, 12, 1, 2, 0, 1, 2),  # grouped strided 1x1 (C_in/g = 3: CP rank up to 3)
     (4, 6, (3, 1), (1, 2), (1, 0), 1, 1),
 ]
 
@@ -466,3 +466,16 @@ def test_fused_generator_equals_per_head_formula(sampling):
     torch.testing.assert_close(phi, post[:, :32].view(3, 2, 16))
     torch.testing.assert_close(gamma, post[:, 32:48].view(3, 2, 8))
     torch.testing.assert_close(psi, post[:, 48:].view(3, 2, 9))
+
+
+def test_a_rank_beyond_the_weights_cp_rank_is_refused_before_allocating() -> None:
+    """``rank=1000000`` sat silent for a minute building generator heads; a 3-way tensor never needs more CP terms
+    than the smallest product of two of its dimensions."""
+    from image_classification.dynamic.pedconv.layer import max_cp_rank
+
+    assert max_cp_rank(64, 64, 9) == 576 and max_cp_rank(32, 1, 9) == 9 and max_cp_rank(256, 64, 1) == 64
+    PEDConv2d(8, 8, 3, groups=8, rank=8)  # depthwise: up to min(8, 9, 72) = 8
+    with pytest.raises(ValueError, match=r"rank 9 is more than any 8 x 1 x 9 weight .* at most 8; choose rank <= 8"):
+        PEDConv2d(8, 8, 3, groups=8, rank=9)
+    with pytest.raises(ValueError, match=r"rank 1000000 .* 16 x 16 x 9 .* at most 144"):
+        PEDConv2d(16, 16, 3, rank=1000000)
