@@ -10,13 +10,15 @@ SLURM's ``srun`` with one task per GPU, whose variables (``SLURM_PROCID``, ``SLU
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,8 @@ __all__ = [
     "apply_slurm_environment",
     "align_gradient_strides",
     "init_distributed",
+    "rendezvous",
+    "RendezvousFailed",
     "RanksDisagree",
     "check_same_arguments",
     "run_defining_arguments",
@@ -172,14 +176,98 @@ def init_distributed(device: str = "auto", timeout_s: Optional[float] = None) ->
     local_rank = _int_variable(environ, "LOCAL_RANK", 0) if "LOCAL_RANK" in environ else 0
     if world_size > 1 and "MASTER_PORT" in environ:
         _int_variable(environ, "MASTER_PORT", 1, 65536, "65536")
+    store = None
+    if world_size > 1 and not dist.is_initialized() and environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # torchrun's agent has started every worker; a plain env:// launch (srun, hand-set variables) may wait for
+        # a rank that never comes: say so, and name it at the timeout (gloo/NCCL said '1/2 clients joined')
+        store = rendezvous(environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", "29500")), rank,
+                           world_size, 600.0 if timeout_s is None else float(timeout_s))
     torch_device = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         kwargs: Dict[str, Any] = {"device_id": torch_device} if torch_device.type == "cuda" else {}
         if timeout_s is not None:
             kwargs["timeout"] = timedelta(seconds=float(timeout_s))
-        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+        if store is not None:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, **kwargs)
+        else:
+            dist.init_process_group(backend=backend, init_method="env://", **kwargs)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+class RendezvousFailed(ValueError):
+    """The ranks of a job did not all meet at the rendezvous address (one line naming the missing ranks)."""
+
+
+#: seconds between the 'waiting for ranks' lines of rank 0
+RENDEZVOUS_REPORT_S = 10.0
+
+
+def rendezvous(addr: str, port: int, rank: int, world_size: int, timeout_s: float,
+               report_s: float = RENDEZVOUS_REPORT_S) -> dist.TCPStore:
+    """Meet the other ranks at ``addr:port`` (rank 0 hosts the store) and return the store for the process group.
+
+    Each rank registers itself; rank 0 says within seconds which ranks it waits for (then every ``report_s``) and,
+    when ``timeout_s`` passes, raises :class:`RendezvousFailed` naming those that never came; the other ranks
+    wait for rank 0's word that all are there. A rank that cannot reach rank 0's store says where it looked."""
+    import time
+
+    where = f"{addr}:{port}"
+    try:
+        # a client retrying until rank 0 is up makes c10d log every try with a C++ stack on stderr: said below
+        with _native_stderr_silenced() if rank != 0 else contextlib.nullcontext():
+            store = dist.TCPStore(addr, port, world_size, rank == 0, timeout=timedelta(seconds=timeout_s),
+                                  wait_for_workers=False)
+    except Exception as exc:  # DistNetworkError / RuntimeError: no master there, or the port is taken
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        role = "host the rendezvous" if rank == 0 else "reach rank 0's rendezvous"
+        raise RendezvousFailed(f"rank {rank} of {world_size}: cannot {role} at {where} within {timeout_s:g} s "
+                               f"({reason[:200]}); check MASTER_ADDR/MASTER_PORT and that rank 0 runs") from None
+    store.set(f"pedconv_rendezvous/rank{rank}", "1")
+    if rank != 0:
+        try:
+            store.wait(["pedconv_rendezvous/all"], timedelta(seconds=timeout_s))
+        except Exception:
+            raise RendezvousFailed(f"rank {rank} of {world_size}: rank 0 at {where} did not see every rank within "
+                                   f"{timeout_s:g} s (its log names the missing ones)") from None
+        return store
+    started = time.monotonic()
+    said = started
+    first_report = min(2.0, report_s)
+    while True:
+        missing = [r for r in range(world_size) if not store.check([f"pedconv_rendezvous/rank{r}"])]
+        if not missing:
+            store.set("pedconv_rendezvous/all", "1")
+            return store
+        waited = time.monotonic() - started
+        if waited >= timeout_s:
+            raise RendezvousFailed(f"rank(s) {_ranks(missing)} of {world_size} never joined the rendezvous at {where} "
+                                   f"within {timeout_s:g} s (--dist-timeout); start every rank (srun/torchrun, or "
+                                   f"RANK 0..{world_size - 1}) or look at the missing ranks' logs")
+        if time.monotonic() - said >= (first_report if said == started else report_s):
+            print(f"main.py: waiting for rank(s) {_ranks(missing)} of {world_size} at {where} ({waited:.0f} s of "
+                  f"{timeout_s:g} s)", file=sys.stderr, flush=True)
+            said = time.monotonic()
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null inside the block (C++ logging that Python cannot filter)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    shown = ", ".join(str(r) for r in ranks[:16])
+    return shown + (f" (and {len(ranks) - 16} more)" if len(ranks) > 16 else "")
 
 
 def cleanup(all_ranks_here: bool = False) -> None:

@@ -133,3 +133,42 @@ def test_cleanup_tears_down_together_only_when_every_rank_is_there(monkeypatch: 
     calls.clear()
     distributed.cleanup()
     assert calls == ["destroy"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_never_comes_is_named(rank: int, tmp_path: Path) -> None:
+    """With one of two ranks started, main.py waited silently (600 s by default) and ended in a 28-line
+    DistStoreError ('1/2 clients joined'). Rank 0 now says within seconds whom it waits for and names the missing
+    rank at --dist-timeout; a rank without a rank 0 says where it looked. One line each, exit 2, nothing written."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+    env.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    args = [sys.executable, "main.py", "--data-backend", "synthetic", "--arch", "cifar_resnet20", "--num-classes", "10",
+            "--image-size", "16", "-b", "4", "--no-autotune", "--epochs", "1", "--prof", "1", "--training-only",
+            "--no-checkpoints", "--workspace", str(tmp_path / "ws"), "--dist-timeout", "5"]
+    started = time.monotonic()
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and time.monotonic() - started < 60, done.stderr[-2000:]
+    if rank == 0:
+        assert lines[0].startswith(f"main.py: waiting for rank(s) 1 of 2 at 127.0.0.1:{port} (")
+        assert lines[-1] == (f"main.py: error: rank(s) 1 of 2 never joined the rendezvous at 127.0.0.1:{port} within "
+                             "5 s (--dist-timeout); start every rank (srun/torchrun, or RANK 0..1) or look at the "
+                             "missing ranks' logs")
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"main.py: error: rank 1 of 2: cannot reach rank 0's "
+                                                       f"rendezvous at 127.0.0.1:{port} within 5 s")
+    assert "Traceback" not in done.stderr and not (tmp_path / "ws").exists()
