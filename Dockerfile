@@ -8,7 +8,9 @@
 #
 # Build:  docker build -t pedconv .
 # Run:    docker run --gpus all --ipc=host -it --rm -v /path/to/imagenet:/data -v $PWD/logs:/workspace/pedconv/logs pedconv
-#         (inside) python multiproc.py --nproc_per_node 8 main.py /data --config configs/pedconv_table1/resnet18_pedconv.yaml
+#         (inside) python multiproc.py --nproc_per_node 8 main.py /data --config configs/pedconv_table1/resnet18_pedconv.yaml \
+#                      --workspace logs/pedconv_table1/resnet18_pedconv
+#         (only what is written under the mounted logs/ outlives the container)
 # --ipc=host (or a large --shm-size) is needed: DataLoader workers share batches through /dev/shm.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:24.12-py3
 FROM ${BASE_IMAGE}

@@ -78,3 +78,31 @@ def test_smoke_test_runs_the_package_on_the_images_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("image_classification OK: torch") and "(1, 10)" in out.stdout
+
+
+def _container_commands(text: str) -> list:
+    """The commands shown after a ``docker run`` line (joined across backslash continuations, comment prefixes and
+    '(inside)' dropped) up to the end of that example."""
+    lines = re.sub(r"\\\n#?\s*", " ", text).splitlines()
+    commands, inside = [], False
+    for line in lines:
+        stripped = re.sub(r"^#\s*(Run:|\(inside\))?\s*", "", line.strip()).strip()
+        if "docker run" in stripped:
+            assert "-v $PWD/logs:/workspace/pedconv/logs" in stripped, stripped  # the host keeps logs/
+            inside = True
+            continue
+        if inside and stripped.startswith("```"):
+            inside = False
+        elif inside and "main.py" in stripped:
+            commands.append(stripped)
+    return commands
+
+
+def test_every_documented_container_command_writes_under_the_mounted_logs() -> None:
+    """docs/training.md's docker line and the Dockerfile's header trained without --workspace: checkpoints and the
+    raport went to /workspace/pedconv, which is not mounted and vanished with --rm."""
+    for text in (DOCKERFILE, (ROOT / "docs" / "training.md").read_text()):
+        commands = _container_commands(text)
+        assert commands
+        for command in commands:
+            assert re.search(r"--workspace logs/\S+", command), command
