@@ -322,18 +322,23 @@ def export_model(model: nn.Module, path: str | Path, fmt: str = "onnx", image_si
     PEDConv layers get their export form (constant convolution weights throughout) by ``pedconv_forms``
     (:func:`~image_classification.measurement.pedconv_export.choose_export_forms`: ``rule``, ``tune`` -- timed in
     ONNX Runtime with ``threads`` threads at batch 1 and ``tune_batch`` -- or one form's name).
-    ``fixed_batch`` exports for that one batch size instead: the layers keep their own (``auto``) paths,
-    so per-sample kernels become convolution weights computed in the graph (at batch 1, one dense conv
-    per layer). Returns the export plan and the exporter used (``torch.jit.trace`` for TorchScript). The
-    file is written atomically: an existing file at ``path`` is replaced only by a finished export.
+    ``fixed_batch`` exports for that one batch size instead: at batch 1 the layers keep their own (``auto``)
+    paths, so per-sample kernels become convolution weights computed in the graph (one dense conv per layer); a
+    larger fixed batch takes the dynamic-batch paths and forms with a fixed axis. Returns the export plan and the
+    exporter used (``torch.jit.trace`` for TorchScript). The file is written atomically: an existing file at
+    ``path`` is replaced only by a finished export.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if fixed_batch is None:
+    if fixed_batch is not None and fixed_batch < 1:
+        raise ExportError(f"fixed batch size must be >= 1, got {fixed_batch}")
+    # a fixed batch above 1 gains nothing from the layers' own paths (they fold per-sample kernels only at batch 1),
+    # and some of them trace to shape checks the TorchScript-based exporter rejects ('unexpected sym_eq'): it takes
+    # the dynamic-batch paths, with a fixed axis
+    own_paths = fixed_batch == 1
+    if not own_paths:
         prepared, plan = prepare_for_export(model)
     else:
-        if fixed_batch < 1:
-            raise ExportError(f"fixed batch size must be >= 1, got {fixed_batch}")
         prepared = copy.deepcopy(model).eval()
         plan = ExportPlan([(name, operator_name(m), f"{getattr(m, 'path', 'own')} at batch {fixed_batch}")
                            for name, m in prepared.named_modules() if isinstance(m, DynamicConv2d)])
@@ -342,7 +347,7 @@ def export_model(model: nn.Module, path: str | Path, fmt: str = "onnx", image_si
     # dynamic batch: trace at batch 2, so no batch-1 special case is recorded
     batch = 2 if fixed_batch is None else fixed_batch
     example = torch.randn(batch, in_chans, image_size, image_size, device=device)
-    if fixed_batch is None:
+    if not own_paths:
         try:
             choices = choose_export_forms(prepared, example, pedconv_forms, threads, tune_batch)
         except ValueError as exc:
@@ -500,9 +505,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "use them with --format onnx")
     if args.profile and not args.benchmark:
         parser.error("--profile is part of the benchmark: add --benchmark")
-    if args.batch_size is not None and args.pedconv_forms != "rule":
-        parser.error("--pedconv-forms chooses the forms of the dynamic-batch export; with --batch-size the layers "
-                     "keep their own paths: drop one of the two")
+    if args.batch_size == 1 and args.pedconv_forms != "rule":
+        parser.error("--pedconv-forms chooses the export forms; with --batch-size 1 the layers keep their own paths "
+                     "(per-sample kernels folded into one conv): drop one of the two")
     if not 0 < args.tolerance < float("inf"):  # NaN too: every comparison with it fails, so nothing would pass
         parser.error(f"--tolerance must be > 0, got {args.tolerance}")
     if args.format == "torchscript" and args.opset is not None:

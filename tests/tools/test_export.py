@@ -194,6 +194,20 @@ def test_fixed_batch_export_keeps_the_layers_own_paths(op: str, tmp_path: Path) 
         export_model(model, tmp_path / "b0.onnx", "onnx", image_size=12, fixed_batch=0)
 
 
+@needs_ort
+def test_a_larger_fixed_batch_takes_the_dynamic_batch_paths(tmp_path: Path) -> None:
+    """PEDConv at -b 3 with the TorchScript-based exporter failed ('AssertionError: unexpected sym_eq'): above batch 1
+    the own paths fold nothing, so the export forms run, with a fixed axis."""
+    import onnx
+
+    model = small_model("pedconv")
+    plan, _ = export_model(model, tmp_path / "b3.onnx", "onnx", image_size=12, in_chans=3, exporter="torchscript",
+                           fixed_batch=3)
+    assert {path for _, _, path in plan.layers} <= {"cols", "expand", "shift", "factored"}
+    assert verify_export(model, tmp_path / "b3.onnx", "onnx", 12, 3, batches=(3,))[3] < TOL
+    assert onnx.load(str(tmp_path / "b3.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_cli_writes_only_a_checked_file_with_the_umasks_permissions(tmp_path: Path, capsys) -> None:
     import os
