@@ -269,7 +269,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-filename", default="checkpoint.pth.tar", metavar="NAME",
                        help="checkpoint file name in the workspace (default: checkpoint.pth.tar)")
     group.add_argument("--gather-checkpoints", type=int, nargs="?", const=-1, default=0, metavar="N",
-                       help="also keep per-epoch copies: the last N (no value: all)")
+                       help="also keep per-epoch copies: the last N (no value, or -1: all)")
     group.add_argument("--prof", type=int, default=-1, metavar="N",
                        help="stop each epoch after N iterations (smoke and throughput runs)")
     group.add_argument("--overwrite", action="store_true",
@@ -392,7 +392,7 @@ def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if value == 0 or value < -1:
             parser.error(f"{flag} must be >= 1 (or -1: no limit), got {value}")
     if args.gather_checkpoints < -1:
-        parser.error(f"--gather-checkpoints must be >= 0 (or given without a value: keep all), got "
+        parser.error(f"--gather-checkpoints must be >= 0, or -1 / no value to keep all, got "
                      f"{args.gather_checkpoints}")
     if args.evaluate and args.pretrained_weights is None and args.resume is None:
         parser.error("--evaluate needs weights: give --pretrained-weights FILE (or --resume FILE)")
