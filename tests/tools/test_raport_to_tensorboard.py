@@ -67,3 +67,31 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest
         main([str(tmp_path / "r" / "raport.json"), "--out", str(tmp_path / "tb")])
     assert "already holds TensorBoard event files" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "tb" / "r").iterdir()) == before
+
+
+def test_empty_and_malformed_raports_are_refused_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An empty raport or a JSON file that is no raport converted 0 records with exit 0; a bad step was
+    'invalid literal for int()' without the record."""
+    (tmp_path / "good").mkdir()
+    write_raport(tmp_path / "good" / "raport.json")
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "other.json").write_text('{"not": "a raport"}\n')
+    (tmp_path / "bad.json").write_text('DLLL {"type": "LOG", "step": [0, "x"], "data": {"train.loss": 1}}\n')
+    for name, message in [("empty.json", "no LOG records"), ("other.json", "no LOG records"),
+                          ("bad.json", "DLLL record 1 has step [0, 'x']")]:
+        code = main([str(tmp_path / "good" / "raport.json"), str(tmp_path / name), "--out", str(tmp_path / "tb")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "tb").exists()  # the good raport before it was not converted either
+
+
+def test_default_names_tell_the_studys_runs_apart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The Fashion-MNIST study's static/seed0/raport.json and pedconv/seed0/raport.json were refused ('would share one
+    folder (seed0, seed0); give --names')."""
+    paths = []
+    for op in ("static", "pedconv"):
+        (tmp_path / op / "seed0").mkdir(parents=True)
+        write_raport(tmp_path / op / "seed0" / "raport.json")
+        paths.append(str(tmp_path / op / "seed0" / "raport.json"))
+    assert main([*paths, "--out", str(tmp_path / "tb")]) == 0
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["pedconv-seed0", "static-seed0"]
