@@ -110,7 +110,9 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="train/val crop size (default: 224 imagenet, 28 fashion-mnist, 32 cifar10)")
     group.add_argument("--num-classes", type=_positive_int, default=None,
                        help="classifier outputs (default: the number of classes in the data)")
-    group.add_argument("-j", "--workers", type=int, default=5, metavar="N", help="data loading workers (default: 5)")
+    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                       help="data loading workers per process (default: 5 on a GPU, DeepLearningExamples' value; "
+                            "on the CPU the cores this process may use, at most 5)")
     group.add_argument("-b", "--batch-size", type=_positive_int, default=256, metavar="N",
                        help="mini-batch size per process (default: 256)")
     group.add_argument("--val-batch-size", type=_positive_int, default=None, metavar="N",
@@ -357,6 +359,22 @@ def _validate_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         args.placement = operator_class(args.conv or "static").default_placement  # else: the checkpoint's
 
 
+def default_workers(device: str) -> int:
+    """``-j``'s default: 5 per process on a GPU (DeepLearningExamples'); on the CPU the cores this process may use
+    (shared by the processes of this node), at most 5, so torch's DataLoader does not warn that 5 workers exceed a
+    2-core machine's suggested maximum."""
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return 5
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(5, cores // local))
+
+
 def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
         world = env_world_size()
@@ -374,6 +392,8 @@ def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.use_ema is not None and not 0.0 < args.use_ema < 1.0:
         parser.error(f"--use-ema decay must be in (0, 1), got {args.use_ema}")
+    if args.workers is None:
+        args.workers = default_workers(args.device)
     if args.workers < 0:
         parser.error(f"-j/--workers must be >= 0, got {args.workers}")
     if args.warmup < 0 or args.warmup > args.epochs:

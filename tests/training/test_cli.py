@@ -378,3 +378,23 @@ def test_a_yaml_alias_bomb_in_a_valid_key_is_refused_quickly(capsys: pytest.Capt
     line = _error(capsys, ["--config", str(config), "--data-backend", "synthetic", *ws])
     assert time.perf_counter() - started < 10
     assert "config key 'lr-steps': expected a number, got [1, 1, 1, 1, ...]" in line and len(line) < 400
+
+
+def test_workers_default_to_the_cores_on_the_cpu(monkeypatch) -> None:
+    """Every CPU run on 2 cores printed torch's 'This DataLoader will create 5 worker processes ... suggested max 2'
+    twice: -j's default is 5 on a GPU (DeepLearningExamples') and the cores this process may use on the CPU."""
+    import os
+
+    import torch
+
+    from image_classification.training.cli import default_workers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_workers("auto") == default_workers("cpu") == max(1, min(5, cores))
+    assert default_workers("cuda") == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # the node's processes share the cores
+    assert default_workers("cpu") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_workers("auto") == 5
