@@ -35,11 +35,21 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing requirements-oldest.txt and requirements-dev.txt into $VENV (torch from the package registry, a few minutes)"
   else
     reqs=requirements-dev.txt
-    echo "[setup] installing requirements-dev.txt into $VENV (torch installs from local disk, about a minute)"
+    echo "[setup] installing requirements-dev.txt into $VENV (torch installs from local disk: about a minute on a quiet machine, up to five on a loaded one)"
   fi
   log="$VENV/pip-install.log"
   status=0
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$reqs" > "$log" 2>&1 || status=$?
+  # pip -q is silent for minutes: a line every 30 s (SETUP_HEARTBEAT_S) says it is still working and where its log is
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$reqs" > "$log" 2>&1 &
+  pip_pid=$!
+  started=$SECONDS
+  while kill -0 "$pip_pid" 2>/dev/null; do
+    for _ in $(seq "${SETUP_HEARTBEAT_S:-30}"); do kill -0 "$pip_pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pip_pid" 2>/dev/null; then
+      echo "[setup] still installing ($(( SECONDS - started )) s so far; pip's output: $log)"
+    fi
+  done
+  wait "$pip_pid" || status=$?
   grep -v "is ignored: it is neither" "$log" || true
   [ "$status" = 0 ] || { echo "[setup] error: pip install -r $reqs failed (exit $status; output above)" >&2; exit 1; }
   "$VENV/bin/python" -c "import torch, torchvision, yaml, tqdm, pytest" || { echo "[setup] error: requirements did not install" >&2; exit 1; }

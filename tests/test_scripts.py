@@ -355,3 +355,25 @@ def test_ctrl_c_lets_main_py_save_its_checkpoint(tmp_path: Path) -> None:
     assert "main.py: SIGINT received at epoch 0" in out, out[-3000:]
     workspace = tmp_path / "logs" / "e2-train4000-test200" / "static" / "seed0"
     assert (workspace / "checkpoint.pth.tar").is_file()
+
+
+def test_setup_env_says_it_is_still_installing(tmp_path: Path) -> None:
+    """scripts/setup_env.sh was silent for 275 s after 'about a minute' on a loaded machine: a slow pip (a stand-in
+    that takes 3 s) now gets a heartbeat line naming its log, and a failed one still ends the script with its output."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/usr/bin/env bash\nexit 0\n")
+    (venv / "bin" / "pip").write_text("#!/usr/bin/env bash\nsleep 3\necho pip-output\nexit ${FAKE_PIP_STATUS:-0}\n")
+    for name in ("python", "pip"):
+        (venv / "bin" / name).chmod(0o755)
+    env = dict(os.environ, VENV=str(venv), SETUP_HEARTBEAT_S="1")
+    done = subprocess.run(["bash", "scripts/setup_env.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    beats = [line for line in done.stdout.splitlines() if line.startswith("[setup] still installing (")]
+    assert beats and f"pip's output: {venv}/pip-install.log" in beats[0]
+    assert "up to five on a loaded one" in done.stdout
+    (venv / ".requirements.sha").unlink()
+    failed = subprocess.run(["bash", "scripts/setup_env.sh"], cwd=ROOT, env=dict(env, FAKE_PIP_STATUS="3"),
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "pip-output" in failed.stdout and "failed (exit 3" in failed.stderr
