@@ -335,8 +335,13 @@ def _run_passes(model: torch.nn.Module, train_shape: Optional[Tuple[int, ...]], 
         model.train(was_training)
 
 
+#: seconds between the progress lines of path tuning when stderr is not a terminal (a log file, a pipe)
+PROGRESS_EVERY_S = 15.0
+
+
 class _Progress:
-    """tqdm over the layers' forwards of :func:`prepare_model` (forward hooks), then a one-line summary."""
+    """tqdm over the layers' forwards of :func:`prepare_model` (forward hooks), then a one-line summary; without a
+    terminal, a line at the start, one every :data:`PROGRESS_EVERY_S` and the summary."""
 
     def __init__(self, layers: Sequence[torch.nn.Module], passes: int, show: bool) -> None:
         self.layers, self.passes, self.show = list(layers), passes, show and bool(layers)
@@ -351,8 +356,9 @@ class _Progress:
 
             total = len(self.layers) * self.passes
             limit = _budget["seconds"]
-            budget = f", budget {limit:g} s" if limit is not None else ""
-            if not sys.stderr.isatty():  # a log file: one line now, the summary at the end
+            budget = f", budget {limit:g} s" if limit is not None else ", no time budget"
+            self.total, self.done, self.said = total, 0, time.perf_counter()
+            if not sys.stderr.isatty():  # a log file: one line now, one every PROGRESS_EVERY_S, the summary at the end
                 print(f"tuning PEDConv paths: {len(self.layers)} layers x {self.passes} pass(es){budget} ...",
                       file=sys.stderr, flush=True)
             self.bar = tqdm(total=total, desc=f"tuning PEDConv paths ({len(self.layers)} layers{budget})",
@@ -363,6 +369,12 @@ class _Progress:
 
     def _step(self, *_: Any) -> None:  # a forward hook: returning None keeps the layer's output
         self.bar.update(1)
+        self.done += 1
+        now = time.perf_counter()
+        if not sys.stderr.isatty() and now - self.said >= PROGRESS_EVERY_S:
+            print(f"tuning PEDConv paths: {self.done}/{self.total} layer forwards timed after "
+                  f"{now - self.started:.0f} s", file=sys.stderr, flush=True)
+            self.said = now
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self.handles:

@@ -267,12 +267,24 @@ def test_prepare_model_says_what_it_did(tuning, capsys):
     autotune.CACHE.clear()
     autotune.prepare_model(model, train_shape=(2, 4, 6, 6), eval_shape=(1, 4, 6, 6), layers=layers, show=True)
     err = capsys.readouterr().err
-    assert "tuning PEDConv paths: 2 layers x 2 pass(es)" in err  # not a terminal: a line, no bar
+    assert "tuning PEDConv paths: 2 layers x 2 pass(es), no time budget ..." in err  # not a terminal: a line, no bar
     assert "PEDConv paths ready in" in err and "4 new layer shape(s) timed" in err
     autotune.prepare_model(model, train_shape=(2, 4, 6, 6), eval_shape=(1, 4, 6, 6), layers=layers, show=True)
     assert "0 new layer shape(s) timed" in capsys.readouterr().err
     assert model(torch.randn(2, 4, 6, 6)).shape == out.shape  # hooks removed, output intact
     assert all(not m._forward_hooks for m in layers)
+
+
+def test_tuning_without_a_terminal_says_how_far_it_got(tuning, capsys, monkeypatch):
+    """The quick start's ResNet-18 step printed 'tuning PEDConv paths: 16 layers x 2 pass(es)' and then nothing for
+    140 s: without a terminal a line follows every PROGRESS_EVERY_S (here 0: after every layer forward)."""
+    monkeypatch.setattr(autotune, "PROGRESS_EVERY_S", 0.0)
+    model = nn.Sequential(PEDConv2d(4, 8, 3, padding=1), nn.ReLU(), PEDConv2d(8, 8, 3, padding=1))
+    autotune.CACHE.clear()
+    autotune.prepare_model(model, train_shape=(2, 4, 6, 6), eval_shape=(1, 4, 6, 6), layers=[model[0], model[2]],
+                           show=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "layer forwards timed after" in line]
+    assert [line.split(" layer")[0] for line in lines] == [f"tuning PEDConv paths: {i}/4" for i in range(1, 5)]
 
 
 def _broadcast_worker(rank: int, world: int, port: int, queue) -> None:
