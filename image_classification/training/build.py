@@ -182,7 +182,6 @@ def build_network(args: argparse.Namespace, conv: str, loaders: Loaders, env: Di
     model = model.to(env.device)
     if args.memory_format == "nhwc":
         model = to_channels_last(model)
-    tune_paths(args, model, loaders, env)
     return model
 
 

@@ -122,6 +122,8 @@ class TrainingRun:
         for checkpoint, path in ((resume, resume_path), (pretrained, args.pretrained_weights)):
             if checkpoint is not None and path is not None:  # a checkpoint comes with its path
                 build.load_weights(model, checkpoint, args, conv, path)
+        # after the weights: a checkpoint that does not fit the model is refused before seconds of path timing
+        build.tune_paths(args, model, loaders, env)
         cfg = build.loop_config(args, env)
         try:
             comp = build.build_training_setup(args, model, loaders, env, cfg)

@@ -413,3 +413,21 @@ def test_a_signal_while_tuning_pedconv_paths_is_one_line(signame: str, tmp_path:
     assert rest.strip().splitlines()[-1] == (f"main.py: {signame} received while tuning PEDConv paths; nothing trained "
                                              "or written yet, so nothing to save")
     assert "Traceback" not in rest and not ws.exists()
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_path_tuning(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--evaluate --pretrained-weights` of a checkpoint for another class count was refused in one line, but after
+    93 s of PEDConv path tuning: the weights are loaded first."""
+    from image_classification.dynamic import autotune
+
+    ws = tmp_path / "train"
+    _ok([*TINY, "--conv", "pedconv", "--epochs", "1", "--no-autotune", "--workspace", str(ws)], capsys)
+    tuned = []
+    monkeypatch.setattr(autotune, "prepare_model", lambda *a, **k: tuned.append(1))
+    monkeypatch.setenv("PEDCONV_AUTOTUNE", "1")
+    args = [a if a != "3" else "5" for a in TINY]  # --num-classes 5 against the checkpoint's 3
+    code, err = _run([*args, "--evaluate", "--pretrained-weights", str(ws / "checkpoint.pth.tar"),
+                      "--workspace", str(tmp_path / "eval")], capsys)
+    assert code == 2 and "the checkpoint classifies 3 classes: give --num-classes 3" in _error_line(err)
+    assert tuned == [] and "tuning PEDConv paths" not in err
