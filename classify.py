@@ -7,8 +7,15 @@ Same as ``python -m image_classification.tools.classify``; see image_classificat
 """
 
 
-from image_classification.argparsing import run_program
-from image_classification.tools.classify import main
+import sys
+
+try:
+    from image_classification.argparsing import run_program
+    from image_classification.tools.classify import main
+except ImportError as exc:  # the package's own check of the torch it runs on: one line, not a traceback
+    if not str(exc).startswith("image_classification "):
+        raise
+    sys.exit(f"classify.py: error: {exc}")
 
 if __name__ == "__main__":
     run_program(main)

@@ -36,7 +36,7 @@ MIN_TORCHVISION: Tuple[int, int] = (0, 21)
 def torch_version_tuple(version: Optional[str] = None) -> Tuple[int, int]:
     """``(major, minor)`` of a torch version string (the installed torch's by default): ``"2.6.0+cu124"`` -> (2, 6);
     NVIDIA's container builds (``"2.6.0a0+ecf3bae40a.nv25.01"``) count as their release."""
-    match = re.match(r"(\d+)\.(\d+)", version if version is not None else torch.__version__)
+    match = re.search(r"(\d+)\.(\d+)", version if version is not None else torch.__version__)
     if match is None:
         raise ValueError(f"cannot read a torch version from {version!r}")
     return int(match.group(1)), int(match.group(2))
@@ -46,8 +46,13 @@ def check_torch_version(version: Optional[str] = None) -> None:
     """Raise ImportError, in one line naming the installed and the required version, on a torch older than
     :data:`MIN_TORCH` (the package's ``__init__`` calls it, so the failure comes before any other)."""
     installed = version if version is not None else torch.__version__
-    if torch_version_tuple(installed) < MIN_TORCH:
-        need = ".".join(map(str, MIN_TORCH))
+    need = ".".join(map(str, MIN_TORCH))
+    try:
+        found = torch_version_tuple(installed)
+    except ValueError:
+        raise ImportError(f"image_classification cannot read the installed torch's version ({installed!r}); it needs "
+                          f"torch >= {need}: reinstall torch (pip install 'torch>={need}')") from None
+    if found < MIN_TORCH:
         raise ImportError(f"image_classification needs torch >= {need}, but torch {installed} is installed; "
                           f"upgrade it (pip install 'torch>={need}') or use an NGC pytorch:24.12-py3 or newer image")
 

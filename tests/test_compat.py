@@ -61,6 +61,25 @@ def test_version_check_names_installed_and_required(version: str, ok: bool) -> N
     assert "pip install 'torch>=2.6'" in message
 
 
+@pytest.mark.parametrize("version", ["", "2", "dev"])
+def test_an_unreadable_version_is_one_line(version: str) -> None:
+    with pytest.raises(ImportError, match=rf"cannot read the installed torch's version \({version!r}\); it needs "
+                                          r"torch >= 2\.6"):
+        compat.check_torch_version(version)
+    assert compat.torch_version_tuple("v2.6.0") == (2, 6)  # a prefix is no reason to refuse
+
+
+@pytest.mark.parametrize("program", ["main.py", "classify.py"])
+def test_the_programs_say_an_old_torch_in_one_line(program: str) -> None:
+    """main.py printed 13 lines of traceback before the one-line message."""
+    code = (f"import sys, runpy, torch; torch.__version__ = '2.4.1'; sys.argv = ['{program}', '--help']\n"
+            f"runpy.run_path('{program}', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"{program}: error: image_classification needs torch >= 2.6, but torch 2.4.1 is installed; upgrade it "
+        "(pip install 'torch>=2.6') or use an NGC pytorch:24.12-py3 or newer image"], out.stderr
+
+
 def test_an_old_torch_fails_at_import_in_one_line(tmp_path: Path) -> None:
     """The package's __init__ checks first: on a torch older than the range, `import image_classification` is one
     ImportError naming both versions (simulated by a torch.__version__ patched before the import)."""
