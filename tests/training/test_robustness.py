@@ -356,6 +356,24 @@ def test_two_sigterms_during_an_epoch_still_save(tmp_path: Path, capsys: pytest.
     assert (ws / "checkpoint.pth.tar").is_file() and load_checkpoint(ws / "checkpoint.pth.tar")["epoch"] >= 0
 
 
+def test_sigusr1_to_main_py_saves_like_sigterm(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM's --signal=USR1@300 without B: signals the tasks themselves: main.py was killed (138), no checkpoint."""
+    import signal
+
+    real = lifecycle.train_one_epoch
+
+    def train(*args, **kwargs):  # noqa: ANN002, ANN003
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "train_one_epoch", train)
+    ws = tmp_path / "ws"
+    code, err = _run([*TINY, "--epochs", "3", "--workspace", str(ws)], capsys)
+    assert code == 128 + signal.SIGUSR1 and "SIGUSR1 received" in err, err
+    assert load_checkpoint(ws / "checkpoint.pth.tar")["epoch"] == 0
+
+
 def test_signals_during_a_checkpoint_write_wait_for_it(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Two SIGTERMs while main.py writes its epoch checkpoint: the write completes (no temporary left), the run

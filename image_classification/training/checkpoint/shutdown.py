@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +26,13 @@ class Interrupted(BaseException):
         self.signum = int(signum)
 
 
+#: the signals that ask for a save: SIGTERM and SIGINT, and SIGUSR1 where it exists, which SLURM sends to the tasks
+#: themselves under ``--signal=USR1@N`` (without ``B:``; it killed main.py with 138 and no checkpoint). Only
+#: scripts/slurm/train.sbatch's ``B:`` form also requeues the job.
+DEFAULT_SIGNALS: Tuple[int, ...] = (signal.SIGTERM, signal.SIGINT,
+                                     *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
+
+
 class GracefulShutdown:
     """Context manager turning SIGTERM/SIGINT into a flag the training loop polls.
 
@@ -41,7 +48,7 @@ class GracefulShutdown:
     process in the lines it prints.
     """
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), program: str = "main.py") -> None:
+    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS, program: str = "main.py") -> None:
         self.signals = tuple(signals)
         self.program = program
         self._saving = 0
