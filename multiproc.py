@@ -9,6 +9,7 @@ without ``--master_addr`` it runs torchrun ``--standalone`` (a free local port, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, List, Optional, Sequence
 
@@ -78,6 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         translated = torchrun_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if not args.training_script.startswith("-") and not os.path.isfile(args.training_script):
+        # checked here: every worker would fail on its own and torchrun add its multi-line failure report
+        parser.error(f"training script {args.training_script} not found (from {os.getcwd()}); give its path, e.g. "
+                     "main.py in this repository's root")
     import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -59,7 +59,10 @@ def test_multiproc_multi_node() -> None:
 
 @pytest.mark.parametrize("argv, needle", [(["--nnodes", "2", "main.py"], "--master_addr is required"),
                                           (["--nnodes", "2", "--node_rank", "2", "--master_addr", "h", "main.py"],
-                                           "--node_rank 2")])
+                                           "--node_rank 2"),
+                                          # each worker failed, then torchrun's multi-line failure report
+                                          (["--nproc_per_node", "2", "missing_script.py"],
+                                           "training script missing_script.py not found")])
 def test_multiproc_bad_arguments(capsys: pytest.CaptureFixture, argv: list, needle: str) -> None:
     mp = _multiproc()
     with pytest.raises(SystemExit) as info:
