@@ -430,8 +430,9 @@ def check_resume_position(checkpoint: Dict[str, Any], state: RunState, args: arg
     if not state.step_in_epoch:
         return
     saved = recorded_args(checkpoint)
-    changed = [f"--{key.replace('_', '-')} {saved[key]} -> {getattr(args, key)}" for key in MID_EPOCH_FLAGS
-               if key in saved and saved[key] != getattr(args, key)]
+    now = {**vars(args), "dataset": args.dataset or saved.get("dataset")}
+    changed = [f"--{key.replace('_', '-')} {_effective(key, saved)} -> {_effective(key, now)}"
+               for key in MID_EPOCH_FLAGS if key in saved and _effective(key, saved) != _effective(key, now)]
     if changed:
         raise CheckpointError(
             f"--resume: the checkpoint stopped part-way through epoch {state.epoch} (iteration {state.step_in_epoch}), "
@@ -452,6 +453,18 @@ def check_resume_position(checkpoint: Dict[str, Any], state: RunState, args: arg
             f"-b {old_batch} on {old_world} process(es) ({done} images); this run has -b {args.batch_size} on "
             f"{env.world_size}, which would continue at another image: resume with -b {old_batch} on {old_world} "
             "process(es) to finish the epoch (the batch size may change at the next resume, at an epoch boundary)")
+
+
+def _effective(key: str, values: Dict[str, Any]) -> Any:
+    """A recorded or given flag as the run uses it: ``--image-size`` left unset is the dataset's own size (an unset
+    size and an explicit 28 on Fashion-MNIST are the same run; 'None -> 32' told nothing)."""
+    value = values.get(key)
+    if key == "image_size" and value is None:
+        from image_classification.data import DATASETS
+
+        dataset = values.get("dataset")
+        return DATASETS[dataset].image_size if dataset in DATASETS else None
+    return value
 
 
 # flags that decide which images the rest of an interrupted epoch reads, and how: a mid-epoch resume refuses a change

@@ -146,7 +146,8 @@ class TrainingRun:
                 where = (f"epoch {state.epoch}, iteration {state.step_in_epoch}" if state.step_in_epoch
                          else f"the start of epoch {state.epoch}")
                 print(f"main.py: resuming from {resume_path} at {where}", file=sys.stderr, flush=True)
-            changes = build.changed_flags(resume.get("args"), args)
+            # an evaluation follows no schedule: '--epochs 1 -> 90' would tell it nothing
+            changes = build.changed_flags(resume.get("args"), args) if not args.evaluate else []
             if changes and env.is_main:
                 print(f"main.py: note: resuming {resume_path} with {', '.join(changes)}: the learning-rate schedule "
                       "and the optimizer follow the command line", file=sys.stderr, flush=True)

@@ -449,3 +449,13 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_path_tuning(tmp_path: 
                       "--workspace", str(tmp_path / "eval")], capsys)
     assert code == 2 and "the checkpoint classifies 3 classes: give --num-classes 3" in _error_line(err)
     assert tuned == [] and "tuning PEDConv paths" not in err
+
+
+def test_evaluate_resume_auto_prints_no_schedule_note(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--evaluate --resume auto` printed 'note: resuming ... with --epochs 1 -> 90: the learning-rate schedule and the
+    optimizer follow the command line', which says nothing about an evaluation."""
+    ws = tmp_path / "ws"
+    _ok([*TINY, "--epochs", "1", "--no-autotune", "--workspace", str(ws)], capsys)
+    err = _ok([*TINY, "--epochs", "90", "--evaluate", "--resume", "auto", "--no-autotune", "--workspace", str(ws)],
+              capsys)
+    assert "learning-rate schedule" not in err and "--epochs 1 -> 90" not in err
