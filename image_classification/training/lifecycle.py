@@ -225,8 +225,12 @@ class TrainingRun:
         comp, cfg = self.comp, self.cfg
         # the unwrapped model: shards differ in batch count, so no per-batch collective (DDP's buffer broadcast)
         metrics: Dict[str, float] = {}
-        for name, module in comp.evaluated_models():
-            metrics.update(validate(module, cfg, self.loaders.val, comp.criterion, name, epoch))
+        note = ("{signal} received during validation: it runs to its end first (its figures cover the whole set), "
+                "then the run stops" + (" with a checkpoint" if not self.args.evaluate else ""))
+        with self.shutdown.announcing(note) if self.shutdown is not None and self.env.is_main \
+                else contextlib.nullcontext():
+            for name, module in comp.evaluated_models():
+                metrics.update(validate(module, cfg, self.loaders.val, comp.criterion, name, epoch))
         return metrics
 
     def evaluate(self) -> int:

@@ -459,3 +459,23 @@ def test_evaluate_resume_auto_prints_no_schedule_note(tmp_path: Path, capsys: py
     err = _ok([*TINY, "--epochs", "90", "--evaluate", "--resume", "auto", "--no-autotune", "--workspace", str(ws)],
               capsys)
     assert "learning-rate schedule" not in err and "--epochs 1 -> 90" not in err
+
+
+def test_a_signal_during_validation_says_it_waits_for_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM during validation: validation ran to its end with nothing saying why the run went on."""
+    import signal
+
+    real = lifecycle.validate
+
+    def validate(*args, **kwargs):  # noqa: ANN002, ANN003
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "validate", validate)
+    ws = tmp_path / "ws"
+    code, err = _run([*TINY, "--epochs", "3", "--no-autotune", "--workspace", str(ws)], capsys)
+    assert code == 128 + signal.SIGTERM
+    assert ("main.py: SIGTERM received during validation: it runs to its end first (its figures cover the whole "
+            "set), then the run stops with a checkpoint") in err
+    assert load_checkpoint(ws / "checkpoint.pth.tar")["epoch"] == 1

@@ -58,6 +58,7 @@ class GracefulShutdown:
         self.active = False
         self._previous: Dict[int, Any] = {}
         self._exit_message: Optional[str] = None
+        self._first_note: Optional[str] = None
 
     @property
     def signal_name(self) -> Optional[str]:
@@ -97,6 +98,16 @@ class GracefulShutdown:
             self._exit_message = None
 
     @contextlib.contextmanager
+    def announcing(self, note: str) -> Iterator[None]:
+        """A stretch that a stop request cannot cut short (validation, which is exact over the whole set): a first
+        signal inside it prints ``note`` at once (``{signal}`` replaced by its name), so the wait is not silent."""
+        previous, self._first_note = self._first_note, note
+        try:
+            yield
+        finally:
+            self._first_note = previous
+
+    @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
         """A checkpoint write: signals inside it are noted (one line each) and acted on once it is complete."""
         self._saving += 1
@@ -123,6 +134,8 @@ class GracefulShutdown:
             raise Interrupted(signum)
         if not self.requested:
             self.request(signum)
+            if self._first_note:
+                self._say(self._first_note.replace("{signal}", self.signal_name or str(signum)))
             return
         try:
             name = signal.Signals(signum).name
