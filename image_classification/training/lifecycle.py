@@ -186,6 +186,12 @@ class TrainingRun:
                 for name in existing_run_files(workspace, args.checkpoint_filename):
                     (workspace / name).unlink()
             path = _raport_path(args)
+            if os.path.isfile(path) and not self.resumed and not args.overwrite and os.path.getsize(path) > 0:
+                # a run that continues no checkpoint of its own adds its records after another run's
+                what = "evaluation" if args.evaluate else "run"
+                print(f"main.py: note: {path} already holds records (an earlier run, stopped before its first "
+                      f"checkpoint, or an evaluation); this {what} is appended after them (--overwrite replaces the "
+                      "file, --raport-file NAME writes another)", file=sys.stderr, flush=True)
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 # never replaced without --overwrite: a resumed run, a restart of a run stopped before its first

@@ -479,3 +479,13 @@ def test_a_signal_during_validation_says_it_waits_for_it(tmp_path: Path, capsys:
     assert ("main.py: SIGTERM received during validation: it runs to its end first (its figures cover the whole "
             "set), then the run stops with a checkpoint") in err
     assert load_checkpoint(ws / "checkpoint.pth.tar")["epoch"] == 1
+
+
+def test_appending_to_another_runs_raport_is_said(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--resume auto` on a workspace with a raport but no checkpoint appended a second run to it with no note."""
+    ws = tmp_path / "ws"
+    _ok([*TINY, "--epochs", "1", "--no-autotune", "--no-checkpoints", "--workspace", str(ws)], capsys)
+    err = _ok([*TINY, "--epochs", "1", "--no-autotune", "--resume", "auto", "--workspace", str(ws)], capsys)
+    assert f"main.py: note: {ws / 'raport.json'} already holds records" in err and "is appended after them" in err
+    runs = [r for r in read_raport(ws / "raport.json") if r.get("step") == "PARAMETER"]
+    assert len(runs) == 2  # both runs' records are kept
