@@ -24,6 +24,7 @@ fi
 # Test modules stay whole on one worker (--dist loadscope): module-scoped fixtures are built once.
 cores=$(nproc 2>/dev/null || echo 1)
 workers=${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+echo "[tests] pytest with $workers worker(s): the first dot comes after about a minute on 2 cores (each worker imports torch and collects every test module); the whole suite takes 4-5 min on 2 quiet cores, up to 18 min on a loaded machine"
 if [ ${#setup_args[@]} -eq 0 ]; then
   exec "$VENV/bin/python" -m pytest -q -n "$workers" --dist loadscope "$@"
 fi
