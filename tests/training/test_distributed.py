@@ -113,7 +113,7 @@ def test_multiproc_with_its_port_in_use_is_one_line(capsys: pytest.CaptureFixtur
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit) as info:
-            mp.main(["--nproc_per_node", "1", "--master_port", str(port), "never_started.py"])
+            mp.main(["--nproc_per_node", "1", "--master_port", str(port), "main.py"])  # a script that exists
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == (f"multiproc.py: error: port {port} on 127.0.0.1 is in use (another job on this "
