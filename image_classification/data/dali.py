@@ -4,8 +4,9 @@ The file list and labels are the ones the ``pytorch`` backend uses (same class o
 same empty-class check), handed to ``fn.readers.file(files=..., labels=...)``, which shards them by rank
 (``shard_id=rank, num_shards=world_size``; contiguous shards as DALI defines them).
 
-* train: ``readers.file(random_shuffle=True)`` -> ``decoders.image`` (``cpu`` for dali-cpu, ``mixed`` =
-  nvJPEG for dali-gpu) -> ``random_resized_crop`` -> (``--augmentation``: DALI's own AutoAugment ImageNet
+* train: ``readers.file(random_shuffle=True)`` -> ``decoders.image_random_crop`` (``cpu`` for dali-cpu, ``mixed`` =
+  nvJPEG for dali-gpu; the random-resized-crop window, area 0.08-1, aspect 3/4-4/3, decoded alone) -> ``resize``
+  to the crop size -> (``--augmentation``: DALI's own AutoAugment ImageNet
   policy / RandAugment / TrivialAugment Wide from ``nvidia.dali.auto_aug``) -> ``crop_mirror_normalize`` with
   a ``random.coin_flip`` mirror. Resizes use ``--interpolation`` (``INTERP_LINEAR``/``CUBIC``/``NN``).
   Every rank yields the same number of batches (DALI counts from the largest shard): the incomplete
@@ -156,20 +157,18 @@ def _create_pipeline(
         # nvJPEG buffer sizes as in DeepLearningExamples: avoids reallocations during the first ImageNet epoch
         padding: Dict[str, Any] = ({"device_memory_padding": 211025920, "host_memory_padding": 140544512}
                                    if decoder_device == "mixed" else {})
-        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **padding)
         if train and augment:
-            images = fn.random_resized_crop(
-                images,
-                size=[size, size],
-                random_area=[0.08, 1.0],
-                random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0],
-                interp_type=interp_type,
-                antialias=True,
-            )
+            # the random-resized-crop window decoded alone (a region-of-interest decode on libjpeg-turbo and nvJPEG
+            # reads less of each JPEG), then resized: DeepLearningExamples' pipeline, the same area/aspect ranges
+            images = fn.decoders.image_random_crop(
+                jpegs, device=decoder_device, output_type=types.RGB, random_area=[0.08, 1.0],
+                random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], num_attempts=100, **padding)
+            images = fn.resize(images, size=[size, size], interp_type=interp_type, antialias=True)
             if policy is not None:
                 images = policy(images, shape=[size, size])
             mirror = fn.random.coin_flip(probability=0.5)
         else:
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **padding)
             images = fn.resize(
                 images, resize_shorter=val_resize, interp_type=interp_type, antialias=True
             )

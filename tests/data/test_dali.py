@@ -140,3 +140,40 @@ def test_dali_calibration_batches_leave_the_training_stream_alone(image_folder: 
     calibration = list(zip(range(2), loaders.calibration_batches()))
     assert len(calibration) == 2 and calibration[0][1][0].shape == (2, 3, 32, 32)
     assert sum(1 for _ in loaders.train) == len(loaders.train)  # a full epoch: nothing was drawn from it
+
+
+def test_dali_train_crop_draws_random_resized_crop_windows(tmp_path: Path) -> None:
+    """The training pipeline decodes only the crop window (decoders.image_random_crop, as DeepLearningExamples') and
+    resizes it: the windows must cover 8-100 % of the image with a width/height ratio in [3/4, 4/3], as
+    random_resized_crop's did. The image encodes its coordinates (red = column, green = row), so each output's corners
+    give its window."""
+    import numpy as np
+    from PIL import Image
+
+    height, width = 120, 160
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xs * 255 / (width - 1), ys * 255 / (height - 1), np.zeros_like(xs)], -1).round().astype(np.uint8)
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        (tmp_path / "val" / label).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(pixels).save(tmp_path / "train" / label / f"{i}.png")
+        Image.fromarray(pixels).save(tmp_path / "val" / label / "0.png")
+    loaders = build_loaders(cfg(tmp_path, batch_size=8, image_size=32, interpolation="nearest"))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    areas, aspects = [], []
+    for epoch in range(4):
+        loaders.set_epoch(epoch)
+        for images, _ in loaders.train:
+            raw = images * std + mean  # back to 0..255
+            red, green = raw[:, 0], raw[:, 1]
+            # nearest-neighbour corners: first/last column and row of the window (a mirror swaps the columns)
+            cols = (red[:, :, -1] - red[:, :, 0]).abs().mean(1) / 255 * (width - 1) + 1
+            rows = (green[:, -1, :] - green[:, 0, :]).mean(1) / 255 * (height - 1) + 1
+            areas += (cols * rows / (width * height)).tolist()
+            aspects += (cols / rows).tolist()
+    assert len(areas) == 64
+    assert min(areas) > 0.08 * 0.8 and max(areas) <= 1.0 + 1e-6, (min(areas), max(areas))
+    assert min(aspects) > 0.75 * 0.85 and max(aspects) < (4 / 3) * 1.15, (min(aspects), max(aspects))
+    assert max(areas) - min(areas) > 0.3  # random windows, not one fixed crop
