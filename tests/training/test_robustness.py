@@ -35,6 +35,17 @@ def _run(argv: List[str], capsys: pytest.CaptureFixture) -> Tuple[int, str]:
     return code, err
 
 
+def _signal_before(monkeypatch: pytest.MonkeyPatch, step: str, signum: int) -> None:
+    """``lifecycle.<step>`` sends ``signum`` to this process, then runs as usual."""
+    real = getattr(lifecycle, step)
+
+    def signalled(*args, **kwargs):  # noqa: ANN002, ANN003
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, step, signalled)
+
+
 def _error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("main.py: error: ")]
     assert len(lines) == 1, err
@@ -361,13 +372,7 @@ def test_sigusr1_to_main_py_saves_like_sigterm(tmp_path: Path, capsys: pytest.Ca
     """SLURM's --signal=USR1@300 without B: signals the tasks themselves: main.py was killed (138), no checkpoint."""
     import signal
 
-    real = lifecycle.train_one_epoch
-
-    def train(*args, **kwargs):  # noqa: ANN002, ANN003
-        os.kill(os.getpid(), signal.SIGUSR1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lifecycle, "train_one_epoch", train)
+    _signal_before(monkeypatch, "train_one_epoch", signal.SIGUSR1)
     ws = tmp_path / "ws"
     code, err = _run([*TINY, "--epochs", "3", "--workspace", str(ws)], capsys)
     assert code == 128 + signal.SIGUSR1 and "SIGUSR1 received" in err, err
@@ -466,13 +471,7 @@ def test_a_signal_during_validation_says_it_waits_for_it(tmp_path: Path, capsys:
     """SIGTERM during validation: validation ran to its end with nothing saying why the run went on."""
     import signal
 
-    real = lifecycle.validate
-
-    def validate(*args, **kwargs):  # noqa: ANN002, ANN003
-        os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lifecycle, "validate", validate)
+    _signal_before(monkeypatch, "validate", signal.SIGTERM)
     ws = tmp_path / "ws"
     code, err = _run([*TINY, "--epochs", "3", "--no-autotune", "--workspace", str(ws)], capsys)
     assert code == 128 + signal.SIGTERM
