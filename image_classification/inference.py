@@ -228,16 +228,17 @@ def preprocess_images(paths: Sequence[str], dataset: str, image_size: int, in_ch
     """
     from torchvision.transforms import v2 as T
 
-    from .data.imagefolder import imagenet_transforms
+    from .data.imagefolder import imagenet_normalizer, imagenet_transforms
 
     info = DATASETS[dataset]
     grey = info.in_chans == 1
     tensors = []
     if dataset == "imagenet":
-        _, val_transform = imagenet_transforms(DataConfig(dataset="imagenet", image_size=image_size, augment=False))
+        cfg = DataConfig(dataset="imagenet", image_size=image_size, augment=False)
+        _, val_transform = imagenet_transforms(cfg)
         for path in paths:
-            tensors.append(val_transform(_open_image(path, "RGB")))
-        batch = torch.stack(tensors)
+            tensors.append(val_transform(T.functional.pil_to_tensor(_open_image(path, "RGB"))))
+        batch = imagenet_normalizer(cfg)(torch.stack(tensors))
         if in_chans != batch.shape[1]:
             raise ValueError(f"the model expects {in_chans} input channels; ImageNet preprocessing gives 3")
         return batch

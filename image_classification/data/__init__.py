@@ -5,9 +5,11 @@ Backends (``DataConfig.backend``, the ``--data-backend`` flag)
 ``pytorch``
     ImageNet layout ``DATA/train/<class>/*.jpg`` and ``DATA/val/<class>/*.jpg`` read with torchvision's
     ImageFolder; train: RandomResizedCrop + horizontal flip, val: resize to ``round(size * 256 / 224)`` +
-    center crop; ImageNet mean/std normalisation; ``workers`` loader processes, pinned memory when
-    ``device`` is CUDA. For ``dataset`` ``fashion-mnist`` / ``cifar10`` this backend uses the in-memory
-    readers of :mod:`.small` (whole dataset as one uint8 tensor, batched tensor augmentation).
+    center crop; ``workers`` loader processes (kept across epochs) decode (``decode_jpeg`` for JPEGs) and
+    transform in uint8 and collate uint8 batches (pinned when ``device`` is CUDA); the float conversion and the
+    ImageNet mean/std normalisation run on ``device`` (:mod:`.prefetch`; on CUDA the next batch is copied on a
+    side stream while the current one trains). For ``dataset`` ``fashion-mnist`` / ``cifar10`` this backend uses
+    the in-memory readers of :mod:`.small` (whole dataset as one uint8 tensor, batched tensor augmentation).
 ``dali-cpu`` / ``dali-gpu``
     NVIDIA DALI pipelines on the same ImageFolder layout (same file list and labels as ``pytorch``),
     decoded on the CPU or with the ``mixed`` (nvJPEG) decoder. ImageNet layout only.
@@ -22,10 +24,8 @@ What the trainer gets
   yield ``(images, targets)``:
 
   - ``images``: ``torch.float32``, shape ``(N, in_chans, image_size, image_size)``, normalised with the
-    dataset's mean/std. On CPU (pinned when ``device`` is CUDA) for ``pytorch``/``dali-cpu``; on
-    ``device`` for ``synthetic``, the in-memory small datasets and ``dali-gpu``. The trainer must always
-    do ``images.to(device, non_blocking=True)`` (a no-op when already there) and may convert the memory
-    format itself; ``synthetic`` and DALI already honour ``cfg.memory_format``.
+    dataset's mean/std, on ``device`` and in ``cfg.memory_format`` for every built-in backend. The trainer
+    still does ``images.to(device, non_blocking=True)`` (a no-op when already there) for registered backends.
   - ``targets``: ``torch.int64``, shape ``(N,)``, values in ``[0, loaders.num_classes)``, same device as
     ``images``.
   - ``N <= batch_size`` (train) / ``val_batch_size`` (val); only the last batch of an epoch may be smaller.

@@ -17,6 +17,7 @@ from image_classification.data import (
     resolve_memory_format,
     shard_indices,
     subset_indices,
+    unregister_backend,
 )
 
 
@@ -93,6 +94,10 @@ def test_register_backend() -> None:
         calls.append(cfg.batch_size)
         return Loaders([], [], num_classes=2, in_chans=3, image_size=8, train_samples=0, val_samples=0)
 
-    loaders = build_loaders(DataConfig(backend="test-fake", batch_size=5))
-    assert calls == [5] and loaders.num_classes == 2
-    assert "test-fake" in list_backends()
+    try:
+        loaders = build_loaders(DataConfig(backend="test-fake", batch_size=5))
+        assert calls == [5] and loaders.num_classes == 2
+        assert "test-fake" in list_backends()
+    finally:  # other tests on this worker list the backends (the loader benchmark times each one)
+        unregister_backend("test-fake")
+    assert "test-fake" not in list_backends()

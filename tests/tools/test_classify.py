@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 from script_runner import run_script
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from image_classification.data import DataConfig, DataError
-from image_classification.data.imagefolder import imagenet_transforms
+from image_classification.data.imagefolder import imagenet_normalizer, imagenet_transforms
 from image_classification.data.small import FASHION_MNIST_CLASSES, InMemoryLoader
 from image_classification.inference import load_inference_model, preprocess_images
 from image_classification.models import build_model
@@ -79,8 +80,10 @@ def test_predictions_equal_the_model_on_validation_inputs(tmp_path: Path) -> Non
 def test_imagenet_preprocessing_is_the_validation_transform(tmp_path: Path) -> None:
     path = _png(tmp_path / "photo.png", (300, 260, 3))
     batch = preprocess_images([str(path)], "imagenet", 64, 3)
-    _, val = imagenet_transforms(DataConfig(dataset="imagenet", image_size=64, augment=False))
-    torch.testing.assert_close(batch[0], val(Image.open(path).convert("RGB")))
+    cfg = DataConfig(dataset="imagenet", image_size=64, augment=False)
+    _, val = imagenet_transforms(cfg)
+    expected = imagenet_normalizer(cfg)(val(pil_to_tensor(Image.open(path).convert("RGB")))[None])
+    torch.testing.assert_close(batch, expected)
     assert batch.shape == (1, 3, 64, 64)
 
 
