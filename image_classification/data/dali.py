@@ -17,8 +17,10 @@ same empty-class check), handed to ``fn.readers.file(files=..., labels=...)``, w
   padding, so each sample is counted exactly once over all ranks.
 
 Outputs match the ``pytorch`` backend: float32 NCHW (channels_last strides for ``memory_format="nhwc"``)
-normalised with the ImageNet mean/std, int64 labels of shape ``(N,)``. dali-cpu runs with ``device_id=None``
-(no GPU needed); dali-gpu needs CUDA and raises :class:`DataError` otherwise.
+normalised with the ImageNet mean/std, int64 labels of shape ``(N,)``. dali-gpu normalises in DALI's
+``crop_mirror_normalize`` on the GPU; dali-cpu crops and flips there in uint8 and the conversion to float happens on
+the training device (:mod:`.prefetch`, next batch copied on a side stream on CUDA). dali-cpu runs with
+``device_id=None`` (no GPU needed); dali-gpu needs CUDA and raises :class:`DataError` otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 
 from .config import DataConfig, DataError, Loaders
 from .imagefolder import check_same_classes, resolve_num_classes, scan_split
+from .prefetch import PixelNormalizer, device_batches
 from .sharding import effective_drop_last, subset_indices
 
 _LOG = logging.getLogger(__name__)
@@ -173,17 +176,13 @@ def _create_pipeline(
                 images, resize_shorter=val_resize, interp_type=interp_type, antialias=True
             )
             mirror = 0
-        images = fn.crop_mirror_normalize(
-            images,
-            dtype=types.FLOAT,
-            output_layout=layout,
-            crop=(size, size),
-            crop_pos_x=0.5,
-            crop_pos_y=0.5,
-            mean=[255.0 * m for m in mean],
-            std=[255.0 * s for s in std],
-            mirror=mirror,
-        )
+        if decoder_device == "mixed":  # on the GPU: crop, flip, float conversion and normalisation in one kernel
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, crop=(size, size),
+                                              crop_pos_x=0.5, crop_pos_y=0.5, mean=[255.0 * m for m in mean],
+                                              std=[255.0 * s for s in std], mirror=mirror)
+        else:  # on the CPU: uint8 out (a quarter of the bytes), normalised on the training device (PixelNormalizer)
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, crop=(size, size),
+                                              crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror)
         if decoder_device == "mixed":
             targets = targets.gpu()
         return images, targets
@@ -235,12 +234,15 @@ class DaliLoader:
     skipped.
     """
 
-    def __init__(self, pipeline: Any, files: List[str], policy: Any, length: int, nhwc: bool) -> None:
+    def __init__(self, pipeline: Any, files: List[str], policy: Any, length: int, nhwc: bool,
+                 normalize: Optional[PixelNormalizer] = None, device: Optional[torch.device] = None) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.files = files
         self.length = int(length)
         self.nhwc = nhwc
+        self.normalize = normalize
+        self.device = device or torch.device("cpu")
         try:
             with quiet_dali_deprecations():
                 pipeline.build()
@@ -257,6 +259,12 @@ class DaliLoader:
         return self.length
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.normalize is None:
+            return self.batches()
+        return device_batches(self.batches(), self.device, self.normalize)
+
+    def batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The pipeline's batches as DALI hands them out (uint8 on the CPU for dali-cpu)."""
         while True:
             try:
                 batch = next(self.iterator)
@@ -316,6 +324,9 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
     else:
         device_id = None
     nhwc = cfg.torch_memory_format == torch.channels_last
+    # dali-cpu hands out uint8 batches, converted and normalised on the training device
+    normalize = None if gpu else PixelNormalizer(cfg.info.mean, cfg.info.std, cfg.torch_device, cfg.torch_memory_format)
+    on_device: Dict[str, Any] = dict(nhwc=nhwc, normalize=normalize, device=cfg.torch_device)
     common: Dict[str, Any] = dict(  # the arguments every pipeline shares
         num_threads=max(1, cfg.workers),
         device_id=device_id,
@@ -346,7 +357,7 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         seed=cfg.seed + 1000 * rank,
         **common,
     )
-    train = DaliLoader(train_pipe, train_files, train_policy, train_len, nhwc)
+    train = DaliLoader(train_pipe, train_files, train_policy, train_len, **on_device)
     calibration: List[DaliLoader] = []
 
     def calibration_loader() -> DaliLoader:
@@ -355,7 +366,7 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         if not calibration:
             pipe = _create_pipeline(train_files, train_labels, train=True, augment=cfg.augment, batch_size=train_bs,
                                     augmentation=cfg.augmentation, seed=cfg.seed + 1000 * rank + 2, **common)
-            calibration.append(DaliLoader(pipe, train_files, train_policy, train_len, nhwc))
+            calibration.append(DaliLoader(pipe, train_files, train_policy, train_len, **on_device))
         return calibration[0]
 
     val_len = -(-_dali_shard_size(len(val_files), rank, world) // val_bs)
@@ -368,7 +379,7 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
         seed=cfg.seed + 1000 * rank + 1,
         **common,
     )
-    val = DaliLoader(val_pipe, val_files, LastBatchPolicy.PARTIAL, val_len, nhwc)
+    val = DaliLoader(val_pipe, val_files, LastBatchPolicy.PARTIAL, val_len, **on_device)
     return Loaders(
         train,
         val,

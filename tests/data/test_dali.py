@@ -52,6 +52,32 @@ def test_dali_val_close_to_pytorch_backend(image_folder: Path) -> None:
     assert float((dali_images - torch_images).abs().mean()) < 0.1
 
 
+def test_dali_cpu_val_batch_equals_dalis_own_normalisation(image_folder: Path) -> None:
+    """dali-cpu hands out uint8 and normalises on the training device: the batch the loop sees equals the one
+    DALI's float ``crop_mirror_normalize`` gave before (float rounding), and its values are uint8 levels."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    images, _ = collect(build_loaders(cfg(image_folder, val_batch_size=6)).val)
+    files = sorted(str(p.resolve()) for p in (image_folder / "val").glob("*/*.jpg"))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+    @pipeline_def(batch_size=6, num_threads=1, device_id=None, seed=0)
+    def float_pipeline():  # noqa: ANN202
+        jpegs, labels = fn.readers.file(files=files, labels=[0] * len(files), name="Reader")
+        decoded = fn.resize(fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), resize_shorter=37,
+                            interp_type=types.INTERP_LINEAR, antialias=True)
+        return fn.crop_mirror_normalize(decoded, dtype=types.FLOAT, output_layout="CHW", crop=(32, 32),
+                                        mean=[255 * m for m in mean], std=[255 * s for s in std]), labels
+
+    pipe = float_pipeline()
+    pipe.build()
+    expected = next(iter(DALIGenericIterator([pipe], ["data", "label"], reader_name="Reader")))[0]["data"]
+    torch.testing.assert_close(images, expected, rtol=1e-6, atol=1e-5)
+    pixels = images * torch.tensor(std).view(1, 3, 1, 1) * 255 + torch.tensor(mean).view(1, 3, 1, 1) * 255
+    torch.testing.assert_close(pixels, pixels.round(), rtol=0, atol=1e-3)
+
+
 def test_dali_nhwc(image_folder: Path) -> None:
     loaders = build_loaders(cfg(image_folder, memory_format="nhwc"))
     images, _ = next(iter(loaders.val))
