@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,7 +22,8 @@ from image_classification.data import DataConfig, build_loaders, list_backends
 from image_classification.data.imagefolder import scan_split
 from image_classification.progress import progress
 
-__all__ = ["LoaderTiming", "bare_decode_limit", "cores_per_gpu", "format_table", "stage_times", "time_backend"]
+__all__ = ["LoaderTiming", "bare_decode_limit", "cores_per_gpu", "format_feed_table", "format_table", "stage_times",
+           "time_backend", "time_training_feed", "write_sample_jpegs"]
 
 
 @dataclass
@@ -42,19 +43,25 @@ class LoaderTiming:
 def time_backend(root: str, backend: str, workers: int, images: int, batch_size: int, image_size: int,
                  epochs: int = 2, seed: int = 0) -> LoaderTiming:
     """``backend``'s training loader over ``images`` images of ``root`` (drawn with ``seed``): a warm-up epoch (worker
-    start-up, DALI's pipeline build), then ``epochs`` timed epochs; the median epoch's images per second."""
+    start-up, DALI's pipeline build), then ``epochs`` timed epochs; the median epoch's images per second in the
+    steady state: each epoch is timed from its first batch to its last, leaving out the first batch, which carries
+    the pipeline's fill (a few batches of an epoch of hundreds here; one of thousands on ImageNet)."""
     cfg = DataConfig(backend=backend, root=root, batch_size=batch_size, workers=workers, image_size=image_size,
                      train_subset=images, val_subset=batch_size, seed=seed)
     loaders = build_loaders(cfg)
     rates = []
     for epoch in range(epochs + 1):
         loaders.set_epoch(epoch)
-        count = 0
-        started = time.perf_counter()
+        count, started = -1, 0.0
         for batch in loaders.train:
-            count += int(batch[0].shape[0])
-        if epoch > 0:  # epoch 0 warms up
+            if count < 0:
+                count, started = 0, time.perf_counter()
+            else:
+                count += int(batch[0].shape[0])
+        if epoch > 0 and count > 0:  # epoch 0 warms up
             rates.append(count / (time.perf_counter() - started))
+    if not rates:
+        raise ValueError(f"{images} image(s) make one batch of {batch_size} or fewer: give --images several batches")
     rates.sort()
     return LoaderTiming(f"{backend} -j {workers}", workers, rates[len(rates) // 2], rates)
 
@@ -87,29 +94,38 @@ def bare_decode_limit(root: str, images: int, image_size: int, epochs: int = 2) 
 
 
 def stage_times(root: str, images: int, image_size: int) -> Dict[str, float]:
-    """Milliseconds per image of the ``pytorch`` backend's stages in one process: PIL decode to RGB, its training
-    transform (crop, flip, float32, normalise), and collating a batch of such tensors (per image)."""
+    """Milliseconds per image of the ``pytorch`` backend's stages in one process: reading and decoding
+    (:func:`~image_classification.data.imagefolder.read_image`), its uint8 training transform (crop, flip), collating
+    the uint8 tensors, and the float conversion + normalisation (on the CPU here; a CUDA run does it on the GPU);
+    with PIL's decode to RGB of the same files for comparison."""
     from PIL import Image
 
-    from image_classification.data.imagefolder import imagenet_transforms
+    from image_classification.data.imagefolder import imagenet_normalizer, imagenet_transforms, read_image
 
-    train_transform, _ = imagenet_transforms(DataConfig(dataset="imagenet", image_size=image_size))
+    cfg = DataConfig(dataset="imagenet", image_size=image_size)
+    train_transform, _ = imagenet_transforms(cfg)
     files = _files(root, images)
-    decode = transform = 0.0
+    totals = dict.fromkeys(("decode", "transform (uint8)", "collate", "normalise", "PIL decode"), 0.0)
     tensors = []
     for path in files:
         started = time.perf_counter()
-        with open(path, "rb") as handle:
-            image = Image.open(handle).convert("RGB")
+        image = read_image(path)
         middle = time.perf_counter()
         tensors.append(train_transform(image))
-        transform += time.perf_counter() - middle
-        decode += middle - started
+        ended = time.perf_counter()
+        with open(path, "rb") as handle:
+            Image.open(handle).convert("RGB")
+        totals["PIL decode"] += time.perf_counter() - ended
+        totals["decode"] += middle - started
+        totals["transform (uint8)"] += ended - middle
     started = time.perf_counter()
-    torch.utils.data.default_collate(tensors)
-    collate = time.perf_counter() - started
+    batch = torch.utils.data.default_collate(tensors)
+    middle = time.perf_counter()
+    imagenet_normalizer(cfg)(batch)
+    totals["collate"] = middle - started
+    totals["normalise"] = time.perf_counter() - middle
     n = max(1, len(files))
-    return {"decode (PIL)": 1e3 * decode / n, "transform": 1e3 * transform / n, "collate": 1e3 * collate / n}
+    return {name: 1e3 * seconds / n for name, seconds in totals.items()}
 
 
 def cores_per_gpu(model_img_s: float, per_worker_img_s: float) -> float:
@@ -138,6 +154,99 @@ def run(root: str, backends: Sequence[str], workers: Sequence[int], images: int,
     jobs = [(b, w) for b in backends for w in workers]
     return [time_backend(root, b, w, images, batch_size, image_size, epochs)
             for b, w in progress(jobs, "timing input pipelines", unit="pipeline", every_s=5.0)]
+
+
+def write_sample_jpegs(root: str, images: int, classes: int = 8, size: Tuple[int, int] = (500, 375),
+                       seed: int = 0) -> int:
+    """Write an ImageFolder of ``images`` training JPEGs (and ``images // 8`` validation ones, at least one per class)
+    in ``classes`` classes under ``root``, for machines without a dataset (the GPU checks): ``size`` (width, height)
+    is ImageNet's typical 500 x 375 and the content a smooth random field plus noise, which gives photographs' file
+    size (about 85 KB at quality 90) and decoding cost; random pixels would make 3-4x larger files. Returns the
+    number of files written."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = 0
+    for split, count in (("train", images), ("val", max(classes, images // 8))):
+        for i in progress(range(count), f"writing {split} sample JPEGs to {root}", unit="image", every_s=5.0):
+            folder = os.path.join(root, split, f"class{i % classes:03d}")
+            os.makedirs(folder, exist_ok=True)
+            low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+            field = low.resize(size, Image.Resampling.BICUBIC)
+            pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 14, (size[1], size[0], 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+            written += 1
+    return written
+
+
+def time_training_feed(root: Optional[str], backend: str, workers: int, arch: str, images: int, batch_size: int,
+                       image_size: int, device: torch.device, seconds: float, seed: int = 0) -> LoaderTiming:
+    """Images per second of ``arch``'s training step (SGD; on CUDA AMP fp16 with a GradScaler and channels-last, as
+    ``main.py --amp --memory-format nhwc`` trains) fed by ``backend`` over ``images`` images of ``root`` (the
+    ``synthetic`` backend: tensors already on the device, the step's own limit). A warm-up epoch, then epochs
+    until ``seconds`` have passed, each timed from its first batch to its last synchronised step (as
+    :func:`time_backend`); 1000 classes for every backend, so the steps are the same."""
+    from image_classification.models import build_model
+
+    cuda = device.type == "cuda"
+    cfg = DataConfig(backend=backend, root=root if backend != "synthetic" else None, batch_size=batch_size,
+                     workers=workers, image_size=image_size, device=str(device), num_classes=1000,
+                     memory_format="nhwc" if cuda else "nchw", seed=seed,
+                     train_subset=images if backend != "synthetic" else None, val_subset=batch_size,
+                     synthetic_train_batches=max(2, images // batch_size), synthetic_val_batches=1)
+    loaders = build_loaders(cfg)
+    model = build_model(arch, num_classes=1000).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            loss = torch.nn.functional.cross_entropy(model(x.to(device, non_blocking=True)),
+                                                     y.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    count, elapsed, epoch = 0, 0.0, 0
+    while epoch == 0 or elapsed < seconds:
+        loaders.set_epoch(epoch)
+        seen, started = -1, 0.0
+        for x, y in loaders.train:
+            if seen < 0 and cuda:
+                torch.cuda.synchronize(device)
+            if seen < 0:
+                seen, started = 0, time.perf_counter()
+            else:
+                seen += int(x.shape[0])
+            step(x, y)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if epoch > 0 and seen > 0:  # epoch 0 warms up (workers, cuDNN's algorithm search)
+            count, elapsed = count + seen, elapsed + time.perf_counter() - started
+        epoch += 1
+        if epoch > 1 and count == 0:
+            raise ValueError(f"{images} image(s) make one batch of {batch_size} or fewer: "
+                             "give --images several batches")
+    name = "synthetic (on the device)" if backend == "synthetic" else f"{backend} -j {workers}"
+    return LoaderTiming(name, workers, count / elapsed)
+
+
+def format_feed_table(arch: str, feeds: Sequence[LoaderTiming], synthetic: LoaderTiming) -> List[str]:
+    """Markdown: each pipeline's training img/s feeding ``arch`` and its ratio to synthetic data (1.00 = not
+    data-bound)."""
+    lines = [f"| pipeline feeding a {arch} training step | img/s | of synthetic data |", "| --- | --- | --- |"]
+    for t in [*feeds, synthetic]:
+        lines.append(f"| {t.name} | {t.img_s:.0f} | {t.img_s / synthetic.img_s:.2f} |")
+    return lines
 
 
 def installed_backends() -> List[str]:
