@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call (~8 minutes on one H100/H200; docs/gpu.md).
+# Every GPU check of the project in one call (~9-10 minutes on one H100/H200; docs/gpu.md).
 #
 #   bash scripts/gpu_checks.sh OUT_DIR
 #
@@ -13,14 +13,17 @@
 #                           forward and train step (fwd+bwd) as ratios to nn.Conv2d           -> benchmark.json/.txt
 #   4. whole networks       profiler --latency --device cuda --amp fp16 --channels-last for R18/R50/MBv2:
 #                           train throughput, train step, batch-1 inference, peak memory vs static -> profiler_*.json
-#   5. summary              python -m image_classification.tools.gpu_report OUT_DIR             -> summary.{md,json}
+#   5. input pipeline       loader_benchmark on 1024 generated 500x375 JPEGs: every installed backend at -j 4 and
+#                           12 vs the bare decode loop, and a ResNet-18 AMP channels-last training step fed by each
+#                           backend vs synthetic data on the GPU (is the headline run data-bound?) -> loader.{json,log}
+#   6. summary              python -m image_classification.tools.gpu_report OUT_DIR             -> summary.{md,json}
 #
 # Environment: PYTHON (interpreter; default .venv/bin/python, else python3), NETS (profiler architectures,
 # default "resnet18 resnet50 mobilenet_v2_x1.0"), CONVS (profiler operators, default "pedconv"), BATCH (64),
 # per-stage limits in seconds: T_PYTEST (150), T_PYTEST_TRITON (90), T_TRITON (80), T_BENCH (90), T_NET (35 per
-# network), and
+# network), T_LOADER (120; 0 skips the input-pipeline stage), and
 # PEDCONV_TRITON_TILES (default here: small = 3 candidate tiles per kernel, a third of the Triton compilations
-# of a new layer shape; full = every tile; heuristic = no Triton autotuning). Defaults total ~8 minutes; a
+# of a new layer shape; full = every tile; heuristic = no Triton autotuning). Defaults total ~9-10 minutes; a
 # stage cut short keeps what it wrote (the benchmark rewrites its JSON after every layer shape).
 # DALI_WHEELS=DIR: on a machine without a package registry, install nvidia-dali-cuda120 from the wheels in DIR
 # (pip --no-index) when DALI is not importable, so that the dali-gpu test runs instead of being skipped.
@@ -93,6 +96,14 @@ for net in $NETS; do
             --out-json "$OUT_DIR/profiler_$tag.json"
     done
 done
+if [ "${T_LOADER:-120}" -gt 0 ]; then
+    JPEG_DIR=$(mktemp -d)  # the sample JPEGs stay off OUT_DIR (what comes back from a lent machine is limited)
+    stage input-pipeline "${T_LOADER:-120}" "$OUT_DIR/loader.log" \
+        "$PY" -m image_classification.tools.loader_benchmark "$JPEG_DIR/data" --write-sample-images 1024 \
+        --images 1024 -b "$BATCH" -j 4 12 --model-img-s 3000 --feed resnet18 --feed-seconds 6 --device cuda \
+        --json "$OUT_DIR/loader.json"
+    rm -rf "$JPEG_DIR"
+fi
 "$PY" -m image_classification.tools.gpu_report "$OUT_DIR" || status=1
 echo "gpu_checks.sh: summary in $OUT_DIR/summary.md (exit $status)"
 exit "$status"

@@ -9,7 +9,9 @@ time; the summary says so): ``stages.tsv`` (stage, exit status, seconds), ``pyte
 tests), ``pytest_triton.log`` (the Triton test files compiled on the GPU), ``benchmark.json``
 (``python -m image_classification.tools.benchmark --json``: per-layer ratios to nn.Conv2d),
 ``profiler_*.json`` (``python -m image_classification.tools.profiler --latency --json``: whole networks vs
-static) and ``triton/triton_pedconv_check.json`` (the kernel check). The targets of issue 12
+static), ``triton/triton_pedconv_check.json`` (the kernel check) and ``loader.json``
+(``python -m image_classification.tools.loader_benchmark --feed resnet18 --json``: the input pipelines and whether
+they feed a training step as fast as synthetic data). The targets of issue 12
 are checked where their figures exist: per layer, train step of the Triton path (or of ``path=auto``)
 <= 1.3x nn.Conv2d; whole-network train throughput PEDConv / static >= 0.8 (ResNet-18/50) and >= 0.7
 (MobileNetV2).
@@ -110,6 +112,8 @@ def collect(out: Path) -> Dict[str, Any]:
                                       else lat["throughput_ratio"] >= target),
             "paths": _path_counts(lat.get("paths", [])),
         })
+    loader = _read_json(out / "loader.json")
+    summary["input_pipeline"] = loader.get("markdown") if isinstance(loader, dict) else None
     check = _read_json(out / "triton" / "triton_pedconv_check.json")
     if isinstance(check, dict):
         exactness = check.get("exactness") or []
@@ -180,6 +184,8 @@ def format_markdown(summary: Dict[str, Any]) -> str:
                   f"{check['layers_timed']} layers timed; tables in triton/triton_pedconv_check.md", ""]
     else:
         lines += ["no triton/triton_pedconv_check.json", ""]
+    lines += ["## Input pipeline (loader_benchmark)", ""]
+    lines += [*(summary.get("input_pipeline") or ["no loader.json"]), ""]
     return "\n".join(lines)
 
 

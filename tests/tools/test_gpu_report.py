@@ -25,6 +25,8 @@ def test_summary_from_benchmark_and_profiler_outputs(tmp_path: Path, capsys: pyt
                           "--latency", "--threads", "1", "--images", "1", "--warmup", "0", "--train-batch", "2",
                           "--train-steps", "1", "--no-rss", "--out-json", str(out / "profiler_cifar.json")]) == 0
     (out / "profiler_broken.json").write_text("{")  # a stage cut short
+    (out / "loader.json").write_text(json.dumps({"markdown": ["| pipeline feeding a resnet18 training step | img/s |",
+                                                              "| pytorch -j 12 | 2900 |"]}))
     (out / "stages.tsv").write_text("pytest-cuda\t0\t201\nbenchmark\t124\t90\n")
     (out / "pytest.log").write_text("....s\n==== 12 passed, 1 skipped in 200.1s ====\n")
     capsys.readouterr()
@@ -42,6 +44,7 @@ def test_summary_from_benchmark_and_profiler_outputs(tmp_path: Path, capsys: pyt
     assert {"file": "profiler_broken.json", "error": "missing or incomplete"} in summary["networks"]
     text = (out / "summary.md").read_text()
     assert "| tiny | 2 | pedconv |" in text and "| cifar_resnet20 | pedconv | none | 2 |" in text
+    assert "## Input pipeline (loader_benchmark)\n\n| pipeline feeding a resnet18 training step | img/s |" in text
     assert "no triton/triton_pedconv_check.json" in text and text.strip() == capsys.readouterr().out.strip()
 
 
