@@ -149,9 +149,12 @@ class PeerMonitor:
     def diagnose(self, exc: BaseException, timeout_s: Optional[float] = None) -> PeerFailure:
         """Name the ranks that failed (with their own error), or stopped responding, after ``exc``.
 
-        Takes about ``2.5 x interval`` seconds; SIGTERM/SIGINT are held off meanwhile (torchrun's agent
-        sends SIGTERM to the survivors as soon as one worker dies).
+        A rank diagnoses only when its collective failed and it is about to leave for that reason, so it first
+        records so (:meth:`post_lost_peer`): a rank diagnosing later must not take its ended heartbeat for a
+        rank that stopped responding. Takes about ``2.5 x interval`` seconds; SIGTERM/SIGINT are held off
+        meanwhile (torchrun's agent sends SIGTERM to the survivors as soon as one worker dies).
         """
+        self.post_lost_peer()
         detail = " ".join(str(exc).split())
         timed_out = "timed out" in detail.lower() or "timeout" in detail.lower()
         suffix = f"; gave up after --dist-timeout {timeout_s:g} s" if timed_out and timeout_s else ""
