@@ -12,7 +12,7 @@ A task supplies a :class:`Task`: its loss on a batch, its evaluation, and the me
 checkpoint. Checkpoints (``checkpoint.pth.tar``, ``model_best.pth.tar`` when the metric improves) hold the
 iteration, model, optimizer, scheduler, scaler, best metric, RNG states and arguments; ``--resume auto``
 continues from the workspace checkpoint. SIGTERM/SIGINT finish the current iteration, write a checkpoint and
-exit with 128 + signal. A non-finite loss stops the run with a one-line error (exit 1) and keeps the last
+exit with 128 + signal. A non-finite loss stops the run with a one-line error (exit 3) and keeps the last
 checkpoint.
 """
 
@@ -55,7 +55,7 @@ from image_classification.training.distributed import (
     cleanup,
 )
 from image_classification.training.engine import NonFiniteLossError
-from image_classification.training.exit_status import error_line, expected_failure
+from image_classification.training.exit_status import error_line, expected_failure, signal_status
 from image_classification.training.logger import Progress, RaportWriter
 from image_classification.training.optim import build_optimizer
 
@@ -471,7 +471,7 @@ def train(
                     print(f"{task.prog}: {shutdown.signal_name or 'signal'} received at iteration {iteration}; "
                           f"checkpoint saved to {where}; continue with --resume {where}", file=sys.stderr, flush=True)
                 raport.close()
-                return 128 + int(shutdown.signum or 15)
+                return signal_status(shutdown.signum)
     progress.close()
     best = run.best
     summary: Dict[str, float] = {"summary.iterations": iteration}

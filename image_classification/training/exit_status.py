@@ -16,12 +16,13 @@ status      meaning
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
-import torch
-
+from image_classification.compat import OUT_OF_MEMORY_ERRORS
 from image_classification.data import DataError, worker_failure
 
 from .checkpoint import CheckpointError
@@ -29,9 +30,14 @@ from .engine import NonFiniteLossError
 from .logger import RaportError
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_FAILED", "EXIT_OK", "Failure", "UsageError", "error_line",
-           "expected_failure", "out_of_memory"]
+           "expected_failure", "out_of_memory", "signal_status", "usage_errors"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
+
+
+def signal_status(signum: Optional[int]) -> int:
+    """The status of a run stopped by signal ``signum`` (the shell's 128 + N; SIGTERM's when it is not known)."""
+    return 128 + int(signum or signal.SIGTERM)
 
 
 class UsageError(ValueError):
@@ -39,6 +45,17 @@ class UsageError(ValueError):
 
     def __init__(self, exc: Exception) -> None:
         super().__init__(" ".join(str(exc).split()))
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """A ``ValueError`` raised inside is a bad combination of options: re-raised as :class:`UsageError`."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(exc) from None
 
 
 @dataclass(frozen=True)
@@ -52,7 +69,7 @@ class Failure:
 def out_of_memory(exc: BaseException) -> Optional[str]:
     """The one-line remedy for an allocation the machine (or GPU) cannot serve, or None for another error."""
     text = " ".join(str(exc).split())
-    if not (isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text
+    if not (isinstance(exc, OUT_OF_MEMORY_ERRORS) or "can't allocate memory" in text
             or "out of memory" in text.lower()):
         return None
     asked = re.search(r"allocate (\d+) bytes", text)

@@ -57,6 +57,8 @@ from .engine import (
 )
 from .exit_status import (
     UsageError,
+    signal_status,
+    usage_errors,
 )
 from .logger import Progress, RaportWriter
 from .precise_bn import recompute_bn_statistics
@@ -107,28 +109,22 @@ class TrainingRun:
         elif args.pretrained_weights is not None and env.is_main:
             print(f"main.py: note: --pretrained-weights {args.pretrained_weights} not used: resuming from "
                   f"{resume_path}", file=sys.stderr, flush=True)
-        try:
+        with usage_errors():
             build.infer_model_fields(args, resume or pretrained, resume_path if resume is not None
                                      else args.pretrained_weights)
-        except ValueError as exc:
-            raise UsageError(exc) from None
         conv = build.infer_conv(args, resume or pretrained)
         build.resolve_placement(args, conv)
         loaders = build.build_data(args, env)
-        try:
+        with usage_errors():
             model = build.build_network(args, conv, loaders, env)
-        except ValueError as exc:
-            raise UsageError(exc) from None
         for checkpoint, path in ((resume, resume_path), (pretrained, args.pretrained_weights)):
             if checkpoint is not None and path is not None:  # a checkpoint comes with its path
                 build.load_weights(model, checkpoint, args, conv, path)
         # after the weights: a checkpoint that does not fit the model is refused before seconds of path timing
         build.tune_paths(args, model, loaders, env)
         cfg = build.loop_config(args, env)
-        try:
+        with usage_errors():
             comp = build.build_training_setup(args, model, loaders, env, cfg)
-        except ValueError as exc:
-            raise UsageError(exc) from None
         if pretrained is not None and comp.ema is not None and pretrained.get("ema") is not None:
             comp.ema.load_state_dict(pretrained["ema"])
         state = build.RunState()
@@ -420,10 +416,9 @@ class TrainingRun:
                     with shutdown.nothing_to_save(exit_message=said):
                         self._compile_ahead()
                 except Interrupted as exc:
-                    if self.env.is_main:
-                        print(f"main.py: {signal.Signals(exc.signum).name} received while compiling; nothing trained "
-                              "since the start or the checkpoint, so nothing to save", file=sys.stderr, flush=True)
-                    return 128 + exc.signum
+                    if said:
+                        print(said.format(signal=signal.Signals(exc.signum).name), file=sys.stderr, flush=True)
+                    return signal_status(exc.signum)
             self._finish_pending_validation()
             for epoch in range(state.epoch, end_epoch):
                 self.loaders.set_epoch(epoch)
@@ -460,14 +455,14 @@ class TrainingRun:
                   f"main.py: compiled in {time.perf_counter() - started:.1f} s", flush=True)
 
     def _interrupted(self, shutdown: GracefulShutdown) -> int:
-        signum = shutdown.signum or 15
+        signum = shutdown.signum
         if self.env.is_main:
             where = os.path.join(self.args.workspace, self.args.checkpoint_filename)
             saved = f"checkpoint saved to {where}" if self.args.save_checkpoints else "no checkpoint (--no-checkpoints)"
             print(f"main.py: {shutdown.signal_name or 'signal'} received at epoch {self.state.epoch} "
                   f"iteration {self.state.step_in_epoch}; {saved}; continue with --resume {where}",
                   file=sys.stderr, flush=True)
-        return 128 + int(signum)
+        return signal_status(signum)
 
     def _summary(self) -> None:
         data: Dict[str, Any] = dict(self.last, **{"summary.epochs": self.state.epoch})
