@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -26,6 +26,11 @@ __all__ = [
     "dynamo_onnx_exporter_is_default",
     "is_compiler_error",
     "uncompile",
+    "OUT_OF_MEMORY_ERRORS",
+    "addmm_relu",
+    "any_autocast_enabled",
+    "cudnn_conv_allows_tf32",
+    "unsafe_globals_in_checkpoint",
 ]
 
 #: the oldest torch (and its torchvision) the project supports: NGC's pytorch:24.12-py3 container ships 2.6
@@ -92,3 +97,46 @@ def uncompile(module: torch.nn.Module) -> None:
     clearing it makes the module call its eager forward again). A module that was never compiled is left as it is."""
     if getattr(module, "_compiled_call_impl", None) is not None:
         module._compiled_call_impl = None
+
+
+#: the exception types torch raises for an allocation it cannot serve (``torch.OutOfMemoryError`` since 2.5; before,
+#: only ``torch.cuda.OutOfMemoryError``, a RuntimeError whose text says "out of memory", as the CPU's says "can't
+#: allocate memory")
+OUT_OF_MEMORY_ERRORS: Tuple[type, ...] = tuple(
+    t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+    if isinstance(t, type))
+
+# private ops whose public spelling differs between releases; each has a plain fallback
+_IS_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+_ADDMM_ACTIVATION = getattr(torch, "_addmm_activation", None)  # torch >= 1.13: addmm with a ReLU epilogue
+
+
+def any_autocast_enabled() -> bool:
+    """Whether autocast is on for any device, in one call where torch has one (every supported release)."""
+    if _IS_ANY_AUTOCAST is not None:
+        return bool(_IS_ANY_AUTOCAST())
+    return torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")  # pragma: no cover - older torch
+
+
+def addmm_relu(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``relu(bias + alpha * mat1 @ mat2)``: one call where torch has the fused ``_addmm_activation``."""
+    if _ADDMM_ACTIVATION is not None:
+        return _ADDMM_ACTIVATION(bias, mat1, mat2, alpha=alpha)
+    return torch.addmm(bias, mat1, mat2, alpha=alpha).relu_()  # pragma: no cover - every torch >= 2.0 has it
+
+
+def cudnn_conv_allows_tf32() -> bool:
+    """cuDNN's float32 convolution precision setting: ``torch.backends.cudnn.conv.fp32_precision`` on releases
+    that have it (``"tf32"`` / ``"ieee"``), else ``torch.backends.cudnn.allow_tf32``."""
+    precision = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def unsafe_globals_in_checkpoint(path: str) -> Optional[List[str]]:
+    """The globals a checkpoint file references beyond ``torch.load(weights_only=True)``'s allowlist, or None where
+    torch cannot tell (``torch.serialization.get_unsafe_globals_in_checkpoint`` exists since 2.5). Errors reading
+    the file propagate."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    return None if finder is None else list(finder(path))

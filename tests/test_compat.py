@@ -153,3 +153,34 @@ def test_a_model_error_is_not_mistaken_for_a_compiler_error() -> None:
     comp = _setup(model)
     with pytest.raises(RuntimeError):  # 5 input channels for a 3-channel conv: eager fails the same way
         compile_ahead_or_eager(comp, LoopConfig(device=torch.device("cpu")), None, (2, 5, 6, 6))
+
+
+def test_feature_checks_answer_on_this_torch(tmp_path) -> None:  # noqa: ANN001
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    bias, a, b = torch.randn(3, generator=g), torch.randn(2, 4, generator=g), torch.randn(4, 3, generator=g)
+    torch.testing.assert_close(compat.addmm_relu(bias, a, b, 0.5), torch.relu(bias + 0.5 * a @ b))
+    assert compat.any_autocast_enabled() is False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compat.any_autocast_enabled() is True
+    assert isinstance(compat.cudnn_conv_allows_tf32(), bool)
+    assert torch.cuda.OutOfMemoryError in compat.OUT_OF_MEMORY_ERRORS
+    path = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    found = compat.unsafe_globals_in_checkpoint(str(path))
+    assert found == [] or (found is None and compat.torch_version_tuple() < (2, 5))
+
+
+def test_torch_feature_checks_live_in_compat() -> None:
+    """No module but compat.py probes torch for an attribute (getattr/hasattr on torch...): every such question is
+    asked once, here, where it says why it exists."""
+    import re
+    from pathlib import Path
+
+    package = Path(compat.__file__).parent
+    probes = [f"{path.relative_to(package)}:{number}"
+              for path in sorted(package.rglob("*.py")) if path.name != "compat.py"
+              for number, line in enumerate(path.read_text().splitlines(), 1)
+              if re.search(r"\b(getattr|hasattr)\(torch[.,)]", line)]
+    assert probes == []

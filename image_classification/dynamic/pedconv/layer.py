@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...compat import addmm_relu, any_autocast_enabled
 from .. import autotune
 from ..protocol import ExportRoute
 from ..registry import LiveChoices, Option, register_operator
@@ -543,7 +544,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         lean = self.__dict__.get("_lean")
         if lean is None:
             lean = self.__dict__["_lean"] = {} if self._lean_applies() else False
-        if (not isinstance(lean, dict) or self.training or _any_autocast() or x.dim() != 4 or x.shape[0] != 1
+        if (not isinstance(lean, dict) or self.training or any_autocast_enabled() or x.dim() != 4 or x.shape[0] != 1
                 or x.shape[1] != self.in_channels):
             return None
         # one memo for the path choice and the plan, checked against the autotuner's state as _select_path's
@@ -559,7 +560,7 @@ class PEDConv2d(BaseWeightInfomaxConv2d):
         assert self.generator is not None  # _lean_applies: a leader with its own generator
         share_weight_t, share_bias, heads_weight_t, heads_bias = self.generator.inference_weights()
         # GAP as a sum whose 1/HW rides on the matrix product (alpha): one pass, no division
-        hidden = _addmm_relu(share_bias, x.sum((2, 3)), share_weight_t, 1.0 / (x.shape[2] * x.shape[3]))
+        hidden = addmm_relu(share_bias, x.sum((2, 3)), share_weight_t, 1.0 / (x.shape[2] * x.shape[3]))
         post = torch.addmm(heads_bias, hidden, heads_weight_t).sigmoid_()
         if self._infomax is not None:
             self._infomax = None
@@ -627,27 +628,6 @@ def check_rank(rank: int, out_channels: int, in_per_group: int, taps: int) -> No
     if rank > bound:
         raise ValueError(f"pedconv: rank {rank} is more than any {out_channels} x {in_per_group} x {taps} weight "
                          f"(C_out x C_in/groups x k*k) can use: its CP rank is at most {bound}; choose rank <= {bound}")
-
-
-def _any_autocast() -> bool:
-    """Whether autocast is on for any device (one call; the lean inference leaves autocast to the paths)."""
-    if _IS_ANY_AUTOCAST is not None:
-        return _IS_ANY_AUTOCAST()
-    return torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")  # pragma: no cover - older torch
-
-
-_IS_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
-
-
-def _addmm_relu(bias: Tensor, mat1: Tensor, mat2: Tensor, alpha: float) -> Tensor:
-    """``relu(bias + alpha * mat1 @ mat2)``: one call where torch has the fused ``_addmm_activation``."""
-    if _ADDMM_ACTIVATION is not None:
-        return _ADDMM_ACTIVATION(bias, mat1, mat2, alpha=alpha)
-    return torch.addmm(bias, mat1, mat2, alpha=alpha).relu_()  # pragma: no cover - every torch >= 2.0 has it
-
-
-# a private op (torch >= 1.13: addmm with a ReLU epilogue on CPU and CUDA); the fallback is the two plain calls
-_ADDMM_ACTIVATION = getattr(torch, "_addmm_activation", None)
 
 
 def share_generator(convs: Sequence[PEDConv2d]) -> None:

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ...compat import custom_op
+from ...compat import cudnn_conv_allows_tf32, custom_op
 from ..functional import conv_output_size
 
 __all__ = [
@@ -237,17 +237,9 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _conv_allows_tf32() -> bool:
-    """cuDNN's float32 convolution precision setting (``fp32_precision`` on newer torch)."""
-    precision = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    if precision in ("tf32", "ieee"):
-        return precision == "tf32"
-    return bool(torch.backends.cudnn.allow_tf32)
-
-
 def _dot_options(dtype: torch.dtype) -> Dict[str, Any]:
     interpret = interpreting()  # asked before the first launch has loaded the kernels, too
-    precision = "tf32" if dtype == torch.float32 and not interpret and _conv_allows_tf32() else "ieee"
+    precision = "tf32" if dtype == torch.float32 and not interpret and cudnn_conv_allows_tf32() else "ieee"
     # the interpreter's tl.dot mishandles bfloat16 operands: give it the rounded operands as float32
     # (bf16 x bf16 products are exact in float32, so the result is the same)
     return dict(DOT_FP32=interpret and dtype == torch.bfloat16, INPUT_PRECISION=precision)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from ...compat import unsafe_globals_in_checkpoint
 from .errors import CheckpointError, PathLike, one_line
 
 __all__ = ["MAX_LISTED", "TRUST_HINT", "TRUST_WARNING", "add_trust_flag", "load_checkpoint", "looks_like_state_dict",
@@ -74,11 +75,8 @@ def _is_benign_global(name: str) -> bool:
 
 def _unsafe_globals(path: Path) -> Optional[List[str]]:
     """The globals a checkpoint references beyond torch's allowlist, or None if torch cannot tell."""
-    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
-    if finder is None:
-        return None
     try:
-        return list(finder(str(path)))
+        return unsafe_globals_in_checkpoint(str(path))
     except Exception:  # a legacy (non-zip) file or one torch cannot scan
         return None
 
