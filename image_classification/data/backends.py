@@ -1,9 +1,9 @@
-"""The data backend registry and :func:`build_loaders`: ``--data-backend`` names map to builder functions
-(imported lazily, so DALI is only needed when used); :func:`register_backend` adds one."""
+"""The data backend registry and :func:`build_loaders`: ``--data-backend`` names map to builder functions (the
+built-ins import their module when called, so DALI is only needed when used); :func:`register_backend` adds one."""
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -15,50 +15,64 @@ __all__ = ["BACKENDS", "build_loaders", "list_backends", "list_datasets", "regis
 
 
 BackendFn = Callable[[DataConfig], Loaders]
-#: built-in backends: name -> "module:function" (imported lazily so DALI is only needed when used)
-BACKENDS: NamedRegistry[str] = NamedRegistry("data backend")
-BACKENDS.update({
-    "pytorch": "imagefolder:build_imagefolder_loaders",
-    "dali-cpu": "dali:build_dali_loaders",
-    "dali-gpu": "dali:build_dali_loaders",
-    "synthetic": "synthetic:build_synthetic_loaders",
-})
-#: backends added with :func:`register_backend` (a name there overrides the built-in one)
-_REGISTERED: NamedRegistry[BackendFn] = NamedRegistry("registered data backend")
+#: ``--data-backend`` name -> builder ``fn(cfg) -> Loaders``; the built-ins import their module when called, so DALI
+#: is only needed when used
+BACKENDS: NamedRegistry[BackendFn] = NamedRegistry("data backend")
+
+
+@BACKENDS.decorator("pytorch")
+def _pytorch(cfg: DataConfig) -> Loaders:
+    from .imagefolder import build_imagefolder_loaders
+
+    return build_imagefolder_loaders(cfg)
+
+
+@BACKENDS.decorator("dali-cpu")
+@BACKENDS.decorator("dali-gpu")
+def _dali(cfg: DataConfig) -> Loaders:
+    from .dali import build_dali_loaders
+
+    return build_dali_loaders(cfg)
+
+
+@BACKENDS.decorator("synthetic")
+def _synthetic(cfg: DataConfig) -> Loaders:
+    from .synthetic import build_synthetic_loaders
+
+    return build_synthetic_loaders(cfg)
+
+
+#: the built-in builders, restored when a backend registered over one is unregistered
+_BUILT_IN: Dict[str, BackendFn] = dict(BACKENDS.items())
 
 
 def register_backend(name: str) -> Callable[[BackendFn], BackendFn]:
-    """Register an extra backend ``fn(cfg) -> Loaders`` under ``name`` (overrides a built-in one)."""
-    return _REGISTERED.decorator(name, replace=True)
+    """Register an extra backend ``fn(cfg) -> Loaders`` under ``name`` (replaces a built-in one of that name)."""
+    return BACKENDS.decorator(name, replace=True)
 
 
 def unregister_backend(name: str) -> None:
-    """Remove a backend added with :func:`register_backend` (tests that register a temporary one)."""
-    _REGISTERED.unregister(name)
+    """Remove a backend added with :func:`register_backend` (tests that register a temporary one); a built-in it
+    replaced comes back."""
+    BACKENDS.unregister(name)
+    if name in _BUILT_IN:
+        BACKENDS.register(name, _BUILT_IN[name])
 
 
 def list_backends() -> List[str]:
-    return sorted(set(BACKENDS) | set(_REGISTERED))
+    return BACKENDS.names()
 
 
 def list_datasets() -> List[str]:
     return list(DATASETS)
 
 
-def _resolve_backend(name: str) -> BackendFn:
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    import importlib
-
-    module_name, fn_name = BACKENDS[name].split(":")
-    module = importlib.import_module(f".{module_name}", __package__)
-    return getattr(module, fn_name)
-
-
 def validate_config(cfg: DataConfig) -> None:
     """Raise :class:`DataError` for options that cannot work, before touching the disk."""
-    if cfg.backend not in list_backends():
-        raise DataError(f"unknown data backend {cfg.backend!r}; choose from {', '.join(list_backends())}")
+    try:
+        BACKENDS.lookup(cfg.backend)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
     for name in ("batch_size", "synthetic_train_batches", "synthetic_val_batches"):
@@ -109,9 +123,8 @@ def build_loaders(cfg: DataConfig) -> Loaders:
         DataError: bad options or data (one-line message naming the problem).
     """
     validate_config(cfg)
-    if cfg.backend == "synthetic" or cfg.backend in _REGISTERED:
-        loaders = _resolve_backend(cfg.backend)(cfg)
-    elif cfg.dataset in SMALL_DATASETS:
+    build = BACKENDS[cfg.backend]
+    if cfg.dataset in SMALL_DATASETS and cfg.backend != "synthetic" and build is _BUILT_IN.get(cfg.backend):
         if cfg.backend != "pytorch":
             raise DataError(
                 f"data backend {cfg.backend} reads JPEG folders only; use --data-backend pytorch "
@@ -119,9 +132,8 @@ def build_loaders(cfg: DataConfig) -> Loaders:
             )
         from .small import build_small_loaders
 
-        loaders = build_small_loaders(cfg)
-    else:
-        loaders = _resolve_backend(cfg.backend)(cfg)
+        build = build_small_loaders
+    loaders = build(cfg)
     if loaders.mean is None or loaders.std is None:
         repeat = max(1, loaders.in_chans // len(cfg.info.mean))
         loaders.mean, loaders.std = tuple(cfg.info.mean) * repeat, tuple(cfg.info.std) * repeat

@@ -101,3 +101,21 @@ def test_register_backend() -> None:
     finally:  # other tests on this worker list the backends (the loader benchmark times each one)
         unregister_backend("test-fake")
     assert "test-fake" not in list_backends()
+
+
+def test_a_backend_registered_over_a_built_in_one_is_used_then_removed() -> None:
+    from image_classification.data.backends import BACKENDS
+
+    built_in = BACKENDS["synthetic"]
+
+    @register_backend("synthetic")
+    def mine(cfg: DataConfig) -> Loaders:
+        return Loaders([], [], num_classes=3, in_chans=3, image_size=8, train_samples=0, val_samples=0)
+
+    try:  # the replacement wins, also for a small dataset (whose built-in reader it would otherwise bypass)
+        assert build_loaders(DataConfig(backend="synthetic", dataset="cifar10")).num_classes == 3
+    finally:
+        unregister_backend("synthetic")
+    assert BACKENDS["synthetic"] is built_in
+    assert build_loaders(DataConfig(backend="synthetic", batch_size=2, synthetic_train_batches=1,
+                                    synthetic_val_batches=1)).num_classes == 1000
