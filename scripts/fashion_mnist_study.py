@@ -4,7 +4,7 @@
 Trains CIFAR ResNet-20 (configs/fashion_mnist/<op>.yaml: every conv but the stem replaced by the
 operator) with ``python main.py`` once per (operator, seed), then measures each model's deploy
 parameters, multiply-adds and batch-1 CPU inference latency against the static model (interleaved in
-one process, :func:`image_classification.tools.profiler.measure_latency`) and writes
+one process, :func:`image_classification.measurement.latency.measure_latency`) and writes
 
 * ``<out>/<name>.md``: test top-1 mean +- std over the seeds, parameters, MACs, training img/s,
   latency and its ratio to static, per-seed results and the exact command;

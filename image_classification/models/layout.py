@@ -25,6 +25,5 @@ def to_channels_last(model: nn.Module) -> nn.Module:
             strides = torch.empty(tensor.shape, memory_format=torch.channels_last, device="meta").stride()
             if tensor.stride() != strides:
                 replacement = torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype, device=tensor.device)
-                # Tensor.set_(Tensor) exists; torch's stubs list the storage overloads only
-                tensor.set_(replacement.copy_(tensor))  # type: ignore[call-overload]
+                tensor.set_(replacement.copy_(tensor))  # type: ignore[call-overload]  # torch's stubs miss set_(Tensor)
     return model

@@ -94,7 +94,8 @@ class OpSummary:
 @dataclass
 class ImageNetCost:
     """PEDConv against static convolution on an ImageNet network at 224 px, measured on this machine with the
-    profiler (:func:`image_classification.tools.profiler.measure_latency`): where the paper's cost claim is made."""
+    profiler (:func:`image_classification.measurement.latency.measure_latency`): where the paper's cost claim is
+    made."""
 
     arch: str
     infer_ratio: float  # batch-1 CPU inference, PEDConv / static
@@ -346,7 +347,8 @@ def write_report(
         "± is the sample standard deviation over the seeds. Parameters are deploy parameters (PEDConv's",
         "training-only info-max decoder excluded); MACs per image at 28x28. Train img/s: main.py's epoch",
         "throughput. Latency: median batch-1 CPU inference, measured interleaved with the static model in one",
-        "process (`image_classification.tools.profiler.measure_latency`), so the ratios are the comparable figures.",
+        "process (`image_classification.measurement.latency.measure_latency`), so the ratios are the comparable "
+        "figures.",
         "",
         f"Command: `{command}`",
         "",
@@ -365,7 +367,8 @@ def write_report(
             "## Cost where the paper claims it",
             "",
             "PEDConv against static convolution on ImageNet networks (224 px, 1000 classes), measured on the same",
-            "machine with `image_classification.tools.profiler.measure_latency` (interleaved, ratios in one process):",
+            "machine with `image_classification.measurement.latency.measure_latency` (interleaved, ratios in one "
+            "process):",
             "",
             cost_table(costs),
         ] if costs else []),

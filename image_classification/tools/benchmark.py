@@ -122,9 +122,6 @@ class Row:
     train_note: str = ""  # why no training step was timed (e.g. ODConv's attention BatchNorm at batch 1)
 
 
-_sync = synchronize
-
-
 def _fwd_fn(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, amp: str = "none") -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad(), autocast_context(x.device, amp):
@@ -174,13 +171,13 @@ def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device, amp:
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     module = nn.Sequential(module, nn.BatchNorm2d(channels)).to(x.device).to(memory_format=fmt).train()
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         with autocast_context(device, amp):
             out = module(xg)
         out.backward(torch.ones_like(out))
-        _sync(device)
+        synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
     seen: Dict[int, int] = {}
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
