@@ -28,6 +28,31 @@ def test_no_library_module_imports_a_program_and_no_import_circle() -> None:
     assert graph.circles(sorted(arrows), arrows) == []
 
 
+def test_the_package_root_holds_foundations_only() -> None:
+    """Every module at the package root (compat, timing, argparsing, ...) imports no sub-package, so the root sits
+    below every folder and no folder-level circle can pass through it; no folder-level circle exists at all."""
+    graph = _import_graph()
+    arrows = graph.module_arrows()
+    package = ROOT / "image_classification"
+    folders = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+
+    def folder(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in folders) else "(root)"
+
+    root_modules = [m for m in arrows if folder(m) == "(root)"]
+    assert "image_classification.compat" in root_modules
+    upward = sorted((a, b) for a in root_modules for b in arrows[a] if folder(b) != "(root)")
+    assert upward == []
+    folder_arrows: dict = {}
+    for a, targets in arrows.items():
+        for b in targets:
+            if folder(a) != folder(b):
+                folder_arrows.setdefault(folder(a), set()).add(folder(b))
+    nodes = sorted(set(folder_arrows) | {b for bs in folder_arrows.values() for b in bs})
+    assert graph.circles(nodes, {n: folder_arrows.get(n, set()) for n in nodes}) == []
+
+
 def test_import_linter_contracts_are_kept() -> None:
     lint = Path(sys.executable).with_name("lint-imports")
     done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)

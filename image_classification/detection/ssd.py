@@ -36,7 +36,7 @@ from image_classification.dynamic.base import DynamicConv2d
 from image_classification.dynamic.registry import parse_spec
 from image_classification.models.convert import record_build
 
-__all__ = ["SSDResNetBackbone", "PAPER_DYNAMIC_PARTS", "build_ssd300", "detector_macs", "COCO_NUM_CLASSES"]
+__all__ = ["SSDResNetBackbone", "PAPER_DYNAMIC_PARTS", "build_ssd300", "DetectorFeatures", "COCO_NUM_CLASSES"]
 
 COCO_NUM_CLASSES = 81  # 80 categories + background
 EXTRA_CHANNELS = (512, 512, 256, 256, 256)
@@ -130,8 +130,9 @@ def build_ssd300(
     return model
 
 
-class _DetectorFeatures(nn.Module):
-    """Backbone + heads of an SSD on a normalised batch (what MAC counting and profiling run)."""
+class DetectorFeatures(nn.Module):
+    """Backbone + heads of an SSD on a normalised batch, without the transform, box decoding and NMS (what MAC
+    counting and profiling run: :func:`image_classification.measurement.paper_tables.detector_macs`)."""
 
     def __init__(self, model: SSD) -> None:
         super().__init__()
@@ -139,14 +140,6 @@ class _DetectorFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.head(list(self.backbone(x).values()))
-
-
-def detector_macs(model: SSD, size: int = 300) -> int:
-    """Multiply-adds of one ``size`` x ``size`` image through the backbone and heads (papers' convention;
-    the transform, box decoding and NMS are not counted)."""
-    from image_classification.macs import count_macs
-
-    return count_macs(_DetectorFeatures(model), size).total
 
 
 def feature_sizes(model: SSD, size: int = 300) -> List[int]:

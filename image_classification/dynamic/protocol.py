@@ -10,7 +10,7 @@ plus its import line in ``peers/__init__.py``. Every hook has a default that is 
 =============================  =====================================================================
 hook                           asked by / default
 =============================  =====================================================================
-``macs(input_shape)``          MAC counter (``image_classification.macs``): the layer's own figure
+``macs(input_shape)``          MAC counter (``image_classification.measurement.macs``): the layer's own figure
                                for one forward of an input of ``input_shape`` (children not entered).
                                Optional; without it the counter charges the static conv of the
                                geometry + every Conv2d/Linear the layer runs + ``synthesis_macs()``.

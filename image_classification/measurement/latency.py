@@ -236,7 +236,7 @@ def _frozen_copies(models: Dict[str, nn.Module]) -> Tuple[Dict[str, nn.Module], 
     many pairs each had folded."""
     import copy
 
-    from image_classification.bn_folding import fold_batchnorm
+    from image_classification.deployment.bn_folding import fold_batchnorm
 
     copies, folded = {}, {}
     for key, model in models.items():

@@ -27,12 +27,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-from image_classification.macs import count_macs, count_params
+from image_classification.measurement.macs import count_macs, count_params
 from image_classification.models import ARCHS, build_model
 from image_classification.progress import progress
 
 __all__ = ["DENSE_ROWS", "PAPER_ROWS", "DenseRow", "PaperRow", "build_dense_model", "dense_table_rows",
-           "format_dense_table", "format_table", "profile_model", "table_rows"]
+           "detector_macs", "format_dense_table", "format_table", "profile_model", "table_rows"]
 
 
 @dataclass(frozen=True)
@@ -225,11 +225,17 @@ def dense_table_rows(macs: bool = True, rows: Optional[Sequence[DenseRow]] = Non
     return out
 
 
+def detector_macs(model: Any, size: int = 300) -> int:
+    """Multiply-adds of one ``size`` x ``size`` image through an SSD's backbone and heads (papers' convention;
+    the transform, box decoding and NMS are not counted)."""
+    from image_classification.detection.ssd import DetectorFeatures
+
+    return count_macs(DetectorFeatures(model), size).total
+
+
 def _gmacs(net: Any, model: str, size: int) -> float:
     """Multiply-adds (G) of one ``size`` x ``size`` image through the whole network."""
     if model == "ssd300":
-        from image_classification.detection.ssd import detector_macs
-
         return detector_macs(net, size) / 1e9
     return count_macs(net, size).total / 1e9
 

@@ -26,7 +26,7 @@ import torch
 
 from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.data import DataError
-from image_classification.inference import (
+from image_classification.deployment.inference import (
     add_model_arguments,
     dataset_class_names,
     load_class_names,

@@ -6,7 +6,7 @@ Usage::
         [--opset N] [--image-size S] [--no-fold-bn] [--ema] [--exporter auto|dynamo|torchscript]
         [--batch-size N] [--no-verify] [--arch A --conv SPEC --placement P --num-classes N --in-chans C --dataset D]
 
-The model is rebuilt from the checkpoint (:func:`image_classification.inference.load_inference_model`),
+The model is rebuilt from the checkpoint (:func:`image_classification.deployment.inference.load_inference_model`),
 put in eval mode without its training-only parts (PEDConv's info-max decoders; sampling noise and
 dropout are off in eval), BatchNorm is folded into the convs before it (:mod:`.bn_folding`; keep it
 with ``--no-fold-bn``), and every dynamic layer is switched to an execution path whose ops keep the
@@ -72,8 +72,8 @@ import torch.nn as nn
 
 from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.atomic_files import replaced_atomically
-from image_classification.bn_folding import FoldReport, fold_batchnorm
 from image_classification.compat import dynamo_onnx_exporter_is_default
+from image_classification.deployment.bn_folding import FoldReport, fold_batchnorm
 from image_classification.dynamic import autotune
 from image_classification.dynamic.base import DynamicConv2d
 from image_classification.dynamic.protocol import PerSampleUnfoldConv2d
@@ -447,7 +447,7 @@ def verify_export(model: nn.Module, path: str | Path, fmt: str, image_size: int,
 # CLI
 # ------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from image_classification.inference import add_model_arguments
+    from image_classification.deployment.inference import add_model_arguments
 
     p = ArgumentParser(prog="python -m image_classification.tools.export",
                                 description="Export a checkpoint to ONNX or TorchScript with a dynamic batch axis.")
@@ -492,7 +492,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from image_classification.data import DataError
-    from image_classification.inference import load_inference_model, require_positive
+    from image_classification.deployment.inference import load_inference_model, require_positive
     from image_classification.training.checkpoint import CheckpointError, trust_checkpoints
 
     parser = _parser()

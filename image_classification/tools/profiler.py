@@ -9,7 +9,7 @@ Usage::
                    [--device cpu|cuda|auto] [--amp none|fp16|bf16] [--channels-last]]
         [--table pedconv|dcd|odconv|all|dense]
 
-Counts follow :mod:`image_classification.macs` (deploy parameters exclude PEDConv's training-only
+Counts follow :mod:`image_classification.measurement.macs` (deploy parameters exclude PEDConv's training-only
 info-max decoder; MACs per the papers' convention). ``--latency`` measures, in one run and
 interleaved with the static model built the same way (same arch, classes, channels, init):
 batch-1 inference latency (median over ``--images`` single images after ``--warmup``;
@@ -23,7 +23,7 @@ with ``--print-paths``. It also counts the aten calls and Python function calls 
 forward of each model (``calls_*``; the difference per dynamic layer is what the operator adds beyond
 the arithmetic). ``--compile`` times both models under ``torch.compile`` (inductor, static
 shapes; batch-1 inference also with inductor freezing, where every BatchNorm that follows a conv is
-first folded into it on BOTH sides, :func:`image_classification.bn_folding.fold_batchnorm`: freezing
+first folded into it on BOTH sides, :func:`image_classification.deployment.bn_folding.fold_batchnorm`: freezing
 folds it into a static conv's constant weight by itself, but cannot see through PEDConv's per-sample
 weight, so without this the static side alone would lose its BatchNorms). ``--table`` prints the papers' tables next to
 this project's counts, one row per (arch, operator, placement).

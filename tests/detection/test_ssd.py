@@ -6,10 +6,11 @@ import pytest
 import torch
 from torchvision.models.detection.ssd import SSD
 
-from image_classification.detection import build_ssd300, detector_macs
+from image_classification.detection import build_ssd300
 from image_classification.detection.ssd import feature_sizes
 from image_classification.dynamic.pedconv import PEDConv2d
-from image_classification.macs import count_params
+from image_classification.measurement.macs import count_params
+from image_classification.measurement.paper_tables import detector_macs
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def toy_operator() -> Iterator[str]:
 
 
 def test_build_count_profile_and_checkpoint(toy_operator: str, tmp_path: Path) -> None:
-    from image_classification.macs import count_macs
+    from image_classification.measurement.macs import count_macs
     from image_classification.measurement.paper_tables import profile_model
     from image_classification.models import build_model
     from image_classification.training.checkpoint import load_model_weights, save_checkpoint

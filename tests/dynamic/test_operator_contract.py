@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from image_classification.dynamic import OPERATORS, build_conv, list_operators, parse_spec
 from image_classification.dynamic.protocol import OperatorProtocol
-from image_classification.macs import count_macs
+from image_classification.measurement.macs import count_macs
 
 OPERATOR_NAMES = list(list_operators())
 #: options that make the tiny contract geometry valid (Involution: C_in divisible by group_channels)

@@ -12,7 +12,7 @@ from functools import cache
 import pytest
 
 from image_classification.dynamic.pedconv import pedconv_layer_macs, pedconv_layer_params
-from image_classification.macs import count_macs, count_params
+from image_classification.measurement.macs import count_macs, count_params
 from image_classification.models import build_model, conv_sites
 
 

@@ -9,7 +9,7 @@ import torchvision
 
 from image_classification.dynamic import infomax_loss, list_operators
 from image_classification.dynamic.base import DynamicConv2d
-from image_classification.macs import count_params
+from image_classification.measurement.macs import count_params
 from image_classification.models import ARCHS, INITS, build_model, list_archs
 
 # heavy architectures are exercised at reduced width / depth where the definition allows it

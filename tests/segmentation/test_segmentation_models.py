@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from image_classification.dynamic.pedconv import PEDConv2d
-from image_classification.macs import count_params
+from image_classification.measurement.macs import count_params
 from image_classification.segmentation import build_segmenter
 
 

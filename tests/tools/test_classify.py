@@ -16,7 +16,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from image_classification.data import DataConfig, DataError
 from image_classification.data.imagefolder import imagenet_normalizer, imagenet_transforms
 from image_classification.data.small import FASHION_MNIST_CLASSES, InMemoryLoader
-from image_classification.inference import load_inference_model, preprocess_images
+from image_classification.deployment.inference import load_inference_model, preprocess_images
 from image_classification.models import build_model
 from image_classification.tools.classify import classify_images, main
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 from small_nets import SmallConvNet
 
-from image_classification.bn_folding import fold_batchnorm
 from image_classification.compat import dynamo_onnx_exporter_is_default
+from image_classification.deployment.bn_folding import fold_batchnorm
+from image_classification.deployment.inference import strip_training_parts
 from image_classification.dynamic import list_operators
-from image_classification.inference import strip_training_parts
 from image_classification.models import build_model, convert_model
 from image_classification.tools.export import (
     ExportError,

@@ -342,7 +342,7 @@ class ODConv2d(DynamicConv2d):
         """Multiply-adds for one input of ``input_shape`` (B x C x H x W), in PEDConv's convention.
 
         The static conv of this geometry, the attention branch (its FC and heads), and the synthesis of
-        the effective weight as :mod:`image_classification.macs` counts it for PEDConv: ``2 C_out C_in/g
+        the effective weight as :mod:`image_classification.measurement.macs` counts it for PEDConv: ``2 C_out C_in/g
         k^2`` for the rank-1 attention tensor ``a_f (x) a_c (x) a_s`` and its product with the kernel,
         plus ``n C_out C_in/g k^2`` for the kernel mixture when ``n > 1``. Activation scalings, BatchNorm
         and activations are not counted (as in the papers). ODConv's own MAdds (a counter it does not

@@ -16,7 +16,7 @@ from image_classification.dynamic.peers.dcd import (
     default_latent,
     is_released_state_dict,
 )
-from image_classification.macs import count_params
+from image_classification.measurement.macs import count_params
 from image_classification.models import build_model, convert_model
 from image_classification.training.checkpoint import CheckpointError, load_model_weights
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from image_classification.dynamic import build_conv, parse_spec, set_epoch
 from image_classification.dynamic.peers.odconv import PATHS, ODConv2d
-from image_classification.macs import conv_macs
+from image_classification.measurement.macs import conv_macs
 
 GEOMETRIES = [
     # cin, cout, k, stride, padding, dilation, groups
@@ -183,7 +183,7 @@ def test_fold_output_affine_and_inner_batchnorm_are_exact(n, groups):
 def test_counts_match_odconv_tables(arch, conv, params_m, macs_m):
     """ODConv Tables 1-2 (the authors' released models): parameters to the printed 0.01M; ResNet-18 1x MAdds
     within 1 % (the other MAdds use a counter ODConv does not name, see docs/counts.md)."""
-    from image_classification.macs import count_macs, count_params
+    from image_classification.measurement.macs import count_macs, count_params
     from image_classification.models import build_model
 
     model = build_model(arch, conv)

@@ -52,10 +52,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .dynamic.base import DynamicConv2d
-from .dynamic.functional import batchnorm_affine
-from .dynamic.registry import operator_name
-from .models.module_utils import set_module
+from ..dynamic.base import DynamicConv2d
+from ..dynamic.functional import batchnorm_affine
+from ..dynamic.registry import operator_name
+from ..models.module_utils import set_module
 
 __all__ = ["FoldReport", "batchnorm_affine", "fold_batchnorm"]
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Protocol, Sequence, Tuple, Union, cast
 import torch
 import torch.nn as nn
 
-from .dynamic.base import DynamicConv2d
+from ..dynamic.base import DynamicConv2d
 
 __all__ = [
     "DECODER_NAME",

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from image_classification.dynamic import build_conv
 from image_classification.dynamic.pedconv import pedconv_layer_macs
-from image_classification.macs import count_macs, count_params
+from image_classification.measurement.macs import count_macs, count_params
 
 
 def test_static_conv_linear_depthwise_by_hand() -> None:

@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import DATASETS, DataConfig, DataError
-from .dynamic.registry import implied_spec
-from .training.checkpoint import CheckpointError, add_trust_flag, load_checkpoint, load_model_weights, recorded_args
+from ..data import DATASETS, DataConfig, DataError
+from ..dynamic.registry import implied_spec
+from ..training.checkpoint import CheckpointError, add_trust_flag, load_checkpoint, load_model_weights, recorded_args
 
 __all__ = [
     "InferenceModel",
@@ -125,7 +125,7 @@ def load_inference_model(
     loads the checkpoint's EMA weights. Raises :class:`CheckpointError` (one line, naming the file) for
     an unreadable or mismatching checkpoint and ``ValueError`` for a bad argument.
     """
-    from .models import ARCHS, build_model
+    from ..models import ARCHS, build_model
 
     data = load_checkpoint(checkpoint)
     state_dict = data["state_dict"]
@@ -177,7 +177,7 @@ def load_inference_model(
 # ------------------------------------------------------------------------------------------ classes
 def dataset_class_names(dataset: str) -> Optional[List[str]]:
     """The class names a dataset ships with (Fashion-MNIST, CIFAR-10), or None (ImageNet folders)."""
-    from .data.small import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
+    from ..data.small import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
 
     return {"fashion-mnist": list(FASHION_MNIST_CLASSES), "cifar10": list(CIFAR10_CLASSES)}.get(dataset)
 
@@ -202,7 +202,7 @@ def load_class_names(path: str, num_classes: int) -> List[str]:
 def _open_image(path: str, mode: str):
     from PIL import Image, UnidentifiedImageError
 
-    from .data.imagefolder import scale_to_8bit
+    from ..data.imagefolder import scale_to_8bit
 
     if not os.path.isfile(path):
         raise DataError(f"image {path} not found" if not os.path.exists(path) else f"image path {path} is not a file")
@@ -228,7 +228,7 @@ def preprocess_images(paths: Sequence[str], dataset: str, image_size: int, in_ch
     """
     from torchvision.transforms import v2 as T
 
-    from .data.imagefolder import imagenet_normalizer, imagenet_transforms
+    from ..data.imagefolder import imagenet_normalizer, imagenet_transforms
 
     info = DATASETS[dataset]
     grey = info.in_chans == 1

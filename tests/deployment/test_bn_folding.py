@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from small_nets import SmallConvNet
 
-from image_classification.bn_folding import batchnorm_affine, fold_batchnorm
+from image_classification.deployment.bn_folding import batchnorm_affine, fold_batchnorm
 from image_classification.dynamic import OPERATORS, DynamicConv2d, list_operators
 from image_classification.models import build_model, convert_model
 
