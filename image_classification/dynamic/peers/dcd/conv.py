@@ -23,7 +23,7 @@ from ...registry import ConvSpec, Option, register_operator
 from .common import VARIANTS, branch_hidden, coefficient_table, lambda_activation, uses_batch_stats
 from .linear import DCDLinear
 from .released import RELEASED_LAYOUT
-from .sizes import SIZINGS, default_latent, released_sizes
+from .sizes import SIZINGS, plan_layer
 
 __all__ = ["DCDConv2d", "PATHS"]
 
@@ -100,79 +100,22 @@ class DCDConv2d(DynamicConv2d):
         components = tuple(components.split("+")) if isinstance(components, str) else tuple(components)
         self.use_lambda = "lambda" in components
         self.use_phi = "phi" in components
-        self.variant = variant
-        if sizing == "auto":
-            sizing = "paper" if variant == "paper" else "resnet_bottleneck"
-        self.sizing = sizing
-        kh, kw = self.kernel_size
-        taps = kh * kw
-        cin_g = in_channels // groups
-        cout_g = out_channels // groups
-        if cin_g == 1 and taps > 1:
-            form = "depthwise"
-        elif taps == 1 or mode == "channel":
-            form = "channel"
-        else:
-            form = "joint"
-        if variant == "released" and form != "channel":
-            raise ValueError(f"DCDConv2d: variant=released has no {form} form (the authors' release has channel "
-                             "fusion only and keeps depthwise convs static); use variant=paper or leave this conv "
-                             "static")
-        if sizing != "paper" and form != "channel":
-            raise ValueError(f"DCDConv2d: sizing={sizing} applies to the channel-fusion form only, not {form}")
-        self.form = form
-        self.mode = mode
+        plan = plan_layer(in_channels, out_channels, self.kernel_size, groups, mode=mode, blocks=blocks, latent=latent,
+                          latent_kernel=latent_kernel, reduction=reduction, pool=pool, use_lambda=self.use_lambda,
+                          use_phi=self.use_phi, variant=variant, sizing=sizing)
+        self.variant, self.mode, self.form, self.sizing = variant, mode, plan.form, plan.sizing
+        self.blocks, self.num_blocks = plan.blocks, plan.num_blocks
+        self.latent, self.latent_kernel, self.pool = plan.latent, plan.latent_kernel, plan.pool
+        self.hidden, self.n_phi = plan.hidden, plan.n_phi
         self.path = "auto"  # execution path, see forward(); set to "branch" or "fold" to force one
-        self.weight = nn.Parameter(torch.empty(out_channels, cin_g, kh, kw))
+        kh, kw = self.kernel_size
+        taps, form, cb, n_lambda, ctx = kh * kw, plan.form, plan.block_in, plan.n_lambda, in_channels * plan.pool ** 2
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-
-        self.blocks = blocks if form != "depthwise" else 1  # Eq. 7 splits channels; Eq. 8 fuses taps
-        self.num_blocks = groups * self.blocks if form != "depthwise" else 1
-        if form != "depthwise" and (cin_g % self.blocks or cout_g % self.blocks):
-            raise ValueError(
-                f"DCDConv2d: blocks ({blocks}) must divide in_channels/groups ({cin_g}) and "
-                f"out_channels/groups ({cout_g})"
-            )
-        cb = in_channels // self.num_blocks if form != "depthwise" else in_channels
-        self.latent_kernel = 0
-        if form in ("joint", "depthwise"):
-            self.latent_kernel = latent_kernel or taps // 2
-            if self.latent_kernel >= taps + 1 or self.latent_kernel < 1:
-                raise ValueError(f"DCDConv2d: latent_kernel must be in 1..{taps}, got {self.latent_kernel}")
-        if sizing != "paper":
-            self.pool, self.latent, self.hidden = released_sizes(sizing, cb, out_channels // self.num_blocks,
-                                                                 reduction, pool, latent)
-            if self.num_blocks > 1:  # the rules are per block; the branch sees the whole input
-                floor = 1 if sizing == "resnet_bottleneck" else 4
-                self.hidden = max(floor, max(in_channels * self.pool ** 2, self.num_blocks * self.latent ** 2)
-                                  // reduction)
-            n_phi = self.num_blocks * self.latent ** 2
-        else:
-            self.pool = pool or (2 if form == "channel" and taps > 1 else 1)
-            if form == "depthwise":
-                self.latent = self.latent_kernel
-                n_phi = self.latent_kernel ** 2
-            elif form == "joint":
-                self.latent = latent or default_latent(max(1, cb // self.latent_kernel))
-                n_phi = self.num_blocks * self.latent ** 2 * self.latent_kernel
-            else:
-                if latent:
-                    self.latent = latent
-                elif taps > 1:
-                    self.latent = max(1, int(math.isqrt(self.pool ** 2 * cb)))
-                else:
-                    self.latent = default_latent(cb)
-                n_phi = self.num_blocks * self.latent ** 2
-            self.hidden = max(4, in_channels * self.pool ** 2 // reduction)
-        if not self.use_phi:
-            n_phi = 0
-        self.n_phi = n_phi
-        n_lambda = out_channels if self.use_lambda else 0
-        ctx = in_channels * self.pool ** 2
         self.fc1 = nn.Linear(ctx, self.hidden, bias=False)
         # the release's SE-like gate on the hidden vector (variant=released) instead of ReLU
         self.gate = nn.Linear(self.hidden, self.hidden, bias=False) if variant == "released" else None
-        self.fc2 = nn.Linear(self.hidden, n_lambda + n_phi, bias=False)
+        self.fc2 = nn.Linear(self.hidden, n_lambda + self.n_phi, bias=False)
         L, Lk = self.latent, self.latent_kernel
         self.bn_q: Optional[nn.BatchNorm2d] = None
         self.bn_phi: Optional[nn.BatchNorm2d] = None
