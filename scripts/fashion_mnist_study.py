@@ -231,7 +231,8 @@ def profile_op(op: str, latency: bool, threads: int, images: int) -> OpProfile:
     counts = profile_model(arch, conv, placement, size, num_classes=10, in_chans=1)
     prof = OpProfile(conv=conv, params=int(counts["params_deploy"]), macs=int(counts["macs"]))
     if latency:
-        lat = measure_latency(arch, conv, placement, size, num_classes=10, in_chans=1, threads=threads,
+        lat = measure_latency(arch, conv, placement=placement, image_size=size, num_classes=10, in_chans=1,
+                              threads=threads,
                               images=images, warmup=max(5, images // 10), train_batch=32, train_steps=3,
                               train_warmup=1)
         if parse_spec(conv).is_static:  # the reference itself: ratios are 1 by definition

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
@@ -487,8 +488,8 @@ def train(
 
 def _length(loader: Iterable) -> int:
     try:
-        return len(loader)  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
-    except TypeError:
+        return len(loader) if isinstance(loader, Sized) else 1
+    except TypeError:  # a DataLoader over an iterable dataset has __len__ but no length
         return 1
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -24,39 +25,18 @@ from image_classification.timing import (
     interleaved_samples,
     memory_format,
     resolve_device,
-    synchronize,
-    time_calls,
 )
 
-__all__ = ["calibrate_batchnorm", "count_calls", "measure_latency", "peak_rss_training", "training_memory"]
+from .memory import cuda_peak_bytes, training_memory
+
+__all__ = ["LatencyConfig", "calibrate_batchnorm", "count_calls", "measure_latency", "peak_rss_training"]
 
 
-def training_memory(model: nn.Module, batch: torch.Tensor, target: torch.Tensor, amp: str = "none") -> int:
-    """Bytes of parameters + gradients + SGD momentum + tensors saved for backward (storage-deduplicated)."""
-    seen: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(batch.device, amp):
-        out = model(batch)
-        loss = F.cross_entropy(out, target)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return sum(seen.values()) + 3 * param_bytes
-
-
-def _train_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                module: Optional[nn.Module] = None, amp: str = "none", scaler: Optional[Any] = None) -> float:
-    """One SGD step (loss incl. 1e-3 x info-max term); ``model`` may be a compiled ``module``. Seconds
-    (CUDA events on a GPU). ``amp``: autocast dtype; ``scaler``: a GradScaler (fp16)."""
+def _sgd_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              module: Optional[nn.Module] = None, amp: str = "none",
+              scaler: Optional[Any] = None) -> Callable[[], None]:
+    """One SGD step (loss incl. 1e-3 x info-max term) as a callable; ``model`` may be a compiled ``module``.
+    ``amp``: autocast dtype; ``scaler``: a GradScaler (fp16)."""
 
     def step() -> None:
         with autocast_context(x.device, amp):
@@ -73,7 +53,7 @@ def _train_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
             loss.backward()
             opt.step()
 
-    return time_calls(step, x.device)
+    return step
 
 
 def _grad_scaler(device: torch.device, amp: str) -> Optional[Any]:
@@ -153,10 +133,11 @@ def _rss_worker(job: Dict[str, Any]) -> Optional[float]:
     gen = torch.Generator().manual_seed(job["seed"])
     x = torch.randn(job["batch"], job["in_chans"], job["image_size"], job["image_size"], generator=gen)
     y = torch.randint(0, job["num_classes"], (job["batch"],), generator=gen)
-    _train_step(model, opt, x, y)
+    step = _sgd_step(model, opt, x, y)
+    step()
     if base is None or not _reset_peak_rss():
         return None
-    _train_step(model, opt, x, y)
+    step()
     peak = _peak_rss_bytes()
     return None if peak is None else float(peak - base)
 
@@ -261,12 +242,49 @@ def _time_inference(runners: Dict[str, Any], xs: Sequence[torch.Tensor], warmup:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: int = 224, num_classes: int = 1000,
-                    in_chans: int = 3, threads: int = 2, images: int = 200, warmup: int = 20, train_batch: int = 32,
-                    train_steps: int = 8, train_warmup: int = 2, seed: int = 0, compile: bool = False,
-                    peak_rss: bool = False, compile_backend: str = "inductor", device: str = "cpu",
-                    amp: str = "none", channels_last: bool = False) -> Dict[str, Any]:
-    """Interleaved measurements of ``conv`` vs the static model built the same way (ratios).
+@dataclass
+class LatencyConfig:
+    """What :func:`measure_latency` measures and how (its keyword arguments; see there)."""
+
+    arch: str
+    conv: str
+    placement: str = "paper"
+    image_size: int = 224
+    num_classes: int = 1000
+    in_chans: int = 3
+    threads: int = 2
+    images: int = 200
+    warmup: int = 20
+    train_batch: int = 32
+    train_steps: int = 8
+    train_warmup: int = 2
+    seed: int = 0
+    compile: bool = False
+    peak_rss: bool = False
+    compile_backend: str = "inductor"
+    device: str = "cpu"
+    amp: str = "none"
+    channels_last: bool = False
+
+
+@dataclass
+class _Bench:
+    """The two models of a measurement and what every phase shares."""
+
+    config: LatencyConfig
+    device: torch.device
+    models: Dict[str, nn.Module]
+    generator: torch.Generator
+
+    def batch_of(self, n: int) -> torch.Tensor:
+        c = self.config
+        x = torch.randn(n, c.in_chans, c.image_size, c.image_size, generator=self.generator)
+        return x.to(self.device).contiguous(memory_format=memory_format(c.channels_last))
+
+
+def measure_latency(arch: str, conv: str, **options: Any) -> Dict[str, Any]:
+    """Interleaved measurements of ``conv`` vs the static model built the same way (ratios); the options are
+    :class:`LatencyConfig`'s fields.
 
     ``device`` cpu/cuda/auto (CUDA-event timing on a GPU), ``amp`` none/fp16/bf16 (autocast; fp16
     training with a GradScaler), ``channels_last`` (models and inputs). On CUDA the peak allocated
@@ -278,116 +296,137 @@ def measure_latency(arch: str, conv: str, placement: str = "paper", image_size: 
     (``infer_ratio`` / ``infer_ratio_frozen``) and the training step; the memory figures stay eager.
     ``peak_rss``: also the peak RSS of a training step of each model, each in a spawned process.
     """
-    from image_classification.dynamic import auto_path_layers, path_report, reset_path_report
+    from image_classification.dynamic import path_report
+
+    config = LatencyConfig(arch, conv, **options)
+    bench = _build_models(config)
+    dev = bench.device
+    result: Dict[str, Any] = {"threads": config.threads, "images": config.images, "warmup": config.warmup,
+                              "train_batch": config.train_batch, "train_steps": config.train_steps,
+                              "compile": config.compile, "device": dev.type,
+                              "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                              "amp": config.amp, "channels_last": config.channels_last}
+    _prepare_paths(bench)
+    result.update(_measure_inference(bench))
+    result.update(_measure_training(bench))
+    if config.peak_rss and dev.type == "cpu":
+        result.update(_measure_peak_rss(config))
+    result["paths"] = path_report(bench.models["dynamic"])
+    return result
+
+
+def _build_models(config: LatencyConfig) -> _Bench:
+    """The static and the dynamic model, seeded, on the device and in the layout asked for."""
+    dev = resolve_device(config.device)
+    if config.amp not in AMP_DTYPES:
+        raise ValueError(f"--amp {config.amp!r}: expected one of {', '.join(AMP_DTYPES)}")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    c = config
+    models = {"static": build_model(c.arch, "static", "paper", num_classes=c.num_classes, in_chans=c.in_chans),
+              "dynamic": build_model(c.arch, c.conv, c.placement, num_classes=c.num_classes, in_chans=c.in_chans)}
+    for m in models.values():
+        m.to(dev).to(memory_format=memory_format(c.channels_last))
+    return _Bench(config, dev, models, torch.Generator().manual_seed(c.seed))
+
+
+def _prepare_paths(bench: _Bench) -> None:
+    """Calibrate both models' BatchNorm statistics, then tune the dynamic model's PEDConv paths (the machine's path
+    cache read first and written after, as main.py does)."""
+    from image_classification.dynamic import auto_path_layers, reset_path_report
     from image_classification.dynamic.autotune import prepare_model
 
-    dev = resolve_device(device)
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"--amp {amp!r}: expected one of {', '.join(AMP_DTYPES)}")
-    fmt = memory_format(channels_last)
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    models = {"static": build_model(arch, "static", "paper", num_classes=num_classes, in_chans=in_chans),
-              "dynamic": build_model(arch, conv, placement, num_classes=num_classes, in_chans=in_chans)}
-    for m in models.values():
-        m.to(dev).to(memory_format=fmt)
-    gen = torch.Generator().manual_seed(seed)
-
-    def batch_of(n: int) -> torch.Tensor:
-        return torch.randn(n, in_chans, image_size, image_size, generator=gen).to(dev).contiguous(memory_format=fmt)
-
-    result: Dict[str, Any] = {"threads": threads, "images": images, "warmup": warmup, "train_batch": train_batch,
-                              "train_steps": train_steps, "compile": compile, "device": dev.type,
-                              "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                              "amp": amp, "channels_last": channels_last}
-
+    c, dev, models = bench.config, bench.device, bench.models
     cache_file = autotune.default_cache_file(dev)  # the choices main.py made on this machine, and ours for it
     if autotune.autotune_enabled():
         autotune.load_cache_file(cache_file, dev)
-    print(f"profiler: {arch} static and {conv}: calibrating BatchNorm statistics on 2 batches of 8", file=sys.stderr,
-          flush=True)
-    calibration = [batch_of(8) for _ in range(2)]
+    print(f"[latency] {c.arch} static and {c.conv}: calibrating BatchNorm statistics on 2 batches of 8",
+          file=sys.stderr, flush=True)
+    calibration = [bench.batch_of(8) for _ in range(2)]
     for m in models.values():
         calibrate_batchnorm(m, calibration)
     reset_path_report(models["dynamic"])  # the calibration forwards are not part of the measurement
-    with autocast_context(dev, amp):
-        prepare_model(models["dynamic"], train_shape=(train_batch, in_chans, image_size, image_size),
-                      eval_shape=(1, in_chans, image_size, image_size), device=dev, channels_last=channels_last,
-                      layers=auto_path_layers(models["dynamic"]), show=True)
+    with autocast_context(dev, c.amp):
+        prepare_model(models["dynamic"], train_shape=(c.train_batch, c.in_chans, c.image_size, c.image_size),
+                      eval_shape=(1, c.in_chans, c.image_size, c.image_size), device=dev,
+                      channels_last=c.channels_last, layers=auto_path_layers(models["dynamic"]), show=True)
     if autotune.autotune_enabled():
         autotune.save_cache_file(cache_file, dev)
-    xs = [batch_of(1) for _ in range(warmup + images)]
-    if compile:
+
+
+def _measure_inference(bench: _Bench) -> Dict[str, Any]:
+    """Batch-1 inference (``infer_ms_*``, ``infer_ratio``; compiled, also with frozen weights), and the aten and
+    Python calls of one forward (eager, no AMP)."""
+    c, models = bench.config, bench.models
+    result: Dict[str, Any] = {}
+    xs = [bench.batch_of(1) for _ in range(c.warmup + c.images)]
+    if c.compile:
         torch._dynamo.reset()
-        infer = _time_inference({k: _compiled(m, compile_backend) for k, m in models.items()}, xs, warmup,
-                                torch.no_grad, amp, "compiled batch-1 inference (the first image compiles)")
+        infer = _time_inference({k: _compiled(m, c.compile_backend) for k, m in models.items()}, xs, c.warmup,
+                                torch.no_grad, c.amp, "compiled batch-1 inference (the first image compiles)")
         torch._dynamo.reset()
         folded_models, result["frozen_bn_folded"] = _frozen_copies(models)
-        frozen = _time_inference({k: _compiled(m, compile_backend, freezing=True) for k, m in folded_models.items()},
-                                 xs, warmup, torch.no_grad, amp, "frozen compiled batch-1 inference")
+        frozen = _time_inference({k: _compiled(m, c.compile_backend, freezing=True) for k, m in folded_models.items()},
+                                 xs, c.warmup, torch.no_grad, c.amp, "frozen compiled batch-1 inference")
         del folded_models
         torch._dynamo.reset()
         for key in models:
             result[f"infer_ms_{key}_frozen"] = frozen[key]
         result["infer_ratio_frozen"] = frozen["dynamic"] / frozen["static"]
     else:
-        infer = _time_inference(models, xs, warmup, torch.inference_mode, amp)
-    if amp == "none":
+        infer = _time_inference(models, xs, c.warmup, torch.inference_mode, c.amp)
+    if c.amp == "none":
         for key, model in models.items():
             result[f"calls_{key}"] = count_calls(model.eval(), xs[0])
     for key in models:
         result[f"infer_ms_{key}"] = infer[key]
     result["infer_ratio"] = result["infer_ms_dynamic"] / result["infer_ms_static"]
+    return result
 
-    x = batch_of(train_batch)
-    y = torch.randint(0, num_classes, (train_batch,), generator=gen).to(dev)
+
+def _measure_training(bench: _Bench) -> Dict[str, Any]:
+    """Training steps of both models, interleaved (alternating order, :func:`interleaved_samples`): time,
+    throughput, training memory and, on CUDA, the peak allocation of a step."""
+    c, dev, models = bench.config, bench.device, bench.models
+    x = bench.batch_of(c.train_batch)
+    y = torch.randint(0, c.num_classes, (c.train_batch,), generator=bench.generator).to(dev)
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
-    scalers = {k: _grad_scaler(dev, amp) for k in models}
-    runners = {k: (_compiled(m, compile_backend) if compile else m) for k, m in models.items()}
-    steps: Dict[str, List[float]] = {k: [] for k in models}
+    scalers = {k: _grad_scaler(dev, c.amp) for k in models}
+    steps = {k: _sgd_step(_compiled(m, c.compile_backend) if c.compile else m, opts[k], x, y, m, c.amp, scalers[k])
+             for k, m in models.items()}
+    times: Dict[str, List[float]] = {k: [] for k in models}
     for m in models.values():
         m.train()
-    for i in progress(range(train_warmup + train_steps), f"timing batch-{train_batch} training steps (static and "
-                      f"dynamic, interleaved, {train_warmup} warm-up)", unit="step"):
-        order = list(models) if i % 2 == 0 else list(models)[::-1]
-        for key in order:
-            t = _train_step(runners[key], opts[key], x, y, models[key], amp, scalers[key])
-            if i >= train_warmup:
-                steps[key].append(t)
+    for i in progress(range(c.train_warmup + c.train_steps), f"timing batch-{c.train_batch} training steps "
+                      f"(static and dynamic, interleaved, {c.train_warmup} warm-up)", unit="step"):
+        for key, samples in interleaved_samples(steps, dev, 1, alternate=True, first_round=i).items():
+            if i >= c.train_warmup:
+                times[key].extend(samples)
+    result: Dict[str, Any] = {}
     for key in models:
-        result[f"train_ms_{key}"] = 1e3 * statistics.median(steps[key])
-        result[f"train_img_s_{key}"] = train_batch / statistics.median(steps[key])
-        result[f"train_mem_mb_{key}"] = training_memory(models[key], x, y, amp) / 2**20
+        result[f"train_ms_{key}"] = 1e3 * statistics.median(times[key])
+        result[f"train_img_s_{key}"] = c.train_batch / statistics.median(times[key])
+        result[f"train_mem_mb_{key}"] = training_memory(models[key], x, y, c.amp) / 2**20
         if dev.type == "cuda":
-            result[f"train_peak_mb_{key}"] = _cuda_peak_training_bytes(models[key], opts[key], x, y, amp,
-                                                                       scalers[key]) / 2**20
+            eager = _sgd_step(models[key], opts[key], x, y, models[key], c.amp, scalers[key])
+            result[f"train_peak_mb_{key}"] = cuda_peak_bytes(eager, dev) / 2**20
     result["train_ratio"] = result["train_ms_dynamic"] / result["train_ms_static"]
     result["throughput_ratio"] = result["train_img_s_dynamic"] / result["train_img_s_static"]
     result["memory_ratio"] = result["train_mem_mb_dynamic"] / result["train_mem_mb_static"]
     if dev.type == "cuda":
         result["peak_memory_ratio"] = result["train_peak_mb_dynamic"] / result["train_peak_mb_static"]
-    if peak_rss and dev.type == "cpu":
-        for key, spec in progress((("static", "static"), ("dynamic", conv)), "peak RSS of a training step, each "
-                                  "model in a fresh process (--no-rss skips)", unit="model"):
-            rss = peak_rss_training(arch, spec, "paper" if key == "static" else placement, image_size, num_classes,
-                                    in_chans, train_batch, threads, seed)
-            result[f"rss_mb_{key}"] = None if rss is None else rss / 2**20
-        if result["rss_mb_static"] and result["rss_mb_dynamic"] is not None:
-            result["rss_ratio"] = result["rss_mb_dynamic"] / result["rss_mb_static"]
-    result["paths"] = path_report(models["dynamic"])
     return result
 
 
-def _cuda_peak_training_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                              amp: str, scaler: Optional[Any]) -> float:
-    """Peak CUDA memory allocated during one eager training step, above what was allocated before it
-    (parameters and optimizer state, allocated by the earlier steps, are included in neither)."""
-    synchronize(x.device)
-    torch.cuda.reset_peak_memory_stats(x.device)
-    base = torch.cuda.memory_allocated(x.device)
-    _train_step(model, opt, x, y, model, amp, scaler)
-    synchronize(x.device)
-    return float(torch.cuda.max_memory_allocated(x.device) - base)
-
-
-# --------------------------------------------------------------------------------------------- CLI
+def _measure_peak_rss(config: LatencyConfig) -> Dict[str, Any]:
+    """Peak RSS of a training step of each model, each in a fresh process (CPU)."""
+    c = config
+    result: Dict[str, Any] = {}
+    for key, spec in progress((("static", "static"), ("dynamic", c.conv)), "peak RSS of a training step, each "
+                              "model in a fresh process (--no-rss skips)", unit="model"):
+        rss = peak_rss_training(c.arch, spec, "paper" if key == "static" else c.placement, c.image_size,
+                                c.num_classes, c.in_chans, c.train_batch, c.threads, c.seed)
+        result[f"rss_mb_{key}"] = None if rss is None else rss / 2**20
+    if result["rss_mb_static"] and result["rss_mb_dynamic"] is not None:
+        result["rss_ratio"] = result["rss_mb_dynamic"] / result["rss_mb_static"]
+    return result

@@ -57,6 +57,7 @@ from image_classification.dynamic import build_conv, list_operators, parse_spec
 from image_classification.dynamic.autotune import set_autotune
 from image_classification.dynamic.pedconv import PEDConv2d
 from image_classification.dynamic.pedconv.paths import PATH_REGISTRY
+from image_classification.measurement.memory import cuda_peak_bytes, saved_tensor_storages
 from image_classification.timing import (
     AMP_DTYPES,
     autocast_context,
@@ -64,7 +65,6 @@ from image_classification.timing import (
     interleaved_samples,
     memory_format,
     resolve_device,
-    synchronize,
 )
 
 __all__ = ["LayerShape", "SHAPES", "DEFAULT_SHAPES", "run_benchmark", "main"]
@@ -170,27 +170,17 @@ def _train_memory(module: nn.Module, x: torch.Tensor, device: torch.device, amp:
     module.train(training)
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     module = nn.Sequential(module, nn.BatchNorm2d(channels)).to(x.device).to(memory_format=fmt).train()
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+
+    def step() -> None:
         with autocast_context(device, amp):
             out = module(xg)
         out.backward(torch.ones_like(out))
-        synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device) - base)
-    seen: Dict[int, int] = {}
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:  # parameters live anyway; count what the step adds
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(device, amp):
-        out = module(xg)
-    out.backward(torch.ones_like(out))
+    if device.type == "cuda":
+        return cuda_peak_bytes(step, device)
+    # the parameters live anyway; count what the step adds
+    with saved_tensor_storages(exclude=(p.untyped_storage().data_ptr() for p in module.parameters())) as seen:
+        step()
     return float(sum(seen.values()))
 
 

@@ -44,7 +44,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from image_classification.argparsing import ArgumentParser, run_program
 from image_classification.atomic_files import write_json_atomic
@@ -103,6 +103,54 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def format_report(report: Dict[str, Any]) -> str:
+    """The human-readable report of :func:`main`'s measurements (``--json`` prints ``report`` itself)."""
+    lines: List[str] = []
+    out = lines.append
+    out(f"arch {report['arch']}  conv {report['conv']}  placement {report['placement']}  "
+        f"image {report['image_size']}  classes {report['num_classes']}  in_chans {report['in_chans']}")
+    out(f"  dynamic layers     {report['dynamic_layers']}")
+    out(f"  params (deploy)    {report['params_deploy'] / 1e6:.3f}M")
+    out(f"  params (training)  {report['params_training'] / 1e6:.3f}M")
+    out(f"  MACs               {report['macs'] / 1e6:.1f}M")
+    if "static_macs" in report:
+        out(f"  static baseline    {report['static_params_deploy'] / 1e6:.3f}M params, "
+            f"{report['static_macs'] / 1e6:.1f}M MACs")
+    lat = report.get("latency")
+    if lat:
+        where = (f"{lat['device_name']}" if lat["device"] == "cuda" else f"{lat['threads']} threads")
+        out(f"  device             {lat['device']} ({where})  amp {lat['amp']}  "
+            f"{'channels_last' if lat['channels_last'] else 'NCHW'}")
+        out(f"  batch-1 inference  {lat['infer_ms_dynamic']:.2f} ms vs static {lat['infer_ms_static']:.2f} ms"
+            f"  ratio {lat['infer_ratio']:.3f}  (median of {lat['images']})")
+        out(f"  training step b{lat['train_batch']}  {lat['train_ms_dynamic']:.1f} ms vs static "
+            f"{lat['train_ms_static']:.1f} ms  ratio {lat['train_ratio']:.3f}")
+        out(f"  train throughput   {lat['train_img_s_dynamic']:.1f} img/s vs static {lat['train_img_s_static']:.1f} "
+            f"img/s  ratio {lat['throughput_ratio']:.3f}")
+        if lat.get("peak_memory_ratio") is not None:
+            out(f"  CUDA peak (step)   {lat['train_peak_mb_dynamic']:.0f} MB vs static "
+                f"{lat['train_peak_mb_static']:.0f} MB  ratio {lat['peak_memory_ratio']:.3f}")
+        out(f"  training memory    {lat['train_mem_mb_dynamic']:.0f} MB vs static {lat['train_mem_mb_static']:.0f} MB"
+            f"  ratio {lat['memory_ratio']:.3f}  (parameters, gradients, momentum, saved tensors)")
+        if lat.get("rss_ratio") is not None:
+            out(f"  peak RSS (step)    {lat['rss_mb_dynamic']:.0f} MB vs static {lat['rss_mb_static']:.0f} MB"
+                f"  ratio {lat['rss_ratio']:.3f}")
+        if lat.get("calls_dynamic"):
+            layers = max(report["dynamic_layers"], 1)
+            extra = {k: (lat["calls_dynamic"][k] - lat["calls_static"][k]) / layers for k in ("aten", "python")}
+            out(f"  batch-1 calls      aten {lat['calls_dynamic']['aten']} vs static {lat['calls_static']['aten']}"
+                f" ({extra['aten']:+.1f} per dynamic layer), Python {lat['calls_dynamic']['python']} vs "
+                f"{lat['calls_static']['python']} ({extra['python']:+.1f} per layer)")
+        if lat.get("compile"):
+            folded = lat.get("frozen_bn_folded", {})
+            out(f"  compiled batch-1 with inductor freezing  {lat['infer_ms_dynamic_frozen']:.2f} ms vs static "
+                f"{lat['infer_ms_static_frozen']:.2f} ms  ratio {lat['infer_ratio_frozen']:.3f}  (BatchNorm folded "
+                f"on both sides first: {folded.get('dynamic', 0)} and {folded.get('static', 0)} pairs)")
+        out(f"  execution          {'torch.compile (inductor)' if lat.get('compile') else 'eager'}, PEDConv paths "
+            f"{'autotuned' if lat.get('autotune') else 'by heuristic'}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -141,10 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.latency:
             autotune.set_autotune(None if args.autotune else False)
             report["latency"] = measure_latency(
-                args.arch, args.conv, args.placement, report["image_size"], args.num_classes, args.in_chans,
-                threads=args.threads, images=args.images, warmup=args.warmup, train_batch=args.train_batch,
-                train_steps=args.train_steps, compile=args.compile, peak_rss=args.rss, device=args.device,
-                amp=args.amp, channels_last=args.channels_last)
+                args.arch, args.conv, placement=args.placement, image_size=report["image_size"],
+                num_classes=args.num_classes, in_chans=args.in_chans, threads=args.threads, images=args.images,
+                warmup=args.warmup, train_batch=args.train_batch, train_steps=args.train_steps, compile=args.compile,
+                peak_rss=args.rss, device=args.device, amp=args.amp, channels_last=args.channels_last)
             report["latency"]["autotune"] = autotune.autotune_enabled()
     except ValueError as exc:
         parser.error(str(exc))
@@ -159,51 +207,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"arch {report['arch']}  conv {report['conv']}  placement {report['placement']}  "
-          f"image {report['image_size']}  classes {report['num_classes']}  in_chans {report['in_chans']}")
-    print(f"  dynamic layers     {report['dynamic_layers']}")
-    print(f"  params (deploy)    {report['params_deploy'] / 1e6:.3f}M")
-    print(f"  params (training)  {report['params_training'] / 1e6:.3f}M")
-    print(f"  MACs               {report['macs'] / 1e6:.1f}M")
-    if "static_macs" in report:
-        print(f"  static baseline    {report['static_params_deploy'] / 1e6:.3f}M params, "
-              f"{report['static_macs'] / 1e6:.1f}M MACs")
-    lat = report.get("latency")
-    if lat:
-        where = (f"{lat['device_name']}" if lat["device"] == "cuda" else f"{lat['threads']} threads")
-        print(f"  device             {lat['device']} ({where})  amp {lat['amp']}  "
-              f"{'channels_last' if lat['channels_last'] else 'NCHW'}")
-        print(f"  batch-1 inference  {lat['infer_ms_dynamic']:.2f} ms vs static {lat['infer_ms_static']:.2f} ms"
-              f"  ratio {lat['infer_ratio']:.3f}  (median of {lat['images']})")
-        print(f"  training step b{lat['train_batch']}  {lat['train_ms_dynamic']:.1f} ms vs static "
-              f"{lat['train_ms_static']:.1f} ms  ratio {lat['train_ratio']:.3f}")
-        print(f"  train throughput   {lat['train_img_s_dynamic']:.1f} img/s vs static {lat['train_img_s_static']:.1f} "
-              f"img/s  ratio {lat['throughput_ratio']:.3f}")
-        if lat.get("peak_memory_ratio") is not None:
-            print(f"  CUDA peak (step)   {lat['train_peak_mb_dynamic']:.0f} MB vs static "
-                  f"{lat['train_peak_mb_static']:.0f} MB  ratio {lat['peak_memory_ratio']:.3f}")
-        print(f"  training memory    {lat['train_mem_mb_dynamic']:.0f} MB vs static {lat['train_mem_mb_static']:.0f} MB"
-              f"  ratio {lat['memory_ratio']:.3f}  (parameters, gradients, momentum, saved tensors)")
-        if lat.get("rss_ratio") is not None:
-            print(f"  peak RSS (step)    {lat['rss_mb_dynamic']:.0f} MB vs static {lat['rss_mb_static']:.0f} MB"
-                  f"  ratio {lat['rss_ratio']:.3f}")
-        if lat.get("calls_dynamic"):
-            layers = max(report["dynamic_layers"], 1)
-            extra = {k: (lat["calls_dynamic"][k] - lat["calls_static"][k]) / layers for k in ("aten", "python")}
-            print(f"  batch-1 calls      aten {lat['calls_dynamic']['aten']} vs static {lat['calls_static']['aten']}"
-                  f" ({extra['aten']:+.1f} per dynamic layer), Python {lat['calls_dynamic']['python']} vs "
-                  f"{lat['calls_static']['python']} ({extra['python']:+.1f} per layer)")
-        if lat.get("compile"):
-            folded = lat.get("frozen_bn_folded", {})
-            print(f"  compiled batch-1 with inductor freezing  {lat['infer_ms_dynamic_frozen']:.2f} ms vs static "
-                  f"{lat['infer_ms_static_frozen']:.2f} ms  ratio {lat['infer_ratio_frozen']:.3f}  (BatchNorm folded "
-                  f"on both sides first: {folded.get('dynamic', 0)} and {folded.get('static', 0)} pairs)")
-        print(f"  execution          {'torch.compile (inductor)' if lat.get('compile') else 'eager'}, PEDConv paths "
-              f"{'autotuned' if lat.get('autotune') else 'by heuristic'}")
-        if args.print_paths:
-            from image_classification.dynamic import format_path_report
+    print(format_report(report))
+    if report.get("latency") and args.print_paths:
+        from image_classification.dynamic import format_path_report
 
-            print(format_path_report(lat["paths"]))
+        print(format_path_report(report["latency"]["paths"]))
     return 0
 
 

@@ -47,11 +47,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from image_classification.data import BatchLoader
 
 from .checkpoint import derive_seed
 from .engine import (
@@ -312,7 +314,7 @@ def attack_metadata(prefix: str) -> Dict[str, Dict[str, Any]]:
             f"{prefix}.time": {"unit": "s", "format": ":>5.1f"}}
 
 
-def validate_under_attack(model: nn.Module, cfg: LoopConfig, loader: Iterable, criterion: nn.Module,
+def validate_under_attack(model: nn.Module, cfg: LoopConfig, loader: BatchLoader, criterion: nn.Module,
                           attack: PGDAttack, prefix: str, epoch: int = 0, seed: int = 0, rank: int = 0
                           ) -> Dict[str, float]:
     """Top-1/top-5/loss on the adversarial versions of the validation set (exact over all ranks), and the
@@ -326,7 +328,7 @@ def validate_under_attack(model: nn.Module, cfg: LoopConfig, loader: Iterable, c
 
     was_training = model.training
     model.eval()
-    total = cfg.iterations(len(loader))  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
+    total = cfg.iterations(len(loader))
     sums = torch.zeros(4, dtype=torch.float64, device=cfg.device)  # loss*n, correct1, correct5, n
     linf = torch.zeros((), dtype=torch.float64, device=cfg.device)
     fp16 = cfg.amp_dtype == torch.float16

@@ -14,12 +14,13 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
 
 from image_classification.compat import is_compiler_error, uncompile
+from image_classification.data import BatchLoader
 from image_classification.dynamic import infomax_loss
 
 from .distributed import all_reduce_sum, any_rank, is_active
@@ -320,7 +321,7 @@ def _train_step(comp: TrainingSetup, cfg: LoopConfig, images: torch.Tensor, targ
 def train_one_epoch(
     comp: TrainingSetup,
     cfg: LoopConfig,
-    loader: Iterable,
+    loader: BatchLoader,
     epoch: int,
     raport: RaportWriter,
     stop_requested: Callable[[], bool],
@@ -333,7 +334,7 @@ def train_one_epoch(
     ``resumed_totals``: those of the interrupted run (its checkpoint's), so that the epoch summary covers
     the iterations before ``start_iteration`` too."""
     comp.model.train()
-    total = cfg.iterations(len(loader))  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
+    total = cfg.iterations(len(loader))
     window, epoch_window = _Window(cfg.device), _Window(cfg.device)
     if start_iteration and resumed_totals is not None:
         epoch_window.restore(resumed_totals, owner=cfg.is_main)
@@ -398,11 +399,11 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, cfg: LoopConfig, loader: Iterable, criterion: nn.Module, prefix: str = "val",
+def validate(model: nn.Module, cfg: LoopConfig, loader: BatchLoader, criterion: nn.Module, prefix: str = "val",
              epoch: int = 0) -> Dict[str, float]:
     """Exact top-1/top-5/loss over the whole validation set (all ranks), plus compute throughput/latency."""
     model.eval()
-    total = cfg.iterations(len(loader))  # type: ignore[arg-type]  # torch types a DataLoader's len on an unsized Dataset
+    total = cfg.iterations(len(loader))
     sums = torch.zeros(4, dtype=torch.float64, device=cfg.device)  # loss*n, correct1, correct5, n
     latencies = []
     progress = Progress(f"Epoch {epoch} {prefix}", total, cfg.print_freq, enabled=cfg.is_main)

@@ -124,7 +124,7 @@ def test_latency_shows_progress_and_ctrl_c_is_one_line(capsys: pytest.CaptureFix
     assert profiler.main(argv) == 0
     captured = capsys.readouterr()
     json.loads(captured.out)  # progress stays off standard output
-    for line in ("profiler: cifar_resnet20 static and pedconv: calibrating BatchNorm statistics",
+    for line in ("[latency] cifar_resnet20 static and pedconv: calibrating BatchNorm statistics",
                  "timing batch-1 inference (static and dynamic, interleaved, 0 warm-up): 2 image(s) ...",
                  "timing batch-2 training steps (static and dynamic, interleaved, 2 warm-up): done (3 step(s)"):
         assert line in captured.err
