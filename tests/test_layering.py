@@ -121,3 +121,21 @@ def test_pre_commit_runs_the_source_checks_of_ci_and_the_type_check_exempts_noth
                    for number, line in enumerate(path.read_text().splitlines(), 1)
                    if "type: ignore" in line and not re.search(r"type: ignore\[[-a-z, ]+\]  # \S", line)]
     assert unexplained == []
+
+
+def test_functions_and_modules_stay_readable() -> None:
+    """No function over 90 lines (the Triton kernels excepted: a kernel is one launch) and no module over 700 lines
+    in the package: a longer one is several ideas, to be split where the seams are."""
+    long_functions, long_modules = [], []
+    for path in sorted((ROOT / "image_classification").rglob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > 700:
+            long_modules.append(f"{path.relative_to(ROOT)} ({len(source.splitlines())} lines)")
+        if path.name == "triton_kernels.py":
+            continue
+        for node in ast.walk(ast.parse(source, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length > 90:
+                    long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert long_functions == [] and long_modules == []

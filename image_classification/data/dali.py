@@ -285,6 +285,26 @@ def _dali_shard_size(n: int, shard_id: int, num_shards: int) -> int:
     return (n * (shard_id + 1)) // num_shards - (n * shard_id) // num_shards
 
 
+def _select_files(samples: List[Tuple[str, int]], limit: Any, seed: int) -> Tuple[List[str], List[int]]:
+    """Absolute paths and labels of ``samples``, or of the ``limit`` of them drawn with ``seed``."""
+    keep = subset_indices(len(samples), limit, seed)
+    chosen = samples if keep is None else [samples[i] for i in keep.tolist()]
+    return [os.path.abspath(p) for p, _ in chosen], [int(label) for _, label in chosen]
+
+
+def _pipeline_arguments(cfg: DataConfig, gpu: bool) -> Dict[str, Any]:
+    """The arguments of :func:`_create_pipeline` that every pipeline of ``cfg`` shares."""
+    device_id = None
+    if gpu:
+        device = cfg.torch_device
+        device_id = device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
+    return dict(num_threads=max(1, cfg.workers), device_id=device_id, shard_id=cfg.rank, num_shards=cfg.world_size,
+                decoder_device="mixed" if gpu else "cpu", size=cfg.resolved_image_size,
+                val_resize=cfg.resolved_val_resize, mean=cfg.info.mean, std=cfg.info.std,
+                layout="HWC" if cfg.torch_memory_format == torch.channels_last else "CHW",
+                interpolation=cfg.interpolation)
+
+
 def build_dali_loaders(cfg: DataConfig) -> Loaders:
     """The ``dali-cpu`` / ``dali-gpu`` backends for the ImageNet (ImageFolder) layout."""
     gpu = cfg.backend == "dali-gpu"
@@ -299,47 +319,19 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
     val_classes, val_samples = scan_split(cfg.root, "val")
     check_same_classes(train_classes, val_classes, str(cfg.root))
     num_classes = resolve_num_classes(cfg, len(train_classes), str(cfg.root))
-
-    def select(samples: List[Tuple[str, int]], limit: Any, seed: int) -> Tuple[List[str], List[int]]:
-        keep = subset_indices(len(samples), limit, seed)
-        chosen = samples if keep is None else [samples[i] for i in keep.tolist()]
-        return [os.path.abspath(p) for p, _ in chosen], [int(label) for _, label in chosen]
-
-    train_files, train_labels = select(train_samples, cfg.train_subset, cfg.seed)
-    val_files, val_labels = select(val_samples, cfg.val_subset, cfg.seed + 1)
+    train_files, train_labels = _select_files(train_samples, cfg.train_subset, cfg.seed)
+    val_files, val_labels = _select_files(val_samples, cfg.val_subset, cfg.seed + 1)
     world, rank = cfg.world_size, cfg.rank
     if len(train_files) < world or len(val_files) < world:
         raise DataError(
             f"{cfg.root}: fewer images than ranks ({len(train_files)} train, {len(val_files)} val, "
             f"{world} ranks)"
         )
-
-    if gpu:
-        device = cfg.torch_device
-        device_id = (
-            device.index
-            if device.type == "cuda" and device.index is not None
-            else torch.cuda.current_device()
-        )
-    else:
-        device_id = None
-    nhwc = cfg.torch_memory_format == torch.channels_last
+    common = _pipeline_arguments(cfg, gpu)
     # dali-cpu hands out uint8 batches, converted and normalised on the training device
     normalize = None if gpu else PixelNormalizer(cfg.info.mean, cfg.info.std, cfg.torch_device, cfg.torch_memory_format)
-    on_device: Dict[str, Any] = dict(nhwc=nhwc, normalize=normalize, device=cfg.torch_device)
-    common: Dict[str, Any] = dict(  # the arguments every pipeline shares
-        num_threads=max(1, cfg.workers),
-        device_id=device_id,
-        shard_id=rank,
-        num_shards=world,
-        decoder_device="mixed" if gpu else "cpu",
-        size=cfg.resolved_image_size,
-        val_resize=cfg.resolved_val_resize,
-        mean=cfg.info.mean,
-        std=cfg.info.std,
-        layout="HWC" if nhwc else "CHW",
-        interpolation=cfg.interpolation,
-    )
+    on_device: Dict[str, Any] = dict(nhwc=cfg.torch_memory_format == torch.channels_last, normalize=normalize,
+                                     device=cfg.torch_device)
 
     train_bs, val_bs = cfg.batch_size, cfg.resolved_val_batch_size
     smallest_train_shard = len(train_files) // world
@@ -347,47 +339,26 @@ def build_dali_loaders(cfg: DataConfig) -> Loaders:
     drop = effective_drop_last(cfg.drop_last, smallest_train_shard, train_bs)
     train_policy = LastBatchPolicy.DROP if drop else LastBatchPolicy.FILL
     train_len = smallest_train_shard // train_bs if drop else -(-largest_train_shard // train_bs)
-    train_pipe = _create_pipeline(
-        train_files,
-        train_labels,
-        train=True,
-        augment=cfg.augment,
-        augmentation=cfg.augmentation,
-        batch_size=train_bs,
-        seed=cfg.seed + 1000 * rank,
-        **common,
-    )
-    train = DaliLoader(train_pipe, train_files, train_policy, train_len, **on_device)
+
+    def train_loader(seed: int) -> DaliLoader:
+        pipe = _create_pipeline(train_files, train_labels, train=True, augment=cfg.augment, batch_size=train_bs,
+                                augmentation=cfg.augmentation, seed=seed, **common)
+        return DaliLoader(pipe, train_files, train_policy, train_len, **on_device)
+
+    train = train_loader(cfg.seed + 1000 * rank)
     calibration: List[DaliLoader] = []
 
     def calibration_loader() -> DaliLoader:
         """A second training pipeline for --precise-bn, built on first use (the training iterator cannot be
         rewound mid-epoch, and drawing from it would shorten the next epoch)."""
         if not calibration:
-            pipe = _create_pipeline(train_files, train_labels, train=True, augment=cfg.augment, batch_size=train_bs,
-                                    augmentation=cfg.augmentation, seed=cfg.seed + 1000 * rank + 2, **common)
-            calibration.append(DaliLoader(pipe, train_files, train_policy, train_len, **on_device))
+            calibration.append(train_loader(cfg.seed + 1000 * rank + 2))
         return calibration[0]
 
     val_len = -(-_dali_shard_size(len(val_files), rank, world) // val_bs)
-    val_pipe = _create_pipeline(
-        val_files,
-        val_labels,
-        train=False,
-        augment=False,
-        batch_size=val_bs,
-        seed=cfg.seed + 1000 * rank + 1,
-        **common,
-    )
+    val_pipe = _create_pipeline(val_files, val_labels, train=False, augment=False, batch_size=val_bs,
+                                seed=cfg.seed + 1000 * rank + 1, **common)
     val = DaliLoader(val_pipe, val_files, LastBatchPolicy.PARTIAL, val_len, **on_device)
-    return Loaders(
-        train,
-        val,
-        num_classes=num_classes,
-        in_chans=3,
-        image_size=cfg.resolved_image_size,
-        train_samples=len(train_files),
-        val_samples=len(val_files),
-        classes=train_classes,
-        calibration=calibration_loader,
-    )
+    return Loaders(train, val, num_classes=num_classes, in_chans=3, image_size=cfg.resolved_image_size,
+                   train_samples=len(train_files), val_samples=len(val_files), classes=train_classes,
+                   calibration=calibration_loader)

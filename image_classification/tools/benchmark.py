@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -224,73 +224,90 @@ def run_benchmark(
     started, count, cells = time.perf_counter(), 0, len(shapes) * len(batch_sizes)
     for shape_name in shapes:
         shape = SHAPES[shape_name]
-        geometry: Dict[str, Any] = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, bias=False)
-        torch.manual_seed(0)
-        static = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, **geometry).to(dev)
-        static = static.to(memory_format=fmt)
-        modules: Dict[str, nn.Module] = {}
-        notes: Dict[str, str] = {}
-        for op in ops:
-            try:
-                conv = build_conv(op, shape.in_channels, shape.out_channels, shape.kernel_size, **geometry)
-                modules[op] = conv.to(dev).to(memory_format=fmt)
-            except (ValueError, NotImplementedError) as exc:
-                notes[op] = f"skipped: {exc}"
+        static, modules, notes = _build_modules(shape, ops, dev, fmt)
         for batch in batch_sizes:
             count += 1
             if log:
                 log(f"  [{count}/{cells}] {shape_name} batch {batch}: {len(ops) + 1} modules, interleaved "
                     f"({time.perf_counter() - started:.0f} s so far) ...")
             x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=dev).contiguous(memory_format=fmt)
-            runnable = {}
-            batch_notes = dict(notes)
-            for op, m in modules.items():
-                problem = _probe(m, x, amp)
-                if problem is None:
-                    runnable[op] = m
-                else:
-                    batch_notes[op] = f"skipped: {problem}"
-            candidates = {"static": static, **runnable}
-            callables = {name: (_compiled(m) if compile else m) for name, m in candidates.items()}
-            for m in candidates.values():
-                m.eval()
-            fwd = {name: _fwd_fn(callables[name], x, amp) for name in candidates}
-            times_fwd = _measure(fwd, dev, repeats, max(warmup, 1) if compile else warmup, target_s)
-            # an operator that cannot take a training step at this batch (ODConv's attention BatchNorm at batch 1)
-            # keeps its inference timing; its training columns say why they are empty
-            train_notes = {op: problem for op, m in runnable.items()
-                           if (problem := _probe(m, x, amp, training=True)) is not None}
-            trainable = {name: m for name, m in candidates.items() if name not in train_notes}
-            for m in trainable.values():
-                m.train()
-            train = {name: _train_fn(callables[name], x, list(trainable[name].parameters()), amp)
-                     for name in trainable}
-            times_train = _measure(train, dev, repeats, warmup, target_s)
-            mem = {name: _train_memory(m, x, dev, amp) for name, m in trainable.items()}
-            base_fwd = times_fwd["static"]
-            base_train = times_train["static"]
-            for op in ops:
-                if op in batch_notes:
-                    rows.append(Row(shape_name, op, batch, note=batch_notes[op]))
-                    continue
-                timed = op in trainable
-                rows.append(Row(
-                    shape_name, op, batch,
-                    fwd_ratio=times_fwd[op] / base_fwd,
-                    train_ratio=times_train[op] / base_train if timed else None,
-                    mem_ratio=mem[op] / mem["static"] if timed and mem["static"] else None,
-                    static_fwd_ms=1e3 * base_fwd,
-                    static_train_ms=1e3 * base_train,
-                    train_img_s=batch / times_train[op] if timed else None,
-                    static_train_img_s=batch / base_train,
-                    paths=_auto_paths(modules[op], batch),
-                    train_note="" if timed else f"train skipped: {train_notes[op]}",
-                ))
-            for m in candidates.values():
-                for p in m.parameters():
-                    p.grad = None
+            rows += _measure_cell(shape_name, ops, x, static, modules, notes, dev, amp=amp, compile=compile,
+                                  repeats=repeats, warmup=warmup, target_s=target_s)
             if on_progress is not None:
                 on_progress(list(rows))
+    return rows
+
+
+def _build_modules(shape: Any, ops: Sequence[str], dev: torch.device, fmt: torch.memory_format
+                   ) -> Tuple[nn.Module, Dict[str, nn.Module], Dict[str, str]]:
+    """The seeded nn.Conv2d of ``shape``, every operator of ``ops`` that builds for it, and why the others do not."""
+    geometry: Dict[str, Any] = dict(stride=shape.stride, padding=shape.padding, groups=shape.groups, bias=False)
+    torch.manual_seed(0)
+    static = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, **geometry).to(dev)
+    static = static.to(memory_format=fmt)
+    modules: Dict[str, nn.Module] = {}
+    notes: Dict[str, str] = {}
+    for op in ops:
+        try:
+            conv = build_conv(op, shape.in_channels, shape.out_channels, shape.kernel_size, **geometry)
+            modules[op] = conv.to(dev).to(memory_format=fmt)
+        except (ValueError, NotImplementedError) as exc:
+            notes[op] = f"skipped: {exc}"
+    return static, modules, notes
+
+
+def _measure_cell(shape_name: str, ops: Sequence[str], x: torch.Tensor, static: nn.Module,
+                  modules: Dict[str, nn.Module], notes: Dict[str, str], dev: torch.device, *, amp: str,
+                  compile: bool, repeats: int, warmup: int, target_s: float) -> List[Row]:
+    """One (shape, batch): forward and training step of every module that runs on ``x``, interleaved with the
+    static conv, and their training memory; a row per operator (a note where it was skipped)."""
+    batch = x.shape[0]
+    runnable = {}
+    batch_notes = dict(notes)
+    for op, m in modules.items():
+        problem = _probe(m, x, amp)
+        if problem is None:
+            runnable[op] = m
+        else:
+            batch_notes[op] = f"skipped: {problem}"
+    candidates = {"static": static, **runnable}
+    callables = {name: (_compiled(m) if compile else m) for name, m in candidates.items()}
+    for m in candidates.values():
+        m.eval()
+    fwd = {name: _fwd_fn(callables[name], x, amp) for name in candidates}
+    times_fwd = _measure(fwd, dev, repeats, max(warmup, 1) if compile else warmup, target_s)
+    # an operator that cannot take a training step at this batch (ODConv's attention BatchNorm at batch 1)
+    # keeps its inference timing; its training columns say why they are empty
+    train_notes = {op: problem for op, m in runnable.items()
+                   if (problem := _probe(m, x, amp, training=True)) is not None}
+    trainable = {name: m for name, m in candidates.items() if name not in train_notes}
+    for m in trainable.values():
+        m.train()
+    train = {name: _train_fn(callables[name], x, list(trainable[name].parameters()), amp) for name in trainable}
+    times_train = _measure(train, dev, repeats, warmup, target_s)
+    mem = {name: _train_memory(m, x, dev, amp) for name, m in trainable.items()}
+    base_fwd, base_train = times_fwd["static"], times_train["static"]
+    rows = []
+    for op in ops:
+        if op in batch_notes:
+            rows.append(Row(shape_name, op, batch, note=batch_notes[op]))
+            continue
+        timed = op in trainable
+        rows.append(Row(
+            shape_name, op, batch,
+            fwd_ratio=times_fwd[op] / base_fwd,
+            train_ratio=times_train[op] / base_train if timed else None,
+            mem_ratio=mem[op] / mem["static"] if timed and mem["static"] else None,
+            static_fwd_ms=1e3 * base_fwd,
+            static_train_ms=1e3 * base_train,
+            train_img_s=batch / times_train[op] if timed else None,
+            static_train_img_s=batch / base_train,
+            paths=_auto_paths(modules[op], batch),
+            train_note="" if timed else f"train skipped: {train_notes[op]}",
+        ))
+    for m in candidates.values():
+        for p in m.parameters():
+            p.grad = None
     return rows
 
 
