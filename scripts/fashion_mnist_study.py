@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from image_classification.argparsing import ArgumentParser  # noqa: E402
+from image_classification.argparsing import ArgumentParser, non_negative_int, positive_int  # noqa: E402
 from image_classification.reporting.fashion_mnist_study import (  # noqa: E402
     DIVERGED_MARKER,
     LABELS,
@@ -268,12 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ops", default=",".join(DEFAULT_OPS),
                         help=f"comma-separated recipes of configs/fashion_mnist/ (default: {','.join(DEFAULT_OPS)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default: 2)")
-    parser.add_argument("--train-subset", type=int, default=5000,
+    parser.add_argument("--epochs", type=positive_int, default=2, help="epochs per run (default: 2)")
+    parser.add_argument("--train-subset", type=non_negative_int, default=5000,
                         help="train on a seeded random subset of N of the 60000 images; 0 = all (default: 5000)")
-    parser.add_argument("--val-subset", type=int, default=0,
+    parser.add_argument("--val-subset", type=non_negative_int, default=0,
                         help="test on a seeded random subset of N of the 10000 test images; 0 = all (default: 0)")
-    parser.add_argument("--print-freq", type=int, default=5,
+    parser.add_argument("--print-freq", type=positive_int, default=5,
                         help="log the training loss every N iterations (default: 5)")
     parser.add_argument("--logs", type=Path, default=ROOT / "logs" / "fashion_mnist_study",
                         help="run workspaces: LOGS/<settings>/<op>/seed<k>/, one <settings> folder per schedule "
@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "written with --out docs/results)")
     parser.add_argument("--name", default="fashion_mnist",
                         help="base name of the result files (default: fashion_mnist)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the latency measurement (default: 2)")
-    parser.add_argument("--latency-images", type=int, default=200,
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="torch threads of the latency measurement (default: 2)")
+    parser.add_argument("--latency-images", type=positive_int, default=200,
                         help="timed batch-1 inferences per model (default: 200)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     parser.add_argument("--imagenet-cost", default="", metavar="ARCHS",
@@ -317,14 +318,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if op.startswith("_") or not (CONFIG_DIR / f"{op}.yaml").is_file():
             known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("[!_]*.yaml")))
             parser.error(f"unknown op {op!r}; choose from {known}")
-    for name in ("epochs", "print_freq", "threads", "latency_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("train_subset", "val_subset"):
-        value = getattr(args, name)
-        if value < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
-        setattr(args, name, value or None)
+        setattr(args, name, getattr(args, name) or None)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must be distinct")
     from image_classification.training.cli import MAX_SEED

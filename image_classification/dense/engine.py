@@ -2,10 +2,11 @@
 
 Detection (SSD: 160k + 40k + 40k iterations) and segmentation (ADE20K: epochs of 5000 iterations, poly decay)
 schedules are counted in iterations, so this loop is too. It reuses the classification trainer's pieces:
-SGD with BatchNorm/bias excluded from weight decay (:func:`image_classification.training.optim.build_optimizer`),
-atomic checkpoints, safe loading and RNG capture (:mod:`image_classification.training.checkpoint`), the
-DLLogger-format raport and the tqdm progress bar (:mod:`image_classification.training.logger`), process-group
-setup (:mod:`image_classification.training.distributed`) and PEDConv's info-max term
+main.py's optimizers and their flags (:func:`image_classification.training.optim.add_optimizer_flags`: SGD by
+default, BatchNorm/bias excluded from weight decay), atomic checkpoints, safe loading and RNG capture
+(:mod:`image_classification.training.checkpoint`), the DLLogger-format raport and the tqdm progress bar
+(:mod:`image_classification.training.logger`), process-group setup (:mod:`image_classification.training.distributed`)
+and PEDConv's info-max term
 (:func:`image_classification.dynamic.base.infomax_loss`, weight ``--infomax-weight``).
 
 A task supplies a :class:`Task`: its loss on a batch, its evaluation, and the metric that picks the best
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from image_classification.argparsing import non_negative_float, non_negative_int, positive_int
 from image_classification.data import DataError
 from image_classification.dynamic.base import infomax_loss
 from image_classification.dynamic.registry import parse_spec
@@ -58,7 +60,7 @@ from image_classification.training.distributed import (
 from image_classification.training.engine import NonFiniteLossError
 from image_classification.training.exit_status import error_line, expected_failure, signal_status
 from image_classification.training.logger import Progress, RaportWriter
-from image_classification.training.optim import build_optimizer
+from image_classification.training.optim import add_optimizer_flags, check_optimizer_flags, optimizer_from_args
 
 __all__ = ["IterationSchedule", "Task", "TaskLoader", "add_common_flags", "check_common_flags", "train",
            "infinite_batches", "load_config_defaults", "parse_task_args", "run_cli", "split_parts"]
@@ -108,27 +110,26 @@ def add_common_flags(parser: argparse.ArgumentParser, defaults: Dict[str, Any]) 
                    help="'+'-joined head/backbone parts made dynamic, 'none' or 'all' (default: the paper-count ones)")
     p.add_argument("--pretrained-backbone", default=None, metavar="PATH",
                    help="ImageNet checkpoint of this project (or a torchvision state dict) for the trunk")
-    p.add_argument("-b", "--batch-size", type=int, default=defaults["batch_size"], help="images per process")
-    p.add_argument("--iterations", type=int, default=defaults["iterations"], help="total training iterations")
-    p.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=defaults["batch_size"], help="images per process")
+    p.add_argument("--iterations", type=positive_int, default=defaults["iterations"], help="total training iterations")
+    add_optimizer_flags(p, lr=defaults["lr"], weight_decay=defaults["weight_decay"])
     p.add_argument("--lr-schedule", default=defaults["lr_schedule"], choices=("step", "poly"))
-    p.add_argument("--lr-steps", type=int, nargs="*", default=defaults.get("lr_steps", []), metavar="IT",
+    p.add_argument("--lr-steps", type=non_negative_int, nargs="*", default=defaults.get("lr_steps", []), metavar="IT",
                    help="iterations where the step schedule multiplies the lr by --lr-decay")
     p.add_argument("--lr-decay", type=float, default=0.1)
-    p.add_argument("--lr-power", type=float, default=0.9, help="poly schedule exponent")
-    p.add_argument("--warmup-iters", type=int, default=defaults.get("warmup_iters", 0))
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=defaults["weight_decay"])
-    p.add_argument("--infomax-weight", type=float, default=1e-3, help="weight of PEDConv's info-max loss")
-    p.add_argument("-j", "--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--lr-power", type=non_negative_float, default=0.9, help="poly schedule exponent")
+    p.add_argument("--warmup-iters", type=non_negative_int, default=defaults.get("warmup_iters", 0))
+    p.add_argument("--infomax-weight", type=non_negative_float, default=1e-3, help="weight of PEDConv's info-max loss")
+    p.add_argument("-j", "--workers", type=non_negative_int, default=4, help="data loading processes")
     p.add_argument("--workspace", default=defaults["workspace"], help="checkpoints and raport go here")
     p.add_argument("--raport-file", default="raport.json", help="DLLogger JSON-lines file (relative: in workspace)")
     p.add_argument("--resume", default=None, metavar="PATH|auto", help="continue a run from its checkpoint")
-    p.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="validate every N iterations "
-                   "(and at the end); 0: only at the end")
-    p.add_argument("--save-every", type=int, default=defaults["save_every"], help="checkpoint every N iterations")
+    p.add_argument("--eval-every", type=non_negative_int, default=defaults["eval_every"],
+                   help="validate every N iterations (and at the end); 0: only at the end")
+    p.add_argument("--save-every", type=non_negative_int, default=defaults["save_every"],
+                   help="checkpoint every N iterations")
     p.add_argument("--no-eval", action="store_true", help="never validate (train only)")
-    p.add_argument("-p", "--print-freq", type=int, default=20, help="log every N iterations")
+    p.add_argument("-p", "--print-freq", type=positive_int, default=20, help="log every N iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 with loss scaling on CUDA, bf16 on CPU)")
@@ -139,20 +140,12 @@ def add_common_flags(parser: argparse.ArgumentParser, defaults: Dict[str, Any]) 
 
 def check_common_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse impossible values with ``parser.error`` (one line, exit 2)."""
-    for name in ("batch_size", "iterations", "print_freq"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("workers", "warmup_iters", "eval_every", "save_every"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("lr", "weight_decay", "momentum", "infomax_weight", "lr_power"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value < 0:
-            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    try:
+        check_optimizer_flags(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not 0 < args.lr_decay <= 1:
         parser.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
-    if any(m < 0 for m in args.lr_steps):
-        parser.error(f"--lr-steps must be >= 0, got {args.lr_steps}")
     if args.evaluate and not (args.weights or args.resume):
         parser.error("--evaluate needs --weights PATH (or --resume PATH)")
 
@@ -313,7 +306,7 @@ def prepare_run(args: argparse.Namespace, task: Task, model: nn.Module, env: Dis
 
         align_gradient_strides(model)
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    optimizer = optimizer_from_args(model, args)
     schedule = IterationSchedule(args.lr_schedule, args.iterations, args.warmup_iters, args.lr_steps,
                                  args.lr_decay, args.lr_power)
     scheduler = LambdaLR(optimizer, schedule)

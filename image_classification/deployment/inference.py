@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from image_classification.argparsing import positive_int
+
 from ..data import DATASETS, DataConfig, DataError
 from ..dynamic.registry import implied_spec
 from ..training.checkpoint import CheckpointError, add_trust_flag, load_checkpoint, load_model_weights, recorded_args
@@ -32,7 +34,6 @@ from ..training.checkpoint import CheckpointError, add_trust_flag, load_checkpoi
 __all__ = [
     "InferenceModel",
     "add_model_arguments",
-    "require_positive",
     "dataset_class_names",
     "load_class_names",
     "load_inference_model",
@@ -48,20 +49,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, image_size: bool, datas
     group.add_argument("--arch")
     group.add_argument("--conv", help="operator spec")
     group.add_argument("--placement")
-    group.add_argument("--num-classes", type=int)
-    group.add_argument("--in-chans", type=int)
+    group.add_argument("--num-classes", type=positive_int)
+    group.add_argument("--in-chans", type=positive_int)
     if image_size:
-        group.add_argument("--image-size", type=int)
+        group.add_argument("--image-size", type=positive_int)
     group.add_argument("--dataset", help=dataset_help)
     add_trust_flag(parser)
-
-
-def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]) -> None:
-    """``parser.error`` (one line, exit 2) for the first of ``names`` that is set and below 1."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 @dataclass

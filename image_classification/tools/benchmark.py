@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, non_negative_int, positive_int, run_program
 from image_classification.atomic_files import write_json_atomic
 from image_classification.dynamic import build_conv, list_operators, parse_spec
 from image_classification.dynamic.autotune import set_autotune
@@ -379,9 +379,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                         help=f"comma-separated layer shapes among: {', '.join(SHAPES)}")
     parser.add_argument("--batch-sizes", type=_csv_ints, default=[1, 32])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                         help="cpu (default), cuda (CUDA-event timing) or auto (cuda when available)")
     parser.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES),
@@ -417,8 +417,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     bad = [s for s in shapes if s not in SHAPES]
     if bad or not shapes:
         parser.error(f"unknown shape(s) {', '.join(bad) or '(none given)'}; valid: {', '.join(SHAPES)}")
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     try:
         args.device = resolve_device(args.device).type
     except ValueError as exc:

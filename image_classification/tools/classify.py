@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, positive_int, run_program
 from image_classification.data import DataError
 from image_classification.deployment.inference import (
     add_model_arguments,
@@ -32,7 +32,6 @@ from image_classification.deployment.inference import (
     load_class_names,
     load_inference_model,
     preprocess_images,
-    require_positive,
 )
 from image_classification.training.checkpoint import CheckpointError, trust_checkpoints
 
@@ -87,10 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="classify.py", description="Classify images with a trained checkpoint.")
     p.add_argument("checkpoint", help="checkpoint file (model_best.pth.tar, checkpoint.pth.tar, a state dict)")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--class-names", help="text file with one class name per line, in class-index order")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    p.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--batch-size", "-b", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     add_model_arguments(p, image_size=True,
@@ -102,7 +101,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     trust_checkpoints(args.trust_checkpoints)
-    require_positive(parser, args, ("topk", "batch_size", "num_classes", "in_chans", "image_size"))
     try:
         device = _device(args.device)
         loaded = load_inference_model(

@@ -40,7 +40,7 @@ from image_classification.analysis.common import (
     validation_batches,
     write_csv,
 )
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, positive_int, run_program
 
 PROG = "python -m image_classification.tools.coefficients"
 
@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_data_flags(p, images_default=1000)
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="classifier checkpoint with dynamic layers")
-    p.add_argument("--hist-images", type=int, default=256, help="images whose values enter the histograms")
-    p.add_argument("--bins", type=int, default=50)
+    p.add_argument("--hist-images", type=positive_int, default=256, help="images whose values enter the histograms")
+    p.add_argument("--bins", type=positive_int, default=50)
     return p
 
 
@@ -58,8 +58,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     check_data_flags(parser, args)
-    if args.hist_images < 1 or args.bins < 1:
-        parser.error(f"--hist-images and --bins must be >= 1, got {args.hist_images}, {args.bins}")
 
     def body() -> int:
         out = prepare_out(args.out)

@@ -70,7 +70,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 import torch
 import torch.nn as nn
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, positive_float, positive_int, run_program
 from image_classification.atomic_files import replaced_atomically
 from image_classification.compat import dynamo_onnx_exporter_is_default
 from image_classification.deployment.bn_folding import FoldReport, fold_batchnorm
@@ -457,30 +457,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file (default: refuse it; the file is replaced only by a checked "
                         "export)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own)")
-    p.add_argument("--image-size", type=int, default=None, help="input size (default: the checkpoint's)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's own)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="input size (default: the checkpoint's)")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
                    help="keep BatchNorm layers (default: fold them into the convs before them)")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument("--exporter", default="auto", choices=EXPORTERS, help="ONNX exporter (default: auto)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the file and comparing it with PyTorch at batch 1 and 5")
-    p.add_argument("--batch-size", "-b", type=int, default=None,
+    p.add_argument("--batch-size", "-b", type=positive_int, default=None,
                    help="export for this fixed batch size instead of a dynamic batch axis (batch-1 deployment: "
                         "per-sample kernels become conv weights computed in the graph; faster, see README)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=positive_float, default=1e-4,
                    help="largest accepted |exported - eager| relative to the output range (default 1e-4)")
     p.add_argument("--pedconv-forms", default="rule", choices=FORM_CHOICES,
                    help="how PEDConv layers get their export form (all with constant conv weights; "
                         "docs/deployment.md): rule = a measured shape rule, the same graph on every machine "
                         "(default); tune = time every form of every layer shape in onnxruntime on this machine; "
                         "or one form wherever it applies")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--threads", type=positive_int, default=2,
                    help="onnxruntime intra-op threads of --pedconv-forms tune, --benchmark and --profile (default 2)")
     p.add_argument("--benchmark", action="store_true",
                    help="after writing, time the export against the static export of the same architecture in "
                         "onnxruntime (interleaved rounds, batch 1 and --benchmark-batch) and print the ratios")
-    p.add_argument("--benchmark-batch", type=int, default=8,
+    p.add_argument("--benchmark-batch", type=positive_int, default=8,
                    help="the larger batch of --benchmark/--profile and of --pedconv-forms tune (default 8)")
     p.add_argument("--profile", action="store_true",
                    help="with --benchmark: onnxruntime's profiler per layer, exported and static, and the op "
@@ -492,14 +492,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from image_classification.data import DataError
-    from image_classification.deployment.inference import load_inference_model, require_positive
+    from image_classification.deployment.inference import load_inference_model
     from image_classification.training.checkpoint import CheckpointError, trust_checkpoints
 
     parser = _parser()
     args = parser.parse_args(argv)
     trust_checkpoints(args.trust_checkpoints)
-    require_positive(parser, args, ("opset", "image_size", "num_classes", "in_chans", "batch_size", "threads",
-                                    "benchmark_batch"))
     if (args.benchmark or args.profile or args.pedconv_forms == "tune") and args.format != "onnx":
         parser.error("--benchmark, --profile and --pedconv-forms tune time ONNX files in onnxruntime: "
                      "use them with --format onnx")
@@ -508,8 +506,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size == 1 and args.pedconv_forms != "rule":
         parser.error("--pedconv-forms chooses the export forms; with --batch-size 1 the layers keep their own paths "
                      "(per-sample kernels folded into one conv): drop one of the two")
-    if not 0 < args.tolerance < float("inf"):  # NaN too: every comparison with it fails, so nothing would pass
-        parser.error(f"--tolerance must be > 0, got {args.tolerance}")
     if args.format == "torchscript" and args.opset is not None:
         parser.error("--opset applies to --format onnx only")
     start = time.perf_counter()

@@ -26,7 +26,7 @@ import sys
 from dataclasses import asdict
 from typing import Optional, Sequence
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, non_negative_int, positive_float, positive_int, run_program
 
 __all__ = ["main"]
 
@@ -36,18 +36,19 @@ PROG = "python -m image_classification.tools.loader_benchmark"
 def _parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Time each data backend's training loader against the bare decode loop.")
     p.add_argument("data", help="ImageFolder root with train/ (and val/)")
-    p.add_argument("--images", type=int, default=384, help="images per epoch, drawn from train/ (default 384)")
-    p.add_argument("-b", "--batch-size", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--image-size", type=int, default=224, help="training crop (default 224)")
+    p.add_argument("--images", type=positive_int, default=384, help="images per epoch, drawn from train/ (default 384)")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=32, help="batch size (default 32)")
+    p.add_argument("--image-size", type=positive_int, default=224, help="training crop (default 224)")
     p.add_argument("--backends", nargs="+", default=None, help="backends to time (default: every installed one)")
-    p.add_argument("-j", "--workers", type=int, nargs="+", default=[1, 2],
+    p.add_argument("-j", "--workers", type=non_negative_int, nargs="+", default=[1, 2],
                    help="worker processes (DALI: threads) to try (default: 1 2)")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after a warm-up epoch (default 2)")
-    p.add_argument("--model-img-s", type=float, default=None,
+    p.add_argument("--epochs", type=positive_int, default=2, help="timed epochs after a warm-up epoch (default 2)")
+    p.add_argument("--model-img-s", type=positive_float, default=None,
                    help="a model's training images per second on one GPU: print the cores it needs fed")
     p.add_argument("--feed", metavar="ARCH", default=None,
                    help="also time ARCH's training step fed by each backend (largest -j) and by synthetic data")
-    p.add_argument("--feed-seconds", type=float, default=10.0, help="timed seconds per --feed pipeline (default 10)")
+    p.add_argument("--feed-seconds", type=positive_float, default=10.0,
+                   help="timed seconds per --feed pipeline (default 10)")
     p.add_argument("--device", default=None, help="--feed's device (default: cuda when available, else cpu)")
     p.add_argument("--write-sample-images", type=int, default=None, metavar="N",
                    help="first write N sample JPEGs (500x375) to DATA, which must be missing or empty")
@@ -56,15 +57,6 @@ def _parser() -> ArgumentParser:
 
 
 def _check(parser: ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("images", "batch_size", "image_size", "epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if any(w < 0 for w in args.workers):
-        parser.error(f"-j/--workers must be >= 0, got {min(args.workers)}")
-    for name in ("model_img_s", "feed_seconds"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.write_sample_images is not None:
         if args.write_sample_images < 8:
             parser.error(f"--write-sample-images must be >= 8 (one per class), got {args.write_sample_images}")

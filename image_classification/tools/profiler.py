@@ -46,7 +46,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, non_negative_int, positive_int, run_program
 from image_classification.atomic_files import write_json_atomic
 from image_classification.dynamic import autotune
 from image_classification.measurement.latency import measure_latency
@@ -73,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", default=None, help="placement (paper, all, pointwise, depthwise, shallow, "
                    "deep, none, +stem/+shortcut/+se/+cls/+share/+last; see image_classification/models/convert.py; "
                    "default: the operator's, as main.py: paper, involution paper+last)")
-    p.add_argument("--image-size", type=int, default=None, help="input size (default: the arch's paper size)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--image-size", type=positive_int, default=None, help="input size (default: the arch's paper size)")
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--in-chans", type=positive_int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out-json", type=Path, default=None,
                    help="also write the JSON report to this file (atomically; its directory must exist)")
@@ -85,11 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES),
                    help="with --latency: autocast dtype of both models (fp16 training uses a GradScaler)")
     p.add_argument("--channels-last", action="store_true", help="with --latency: channels_last models and inputs")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--images", type=int, default=200, help="timed batch-1 inferences (paper: 5000)")
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--train-batch", type=int, default=32)
-    p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--images", type=positive_int, default=200, help="timed batch-1 inferences (paper: 5000)")
+    p.add_argument("--warmup", type=non_negative_int, default=20)
+    p.add_argument("--train-batch", type=positive_int, default=32)
+    p.add_argument("--train-steps", type=positive_int, default=8)
     p.add_argument("--compile", action="store_true",
                    help="with --latency: torch.compile both models (inductor; batch-1 also with freezing)")
     p.add_argument("--no-autotune", dest="autotune", action="store_false",
@@ -154,12 +154,6 @@ def format_report(report: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("image_size", "num_classes", "in_chans", "threads", "images", "train_batch", "train_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     try:
         resolve_device(args.device)
     except ValueError as exc:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, positive_int, run_program
 from image_classification.reporting.raport import read_raport
 from image_classification.reporting.tensorboard import TensorBoardScalars, iterations_per_epoch, require_tensorboard
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", default=None, metavar="NAME",
                    help="the runs' folder names under --out, one per raport (default: each raport's folder name, "
                         "with as many parent folders as it takes to tell them apart: static-seed0)")
-    p.add_argument("--iterations-per-epoch", type=int, default=None, metavar="N",
+    p.add_argument("--iterations-per-epoch", type=positive_int, default=None, metavar="N",
                    help="epoch length for the global iteration step (default: the largest iteration a raport logs)")
     return p
 
@@ -88,8 +88,6 @@ def default_names(raports: Sequence[Path]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.iterations_per_epoch is not None and args.iterations_per_epoch < 1:
-        parser.error(f"--iterations-per-epoch must be >= 1, got {args.iterations_per_epoch}")
     try:
         require_tensorboard(PROG)
     except ImportError as exc:

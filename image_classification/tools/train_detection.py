@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, positive_int, run_program
 from image_classification.dense.engine import (
     Task,
     TaskLoader,
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=300, help="SSD input side (default 300; >= 257)")
     parser.add_argument("--train-split", default="train2017")
     parser.add_argument("--val-split", default="val2017")
-    parser.add_argument("--val-batch-size", type=int, default=8)
+    parser.add_argument("--val-batch-size", type=positive_int, default=8)
     parser.add_argument("--no-augment", action="store_true",
                         help="train without SSD's augmentation (resize only; for debugging and smoke tests)")
     return parser
@@ -66,8 +66,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parse_task_args(parser, argv, "a COCO-layout directory")
     if args.image_size < 257:
         parser.error(f"--image-size must be >= 257 (SSD300's last extra blocks need it), got {args.image_size}")
-    if args.val_batch_size < 1:
-        parser.error(f"--val-batch-size must be >= 1, got {args.val_batch_size}")
     return args
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, non_negative_float, positive_int, run_program
 from image_classification.dense.engine import (
     Task,
     TaskLoader,
@@ -55,15 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="ADE20K layout: DATA/images/<split>/*.jpg, DATA/annotations/<split>/*.png")
     add_common_flags(parser, DEFAULTS)
     parser.add_argument("--arch", default="pspnet", help=f"segmenter: {', '.join(list_segmenters())}")
-    parser.add_argument("--num-classes", type=int, default=ADE20K_CLASSES, help="classes (ADE20K: 150)")
-    parser.add_argument("--head-channels", type=int, default=512,
+    parser.add_argument("--num-classes", type=positive_int, default=ADE20K_CLASSES, help="classes (ADE20K: 150)")
+    parser.add_argument("--head-channels", type=positive_int, default=512,
                         help="width of the pyramid-pooling branches and heads (512 in the paper's models)")
-    parser.add_argument("--crop-size", type=int, default=512, help="training crop side")
-    parser.add_argument("--scales", type=int, nargs="+", default=[300, 375, 450, 525, 600],
+    parser.add_argument("--crop-size", type=positive_int, default=512, help="training crop side")
+    parser.add_argument("--scales", type=positive_int, nargs="+", default=[300, 375, 450, 525, 600],
                         help="training shorter sides (one drawn per image)")
-    parser.add_argument("--max-size", type=int, default=1000, help="longest side after rescaling")
-    parser.add_argument("--val-size", type=int, default=512, help="validation shorter side")
-    parser.add_argument("--aux-weight", type=float, default=0.4, help="deep-supervision loss weight (PSPNet)")
+    parser.add_argument("--max-size", type=positive_int, default=1000, help="longest side after rescaling")
+    parser.add_argument("--val-size", type=positive_int, default=512, help="validation shorter side")
+    parser.add_argument("--aux-weight", type=non_negative_float, default=0.4,
+                        help="deep-supervision loss weight (PSPNet)")
     parser.add_argument("--train-split", default="training")
     parser.add_argument("--val-split", default="validation")
     parser.add_argument("--no-augment", action="store_true",
@@ -76,15 +77,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parse_task_args(parser, argv, "an ADE20K-layout directory")
     if args.arch not in list_segmenters():
         parser.error(f"unknown --arch {args.arch!r}; valid: {', '.join(list_segmenters())}")
-    for name in ("num_classes", "head_channels", "crop_size", "max_size", "val_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_classes >= IGNORE_INDEX:
         parser.error(f"--num-classes must be < {IGNORE_INDEX} (the ignore label), got {args.num_classes}")
-    if any(s < 1 for s in args.scales):
-        parser.error(f"--scales must be >= 1, got {args.scales}")
-    if args.aux_weight < 0:
-        parser.error(f"--aux-weight must be >= 0, got {args.aux_weight}")
     return args
 
 

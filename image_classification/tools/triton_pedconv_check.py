@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from image_classification.argparsing import ArgumentParser, run_program
+from image_classification.argparsing import ArgumentParser, positive_int, run_program
 from image_classification.atomic_files import replaced_atomically, write_json_atomic
 from image_classification.dynamic.pedconv import triton as triton_pedconv
 from image_classification.dynamic.pedconv.triton import pedconv_conv2d_triton, unavailable_reason
@@ -471,7 +471,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--nets", default="resnet18,resnet50", help="comma-separated archs (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=64, help="batch size of the layer timings (default: 64)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="batch size of the layer timings (default: 64)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16", help="timing dtype (default: fp16)")
     parser.add_argument("--memory-format", choices=("nhwc", "nchw"), default="nhwc",
                         help="timing layout (default: nhwc = channels_last)")
@@ -479,8 +479,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="GPU tiles: heuristic (no autotuning), small (3 candidates) or full "
                              "(triton_pedconv.AUTOTUNE_TILES) (default: small)")
     parser.add_argument("--fold", action="store_true", help="also time the grouped-conv fold path in torch")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved samples per timing (default: 7)")
-    parser.add_argument("--warmup", type=int, default=3, help="warm-up calls per timed function (default: 3)")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="interleaved samples per timing (default: 7)")
+    parser.add_argument("--warmup", type=positive_int, default=3, help="warm-up calls per timed function (default: 3)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop starting new layers after this many seconds (default: 420)")
     parser.add_argument("--skip-exactness", action="store_true", help="skip the small exactness cases")
@@ -488,8 +488,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ptx-report", action="store_true",
                         help="only compile the kernels for sm_90 and report registers/spills (no GPU needed)")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 1:
-        parser.error("--batch, --repeats and --warmup must be >= 1")
     return args
 
 

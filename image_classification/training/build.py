@@ -31,10 +31,10 @@ from .checkpoint import (
     recorded_arch,
     recorded_args,
 )
-from .cli import FALLBACK_ARCH, FALLBACK_DATASET
+from .cli import FALLBACK_ARCH, FALLBACK_DATASET, training_flags
 from .distributed import DistEnv, align_gradient_strides, broadcast_int
 from .engine import LoopConfig, TrainingSetup
-from .optim import LRSchedule, build_optimizer, build_scheduler, optimizer_name
+from .optim import LRSchedule, build_scheduler, optimizer_from_args, optimizer_name
 
 __all__ = ["seed_everything", "resolve_resume", "infer_conv", "build_data", "build_network", "build_training_setup",
            "loop_config", "RunState", "restore_training_state", "checkpoint_position", "changed_flags",
@@ -266,9 +266,7 @@ def build_training_setup(args: argparse.Namespace, model: nn.Module, loaders: Lo
 
     from .adversarial import build_free_adversarial_training
 
-    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov, args.bn_weight_decay,
-                                optimizer=args.optimizer, eps=args.optimizer_eps,
-                                alpha=args.rmsprop_alpha or 0.9)
+    optimizer = optimizer_from_args(model, args)
     adversary = build_free_adversarial_training(args, loaders, cfg)
     steps_per_epoch = math.ceil(cfg.iterations(len(loaders.train)) / cfg.accumulation)
     if adversary is not None:  # every replay is an optimizer step: the schedule counts them all
@@ -470,20 +468,12 @@ def _effective(key: str, values: Dict[str, Any]) -> Any:
 # flags that decide which images the rest of an interrupted epoch reads, and how: a mid-epoch resume refuses a change
 MID_EPOCH_FLAGS = ("seed", "train_subset", "image_size", "dataset", "data_backend", "augmentation", "interpolation")
 
-# flags whose change on --resume alters the training (the user is told they are taken from the command line)
-SCHEDULE_FLAGS = ("lr", "epochs", "lr_schedule", "warmup", "lr_steps", "lr_decay", "end_lr", "momentum",
-                  "weight_decay", "nesterov", "optimizer_batch_size", "batch_size", "label_smoothing", "mixup",
-                  "infomax_weight", "use_ema", "precise_bn", "optimizer_eps", "rmsprop_alpha", "lr_decay_epochs",
-                  "augmentation", "interpolation", "adv_train", "adv_replays", "adv_eps", "adv_step_size",
-                  "bn_momentum", "drop_path")
-
-
 def changed_flags(saved: Any, args: argparse.Namespace) -> List[str]:
     """``--flag OLD -> NEW`` for every training flag that differs from the checkpoint's recorded arguments."""
     if not isinstance(saved, dict):
         return []
     changes = []
-    for key in SCHEDULE_FLAGS:
+    for key in training_flags():
         if key in saved and hasattr(args, key) and saved[key] != getattr(args, key):
             changes.append(f"--{key.replace('_', '-')} {saved[key]} -> {getattr(args, key)}")
     return changes

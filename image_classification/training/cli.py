@@ -11,12 +11,19 @@ error: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
-from image_classification.argparsing import ArgumentParser
+from image_classification.argparsing import (
+    ArgumentParser,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from image_classification.data import list_backends, list_datasets
 from image_classification.data.augment import AUGMENTATIONS, INTERPOLATIONS
 from image_classification.reporting.tensorboard import foreign_run, require_tensorboard
@@ -24,10 +31,10 @@ from image_classification.reporting.tensorboard import foreign_run, require_tens
 from .checkpoint import TRUST_WARNING, add_trust_flag, directory_write_problem, nearest_existing_directory
 from .config import load_config
 from .distributed import env_world_size
-from .optim import LR_SCHEDULES, OPTIMIZERS
+from .optim import LR_SCHEDULES, OPTIMIZER_GROUP, add_optimizer_flags, check_optimizer_flags
 
-__all__ = ["build_parser", "parse_args", "resolve_conv", "DEFAULT_DYNAMIC_SPEC", "FALLBACK_ARCH", "FALLBACK_DATASET",
-           "FALLBACK_PLACEMENT"]
+__all__ = ["build_parser", "parse_args", "resolve_conv", "training_flags", "DEFAULT_DYNAMIC_SPEC", "FALLBACK_ARCH",
+           "FALLBACK_DATASET", "FALLBACK_PLACEMENT"]
 
 DEFAULT_DYNAMIC_SPEC = "pedconv"
 #: --arch / --placement when neither the command line, the recipe nor a --resume/--pretrained-weights
@@ -36,61 +43,6 @@ FALLBACK_ARCH = "resnet50"
 FALLBACK_DATASET = "imagenet"
 FALLBACK_PLACEMENT = "paper"
 MAX_SEED = 2**32 - 1
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,21 +58,21 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataset", default=None, choices=list_datasets(),
                        help=f"dataset layout (default: the one a --resume/--pretrained-weights checkpoint records, "
                        f"else {FALLBACK_DATASET})")
-    group.add_argument("--image-size", type=_positive_int, default=None,
+    group.add_argument("--image-size", type=positive_int, default=None,
                        help="train/val crop size (default: 224 imagenet, 28 fashion-mnist, 32 cifar10)")
-    group.add_argument("--num-classes", type=_positive_int, default=None,
+    group.add_argument("--num-classes", type=positive_int, default=None,
                        help="classifier outputs (default: the number of classes in the data)")
     group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
                        help="data loading workers per process (default: 5 on a GPU, DeepLearningExamples' value; "
                             "on the CPU the cores this process may use, at most 5)")
-    group.add_argument("-b", "--batch-size", type=_positive_int, default=256, metavar="N",
+    group.add_argument("-b", "--batch-size", type=positive_int, default=256, metavar="N",
                        help="mini-batch size per process (default: 256)")
-    group.add_argument("--val-batch-size", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--val-batch-size", type=positive_int, default=None, metavar="N",
                        help="validation batch size per process (default: --batch-size)")
-    group.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                        help="train on a random subset of N images drawn with --seed (default: all; without "
                        "--seed each run draws another)")
-    group.add_argument("--val-subset", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--val-subset", type=positive_int, default=None, metavar="N",
                        help="validate on a random subset of N images drawn with --seed (default: all; give --seed "
                        "to compare runs on the same images)")
     group.add_argument("--augmentation", default="none", choices=AUGMENTATIONS,
@@ -149,65 +101,53 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                        "paper+last, one per residual block as in RedNet)")
     group.add_argument("-c", "--model-config", default="classic", choices=("classic", "fanin", "fanout"),
                        help="weight initialisation (default: classic)")
-    group.add_argument("--dropout", type=_probability, default=None, metavar="P",
+    group.add_argument("--dropout", type=probability, default=None, metavar="P",
                        help="dropout before the classifier (default: the arch's own, e.g. 0.2 for MobileNetV2, "
                        "none for ResNets)")
-    group.add_argument("--infomax-weight", type=_non_negative_float, default=1e-3, metavar="LAMBDA",
+    group.add_argument("--infomax-weight", type=non_negative_float, default=1e-3, metavar="LAMBDA",
                        help="weight of the PEDConv info-max loss (default: 1e-3)")
     group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
                        help="memory layout; nhwc = channels_last (default: nchw)")
-    group.add_argument("--drop-path", type=_probability, default=None, metavar="P",
+    group.add_argument("--drop-path", type=probability, default=None, metavar="P",
                        help="stochastic depth (EfficientNet's drop-connect rate): block i of n skips its residual "
                        "branch for a sample with probability P * i / n; efficientnet_* only (default: the arch's "
                        "own, 0.2)")
-    group.add_argument("--bn-momentum", type=_probability, default=None, metavar="M",
+    group.add_argument("--bn-momentum", type=probability, default=None, metavar="M",
                        help="BatchNorm running-statistics momentum in PyTorch's convention (weight of the new batch; "
                        "TensorFlow's 0.99 is 0.01) for every BatchNorm of the model (default: the arch's own, 0.1)")
 
 
+#: the title of main.py's schedule and regularisation flags (the optimizer's are optim.add_optimizer_flags')
+OPTIMISATION_GROUP = "optimisation"
+
+
 def _add_optim_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("optimisation")
+    group = parser.add_argument_group(OPTIMISATION_GROUP)
     group.add_argument("--optimizer-batch-size", type=int, default=-1, metavar="N",
                        help="global batch per optimizer step; a multiple of batch size x processes, reached by "
                        "gradient accumulation (default: batch size x processes)")
-    group.add_argument("--lr", type=_non_negative_float, default=0.1, help="peak learning rate (default: 0.1)")
     group.add_argument("--warmup", type=int, default=0, metavar="E", help="linear warmup epochs (default: 0)")
     group.add_argument("--lr-schedule", default="step", choices=LR_SCHEDULES,
                        help="decay after warmup; exponential: x --lr-decay every --lr-decay-epochs (default: step)")
-    group.add_argument("--lr-steps", type=_non_negative_int, nargs="+", default=[30, 60, 80], metavar="E",
+    group.add_argument("--lr-steps", type=non_negative_int, nargs="+", default=[30, 60, 80], metavar="E",
                        help="epochs where the step schedule multiplies the lr by --lr-decay (default: 30 60 80)")
-    group.add_argument("--lr-decay", type=_positive_float, default=0.1,
+    group.add_argument("--lr-decay", type=positive_float, default=0.1,
                        help="step and exponential schedules' factor (default: 0.1; EfficientNet: 0.97)")
-    group.add_argument("--end-lr", type=_non_negative_float, default=0.0, help="final lr of linear/cosine (default: 0)")
-    group.add_argument("--mom", "--momentum", dest="momentum", type=_non_negative_float, default=0.9,
-                       help="SGD / RMSProp momentum (default: 0.9)")
-    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_non_negative_float, default=1e-4,
-                       help="weight decay (default: 1e-4)")
-    group.add_argument("--bn-weight-decay", action="store_true",
-                       help="also decay BatchNorm and bias parameters (default: they are excluded)")
-    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    group.add_argument("--label-smoothing", type=_finite_float, default=0.0, metavar="S",
+    group.add_argument("--end-lr", type=non_negative_float, default=0.0, help="final lr of linear/cosine (default: 0)")
+    group.add_argument("--label-smoothing", type=finite_float, default=0.0, metavar="S",
                        help="label smoothing (default: 0)")
-    group.add_argument("--mixup", type=_non_negative_float, default=0.0, metavar="ALPHA",
+    group.add_argument("--mixup", type=non_negative_float, default=0.0, metavar="ALPHA",
                        help="mixup Beta(alpha, alpha); 0 disables (default: 0)")
-    group.add_argument("--epochs", type=_positive_int, default=90, help="epochs of the schedule (default: 90)")
+    group.add_argument("--epochs", type=positive_int, default=90, help="epochs of the schedule (default: 90)")
     group.add_argument("--run-epochs", type=int, default=-1, metavar="N",
                        help="run only N epochs in this invocation (schedules spanning several jobs; default: all)")
-    group.add_argument("--use-ema", type=_finite_float, nargs="?", const=0.9999, default=None, metavar="DECAY",
+    group.add_argument("--use-ema", type=finite_float, nargs="?", const=0.9999, default=None, metavar="DECAY",
                        help="keep and validate an exponential moving average of the weights (decay, default 0.9999)")
-    group.add_argument("--precise-bn", type=_non_negative_int, default=0, metavar="N",
+    group.add_argument("--precise-bn", type=non_negative_int, default=0, metavar="N",
                        help="before each validation and checkpoint, recompute every BatchNorm's statistics (model "
                        "and EMA) as the true average over N training batches, with the dynamic operators' training "
                        "noise off; 0 keeps the running averages (default: 0)")
-    group.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
-                       help="sgd (momentum --mom, --nesterov); rmsprop: RMSProp as TensorFlow and EfficientNet "
-                       "(epsilon inside the square root, mean square starting at 1, lr inside the momentum); "
-                       "adamw: torch's AdamW with decoupled --wd (default: sgd)")
-    group.add_argument("--optimizer-eps", type=_positive_float, default=None, metavar="EPS",
-                       help="epsilon of rmsprop (default: 1e-3, EfficientNet's) or adamw (default: 1e-8)")
-    group.add_argument("--rmsprop-alpha", type=_probability, default=None, metavar="ALPHA",
-                       help="rmsprop: decay of the mean square gradient (TF's 'decay'; default: 0.9)")
-    group.add_argument("--lr-decay-epochs", type=_positive_float, default=None, metavar="E",
+    group.add_argument("--lr-decay-epochs", type=positive_float, default=None, metavar="E",
                        help="exponential schedule: multiply the lr by --lr-decay every E epochs, counted from the "
                        "start (EfficientNet: 2.4)")
 
@@ -217,7 +157,7 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--amp", action="store_true", help="automatic mixed precision (torch.amp)")
     group.add_argument("--amp-dtype", default="fp16", choices=("fp16", "bf16"),
                        help="autocast dtype; fp16 uses a gradient scaler (default: fp16)")
-    group.add_argument("--static-loss-scale", type=_positive_float, default=None, metavar="S",
+    group.add_argument("--static-loss-scale", type=positive_float, default=None, metavar="S",
                        help="fixed fp16 loss scale (default: dynamic scaling)")
     group.add_argument("--dynamic-loss-scale", action="store_true",
                        help="dynamic fp16 loss scaling starting at --static-loss-scale (the default without it)")
@@ -237,7 +177,7 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-autotune", dest="autotune", action="store_false",
                        help="PEDConv path=auto: use the deterministic shape heuristic instead of timing the exact "
                        "paths of every layer once (also off with --deterministic or PEDCONV_AUTOTUNE=0)")
-    group.add_argument("--autotune-budget", type=_non_negative_float, default=10.0, metavar="SECONDS",
+    group.add_argument("--autotune-budget", type=non_negative_float, default=10.0, metavar="SECONDS",
                        help="PEDConv path=auto: spend at most this long timing paths per process; layer shapes met "
                        "after it use the heuristic (choices are cached per machine in the workspace and in "
                        "$PEDCONV_CACHE_DIR or ~/.cache/pedconv, so later runs, --evaluate and resumes reuse them; "
@@ -255,7 +195,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workspace", default="./", metavar="DIR", help="output directory (default: ./)")
     group.add_argument("--raport-file", default="raport.json", metavar="FILE",
                        help="DLLogger JSON-lines raport, relative to --workspace (default: raport.json)")
-    group.add_argument("-p", "--print-freq", type=_positive_int, default=10, metavar="N",
+    group.add_argument("-p", "--print-freq", type=positive_int, default=10, metavar="N",
                        help="log every N iterations (default: 10)")
     group.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                        help="also write the raport's scalars as TensorBoard event files (rank 0) to DIR, relative to "
@@ -280,7 +220,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_trust_flag(group, help="load --resume/--pretrained-weights with full unpickling, allowing objects outside "
                    "torch's weights_only allowlist: this can run code, use it only for files you trust (command line "
                    "only: a recipe cannot set it)")
-    group.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+    group.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                        help="under torchrun: give up when a collective waits longer than this for a stalled or "
                        "lost rank, naming it (default: 600)")
 
@@ -293,24 +233,41 @@ def _add_adversarial_flags(parser: argparse.ArgumentParser) -> None:
                        "replayed --adv-replays times, each replay is an optimizer step, and one l_inf perturbation "
                        "kept across replays and batches ascends the loss with the same backward pass; divide "
                        "--epochs by the replays (default: none)")
-    group.add_argument("--adv-replays", type=_positive_int, default=None, metavar="M",
+    group.add_argument("--adv-replays", type=positive_int, default=None, metavar="M",
                        help="free adversarial training: replays m per mini-batch (default: 4)")
-    group.add_argument("--adv-eps", type=_positive_float, default=None, metavar="EPS",
+    group.add_argument("--adv-eps", type=positive_float, default=None, metavar="EPS",
                        help="free adversarial training: l_inf bound of the perturbation, in 1/255 (default: 4)")
-    group.add_argument("--adv-step-size", type=_positive_float, default=None, metavar="S",
+    group.add_argument("--adv-step-size", type=positive_float, default=None, metavar="S",
                        help="free adversarial training: perturbation step per replay, in 1/255 (default: --adv-eps)")
     group.add_argument("--attack", default="none", choices=("none", "pgd"),
                        help="with --evaluate: also measure top-1 under an l_inf PGD attack (Madry et al., ICLR "
                        "2018) on the normalised-input model, projected and clamped in pixel space (default: none)")
-    group.add_argument("--attack-steps", type=_positive_int, nargs="+", default=None, metavar="K",
+    group.add_argument("--attack-steps", type=positive_int, nargs="+", default=None, metavar="K",
                        help="PGD iterations; several values run several attacks, e.g. 10 50 (default: 10)")
-    group.add_argument("--attack-eps", type=_positive_float, default=None, metavar="EPS",
+    group.add_argument("--attack-eps", type=positive_float, default=None, metavar="EPS",
                        help="PGD l_inf bound, in 1/255 (default: 4)")
-    group.add_argument("--attack-step-size", type=_positive_float, default=None, metavar="S",
+    group.add_argument("--attack-step-size", type=positive_float, default=None, metavar="S",
                        help="PGD step, in 1/255 (default: 1)")
     group.add_argument("--attack-start", default=None, choices=("random", "clean"),
                        help="PGD start: random = uniform in the eps ball (seeded by --seed), clean = the image "
                        "itself (default: random)")
+
+
+#: flags outside the optimizer and optimisation groups whose change on --resume alters the training
+OTHER_TRAINING_FLAGS = ("batch_size", "infomax_weight", "augmentation", "interpolation", "adv_train", "adv_replays",
+                        "adv_eps", "adv_step_size", "bn_momentum", "drop_path")
+#: flags of those groups that do not: how much of the schedule this job runs
+NOT_TRAINING_FLAGS = ("run_epochs",)
+
+
+def training_flags() -> Tuple[str, ...]:
+    """The flags whose change on ``--resume`` alters the training (the run is told they are taken from the command
+    line): every flag of the optimizer and optimisation groups but :data:`NOT_TRAINING_FLAGS`, derived from the
+    parser, plus :data:`OTHER_TRAINING_FLAGS`."""
+    parser = build_parser()
+    grouped = [action.dest for group in parser._action_groups if group.title in (OPTIMIZER_GROUP, OPTIMISATION_GROUP)
+               for action in group._group_actions if action.dest not in NOT_TRAINING_FLAGS]
+    return tuple(grouped) + OTHER_TRAINING_FLAGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_flags(parser)
     _add_model_flags(parser)
+    add_optimizer_flags(parser, lr=0.1, weight_decay=1e-4)
     _add_optim_flags(parser)
     _add_precision_flags(parser)
     _add_run_flags(parser)
@@ -400,12 +358,8 @@ def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--warmup must be between 0 and --epochs ({args.epochs}), got {args.warmup}")
     if args.static_loss_scale is not None and args.static_loss_scale <= 0:
         parser.error(f"--static-loss-scale must be > 0, got {args.static_loss_scale}")
-    if args.nesterov and args.momentum <= 0:
-        parser.error("--nesterov needs a positive --mom")
     if args.evaluate and args.training_only:
         parser.error("--evaluate and --training-only exclude each other")
-    if not 0.0 <= args.momentum < 1.0:
-        parser.error(f"--mom must be in [0, 1), got {args.momentum}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     for flag, value in (("--run-epochs", args.run_epochs), ("--prof", args.prof)):
@@ -455,14 +409,10 @@ def _dependent_options(parser: argparse.ArgumentParser, argv: Sequence[str], des
 def _validate_recipe_options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Optimizer, schedule, augmentation and adversarial options: combinations that cannot work, and the
     defaults of options that only mean something with another one."""
-    if args.optimizer != "sgd" and args.nesterov:
-        parser.error(f"--nesterov is an SGD option; --optimizer {args.optimizer} has no Nesterov variant")
-    if args.optimizer == "sgd":
-        _dependent_options(parser, argv, ["optimizer_eps"], "--optimizer rmsprop or adamw", args)
-    if args.optimizer != "rmsprop":
-        _dependent_options(parser, argv, ["rmsprop_alpha"], "--optimizer rmsprop", args)
-    elif args.rmsprop_alpha is None:
-        args.rmsprop_alpha = 0.9
+    try:
+        check_optimizer_flags(args, typed=lambda dest: _on_command_line(parser, argv, dest))
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.lr_schedule != "exponential":
         _dependent_options(parser, argv, ["lr_decay_epochs"], "--lr-schedule exponential", args)
     elif args.lr_decay_epochs is None:

@@ -1,5 +1,6 @@
-"""Optimizers (SGD, TF-style RMSProp, AdamW) with weight-decay exclusions, and the per-iteration
-learning-rate schedule.
+"""Optimizers (SGD, TF-style RMSProp, AdamW) with weight-decay exclusions, their command-line flags (one group that
+``main.py`` and the dense tasks share: :func:`add_optimizer_flags`, :func:`check_optimizer_flags`,
+:func:`optimizer_from_args`), and the per-iteration learning-rate schedule.
 
 The schedule is a :class:`torch.optim.lr_scheduler.LambdaLR` stepped once per *optimizer* step (after
 gradient accumulation; every replay of free adversarial training is one): linear warmup over
@@ -12,15 +13,19 @@ epochs; the warmup replaces the first epochs' values).
 
 from __future__ import annotations
 
+import argparse
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, cast
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from image_classification.argparsing import non_negative_float, positive_float, probability
+
 __all__ = ["parameter_groups", "build_optimizer", "RMSpropTF", "OPTIMIZERS", "DEFAULT_EPS", "optimizer_name",
-           "LRSchedule", "build_scheduler", "LR_SCHEDULES"]
+           "LRSchedule", "build_scheduler", "LR_SCHEDULES", "OPTIMIZER_GROUP", "add_optimizer_flags",
+           "check_optimizer_flags", "optimizer_from_args"]
 
 LR_SCHEDULES = ("step", "linear", "cosine", "exponential")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -154,8 +159,9 @@ def build_optimizer(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    if nesterov and (optimizer != "sgd" or momentum <= 0):
-        raise ValueError("--nesterov needs --optimizer sgd and a positive --mom")
+    problem = _nesterov_problem(optimizer, momentum, nesterov)
+    if problem is not None:
+        raise ValueError(problem)
     groups = [g for g in parameter_groups(model, weight_decay, bn_weight_decay) if g["params"]]
     if optimizer == "rmsprop":
         return RMSpropTF(groups, lr=lr, alpha=alpha, eps=DEFAULT_EPS[optimizer] if eps is None else eps,
@@ -163,6 +169,70 @@ def build_optimizer(
     if optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, eps=DEFAULT_EPS[optimizer] if eps is None else eps)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def _nesterov_problem(optimizer: str, momentum: float, nesterov: bool) -> Optional[str]:
+    """Why ``--nesterov`` cannot apply, or None (the one place this rule is written)."""
+    if nesterov and optimizer != "sgd":
+        return f"--nesterov is an SGD option; --optimizer {optimizer} has no Nesterov variant"
+    if nesterov and momentum <= 0:
+        return "--nesterov needs a positive --mom"
+    return None
+
+
+#: the title of the optimizer flag group (``--help`` shows it; ``main.py`` derives its resume check from it)
+OPTIMIZER_GROUP = "optimizer"
+
+
+def add_optimizer_flags(parser: argparse.ArgumentParser, *, lr: float = 0.1, weight_decay: float = 1e-4
+                        ) -> argparse._ArgumentGroup:
+    """The optimizer flags ``main.py`` and the dense tasks share, with their types (each value checked where it is
+    read). Adding an optimizer flag: add it here, use it in :func:`optimizer_from_args` (and, if it constrains
+    another flag, in :func:`check_optimizer_flags`), document it in docs/training.md."""
+    group = parser.add_argument_group(OPTIMIZER_GROUP)
+    group.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                       help="sgd (momentum --mom, --nesterov); rmsprop: RMSProp as TensorFlow and EfficientNet "
+                       "(epsilon inside the square root, mean square starting at 1, lr inside the momentum); "
+                       "adamw: torch's AdamW with decoupled --wd (default: sgd)")
+    group.add_argument("--lr", type=non_negative_float, default=lr, help=f"peak learning rate (default: {lr:g})")
+    group.add_argument("--mom", "--momentum", dest="momentum", type=non_negative_float, default=0.9,
+                       help="SGD / RMSProp momentum, in [0, 1) (default: 0.9)")
+    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=non_negative_float, default=weight_decay,
+                       help=f"weight decay (default: {weight_decay:g})")
+    group.add_argument("--bn-weight-decay", action="store_true",
+                       help="also decay BatchNorm and bias parameters (default: they are excluded)")
+    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    group.add_argument("--optimizer-eps", type=positive_float, default=None, metavar="EPS",
+                       help="epsilon of rmsprop (default: 1e-3, EfficientNet's) or adamw (default: 1e-8)")
+    group.add_argument("--rmsprop-alpha", type=probability, default=None, metavar="ALPHA",
+                       help="rmsprop: decay of the mean square gradient (TF's 'decay'; default: 0.9)")
+    return group
+
+
+def check_optimizer_flags(args: argparse.Namespace, typed: Callable[[str], bool] = lambda dest: True) -> None:
+    """Raise ValueError (one line) for optimizer flags that cannot work together; fill the defaults that depend on
+    ``--optimizer``. ``typed(dest)``: whether the flag was given on the command line; a flag of another optimizer
+    that only a recipe set is dropped instead (the command line switched the optimizer)."""
+    if not 0.0 <= args.momentum < 1.0:
+        raise ValueError(f"--mom must be in [0, 1), got {args.momentum}")
+    problem = _nesterov_problem(args.optimizer, args.momentum, args.nesterov)
+    if problem is not None:
+        raise ValueError(problem)
+    for dest, needs, applies in (("optimizer_eps", "--optimizer rmsprop or adamw", args.optimizer != "sgd"),
+                                 ("rmsprop_alpha", "--optimizer rmsprop", args.optimizer == "rmsprop")):
+        if not applies and getattr(args, dest) is not None:
+            if typed(dest):
+                raise ValueError(f"--{dest.replace('_', '-')} without {needs}")
+            setattr(args, dest, None)
+    if args.optimizer == "rmsprop" and args.rmsprop_alpha is None:
+        args.rmsprop_alpha = 0.9
+
+
+def optimizer_from_args(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """:func:`build_optimizer` from the flags of :func:`add_optimizer_flags` (checked by
+    :func:`check_optimizer_flags`)."""
+    return build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.nesterov, args.bn_weight_decay,
+                           optimizer=args.optimizer, eps=args.optimizer_eps, alpha=args.rmsprop_alpha or 0.9)
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:

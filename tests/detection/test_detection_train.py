@@ -42,7 +42,7 @@ def test_ssd_trains_with_loss_going_down_and_evaluates(coco: str, tmp_path: Path
 
 @pytest.mark.parametrize("argv,message", [
     (["--image-size", "200"], "--image-size must be >= 257"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
     (["--lr-decay", "2"], "--lr-decay must be in (0, 1]"),
     (["--dynamic-parts", "heads"], "unknown SSD backbone part 'heads'"),
     (["--backbone", "vgg16"], "unknown backbone 'vgg16'"),

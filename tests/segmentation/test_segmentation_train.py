@@ -59,11 +59,11 @@ def test_upernet_static_loss_goes_down(ade: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--iterations", "0"], "--iterations: must be a positive integer, got 0"),
     (["--arch", "deeplab"], "unknown --arch 'deeplab'"),
     (["--conv", "nope"], "unknown operator"),
     (["--num-classes", "300"], "--num-classes must be < 255"),
-    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "nan"], "--lr: must be a finite number"),
     (["--evaluate"], "--evaluate needs --weights"),
     (["--dynamic-parts", "aux"], "unknown pspnet part 'aux'"),
 ])

@@ -154,7 +154,7 @@ def test_cli_benchmark_errors_are_one_line(tmp_path: Path, capsys) -> None:
     ckpt = _checkpoint(tmp_path, "pedconv")
     for extra, message in [(["--format", "torchscript", "--benchmark"], "use them with --format onnx"),
                            (["--format", "onnx", "--profile"], "--profile is part of the benchmark"),
-                           (["--format", "onnx", "--threads", "0"], "--threads must be"),
+                           (["--format", "onnx", "--threads", "0"], "--threads: must be a positive integer"),
                            (["--format", "onnx", "--pedconv-forms", "fast"], "invalid choice: 'fast'")]:
         with pytest.raises(SystemExit) as info:
             main([str(ckpt), *extra])

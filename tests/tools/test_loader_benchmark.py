@@ -42,8 +42,8 @@ def test_times_each_backend_against_the_bare_loop(jpeg_root: Path, capsys: pytes
 def test_bad_input_is_one_line(jpeg_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for argv, needle in [([str(tmp_path)], "has no train/ folder"),
                          ([str(jpeg_root), "--backends", "nope"], "backend 'nope' cannot run here"),
-                         ([str(jpeg_root), "--images", "0"], "--images must be >= 1"),
-                         ([str(jpeg_root), "--model-img-s", "0"], "--model-img-s must be > 0")]:
+                         ([str(jpeg_root), "--images", "0"], "--images: must be a positive integer, got 0"),
+                         ([str(jpeg_root), "--model-img-s", "0"], "--model-img-s: must be > 0, got 0")]:
         with pytest.raises(SystemExit) as info:
             main(argv)
         err = capsys.readouterr().err
@@ -74,7 +74,7 @@ def test_bad_feed_input_is_one_line(jpeg_root: Path, capsys: pytest.CaptureFixtu
     import torch
 
     cases = [([str(jpeg_root), "--feed", "nope"], "--feed: unknown architecture 'nope'"),
-             ([str(jpeg_root), "--feed-seconds", "0"], "--feed-seconds must be > 0"),
+             ([str(jpeg_root), "--feed-seconds", "0"], "--feed-seconds: must be > 0, got 0"),
              ([str(jpeg_root), "--write-sample-images", "16"], "writes to a missing or empty folder"),
              ([str(jpeg_root), "--device", "tpu9"], "--device: 'tpu9' is not a device")]
     if not torch.cuda.is_available():

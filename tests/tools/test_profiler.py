@@ -45,7 +45,7 @@ def test_latency_measures_ratios_tiny() -> None:
     (["--arch", "resnet19"], "unknown arch 'resnet19'"),
     (["--arch", "resnet18", "--placement", "middle"], "unknown placement token"),
     (["--arch", "resnet18", "--conv", "nope"], "unknown operator 'nope'"),
-    (["--arch", "resnet18", "--image-size", "0"], "--image-size must be >= 1"),
+    (["--arch", "resnet18", "--image-size", "0"], "--image-size: must be a positive integer, got 0"),
     (["--table", "xyz"], "invalid choice"),
     ([], "--arch is required"),
 ])

@@ -398,3 +398,38 @@ def test_workers_default_to_the_cores_on_the_cpu(monkeypatch) -> None:
     assert default_workers("cpu") == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_workers("auto") == 5
+
+
+def test_the_resume_check_covers_every_training_flag() -> None:
+    """The flags a --resume compares with the checkpoint are derived from the parser's optimizer and optimisation
+    groups (adding a flag there needs no second list): every flag of the former hand-kept list, and the optimizer
+    flags it had missed (--optimizer, --bn-weight-decay)."""
+    from image_classification.training.cli import NOT_TRAINING_FLAGS, build_parser, training_flags
+    from image_classification.training.optim import OPTIMIZER_GROUP
+
+    derived = set(training_flags())
+    former = {"lr", "epochs", "lr_schedule", "warmup", "lr_steps", "lr_decay", "end_lr", "momentum", "weight_decay",
+              "nesterov", "optimizer_batch_size", "batch_size", "label_smoothing", "mixup", "infomax_weight", "use_ema",
+              "precise_bn", "optimizer_eps", "rmsprop_alpha", "lr_decay_epochs", "augmentation", "interpolation",
+              "adv_train", "adv_replays", "adv_eps", "adv_step_size", "bn_momentum", "drop_path"}
+    assert former <= derived and {"optimizer", "bn_weight_decay"} <= derived
+    parser = build_parser()
+    [group] = [g for g in parser._action_groups if g.title == OPTIMIZER_GROUP]
+    assert {a.dest for a in group._group_actions} <= derived and not derived & set(NOT_TRAINING_FLAGS)
+
+
+def test_the_dense_tasks_share_the_optimizer_flags(tmp_path) -> None:  # noqa: ANN001
+    """train_detection/train_segmentation read the same optimizer group as main.py, with the same checks."""
+    import torch.nn as nn
+
+    from image_classification.tools.train_segmentation import build_parser as segmentation_parser
+    from image_classification.training.optim import check_optimizer_flags, optimizer_from_args
+
+    parser = segmentation_parser()
+    args = parser.parse_args([str(tmp_path), "--optimizer", "adamw", "--optimizer-eps", "1e-6", "--wd", "0.05"])
+    check_optimizer_flags(args)
+    optimizer = optimizer_from_args(nn.Linear(2, 2), args)
+    assert type(optimizer).__name__ == "AdamW" and optimizer.param_groups[0]["eps"] == 1e-6
+    bad = parser.parse_args([str(tmp_path), "--optimizer", "rmsprop", "--nesterov"])
+    with pytest.raises(ValueError, match="--nesterov is an SGD option"):
+        check_optimizer_flags(bad)
