@@ -62,7 +62,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="train/val crop size (default: 224 imagenet, 28 fashion-mnist, 32 cifar10)")
     group.add_argument("--num-classes", type=positive_int, default=None,
                        help="classifier outputs (default: the number of classes in the data)")
-    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+    group.add_argument("-j", "--workers", type=non_negative_int, default=None, metavar="N",
                        help="data loading workers per process (default: 5 on a GPU, DeepLearningExamples' value; "
                             "on the CPU the cores this process may use, at most 5)")
     group.add_argument("-b", "--batch-size", type=positive_int, default=256, metavar="N",
@@ -134,7 +134,7 @@ def _add_optim_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-decay", type=positive_float, default=0.1,
                        help="step and exponential schedules' factor (default: 0.1; EfficientNet: 0.97)")
     group.add_argument("--end-lr", type=non_negative_float, default=0.0, help="final lr of linear/cosine (default: 0)")
-    group.add_argument("--label-smoothing", type=finite_float, default=0.0, metavar="S",
+    group.add_argument("--label-smoothing", type=probability, default=0.0, metavar="S",
                        help="label smoothing (default: 0)")
     group.add_argument("--mixup", type=non_negative_float, default=0.0, metavar="ALPHA",
                        help="mixup Beta(alpha, alpha); 0 disables (default: 0)")
@@ -346,18 +346,12 @@ def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace)
             f"--optimizer-batch-size {args.optimizer_batch_size} is not a multiple of batch size x processes "
             f"({args.batch_size} x {world} = {step_batch})"
         )
-    if not 0.0 <= args.label_smoothing < 1.0:
-        parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.use_ema is not None and not 0.0 < args.use_ema < 1.0:
         parser.error(f"--use-ema decay must be in (0, 1), got {args.use_ema}")
     if args.workers is None:
         args.workers = default_workers(args.device)
-    if args.workers < 0:
-        parser.error(f"-j/--workers must be >= 0, got {args.workers}")
     if args.warmup < 0 or args.warmup > args.epochs:
         parser.error(f"--warmup must be between 0 and --epochs ({args.epochs}), got {args.warmup}")
-    if args.static_loss_scale is not None and args.static_loss_scale <= 0:
-        parser.error(f"--static-loss-scale must be > 0, got {args.static_loss_scale}")
     if args.evaluate and args.training_only:
         parser.error("--evaluate and --training-only exclude each other")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
