@@ -190,6 +190,8 @@ def time_training_feed(root: Optional[str], backend: str, workers: int, arch: st
     :func:`time_backend`); 1000 classes for every backend, so the steps are the same."""
     from image_classification.models import build_model
 
+    from .latency import sgd_step
+
     cuda = device.type == "cuda"
     cfg = DataConfig(backend=backend, root=root if backend != "synthetic" else None, batch_size=batch_size,
                      workers=workers, image_size=image_size, device=str(device), num_classes=1000,
@@ -202,19 +204,7 @@ def time_training_feed(root: Optional[str], backend: str, workers: int, arch: st
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda") if cuda else None
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-            loss = torch.nn.functional.cross_entropy(model(x.to(device, non_blocking=True)),
-                                                     y.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+    amp = "fp16" if cuda else "none"
 
     count, elapsed, epoch = 0, 0.0, 0
     while epoch == 0 or elapsed < seconds:
@@ -227,7 +217,8 @@ def time_training_feed(root: Optional[str], backend: str, workers: int, arch: st
                 seen, started = 0, time.perf_counter()
             else:
                 seen += int(x.shape[0])
-            step(x, y)
+            sgd_step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True), amp=amp,
+                     scaler=scaler)()
         if cuda:
             torch.cuda.synchronize(device)
         if epoch > 0 and seen > 0:  # epoch 0 warms up (workers, cuDNN's algorithm search)

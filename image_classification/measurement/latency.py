@@ -29,10 +29,10 @@ from image_classification.timing import (
 
 from .memory import cuda_peak_bytes, training_memory
 
-__all__ = ["LatencyConfig", "calibrate_batchnorm", "count_calls", "measure_latency", "peak_rss_training"]
+__all__ = ["LatencyConfig", "calibrate_batchnorm", "count_calls", "measure_latency", "peak_rss_training", "sgd_step"]
 
 
-def _sgd_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def sgd_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
               module: Optional[nn.Module] = None, amp: str = "none",
               scaler: Optional[Any] = None) -> Callable[[], None]:
     """One SGD step (loss incl. 1e-3 x info-max term) as a callable; ``model`` may be a compiled ``module``.
@@ -133,7 +133,7 @@ def _rss_worker(job: Dict[str, Any]) -> Optional[float]:
     gen = torch.Generator().manual_seed(job["seed"])
     x = torch.randn(job["batch"], job["in_chans"], job["image_size"], job["image_size"], generator=gen)
     y = torch.randint(0, job["num_classes"], (job["batch"],), generator=gen)
-    step = _sgd_step(model, opt, x, y)
+    step = sgd_step(model, opt, x, y)
     step()
     if base is None or not _reset_peak_rss():
         return None
@@ -392,7 +392,7 @@ def _measure_training(bench: _Bench) -> Dict[str, Any]:
     y = torch.randint(0, c.num_classes, (c.train_batch,), generator=bench.generator).to(dev)
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
     scalers = {k: _grad_scaler(dev, c.amp) for k in models}
-    steps = {k: _sgd_step(_compiled(m, c.compile_backend) if c.compile else m, opts[k], x, y, m, c.amp, scalers[k])
+    steps = {k: sgd_step(_compiled(m, c.compile_backend) if c.compile else m, opts[k], x, y, m, c.amp, scalers[k])
              for k, m in models.items()}
     times: Dict[str, List[float]] = {k: [] for k in models}
     for m in models.values():
@@ -408,7 +408,7 @@ def _measure_training(bench: _Bench) -> Dict[str, Any]:
         result[f"train_img_s_{key}"] = c.train_batch / statistics.median(times[key])
         result[f"train_mem_mb_{key}"] = training_memory(models[key], x, y, c.amp) / 2**20
         if dev.type == "cuda":
-            eager = _sgd_step(models[key], opts[key], x, y, models[key], c.amp, scalers[key])
+            eager = sgd_step(models[key], opts[key], x, y, models[key], c.amp, scalers[key])
             result[f"train_peak_mb_{key}"] = cuda_peak_bytes(eager, dev) / 2**20
     result["train_ratio"] = result["train_ms_dynamic"] / result["train_ms_static"]
     result["throughput_ratio"] = result["train_img_s_dynamic"] / result["train_img_s_static"]
